@@ -1,0 +1,42 @@
+# camelid: every target depends on `setup`, so `make demo` or `make test` works as the
+# first command on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.camelid-installed
+# No visible GPU -> pin the CPU wheel of torch (see constraints-cpu.txt).
+TORCH_CONSTRAINT := $(shell nvidia-smi -L >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt requirements-reference.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_CONSTRAINT) -e '.[dev]'
+	# FastChat (reference for tests and benchmarks): --no-deps, see requirements-reference.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-reference.txt
+	$(BIN)/python -m pip install -q $(TORCH_CONSTRAINT) requests
+	touch $@
+
+demo: setup
+	$(BIN)/python -m fastchat_data.demo
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Skip the slow multi-process tests locally; CI runs everything through `make test`.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench.data_bench
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

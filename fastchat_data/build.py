@@ -1,0 +1,159 @@
+"""Build a training set (input_ids, labels, length) on `datasets`, cached in Arrow.
+
+The cache key covers the data files' bytes, the tokenizer, the template, the maximum length
+and the options, so a second run with the same inputs loads instantly and any change rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .formats import iter_conversations
+from .io import replace_dir_atomic
+from .report import Report
+from .schema import Conversation, Message, SkipRecord, validate
+from .tiny import default_cache_dir
+from .tokenize import ConversationTokenizer
+
+CACHE_VERSION = "1"  # bump when the encoding itself changes
+COLUMNS = ("id", "input_ids", "labels", "length")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "legacy", None), tokenizer.chat_template,
+                         tokenizer.all_special_tokens]).encode())  # fmt: skip
+    return h.hexdigest()
+
+
+def load_tokenizer(tokenizer):
+    if isinstance(tokenizer, str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        if not Path(tokenizer).exists():
+            raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+def _rows(conv: Conversation) -> dict:
+    return {"id": conv.id, "system": conv.system, "roles": [m.role for m in conv.messages],
+            "contents": [m.content for m in conv.messages]}  # fmt: skip
+
+
+def _features():
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features({"id": datasets.Value("string"), "input_ids": ids, "labels": ids,
+                              "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+                              "skip": datasets.Value("string")})  # fmt: skip
+
+
+def _encode_rows(batch: dict, encoder: ConversationTokenizer) -> dict:
+    convs = [
+        Conversation(id=i, system=s, messages=[Message(r, c) for r, c in zip(roles, contents)])
+        for i, s, roles, contents in zip(batch["id"], batch["system"], batch["roles"], batch["contents"])
+    ]
+    out = {"id": [], "input_ids": [], "labels": [], "length": [], "truncated": [], "skip": []}
+    for conv, enc in zip(convs, encoder.encode_batch(convs)):
+        skipped = isinstance(enc, SkipRecord)
+        out["id"].append(conv.id)
+        out["input_ids"].append([] if skipped else enc.input_ids)
+        out["labels"].append([] if skipped else enc.labels)
+        out["length"].append(0 if skipped else len(enc.input_ids))
+        out["truncated"].append(False if skipped else enc.truncated)
+        out["skip"].append(f"{enc.reason}\t{enc.detail}" if skipped else "")
+    return out
+
+
+def read_trainable(paths: list[str], report: Report, fmt: str | None = None):
+    """Conversations from `paths` that pass `validate`; the rest are counted in `report`."""
+    for path in paths:
+        for where, conv in iter_conversations(path, report, fmt):
+            try:
+                yield validate(conv)
+            except SkipRecord as e:
+                report.skip(path, where, e)
+
+
+def build_dataset(
+    data: str | list[str], tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048,
+    out: str | None = None, fmt: str | None = None, train_on_inputs: bool = False, num_proc: int = 1,
+    cache_dir: str | None = None, strict: bool = False, report_path: str | None = None, quiet: bool = False,
+):  # fmt: skip
+    """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+    tok = load_tokenizer(tokenizer)
+    encoder = ConversationTokenizer(tok, template, max_length=max_length, train_on_inputs=train_on_inputs)
+    key_src = json.dumps({
+        "version": CACHE_VERSION, "data": [_file_digest(Path(p)) if Path(p).exists() else str(p) for p in paths],
+        "tokenizer": tokenizer_fingerprint(tok), "template": template, "max_length": max_length,
+        "format": fmt, "train_on_inputs": train_on_inputs,
+    }, sort_keys=True)  # fmt: skip
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    root = Path(cache_dir or default_cache_dir()) / "datasets"
+    cached = root / key
+    if (cached / "report.json").exists() and not strict:
+        ds = datasets.load_from_disk(str(cached))
+        report = Report("build")
+        saved = json.loads((cached / "report.json").read_text())
+        report.read, report.written, report.truncated = saved["read"], saved["written"], saved["truncated"]
+        report.dropped.update(saved["dropped"])
+        report.examples, report.notes = saved["examples"], {**saved["notes"], "cache": f"hit {cached}"}
+    else:
+        report = Report("build", strict=strict)
+        rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+            raw = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in ("id", "system", "roles", "contents")})
+            encoded = raw.map(
+                _encode_rows, fn_kwargs={"encoder": encoder}, batched=True, batch_size=512, features=_features(),
+                num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
+                remove_columns=raw.column_names, cache_file_name=str(Path(tmp) / "encoded.arrow"),
+                new_fingerprint=key, desc="tokenizing",
+            )  # fmt: skip
+            for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
+                if skip:
+                    reason, detail = skip.split("\t", 1)
+                    report.skip("tokenize", f"conversation {i} (id {rid})", SkipRecord(reason, detail))
+            report.truncated = sum(encoded["truncated"])
+            ds = encoded.filter(lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow"))
+            ds = ds.remove_columns(["truncated", "skip"])
+            report.written = len(ds)
+            lengths = ds["length"]
+            report.notes.update({
+                "template": template, "max_length": max_length, "tokens": int(sum(lengths)),
+                "max_tokens": int(max(lengths, default=0)), "boundary_splits": encoder.boundary_splits,
+            })  # fmt: skip
+            staged = Path(tmp) / "dataset"
+            ds.save_to_disk(str(staged))
+            (staged / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+            (staged / "key.json").write_text(key_src)
+            replace_dir_atomic(staged, cached)
+        ds = datasets.load_from_disk(str(cached))
+        report.notes["cache"] = f"built {cached}"
+    if out:
+        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent, prefix=".build-") as tmp:
+            shutil.copytree(cached, Path(tmp) / "out")
+            replace_dir_atomic(Path(tmp) / "out", Path(out))
+        report.notes["out"] = str(out)
+    if not quiet:
+        report.emit(report_path)
+    return ds, report

@@ -1,0 +1,197 @@
+"""Readers (Alpaca, ShareGPT, OpenAI messages, "### Human:" text) and writers (ShareGPT, messages).
+
+Each reader maps one raw record to a Conversation, or raises SkipRecord with a reason.
+Readers check structure only; `schema.validate` checks that a conversation is trainable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from .io import read_records
+from .report import Report
+from .schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, DataError, Message, SkipRecord
+
+# ShareGPT "from" and OpenAI "role" names, with the aliases found in the wild.
+ROLE_ALIASES = {
+    "human": USER, "user": USER,
+    "gpt": ASSISTANT, "assistant": ASSISTANT, "chatgpt": ASSISTANT, "bard": ASSISTANT,
+    "bing": ASSISTANT, "model": ASSISTANT, "function_call": ASSISTANT,
+    "system": SYSTEM,
+    "observation": TOOL, "tool": TOOL, "function": TOOL, "ipython": TOOL,
+}  # fmt: skip
+TOOLS_PREAMBLE = "You have access to the following tools:\n"
+FORMATS = ("alpaca", "sharegpt", "messages", "human_assistant_text")
+
+
+def _text(value, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    # OpenAI content parts: [{"type": "text", "text": ...}, ...]
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)
+    raise SkipRecord("non_string_value", f"{what} is {type(value).__name__}, not a string")
+
+
+def _role(name, what: str) -> str:
+    role = ROLE_ALIASES.get(name.lower()) if isinstance(name, str) else None
+    if role is None:
+        raise SkipRecord("unknown_role", f"{what} has role {name!r}")
+    return role
+
+
+def _with_tools(system: str, tools) -> str:
+    if not tools:
+        return system
+    tools = tools if isinstance(tools, str) else __import__("json").dumps(tools, ensure_ascii=False)
+    return (system + "\n\n" if system else "") + TOOLS_PREAMBLE + tools
+
+
+def _from_turns(rid: str, turns: list[tuple[str, str]], system: str, extra: dict) -> Conversation:
+    """Turns as (role, text): a leading system turn becomes the system prompt."""
+    if turns and turns[0][0] == SYSTEM:
+        system = (system + "\n\n" if system else "") + turns[0][1]
+        turns = turns[1:]
+    for i, (role, _) in enumerate(turns):
+        if role == SYSTEM:
+            raise SkipRecord("misplaced_system_turn", f"turn {i} is a system turn after the first")
+    return Conversation(id=rid, messages=[Message(r, t) for r, t in turns], system=system, extra=extra)
+
+
+def parse_sharegpt(rec: dict, rid: str) -> Conversation:
+    turns_raw = rec.get("conversations")
+    if not isinstance(turns_raw, list):
+        raise SkipRecord("malformed_record", "'conversations' is not a list")
+    turns = []
+    for i, t in enumerate(turns_raw):
+        if not isinstance(t, dict):
+            raise SkipRecord("malformed_record", f"turn {i} is not an object")
+        who = t.get("from", t.get("role"))
+        turns.append((_role(who, f"turn {i}"), _text(t.get("value", t.get("content")), f"turn {i} value")))
+    system = _text(rec.get("system") or "", "system")
+    extra = {k: rec[k] for k in ("model", "lang") if k in rec}
+    return _from_turns(str(rec.get("id", rid)), turns, _with_tools(system, rec.get("tools")), extra)
+
+
+def parse_messages(rec: dict, rid: str) -> Conversation:
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list):
+        raise SkipRecord("malformed_record", "'messages' is not a list")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise SkipRecord("malformed_record", f"message {i} is not an object")
+        turns.append((_role(m.get("role"), f"message {i}"), _text(m.get("content"), f"message {i} content")))
+    return _from_turns(str(rec.get("id", rid)), turns, "", {})
+
+
+def alpaca_prompt(instruction: str, inp: str) -> str:
+    # FastChat's rule (data/convert_alpaca.py); FastChat tests len(input.strip()) > 1, which
+    # silently drops one-character inputs such as "5": we keep any non-blank input.
+    return instruction + "\nInput:\n" + inp if inp.strip() else instruction
+
+
+def parse_alpaca(rec: dict, rid: str) -> Conversation:
+    instruction = _text(rec.get("instruction"), "instruction")
+    inp = _text(rec.get("input") or "", "input")
+    output = _text(rec.get("output"), "output")
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise SkipRecord("malformed_record", "'history' is not a list")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise SkipRecord("malformed_record", f"history[{i}] is not a [question, answer] pair")
+        turns += [(USER, _text(pair[0], f"history[{i}][0]")), (ASSISTANT, _text(pair[1], f"history[{i}][1]"))]
+    turns += [(USER, alpaca_prompt(instruction, inp)), (ASSISTANT, output)]
+    system = _text(rec.get("system") or "", "system")
+    return _from_turns(str(rec.get("id", rid)), turns, system, {})
+
+
+_HA_SPLIT = re.compile(r"###\s*(Human|Assistant):\s?")
+
+
+def parse_human_assistant_text(rec: dict, rid: str) -> Conversation:
+    """`{"input": "### Human: q ### Assistant:", "output": a}`, as in the QLoRA / oasst1 eval files."""
+    prompt = _text(rec.get("input"), "input")
+    output = _text(rec.get("output"), "output")
+    parts = _HA_SPLIT.split(prompt)
+    if parts[0].strip():
+        raise SkipRecord("malformed_record", "text before the first '### Human:' marker")
+    turns = []
+    for who, text in zip(parts[1::2], parts[2::2]):
+        turns.append((USER if who == "Human" else ASSISTANT, text.strip()))
+    if not turns or turns[-1] != (ASSISTANT, ""):
+        raise SkipRecord("malformed_record", "input does not end with '### Assistant:'")
+    turns[-1] = (ASSISTANT, output)
+    return _from_turns(str(rec.get("id", rid)), turns, "", {"lang": rec["lang"]} if "lang" in rec else {})
+
+
+PARSERS = {
+    "alpaca": parse_alpaca,
+    "sharegpt": parse_sharegpt,
+    "messages": parse_messages,
+    "human_assistant_text": parse_human_assistant_text,
+}
+
+
+def detect_format(rec) -> str | None:
+    if not isinstance(rec, dict):
+        return None
+    if "conversations" in rec:
+        return "sharegpt"
+    if "messages" in rec:
+        return "messages"
+    if "instruction" in rec:
+        return "alpaca"
+    if "input" in rec and "output" in rec and "### Human:" in str(rec["input"]):
+        return "human_assistant_text"
+    return None
+
+
+def iter_conversations(
+    path: str | os.PathLike, report: Report, fmt: str | None = None
+) -> Iterator[tuple[str, Conversation]]:
+    """Yield (where, Conversation) for each readable record of `path`; count the rest in `report`."""
+    path = str(path)
+    if fmt is not None and fmt not in PARSERS:
+        raise DataError(path, "--format", f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    stem = Path(path).stem
+    parser = PARSERS.get(fmt) if fmt else None
+    for index, (where, rec) in enumerate(read_records(path)):
+        report.read += 1
+        try:
+            if not isinstance(rec, dict):
+                raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
+            if parser is None:
+                detected = detect_format(rec)
+                if detected is None:
+                    raise DataError(path, where, f"cannot tell the format from keys {sorted(rec)}; name it with --format")
+                parser = PARSERS[detected]
+                report.notes.setdefault("format", detected)
+            yield where, parser(rec, f"{stem}_{index}")
+        except SkipRecord as e:
+            report.skip(path, where, e)
+
+
+SHAREGPT_NAMES = {USER: "human", ASSISTANT: "gpt", TOOL: "observation"}
+
+
+def to_sharegpt(conv: Conversation) -> dict:
+    out = {"id": conv.id}
+    if conv.system:
+        out["system"] = conv.system  # top-level, as LLaMA-Factory does; FastChat ignores it
+    out["conversations"] = [{"from": SHAREGPT_NAMES[m.role], "value": m.content} for m in conv.messages]
+    return out
+
+
+def to_messages(conv: Conversation) -> dict:
+    msgs = [{"role": SYSTEM, "content": conv.system}] if conv.system else []
+    msgs += [{"role": m.role, "content": m.content} for m in conv.messages]
+    return {"id": conv.id, "messages": msgs}
+
+
+WRITERS = {"sharegpt": to_sharegpt, "messages": to_messages}

@@ -1,0 +1,225 @@
+"""Conversation -> input_ids and labels with assistant-only loss masks, exact by construction.
+
+How: the template renders Segments; text between special tokens is tokenized in one batched
+call (the same work as tokenizing the rendered text, which is the floor this is measured
+against); the labels come from character offsets: a token is trained when it covers text of a
+trainable segment. No token counts are re-derived from substrings (FastChat's `-2`), so no
+conversation can be "mismatched".
+
+Special tokens come only from template text. Message text is encoded with the backend's
+`encode_special_tokens` set, so a user typing `</s>` or `<|im_end|>` gets the characters, never
+the id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from .schema import Conversation, SkipRecord
+from .templates import Segment, get_template, special_tokens
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def _without_first_prepend(config: dict) -> bool:
+    """Turn Metaspace's prepend_scheme "first" into "never", wherever it sits. True if changed."""
+    changed = False
+    if isinstance(config, dict):
+        if config.get("type") == "Metaspace" and config.get("prepend_scheme") == "first":
+            config["prepend_scheme"] = "never"
+            changed = True
+        for v in config.values():
+            changed |= _without_first_prepend(v)
+    elif isinstance(config, list):
+        for v in config:
+            changed |= _without_first_prepend(v)
+    return changed
+
+
+@dataclass
+class _Piece:
+    text: str
+    spans: list[tuple[int, int]]  # trainable character ranges within text
+    continuation: bool  # follows a special token inside the rendered text
+
+
+class ConversationTokenizer:
+    """Tokenizes conversations for training: `encode_batch(convs)` -> [Encoded | SkipRecord]."""
+
+    def __init__(self, tokenizer, template: str | object, max_length: int | None = None, train_on_inputs: bool = False):
+        self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
+        self.max_length = max_length
+        self.train_on_inputs = train_on_inputs
+        self.eos = tokenizer.eos_token
+        names = special_tokens(tokenizer)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self._special_id = {n: tokenizer.convert_tokens_to_ids(n) for n in names}
+        config = json.loads(tokenizer.backend_tokenizer.to_str())
+        self._first = self._backend(config)
+        # Text after a special token is not the start of the text: a Metaspace "first" tokenizer
+        # (Llama, legacy=False) prepends no "▁" there when it tokenizes the whole string.
+        _without_first_prepend(config)
+        self._cont = self._backend(config)
+        self._prefix = self._leading_special_ids() if getattr(self.template, "add_bos", False) else []
+        self.boundary_splits = 0  # pieces re-tokenized because a token straddled a mask boundary
+        self.matches_tokenizer = self._self_check()
+        if not self.matches_tokenizer:
+            warnings.warn(
+                f"{type(tokenizer).__name__}: tokenizing text piece by piece differs from tokenizing "
+                "the rendered string whole; masks stay exact, ids may differ from tokenizer(text)",
+                stacklevel=2,
+            )
+
+    @staticmethod
+    def _backend(config: dict) -> Tokenizer:
+        backend = Tokenizer.from_str(json.dumps(config))
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = True
+        return backend
+
+    def _leading_special_ids(self) -> list[int]:
+        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        bare = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        n = len(full) - len(bare)
+        return list(full[:n]) if n > 0 and full[n:] == bare else []
+
+    def _self_check(self) -> bool:
+        text = "Hi there" + (self.eos or "") + "USER: again \n and  more"
+        ids, _ = self._encode_segments([[Segment(text, literal=True)]])[0]
+        return ids == list(self.tokenizer(text, add_special_tokens=bool(self._prefix))["input_ids"])
+
+    # -- segments -> pieces -> ids ---------------------------------------------------------
+    def _plan(self, segments: list[Segment]) -> list:
+        """Flatten segments into items: ([ids], trainable) for special tokens, _Piece for text."""
+        items, parts, spans, pos, continuation = [], [], [], 0, False
+
+        def close():
+            nonlocal parts, spans, pos
+            if parts:
+                items.append(_Piece("".join(parts), spans, continuation))
+            parts, spans, pos = [], [], 0
+
+        for seg in segments:
+            chunks = self._special_re.split(seg.text) if (seg.literal and self._special_re) else [seg.text]
+            for k, chunk in enumerate(chunks):
+                if k % 2:  # a special token
+                    close()
+                    items.append(([self._special_id[chunk]], seg.trainable))
+                    continuation = True
+                elif chunk:
+                    if seg.trainable:
+                        if spans and spans[-1][1] == pos:
+                            spans[-1] = (spans[-1][0], pos + len(chunk))
+                        else:
+                            spans.append((pos, pos + len(chunk)))
+                    parts.append(chunk)
+                    pos += len(chunk)
+        close()
+        return items
+
+    def _encode_segments(self, batch: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
+        plans = [self._plan(segs) for segs in batch]
+        pieces = [it for plan in plans for it in plan if isinstance(it, _Piece)]
+        first = [p for p in pieces if not p.continuation]
+        cont = [p for p in pieces if p.continuation]
+        encoded = {}
+        for group, backend in ((first, self._first), (cont, self._cont)):
+            if group:
+                for p, enc in zip(group, backend.encode_batch([p.text for p in group], add_special_tokens=False)):
+                    encoded[id(p)] = enc
+        results = []
+        for plan in plans:
+            ids, labels = list(self._prefix), [IGNORE_INDEX] * len(self._prefix)
+            for it in plan:
+                if isinstance(it, _Piece):
+                    enc = encoded[id(it)]
+                    pids, plabels = self._label_piece(it, enc.ids, enc.offsets)
+                    ids += pids
+                    labels += plabels
+                else:
+                    tok_ids, trainable = it
+                    ids += tok_ids
+                    labels += tok_ids if (trainable or self.train_on_inputs) else [IGNORE_INDEX] * len(tok_ids)
+            results.append((ids, labels))
+        return results
+
+    def _label_piece(self, piece: _Piece, ids: list[int], offsets: list) -> tuple[list[int], list[int]]:
+        if self.train_on_inputs:
+            return ids, list(ids)
+        labels = [IGNORE_INDEX] * len(ids)
+        for s, e in piece.spans:
+            i0 = bisect_right(offsets, s, key=lambda o: o[1])  # first token ending after s
+            i1 = bisect_left(offsets, e, key=lambda o: o[0])  # first token starting at/after e
+            if i0 < i1 and (offsets[i0][0] < s or offsets[i1 - 1][1] > e):
+                return self._split_at_boundaries(piece)
+            labels[i0:i1] = ids[i0:i1]
+        return ids, labels
+
+    def _split_at_boundaries(self, piece: _Piece) -> tuple[list[int], list[int]]:
+        """A token straddles a mask boundary (rare: e.g. "\\n" + "\\n\\nreply" merging into one
+        whitespace token). Tokenize the parts separately so the boundary is a token boundary."""
+        self.boundary_splits += 1
+        cuts = sorted({0, len(piece.text), *(c for span in piece.spans for c in span)})
+        ids, labels = [], []
+        for a, b in zip(cuts, cuts[1:]):
+            backend = self._cont if (a > 0 or piece.continuation) else self._first
+            part = backend.encode(piece.text[a:b], add_special_tokens=False).ids
+            trainable = any(s <= a and b <= e for s, e in piece.spans)
+            ids += part
+            labels += part if trainable else [IGNORE_INDEX] * len(part)
+        return ids, labels
+
+    # -- public ----------------------------------------------------------------------------
+    def encode_batch(self, convs: list[Conversation]) -> list[Encoded | SkipRecord]:
+        rendered: list[list[Segment] | SkipRecord] = []
+        for conv in convs:
+            try:
+                rendered.append(self.template.render(conv, self.eos))
+            except SkipRecord as e:
+                rendered.append(e)
+        ok = [r for r in rendered if not isinstance(r, SkipRecord)]
+        it = iter(self._encode_segments(ok))
+        out: list[Encoded | SkipRecord] = []
+        for r in rendered:
+            if isinstance(r, SkipRecord):
+                out.append(r)
+                continue
+            ids, labels = next(it)
+            truncated = self.max_length is not None and len(ids) > self.max_length
+            if truncated:
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if all(x == IGNORE_INDEX for x in labels):
+                why = "no_trainable_tokens_after_truncation" if truncated else "no_trainable_tokens"
+                out.append(SkipRecord(why, f"{len(ids)} tokens, none of them an assistant reply"))
+                continue
+            out.append(Encoded(ids, labels, truncated))
+        return out
+
+    def encode(self, conv: Conversation) -> Encoded:
+        (result,) = self.encode_batch([conv])
+        if isinstance(result, SkipRecord):
+            raise result
+        return result
+
+    def encode_prompt(self, conv: Conversation) -> list[int]:
+        """Ids that ask the model for the next assistant reply (for chat and evaluation)."""
+        (ids, _), = self._encode_segments([self.template.generation_prompt(conv, self.eos)])
+        return ids
+
+    def render_text(self, conv: Conversation) -> str:
+        return "".join(s.text for s in self.template.render(conv, self.eos))
