@@ -163,3 +163,32 @@ def tiny_model(
         build_tiny_llama(tok_dir, Path(tmp) / "model", size, seed)
         replace_dir_atomic(Path(tmp) / "model", out)
     return out
+
+
+TEMPLATE_WORDS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
+    "### Instruction: ### Response: ### Human: ### Assistant:",
+]
+
+
+def shared_data_dir() -> Path:
+    """`../shared/data` beside the checkout (CI puts it there), or $CAMELID_SHARED_DATA."""
+    env = os.environ.get("CAMELID_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def reference_corpus(data_dir: str | os.PathLike | None = None, per_file: int = 1500) -> list[str]:
+    """A deterministic text sample of the shared data (English, Chinese, code) plus the template
+    words, to train the tokenizers that tests and benchmarks share."""
+    from .formats import iter_conversations
+    from .report import Report
+
+    data_dir = Path(data_dir or shared_data_dir())
+    texts = list(TEMPLATE_WORDS) * 20
+    for name in ("alpaca_data.json", "sharegpt_v3_sample_1000.json", "sharegpt_gpt4_zh_1k.jsonl", "alpaca_gpt4_data_zh_1k.json"):
+        for i, (_, conv) in enumerate(iter_conversations(data_dir / name, Report("corpus"))):
+            if i >= per_file:
+                break
+            texts += [m.content for m in conv.messages]
+    return texts
