@@ -1,0 +1,174 @@
+"""Readers, converters and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastchat_data import commands
+from fastchat_data.formats import iter_conversations, to_messages, to_sharegpt
+from fastchat_data.io import read_records
+from fastchat_data.report import Report
+from fastchat_data.schema import ASSISTANT, SYSTEM, TOOL, USER, DataError, SkipRecord, validate
+
+
+def write(tmp_path, name, obj, lines=False):
+    p = tmp_path / name
+    p.write_text("\n".join(json.dumps(o) for o in obj) if lines else json.dumps(obj), encoding="utf-8")
+    return p
+
+
+def read(path, fmt=None, strict=False):
+    rep = Report("t", strict=strict)
+    return [c for _, c in iter_conversations(path, rep, fmt)], rep
+
+
+def test_alpaca_follows_fastchat_rule_history_and_system(tmp_path):
+    p = write(tmp_path, "a.json", [
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"instruction": "Hi", "input": "", "output": "Hello", "system": "Be brief.",
+         "history": [["q1", "a1"], ["q2", "a2"]]},
+    ])  # fmt: skip
+    convs, rep = read(p)
+    assert rep.notes["format"] == "alpaca"
+    assert [(m.role, m.content) for m in convs[0].messages] == [(USER, "Add\nInput:\n2 and 3"), (ASSISTANT, "5")]
+    c = convs[1]
+    assert c.system == "Be brief."
+    assert [m.content for m in c.messages] == ["q1", "a1", "q2", "a2", "Hi", "Hello"]
+    assert to_sharegpt(c)["system"] == "Be brief."
+
+
+def test_sharegpt_aliases_system_turn_and_tools(tmp_path):
+    p = write(tmp_path, "s.jsonl", [
+        {"id": "x", "conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "u"},
+                                      {"from": "assistant", "value": "a"}]},
+        {"conversations": [{"from": "human", "value": "h"}, {"from": "function_call", "value": "{}"},
+                           {"from": "observation", "value": "r"}, {"from": "gpt", "value": "g"}], "tools": "[]"},
+    ], lines=True)  # fmt: skip
+    convs, rep = read(p)
+    assert rep.read == 2 and rep.dropped_total == 0
+    assert convs[0].id == "x" and convs[0].system == "S"
+    assert [m.role for m in convs[1].messages] == [USER, ASSISTANT, TOOL, ASSISTANT]
+    assert convs[1].id == "s_1" and "tools" in convs[1].system
+    validate(convs[1])
+
+
+def test_messages_round_trip(tmp_path):
+    rec = {"id": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "u"},
+                                   {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]}  # fmt: skip
+    convs, _ = read(write(tmp_path, "m.json", [rec]))
+    out = to_messages(convs[0])
+    assert out["messages"][0] == {"role": SYSTEM, "content": "sys"}
+    assert out["messages"][2] == {"role": ASSISTANT, "content": "a"}
+    again, _ = read(write(tmp_path, "m2.json", [out]))
+    assert to_messages(again[0]) == out
+
+
+def test_human_assistant_text(data_dir):
+    convs, rep = read(data_dir / "oasst1_val_qlora_953.jsonl")
+    assert rep.read == 953 and len(convs) == 953
+    for c in convs:
+        validate(c)
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2 column \d+: malformed JSON"):
+        list(read_records(p))
+    q = tmp_path / "bad.json"
+    q.write_text('[{"instruction": "a",\n "output": }]')
+    with pytest.raises(DataError, match=r"bad.json: line 2 column \d+"):
+        list(read_records(q))
+
+
+def test_bad_records_are_counted_with_reasons_or_raised_under_strict(tmp_path):
+    p = write(tmp_path, "s.json", [
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "narrator", "value": "q"}]},
+        {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+        "not an object",
+    ])  # fmt: skip
+    rep = Report("t")
+    from fastchat_data.build import read_trainable
+
+    kept = list(read_trainable([str(p)], rep))
+    assert len(kept) == 1 and rep.read == 6
+    assert rep.dropped == {"unknown_role": 1, "non_string_value": 1, "broken_alternation": 1,
+                           "empty_value": 1, "malformed_record": 1}  # fmt: skip
+    assert "record 1" in rep.examples["unknown_role"][0] and "narrator" in rep.examples["unknown_role"][0]
+    with pytest.raises(DataError, match=r"s.json: record 1: unknown_role"):
+        list(read_trainable([str(p)], Report("t", strict=True)))
+
+
+def test_unknown_format_is_a_clear_error(tmp_path):
+    p = write(tmp_path, "x.json", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="cannot tell the format.*--format"):
+        read(p)
+
+
+def test_validate_rules():
+    from fastchat_data.schema import Conversation, Message
+
+    with pytest.raises(SkipRecord, match="no_final_assistant_turn"):
+        validate(Conversation("x", [Message(USER, "q")]))
+    with pytest.raises(SkipRecord, match="no_turns"):
+        validate(Conversation("x", []))
+
+
+def test_all_alpaca_records_convert(tmp_path, data_dir):
+    out = tmp_path / "alpaca_sharegpt.jsonl"
+    rep = commands.convert(str(data_dir / "alpaca_data.json"), str(out))
+    assert rep.read == rep.written == 52_002
+    assert rep.notes["kept_but_untrainable"] == {"empty_value": 28}  # 28 records have an empty output
+    rows = [json.loads(line) for line in out.open()]
+    assert len(rows) == 52_002
+    src = json.loads((data_dir / "alpaca_data.json").read_text())
+    with_input = [i for i, r in enumerate(src) if r["input"].strip()]
+    assert len(with_input) == 20_679
+    i = with_input[0]
+    assert rows[i]["conversations"][0]["value"] == src[i]["instruction"] + "\nInput:\n" + src[i]["input"]
+    assert rows[i]["conversations"][1] == {"from": "gpt", "value": src[i]["output"]}
+
+
+def test_convert_to_messages_and_back(tmp_path, data_dir):
+    out = tmp_path / "m.jsonl"
+    commands.convert(str(data_dir / "fastchat_dummy_conversation.json"), str(out), to="messages")
+    back = tmp_path / "s.json"
+    commands.convert(str(out), str(back))
+    orig = json.loads((data_dir / "fastchat_dummy_conversation.json").read_text())
+    assert [r["conversations"] for r in json.loads(back.read_text())] == [r["conversations"] for r in orig]
+
+
+def test_outputs_are_atomic(tmp_path, monkeypatch):
+    from fastchat_data import io
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("previous complete file\n")
+
+    def boom():
+        yield {"a": 1}
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        io.write_records(target, boom())
+    assert target.read_text() == "previous complete file\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_split_sample_merge(tmp_path, data_dir):
+    src = str(data_dir / "fastchat_dummy_conversation.json")
+    tr, te = tmp_path / "tr.jsonl", tmp_path / "te.jsonl"
+    commands.split(src, str(tr), str(te), test_size=0.1, seed=3)
+    ids_tr = [json.loads(x)["id"] for x in tr.open()]
+    ids_te = [json.loads(x)["id"] for x in te.open()]
+    assert len(ids_te) == 50 and len(ids_tr) == 450 and not set(ids_tr) & set(ids_te)
+    commands.split(src, str(tmp_path / "tr2.jsonl"), str(tmp_path / "te2.jsonl"), test_size=0.1, seed=3)
+    assert (tmp_path / "te2.jsonl").read_text() == te.read_text()
+    commands.sample(src, str(tmp_path / "s.jsonl"), n=20, seed=1)
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 20
+    rep = commands.merge(f"{tr},{te}", str(tmp_path / "all.jsonl"))
+    assert rep.written == 500 and rep.notes["duplicate_ids"] == 0
