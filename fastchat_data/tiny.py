@@ -106,7 +106,7 @@ def build_tiny_llama(tokenizer_dir, out_dir, size: str | dict = "tiny", seed: in
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dims = SIZES[size] if isinstance(size, str) else dict(size)
+    dims = dict(SIZES[size] if isinstance(size, str) else size)
     dims.setdefault("num_key_value_heads", dims["num_attention_heads"])
     config = LlamaConfig(
         vocab_size=len(tok), max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
