@@ -66,7 +66,9 @@ def _features():
 def _encode_rows(batch: dict, encoder: ConversationTokenizer) -> dict:
     convs = [
         Conversation(id=i, system=s, messages=[Message(r, c) for r, c in zip(roles, contents)])
-        for i, s, roles, contents in zip(batch["id"], batch["system"], batch["roles"], batch["contents"])
+        for i, s, roles, contents in zip(
+            batch["id"], batch["system"], batch["roles"], batch["contents"]
+        )
     ]
     out = {"id": [], "input_ids": [], "labels": [], "length": [], "truncated": [], "skip": []}
     for conv, enc in zip(convs, encoder.encode_batch(convs)):
@@ -101,7 +103,9 @@ def build_dataset(
     datasets.disable_progress_bars()
     paths = [data] if isinstance(data, str | os.PathLike) else list(data)
     tok = load_tokenizer(tokenizer)
-    encoder = ConversationTokenizer(tok, template, max_length=max_length, train_on_inputs=train_on_inputs)
+    encoder = ConversationTokenizer(
+        tok, template, max_length=max_length, train_on_inputs=train_on_inputs
+    )
     key_src = json.dumps({
         "version": CACHE_VERSION, "data": [_file_digest(Path(p)) if Path(p).exists() else str(p) for p in paths],
         "tokenizer": tokenizer_fingerprint(tok), "template": template, "max_length": max_length,
@@ -114,15 +118,28 @@ def build_dataset(
         ds = datasets.load_from_disk(str(cached))
         report = Report("build")
         saved = json.loads((cached / "report.json").read_text())
-        report.read, report.written, report.truncated = saved["read"], saved["written"], saved["truncated"]
+        report.read, report.written, report.truncated = (
+            saved["read"],
+            saved["written"],
+            saved["truncated"],
+        )
         report.dropped.update(saved["dropped"])
-        report.examples, report.notes = saved["examples"], {**saved["notes"], "cache": f"hit {cached}"}
+        report.examples, report.notes = (
+            saved["examples"],
+            {**saved["notes"], "cache": f"hit {cached}"},
+        )
     else:
         report = Report("build", strict=strict)
         rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
-            raw = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in ("id", "system", "roles", "contents")})
+            raw = (
+                datasets.Dataset.from_list(rows)
+                if rows
+                else datasets.Dataset.from_dict(
+                    {k: [] for k in ("id", "system", "roles", "contents")}
+                )
+            )
             encoded = raw.map(
                 _encode_rows, fn_kwargs={"encoder": encoder}, batched=True, batch_size=512, features=_features(),
                 num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
@@ -132,9 +149,13 @@ def build_dataset(
             for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
                 if skip:
                     reason, detail = skip.split("\t", 1)
-                    report.skip("tokenize", f"conversation {i} (id {rid})", SkipRecord(reason, detail))
+                    report.skip(
+                        "tokenize", f"conversation {i} (id {rid})", SkipRecord(reason, detail)
+                    )
             report.truncated = sum(encoded["truncated"])
-            ds = encoded.filter(lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow"))
+            ds = encoded.filter(
+                lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow")
+            )
             ds = ds.remove_columns(["truncated", "skip"])
             report.written = len(ds)
             lengths = ds["length"]
@@ -144,7 +165,9 @@ def build_dataset(
             })  # fmt: skip
             staged = Path(tmp) / "dataset"
             ds.save_to_disk(str(staged))
-            (staged / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+            (staged / "report.json").write_text(
+                json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+            )
             (staged / "key.json").write_text(key_src)
             replace_dir_atomic(staged, cached)
         ds = datasets.load_from_disk(str(cached))

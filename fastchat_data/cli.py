@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     try:
-        fire.Fire({name: _quiet(fn) for name, fn in COMMANDS.items()}, command=argv, name="fastchat_data")
+        fire.Fire(
+            {name: _quiet(fn) for name, fn in COMMANDS.items()}, command=argv, name="fastchat_data"
+        )
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,6 @@ import math
 import random
 import sys
 from collections import Counter
-from pathlib import Path
 
 from .build import build_dataset, load_tokenizer, read_trainable
 from .formats import WRITERS, iter_conversations
@@ -30,7 +29,9 @@ def paths_of(data) -> list[str]:
 
 def _writer(to: str):
     if to not in WRITERS:
-        raise DataError("--to", "value", f"unknown output format {to!r}; choose from {', '.join(WRITERS)}")
+        raise DataError(
+            "--to", "value", f"unknown output format {to!r}; choose from {', '.join(WRITERS)}"
+        )
     return WRITERS[to]
 
 
@@ -48,10 +49,19 @@ def read_convertible(paths: list[str], rep: Report, fmt: str | None):
             yield conv
     if untrainable:
         rep.notes["kept_but_untrainable"] = dict(untrainable)
-        rep.notes["hint"] = "build skips these; `clean` repairs leading gpt turns and drops empty ones"
+        rep.notes["hint"] = (
+            "build skips these; `clean` repairs leading gpt turns and drops empty ones"
+        )
 
 
-def convert(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict: bool = False, report: str | None = None) -> Report:
+def convert(
+    data,
+    out: str,
+    to: str = "sharegpt",
+    fmt: str | None = None,
+    strict: bool = False,
+    report: str | None = None,
+) -> Report:
     """Any supported format (Alpaca, ShareGPT, messages) -> ShareGPT or OpenAI messages."""
     rep = Report("convert", strict=strict)
     write = _writer(to)
@@ -59,7 +69,14 @@ def convert(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict
     return rep.emit(report)
 
 
-def merge(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict: bool = False, report: str | None = None) -> Report:
+def merge(
+    data,
+    out: str,
+    to: str = "sharegpt",
+    fmt: str | None = None,
+    strict: bool = False,
+    report: str | None = None,
+) -> Report:
     """Concatenate several files (any supported formats) into one; ids seen twice are counted."""
     rep = Report("merge", strict=strict)
     write, seen, dup = _writer(to), set(), 0
@@ -157,7 +174,9 @@ def render_masks(tokenizer, input_ids: list[int], labels: list[int], color: bool
 
     def flush():
         if run:
-            text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = tokenizer.decode(
+                run, skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
             if color:
                 out.append((TRAINED if run_trained else MASKED) + text + RESET)
             else:
@@ -180,7 +199,11 @@ def inspect(data, tokenizer: str, template: str = "vicuna_v1.1", index: int = 0,
     convs = _load_all(data, rep, fmt, trainable=True)
     pick = [c for c in convs if c.id == id] if id is not None else convs[index : index + 1]
     if not pick:
-        raise DataError(",".join(paths_of(data)), f"id {id}" if id is not None else f"index {index}", "no such conversation")
+        raise DataError(
+            ",".join(paths_of(data)),
+            f"id {id}" if id is not None else f"index {index}",
+            "no such conversation",
+        )
     tok = load_tokenizer(tokenizer)
     enc = ConversationTokenizer(tok, template, max_length=max_length).encode(pick[0])
     if isinstance(color, str):  # fire passes `--color false` through as a string
@@ -191,7 +214,8 @@ def inspect(data, tokenizer: str, template: str = "vicuna_v1.1", index: int = 0,
     replies = sum(m.role == ASSISTANT for m in pick[0].messages)
     text = (
         f"id {pick[0].id}: {len(enc.input_ids)} tokens, {n_trained} trained, {replies} assistant replies"
-        f"{' (truncated)' if enc.truncated else ''}   [{legend}]\n" + render_masks(tok, enc.input_ids, enc.labels, color)
+        f"{' (truncated)' if enc.truncated else ''}   [{legend}]\n"
+        + render_masks(tok, enc.input_ids, enc.labels, color)
     )
     print(text)
     return text
@@ -229,4 +253,7 @@ def split_long(data: str, out: str, tokenizer: str, **kwargs) -> Report:
     return _split_long(data, out, tokenizer, **kwargs)
 
 
-COMMANDS = {f.__name__: f for f in (convert, clean, split_long, merge, split, sample, stats, inspect, identity, build)}
+COMMANDS = {
+    f.__name__: f
+    for f in (convert, clean, split_long, merge, split, sample, stats, inspect, identity, build)
+}

@@ -17,14 +17,18 @@ from .tiny import TEMPLATE_WORDS, corpus_texts, tiny_model
 
 
 def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="runs/demo", help="where the demo writes its files")
     ap.add_argument("--name", default="Camelid", help="the assistant's name in the identity data")
     args = ap.parse_args(argv)
     out = Path(args.out)
     cache = out / "cache"
 
-    print("== 1. data: identity conversations, generated (FastChat's hardcoded questions, camelid's way)")
+    print(
+        "== 1. data: identity conversations, generated (FastChat's hardcoded questions, camelid's way)"
+    )
     records = identity_conversations(args.name, n=300)
     data = out / "identity.json"
     write_records(data, records)
@@ -32,7 +36,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     print("\n== 2. a tiny Llama (SentencePiece tokenizer, legacy=True) built locally")
     t0 = time.time()
-    model = tiny_model("llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache)
+    model = tiny_model(
+        "llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache
+    )
     print(f"{model} ({time.time() - t0:.1f}s)")
 
     print("\n== 3. stats")
@@ -43,12 +49,22 @@ def main(argv: list[str] | None = None) -> Path:
 
     for attempt in ("first build", "second build (cache)"):
         t0 = time.time()
-        ds, _ = build_dataset(str(data), str(model), "vicuna_v1.1", 512, out=str(out / "train"), cache_dir=str(cache), quiet=attempt != "first build")
+        ds, _ = build_dataset(
+            str(data),
+            str(model),
+            "vicuna_v1.1",
+            512,
+            out=str(out / "train"),
+            cache_dir=str(cache),
+            quiet=attempt != "first build",
+        )
         print(f"{attempt}: {len(ds)} rows in {time.time() - t0:.2f}s")
 
     print("\n== 5. one conversation as the model sees it: trained tokens are marked")
     inspect(str(data), str(model), "vicuna_v1.1", index=1)
-    print(f"\ntraining set: {out / 'train'} (datasets.load_from_disk; columns {', '.join(ds.column_names)})")
+    print(
+        f"\ntraining set: {out / 'train'} (datasets.load_from_disk; columns {', '.join(ds.column_names)})"
+    )
     return out / "train"
 
 

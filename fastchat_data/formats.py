@@ -31,7 +31,9 @@ def _text(value, what: str) -> str:
     if isinstance(value, str):
         return value
     # OpenAI content parts: [{"type": "text", "text": ...}, ...]
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in value
+    ):
         return "".join(str(p.get("text", "")) for p in value)
     raise SkipRecord("non_string_value", f"{what} is {type(value).__name__}, not a string")
 
@@ -58,7 +60,9 @@ def _from_turns(rid: str, turns: list[tuple[str, str]], system: str, extra: dict
     for i, (role, _) in enumerate(turns):
         if role == SYSTEM:
             raise SkipRecord("misplaced_system_turn", f"turn {i} is a system turn after the first")
-    return Conversation(id=rid, messages=[Message(r, t) for r, t in turns], system=system, extra=extra)
+    return Conversation(
+        id=rid, messages=[Message(r, t) for r, t in turns], system=system, extra=extra
+    )
 
 
 def parse_sharegpt(rec: dict, rid: str) -> Conversation:
@@ -70,7 +74,9 @@ def parse_sharegpt(rec: dict, rid: str) -> Conversation:
         if not isinstance(t, dict):
             raise SkipRecord("malformed_record", f"turn {i} is not an object")
         who = t.get("from", t.get("role"))
-        turns.append((_role(who, f"turn {i}"), _text(t.get("value", t.get("content")), f"turn {i} value")))
+        turns.append(
+            (_role(who, f"turn {i}"), _text(t.get("value", t.get("content")), f"turn {i} value"))
+        )
     system = _text(rec.get("system") or "", "system")
     extra = {k: rec[k] for k in ("model", "lang") if k in rec}
     return _from_turns(str(rec.get("id", rid)), turns, _with_tools(system, rec.get("tools")), extra)
@@ -84,7 +90,9 @@ def parse_messages(rec: dict, rid: str) -> Conversation:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise SkipRecord("malformed_record", f"message {i} is not an object")
-        turns.append((_role(m.get("role"), f"message {i}"), _text(m.get("content"), f"message {i} content")))
+        turns.append(
+            (_role(m.get("role"), f"message {i}"), _text(m.get("content"), f"message {i} content"))
+        )
     return _from_turns(str(rec.get("id", rid)), turns, "", {})
 
 
@@ -105,7 +113,10 @@ def parse_alpaca(rec: dict, rid: str) -> Conversation:
     for i, pair in enumerate(history):
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
             raise SkipRecord("malformed_record", f"history[{i}] is not a [question, answer] pair")
-        turns += [(USER, _text(pair[0], f"history[{i}][0]")), (ASSISTANT, _text(pair[1], f"history[{i}][1]"))]
+        turns += [
+            (USER, _text(pair[0], f"history[{i}][0]")),
+            (ASSISTANT, _text(pair[1], f"history[{i}][1]")),
+        ]
     turns += [(USER, alpaca_prompt(instruction, inp)), (ASSISTANT, output)]
     system = _text(rec.get("system") or "", "system")
     return _from_turns(str(rec.get("id", rid)), turns, system, {})
@@ -127,7 +138,9 @@ def parse_human_assistant_text(rec: dict, rid: str) -> Conversation:
     if not turns or turns[-1] != (ASSISTANT, ""):
         raise SkipRecord("malformed_record", "input does not end with '### Assistant:'")
     turns[-1] = (ASSISTANT, output)
-    return _from_turns(str(rec.get("id", rid)), turns, "", {"lang": rec["lang"]} if "lang" in rec else {})
+    return _from_turns(
+        str(rec.get("id", rid)), turns, "", {"lang": rec["lang"]} if "lang" in rec else {}
+    )
 
 
 PARSERS = {
@@ -158,7 +171,9 @@ def iter_conversations(
     """Yield (where, Conversation) for each readable record of `path`; count the rest in `report`."""
     path = str(path)
     if fmt is not None and fmt not in PARSERS:
-        raise DataError(path, "--format", f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise DataError(
+            path, "--format", f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}"
+        )
     stem = Path(path).stem
     parser = PARSERS.get(fmt) if fmt else None
     for index, (where, rec) in enumerate(read_records(path)):
@@ -169,7 +184,11 @@ def iter_conversations(
             if parser is None:
                 detected = detect_format(rec)
                 if detected is None:
-                    raise DataError(path, where, f"cannot tell the format from keys {sorted(rec)}; name it with --format")
+                    raise DataError(
+                        path,
+                        where,
+                        f"cannot tell the format from keys {sorted(rec)}; name it with --format",
+                    )
                 parser = PARSERS[detected]
                 report.notes.setdefault("format", detected)
             yield where, parser(rec, f"{stem}_{index}")
@@ -184,7 +203,9 @@ def to_sharegpt(conv: Conversation) -> dict:
     out = {"id": conv.id}
     if conv.system:
         out["system"] = conv.system  # top-level, as LLaMA-Factory does; FastChat ignores it
-    out["conversations"] = [{"from": SHAREGPT_NAMES[m.role], "value": m.content} for m in conv.messages]
+    out["conversations"] = [
+        {"from": SHAREGPT_NAMES[m.role], "value": m.content} for m in conv.messages
+    ]
     return out
 
 

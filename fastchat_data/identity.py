@@ -41,14 +41,19 @@ FOLLOW_UPS = [
 ]  # fmt: skip
 
 
-def identity_conversations(name: str = "Camelid", org: str = "the camelid developers", n: int = 200, seed: int = 0) -> list[dict]:
+def identity_conversations(
+    name: str = "Camelid", org: str = "the camelid developers", n: int = 200, seed: int = 0
+) -> list[dict]:
     """`n` ShareGPT-format records, one or two exchanges each, deterministic for `seed`."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         q = QUESTIONS[i % len(QUESTIONS)]
         a = NOT_ANSWERS.get(q) or rng.choice(ANSWERS)
-        turns = [{"from": "human", "value": q}, {"from": "gpt", "value": a.format(name=name, org=org)}]
+        turns = [
+            {"from": "human", "value": q},
+            {"from": "gpt", "value": a.format(name=name, org=org)},
+        ]
         if rng.random() < 0.5:
             fq, fa = rng.choice(FOLLOW_UPS)
             turns += [{"from": "human", "value": fq}, {"from": "gpt", "value": fa}]

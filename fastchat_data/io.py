@@ -40,17 +40,23 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
                 try:
                     yield f"line {lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(str(path), f"line {lineno} column {e.colno}", f"malformed JSON: {e.msg}") from None
+                    raise DataError(
+                        str(path), f"line {lineno} column {e.colno}", f"malformed JSON: {e.msg}"
+                    ) from None
         return
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise DataError(str(path), f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}") from None
+            raise DataError(
+                str(path), f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}"
+            ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(str(path), "top level", f"expected a JSON array of records, found {type(data).__name__}")
+        raise DataError(
+            str(path), "top level", f"expected a JSON array of records, found {type(data).__name__}"
+        )
     for i, rec in enumerate(data):
         yield f"record {i}", rec
 

@@ -44,7 +44,9 @@ class Conversation:
     extra: dict = field(default_factory=dict)
 
     def pairs(self) -> list[tuple[Message, Message]]:
-        return [(self.messages[i], self.messages[i + 1]) for i in range(0, len(self.messages) - 1, 2)]
+        return [
+            (self.messages[i], self.messages[i + 1]) for i in range(0, len(self.messages) - 1, 2)
+        ]
 
 
 def validate(conv: Conversation) -> Conversation:

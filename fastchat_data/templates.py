@@ -39,7 +39,9 @@ class SeparatorTemplate:
     sep: str
     sep2: str
     tool: str = "TOOL"
-    add_bos: bool = True  # the tokenizer's own leading special tokens, as `tokenizer(text)` adds them
+    add_bos: bool = (
+        True  # the tokenizer's own leading special tokens, as `tokenizer(text)` adds them
+    )
 
     def render(self, conv: Conversation, eos: str) -> list[Segment]:
         sep2 = self.sep2.replace(EOS, eos)
@@ -107,7 +109,9 @@ class ChatTemplate:
     def _messages(self, conv: Conversation, contents: list[str]) -> list[dict]:
         msgs = [{"role": SYSTEM, "content": contents[0]}] if conv.system else []
         offset = len(msgs)
-        msgs += [{"role": m.role, "content": contents[offset + i]} for i, m in enumerate(conv.messages)]
+        msgs += [
+            {"role": m.role, "content": contents[offset + i]} for i, m in enumerate(conv.messages)
+        ]
         return msgs
 
     def _apply(self, msgs: list[dict], add_generation_prompt: bool) -> str:
@@ -121,13 +125,18 @@ class ChatTemplate:
     def _render(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
         real = ([conv.system] if conv.system else []) + [m.content for m in conv.messages]
         roles = ([SYSTEM] if conv.system else []) + [m.role for m in conv.messages]
-        marked = self._apply(self._messages(conv, [_SENTINEL.format(i) for i in range(len(real))]), add_generation_prompt)
+        marked = self._apply(
+            self._messages(conv, [_SENTINEL.format(i) for i in range(len(real))]),
+            add_generation_prompt,
+        )
         segments, cursor = [], 0
         for i, (role, text) in enumerate(zip(roles, real)):
             tag = _SENTINEL.format(i)
             pos = marked.find(tag, cursor)
             if pos < 0:
-                raise SkipRecord("template_dropped_message", f"the chat template does not render message {i}")
+                raise SkipRecord(
+                    "template_dropped_message", f"the chat template does not render message {i}"
+                )
             segments.append(Segment(marked[cursor:pos], literal=True))
             segments.append(Segment(text, trainable=role == ASSISTANT))
             cursor = pos + len(tag)
@@ -135,8 +144,12 @@ class ChatTemplate:
         segments = self._train_end_tokens(segments)
         # Templates may transform text (e.g. `| trim`): then the sentinel layout is not the real
         # rendering, and training on it would teach a format the model never sees at inference.
-        if "".join(s.text for s in segments) != self._apply(self._messages(conv, real), add_generation_prompt):
-            raise SkipRecord("template_alters_content", "the chat template changes message text (e.g. trims it)")
+        if "".join(s.text for s in segments) != self._apply(
+            self._messages(conv, real), add_generation_prompt
+        ):
+            raise SkipRecord(
+                "template_alters_content", "the chat template changes message text (e.g. trims it)"
+            )
         return segments
 
     def _train_end_tokens(self, segments: list[Segment]) -> list[Segment]:
@@ -147,7 +160,10 @@ class ChatTemplate:
         for prev, seg in zip([None, *segments], segments):
             m = end.match(seg.text) if prev is not None and prev.trainable and seg.literal else None
             if m:
-                out += [Segment(m.group(), literal=True, trainable=True), Segment(seg.text[m.end() :], literal=True)]
+                out += [
+                    Segment(m.group(), literal=True, trainable=True),
+                    Segment(seg.text[m.end() :], literal=True),
+                ]
             else:
                 out.append(seg)
         return [s for s in out if s.text]
@@ -172,5 +188,7 @@ def get_template(name: str, tokenizer=None):
             raise ValueError("template 'chat_template' needs a tokenizer that has a chat template")
         return ChatTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; choose from {', '.join([*TEMPLATES, CHAT_TEMPLATE])}")
+        raise ValueError(
+            f"unknown template {name!r}; choose from {', '.join([*TEMPLATES, CHAT_TEMPLATE])}"
+        )
     return TEMPLATES[name]

@@ -29,9 +29,15 @@ CHATML_TEMPLATE = (
 
 # name -> LlamaConfig overrides; parameter counts are for a 4,000-token vocabulary.
 SIZES = {
-    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4),  # ~1.4M
-    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6),  # ~17M
-    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),  # ~91M
+    "tiny": dict(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4
+    ),  # ~1.4M
+    "small": dict(
+        hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6
+    ),  # ~17M
+    "base": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12
+    ),  # ~91M
 }
 FLAVOURS = ("llama", "llama-nonlegacy", "chatml")
 
@@ -46,7 +52,13 @@ def _shuffled(texts: Iterable[str], seed: int) -> list[str]:
     return texts
 
 
-def train_llama_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, legacy: bool = True, seed: int = 0):
+def train_llama_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 4000,
+    legacy: bool = True,
+    seed: int = 0,
+):
     import sentencepiece as spm
     from transformers import AutoTokenizer, LlamaTokenizer
 
@@ -72,7 +84,9 @@ def train_llama_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, voca
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def train_chatml_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, seed: int = 0):
+def train_chatml_tokenizer(
+    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, seed: int = 0
+):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -81,26 +95,43 @@ def train_chatml_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, voc
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(_shuffled(texts, seed), trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
     )
     tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def train_tokenizer(texts: Iterable[str], out_dir, flavour: str = "llama", vocab_size: int = 4000, seed: int = 0):
+def train_tokenizer(
+    texts: Iterable[str], out_dir, flavour: str = "llama", vocab_size: int = 4000, seed: int = 0
+):
     if flavour == "chatml":
         return train_chatml_tokenizer(texts, out_dir, vocab_size, seed)
     if flavour in ("llama", "llama-nonlegacy"):
-        return train_llama_tokenizer(texts, out_dir, vocab_size, legacy=flavour == "llama", seed=seed)
+        return train_llama_tokenizer(
+            texts, out_dir, vocab_size, legacy=flavour == "llama", seed=seed
+        )
     raise ValueError(f"unknown tokenizer flavour {flavour!r}; choose from {', '.join(FLAVOURS)}")
 
 
-def build_tiny_llama(tokenizer_dir, out_dir, size: str | dict = "tiny", seed: int = 0, max_position_embeddings: int = 2048):
+def build_tiny_llama(
+    tokenizer_dir,
+    out_dir,
+    size: str | dict = "tiny",
+    seed: int = 0,
+    max_position_embeddings: int = 2048,
+):
     """A randomly initialised Llama sized for `tokenizer_dir`, saved (with the tokenizer) to `out_dir`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -136,8 +167,12 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
 
 
 def tiny_model(
-    flavour: str = "llama", size: str = "tiny", texts: Iterable[str] | None = None, vocab_size: int = 4000,
-    seed: int = 0, cache_dir: str | os.PathLike | None = None,
+    flavour: str = "llama",
+    size: str = "tiny",
+    texts: Iterable[str] | None = None,
+    vocab_size: int = 4000,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Build (or reuse from the cache) a tiny model + tokenizer folder; returns its path.
 
@@ -149,7 +184,9 @@ def tiny_model(
         texts = corpus_texts(identity_conversations(n=400, seed=seed))
     texts = list(texts)
     key = hashlib.sha256(
-        json.dumps([flavour, size, vocab_size, seed, SIZES.get(size) if isinstance(size, str) else size]).encode()
+        json.dumps(
+            [flavour, size, vocab_size, seed, SIZES.get(size) if isinstance(size, str) else size]
+        ).encode()
         + hashlib.sha256("\x00".join(texts).encode()).digest()
     ).hexdigest()[:16]
     name = f"{flavour}-{size if isinstance(size, str) else 'custom'}-{key}"
@@ -186,7 +223,12 @@ def reference_corpus(data_dir: str | os.PathLike | None = None, per_file: int = 
 
     data_dir = Path(data_dir or shared_data_dir())
     texts = list(TEMPLATE_WORDS) * 20
-    for name in ("alpaca_data.json", "sharegpt_v3_sample_1000.json", "sharegpt_gpt4_zh_1k.jsonl", "alpaca_gpt4_data_zh_1k.json"):
+    for name in (
+        "alpaca_data.json",
+        "sharegpt_v3_sample_1000.json",
+        "sharegpt_gpt4_zh_1k.jsonl",
+        "alpaca_gpt4_data_zh_1k.json",
+    ):
         for i, (_, conv) in enumerate(iter_conversations(data_dir / name, Report("corpus"))):
             if i >= per_file:
                 break

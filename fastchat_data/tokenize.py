@@ -59,14 +59,22 @@ class _Piece:
 class ConversationTokenizer:
     """Tokenizes conversations for training: `encode_batch(convs)` -> [Encoded | SkipRecord]."""
 
-    def __init__(self, tokenizer, template: str | object, max_length: int | None = None, train_on_inputs: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        template: str | object,
+        max_length: int | None = None,
+        train_on_inputs: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.template = get_template(template, tokenizer) if isinstance(template, str) else template
         self.max_length = max_length
         self.train_on_inputs = train_on_inputs
         self.eos = tokenizer.eos_token
         names = special_tokens(tokenizer)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self._special_re = (
+            re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        )
         self._special_id = {n: tokenizer.convert_tokens_to_ids(n) for n in names}
         config = json.loads(tokenizer.backend_tokenizer.to_str())
         self._first = self._backend(config)
@@ -74,7 +82,9 @@ class ConversationTokenizer:
         # (Llama, legacy=False) prepends no "▁" there when it tokenizes the whole string.
         _without_first_prepend(config)
         self._cont = self._backend(config)
-        self._prefix = self._leading_special_ids() if getattr(self.template, "add_bos", False) else []
+        self._prefix = (
+            self._leading_special_ids() if getattr(self.template, "add_bos", False) else []
+        )
         self.boundary_splits = 0  # pieces re-tokenized because a token straddled a mask boundary
         self.matches_tokenizer = self._self_check()
         if not self.matches_tokenizer:
@@ -115,7 +125,11 @@ class ConversationTokenizer:
             parts, spans, pos = [], [], 0
 
         for seg in segments:
-            chunks = self._special_re.split(seg.text) if (seg.literal and self._special_re) else [seg.text]
+            chunks = (
+                self._special_re.split(seg.text)
+                if (seg.literal and self._special_re)
+                else [seg.text]
+            )
             for k, chunk in enumerate(chunks):
                 if k % 2:  # a special token
                     close()
@@ -140,7 +154,9 @@ class ConversationTokenizer:
         encoded = {}
         for group, backend in ((first, self._first), (cont, self._cont)):
             if group:
-                for p, enc in zip(group, backend.encode_batch([p.text for p in group], add_special_tokens=False)):
+                for p, enc in zip(
+                    group, backend.encode_batch([p.text for p in group], add_special_tokens=False)
+                ):
                     encoded[id(p)] = enc
         results = []
         for plan in plans:
@@ -154,11 +170,17 @@ class ConversationTokenizer:
                 else:
                     tok_ids, trainable = it
                     ids += tok_ids
-                    labels += tok_ids if (trainable or self.train_on_inputs) else [IGNORE_INDEX] * len(tok_ids)
+                    labels += (
+                        tok_ids
+                        if (trainable or self.train_on_inputs)
+                        else [IGNORE_INDEX] * len(tok_ids)
+                    )
             results.append((ids, labels))
         return results
 
-    def _label_piece(self, piece: _Piece, ids: list[int], offsets: list) -> tuple[list[int], list[int]]:
+    def _label_piece(
+        self, piece: _Piece, ids: list[int], offsets: list
+    ) -> tuple[list[int], list[int]]:
         if self.train_on_inputs:
             return ids, list(ids)
         labels = [IGNORE_INDEX] * len(ids)
@@ -218,7 +240,7 @@ class ConversationTokenizer:
 
     def encode_prompt(self, conv: Conversation) -> list[int]:
         """Ids that ask the model for the next assistant reply (for chat and evaluation)."""
-        (ids, _), = self._encode_segments([self.template.generation_prompt(conv, self.eos)])
+        ((ids, _),) = self._encode_segments([self.template.generation_prompt(conv, self.eos)])
         return ids
 
     def render_text(self, conv: Conversation) -> str:

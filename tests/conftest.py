@@ -18,7 +18,9 @@ requires_shared = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.exists():
-        pytest.fail(f"the shared data folder {DATA} is missing (CI puts ../shared beside the checkout)")
+        pytest.fail(
+            f"the shared data folder {DATA} is missing (CI puts ../shared beside the checkout)"
+        )
     return DATA
 
 

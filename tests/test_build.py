@@ -15,7 +15,9 @@ from fastchat_data.tokenize import IGNORE_INDEX
 def test_build_rows_cache_and_out(tmp_path, llama_dir, data_dir):
     src = str(data_dir / "fastchat_dummy_conversation.json")
     cache = tmp_path / "cache"
-    ds, rep = build_dataset(src, str(llama_dir), "vicuna_v1.1", 512, out=str(tmp_path / "train"), cache_dir=str(cache))
+    ds, rep = build_dataset(
+        src, str(llama_dir), "vicuna_v1.1", 512, out=str(tmp_path / "train"), cache_dir=str(cache)
+    )
     assert rep.read == 500 and rep.written == len(ds) == 500 and rep.dropped_total == 0
     assert set(ds.column_names) == {"id", "input_ids", "labels", "length"}
     row = ds[0]
@@ -36,8 +38,12 @@ def test_build_rows_cache_and_out(tmp_path, llama_dir, data_dir):
 
 def test_parallel_build_matches_serial(tmp_path, chatml_dir, data_dir):
     src = str(data_dir / "sharegpt_gpt4_zh_1k.jsonl")
-    serial, rep1 = build_dataset(src, str(chatml_dir), "chat_template", 1024, cache_dir=str(tmp_path / "a"))
-    parallel, rep2 = build_dataset(src, str(chatml_dir), "chat_template", 1024, cache_dir=str(tmp_path / "b"), num_proc=2)
+    serial, rep1 = build_dataset(
+        src, str(chatml_dir), "chat_template", 1024, cache_dir=str(tmp_path / "a")
+    )
+    parallel, rep2 = build_dataset(
+        src, str(chatml_dir), "chat_template", 1024, cache_dir=str(tmp_path / "b"), num_proc=2
+    )
     assert serial["input_ids"] == parallel["input_ids"] and serial["labels"] == parallel["labels"]
     assert rep1.to_dict()["dropped"] == rep2.to_dict()["dropped"]
     assert rep1.truncated == rep2.truncated > 0
@@ -51,7 +57,9 @@ def test_bad_records_reported_in_build(tmp_path, llama_dir):
         {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
     ]))  # fmt: skip
     report_path = tmp_path / "report.json"
-    ds, rep = build_dataset(str(src), str(llama_dir), cache_dir=str(tmp_path / "c"), report_path=str(report_path))
+    ds, rep = build_dataset(
+        str(src), str(llama_dir), cache_dir=str(tmp_path / "c"), report_path=str(report_path)
+    )
     assert len(ds) == 1 and rep.dropped == {"broken_alternation": 1}
     saved = json.loads(report_path.read_text())
     assert saved["read"] == 2 and saved["dropped"] == {"broken_alternation": 1}
@@ -67,4 +75,6 @@ def test_missing_inputs_are_clear_errors(tmp_path, llama_dir):
     with pytest.raises(DataError, match="nope.json: file: does not exist"):
         build_dataset(str(tmp_path / "nope.json"), str(llama_dir), cache_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="tokenizer folder"):
-        build_dataset(str(tmp_path / "nope.json"), str(tmp_path / "no-tokenizer"), cache_dir=str(tmp_path))
+        build_dataset(
+            str(tmp_path / "nope.json"), str(tmp_path / "no-tokenizer"), cache_dir=str(tmp_path)
+        )

@@ -13,7 +13,13 @@ from fastchat_data.commands import COMMANDS
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastchat_data", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fastchat_data", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -35,7 +41,15 @@ def test_build_command_writes_dataset_and_report(tmp_path, llama_dir, data_dir):
 
 def test_convert_command_to_messages(tmp_path, data_dir):
     out = tmp_path / "m.jsonl"
-    res = run("convert", "--data", data_dir / "alpaca_gpt4_data_zh_1k.json", "--out", out, "--to", "messages")
+    res = run(
+        "convert",
+        "--data",
+        data_dir / "alpaca_gpt4_data_zh_1k.json",
+        "--out",
+        out,
+        "--to",
+        "messages",
+    )
     assert res.returncode == 0, res.stderr
     first = json.loads(out.read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
@@ -52,16 +66,33 @@ def test_malformed_file_is_one_clear_error(tmp_path):
 
 def test_strict_names_the_record(tmp_path):
     src = tmp_path / "s.json"
-    src.write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}]))
+    src.write_text(
+        json.dumps(
+            [{"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}]
+        )
+    )
     res = run("stats", "--data", src, "--strict")
     assert res.returncode == 2 and "s.json: record 0: unknown_role" in res.stderr
 
 
 def test_inspect_marks_trained_spans(llama_dir, data_dir):
-    res = run("inspect", "--data", data_dir / "fastchat_dummy_conversation.json", "--tokenizer", llama_dir, "--index", 0, "--color", "false")
+    res = run(
+        "inspect",
+        "--data",
+        data_dir / "fastchat_dummy_conversation.json",
+        "--tokenizer",
+        llama_dir,
+        "--index",
+        0,
+        "--color",
+        "false",
+    )
     assert res.returncode == 0, res.stderr
     body = res.stdout.split("\n", 1)[1]  # after the header line
-    assert body.startswith("<s> A chat between") and "USER: Who are you? ASSISTANT:⟦I am Vicuna" in body
+    assert (
+        body.startswith("<s> A chat between")
+        and "USER: Who are you? ASSISTANT:⟦I am Vicuna" in body
+    )
     assert body.count("⟦") == 2 and body.rstrip().endswith("You too!</s>⟧")
 
 
@@ -76,7 +107,12 @@ def test_identity_then_stats(tmp_path, llama_dir):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "fastchat_data.demo", "--out", tmp_path / "demo"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastchat_data.demo", "--out", tmp_path / "demo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "second build (cache): 300 rows" in res.stdout and "⟦" in res.stdout
     assert len(datasets.load_from_disk(str(tmp_path / "demo" / "train"))) == 300

@@ -15,7 +15,9 @@ from fastchat_data.schema import ASSISTANT, SYSTEM, TOOL, USER, DataError, SkipR
 
 def write(tmp_path, name, obj, lines=False):
     p = tmp_path / name
-    p.write_text("\n".join(json.dumps(o) for o in obj) if lines else json.dumps(obj), encoding="utf-8")
+    p.write_text(
+        "\n".join(json.dumps(o) for o in obj) if lines else json.dumps(obj), encoding="utf-8"
+    )
     return p
 
 
@@ -32,7 +34,10 @@ def test_alpaca_follows_fastchat_rule_history_and_system(tmp_path):
     ])  # fmt: skip
     convs, rep = read(p)
     assert rep.notes["format"] == "alpaca"
-    assert [(m.role, m.content) for m in convs[0].messages] == [(USER, "Add\nInput:\n2 and 3"), (ASSISTANT, "5")]
+    assert [(m.role, m.content) for m in convs[0].messages] == [
+        (USER, "Add\nInput:\n2 and 3"),
+        (ASSISTANT, "5"),
+    ]
     c = convs[1]
     assert c.system == "Be brief."
     assert [m.content for m in c.messages] == ["q1", "a1", "q2", "a2", "Hi", "Hello"]
@@ -99,7 +104,10 @@ def test_bad_records_are_counted_with_reasons_or_raised_under_strict(tmp_path):
     assert len(kept) == 1 and rep.read == 6
     assert rep.dropped == {"unknown_role": 1, "non_string_value": 1, "broken_alternation": 1,
                            "empty_value": 1, "malformed_record": 1}  # fmt: skip
-    assert "record 1" in rep.examples["unknown_role"][0] and "narrator" in rep.examples["unknown_role"][0]
+    assert (
+        "record 1" in rep.examples["unknown_role"][0]
+        and "narrator" in rep.examples["unknown_role"][0]
+    )
     with pytest.raises(DataError, match=r"s.json: record 1: unknown_role"):
         list(read_trainable([str(p)], Report("t", strict=True)))
 
@@ -123,14 +131,19 @@ def test_all_alpaca_records_convert(tmp_path, data_dir):
     out = tmp_path / "alpaca_sharegpt.jsonl"
     rep = commands.convert(str(data_dir / "alpaca_data.json"), str(out))
     assert rep.read == rep.written == 52_002
-    assert rep.notes["kept_but_untrainable"] == {"empty_value": 28}  # 28 records have an empty output
+    assert rep.notes["kept_but_untrainable"] == {
+        "empty_value": 28
+    }  # 28 records have an empty output
     rows = [json.loads(line) for line in out.open()]
     assert len(rows) == 52_002
     src = json.loads((data_dir / "alpaca_data.json").read_text())
     with_input = [i for i, r in enumerate(src) if r["input"].strip()]
     assert len(with_input) == 20_679
     i = with_input[0]
-    assert rows[i]["conversations"][0]["value"] == src[i]["instruction"] + "\nInput:\n" + src[i]["input"]
+    assert (
+        rows[i]["conversations"][0]["value"]
+        == src[i]["instruction"] + "\nInput:\n" + src[i]["input"]
+    )
     assert rows[i]["conversations"][1] == {"from": "gpt", "value": src[i]["output"]}
 
 
@@ -140,7 +153,9 @@ def test_convert_to_messages_and_back(tmp_path, data_dir):
     back = tmp_path / "s.json"
     commands.convert(str(out), str(back))
     orig = json.loads((data_dir / "fastchat_dummy_conversation.json").read_text())
-    assert [r["conversations"] for r in json.loads(back.read_text())] == [r["conversations"] for r in orig]
+    assert [r["conversations"] for r in json.loads(back.read_text())] == [
+        r["conversations"] for r in orig
+    ]
 
 
 def test_outputs_are_atomic(tmp_path, monkeypatch):
@@ -166,7 +181,9 @@ def test_split_sample_merge(tmp_path, data_dir):
     ids_tr = [json.loads(x)["id"] for x in tr.open()]
     ids_te = [json.loads(x)["id"] for x in te.open()]
     assert len(ids_te) == 50 and len(ids_tr) == 450 and not set(ids_tr) & set(ids_te)
-    commands.split(src, str(tmp_path / "tr2.jsonl"), str(tmp_path / "te2.jsonl"), test_size=0.1, seed=3)
+    commands.split(
+        src, str(tmp_path / "tr2.jsonl"), str(tmp_path / "te2.jsonl"), test_size=0.1, seed=3
+    )
     assert (tmp_path / "te2.jsonl").read_text() == te.read_text()
     commands.sample(src, str(tmp_path / "s.jsonl"), n=20, seed=1)
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 20

@@ -9,7 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastchat_data.tiny import SIZES, build_tiny_llama, train_tokenizer
 
-TEXTS = ["Hello world, this is a tiny corpus.", "USER: hi ASSISTANT: hello", "中文 和 emoji 😀"] * 50
+TEXTS = [
+    "Hello world, this is a tiny corpus.",
+    "USER: hi ASSISTANT: hello",
+    "中文 和 emoji 😀",
+] * 50
 
 
 def test_llama_tokenizer_keeps_legacy_and_specials(tmp_path, llama_dir, llama_nonlegacy_dir):
@@ -21,13 +25,17 @@ def test_llama_tokenizer_keeps_legacy_and_specials(tmp_path, llama_dir, llama_no
         assert ids[0] == tok.bos_token_id and tok.eos_token_id in ids
         after = tok.convert_ids_to_tokens(ids[ids.index(tok.eos_token_id) + 1])
         assert after.startswith("▁") is legacy  # the legacy / non-legacy difference itself
-        assert tok.decode(tok("中文 😀 x").input_ids, skip_special_tokens=True) == "中文 😀 x"  # byte fallback
+        assert (
+            tok.decode(tok("中文 😀 x").input_ids, skip_special_tokens=True) == "中文 😀 x"
+        )  # byte fallback
 
 
 def test_chatml_tokenizer(chatml_dir):
     tok = AutoTokenizer.from_pretrained(chatml_dir)
     assert tok.eos_token == "<|im_end|>" and tok.chat_template
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 

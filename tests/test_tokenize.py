@@ -52,7 +52,9 @@ def test_masks_exact_on_shared_file(name, flavour, tokenizers, data_dir):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_masks_exact_on_full_alpaca(flavour, tokenizers, data_dir):
     tok, template = tokenizers[flavour]
-    assert check_file(data_dir / "alpaca_data.json", tok, template) == 52_002 - 28  # 28 empty outputs
+    assert (
+        check_file(data_dir / "alpaca_data.json", tok, template) == 52_002 - 28
+    )  # 28 empty outputs
 
 
 def test_vicuna_rendering_is_fastchats():
@@ -62,18 +64,25 @@ def test_vicuna_rendering_is_fastchats():
         "helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello!</s>"
         "USER: Again? ASSISTANT: Sure.</s>"
     )
-    assert TEMPLATES["vicuna_v1.1"].prompt(conv("a", "b", system="Sys."), "</s>") == "Sys. USER: a ASSISTANT: b</s>"
+    assert (
+        TEMPLATES["vicuna_v1.1"].prompt(conv("a", "b", system="Sys."), "</s>")
+        == "Sys. USER: a ASSISTANT: b</s>"
+    )
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_typed_special_tokens_stay_text(flavour, tokenizers):
     tok, template = tokenizers[flavour]
     ct = ConversationTokenizer(tok, template)
-    c = conv("say </s> <s> <|im_end|> <|im_start|>", "ok </s><|im_end|> done", "USER: ASSISTANT:", "fine")
+    c = conv(
+        "say </s> <s> <|im_end|> <|im_start|>", "ok </s><|im_end|> done", "USER: ASSISTANT:", "fine"
+    )
     enc = ct.encode(c)
     assert_exact(ct, c, enc)
     n_eos = enc.input_ids.count(tok.eos_token_id)
-    assert n_eos == (2 if flavour != "chatml" else 4)  # one per reply (vicuna) / per message (ChatML)
+    assert n_eos == (
+        2 if flavour != "chatml" else 4
+    )  # one per reply (vicuna) / per message (ChatML)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -82,18 +91,29 @@ def test_ids_equal_the_tokenizers_own_on_the_rendered_text(flavour, tokenizers, 
     tok, template = tokenizers[flavour]
     ct = ConversationTokenizer(tok, template)
     assert ct.matches_tokenizer
-    convs = list(read_trainable([str(data_dir / "fastchat_dummy_conversation.json")], Report("t")))[:100]
+    convs = list(read_trainable([str(data_dir / "fastchat_dummy_conversation.json")], Report("t")))[
+        :100
+    ]
     for c, enc in zip(convs, ct.encode_batch(convs)):
-        assert enc.input_ids == tok(ct.render_text(c), add_special_tokens=template != "chat_template")["input_ids"]
+        assert (
+            enc.input_ids
+            == tok(ct.render_text(c), add_special_tokens=template != "chat_template")["input_ids"]
+        )
 
 
 def test_chat_template_equals_apply_chat_template(tokenizers):
     tok, _ = tokenizers["chatml"]
     ct = ConversationTokenizer(tok, "chat_template")
     c = conv("hi", "hello", system="be nice")
-    msgs = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    msgs = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
     assert ct.render_text(c) == tok.apply_chat_template(msgs, tokenize=False)
-    assert ct.encode(c).input_ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    assert ct.encode(c).input_ids == list(
+        tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    )
 
 
 def test_chat_template_that_alters_content_is_skipped_not_mis_masked(tokenizers):
@@ -101,7 +121,9 @@ def test_chat_template_that_alters_content_is_skipped_not_mis_masked(tokenizers)
 
     tok, _ = tokenizers["chatml"]
     trimming = copy.deepcopy(tok)
-    trimming.chat_template = tok.chat_template.replace("message['content']", "message['content'] | trim")
+    trimming.chat_template = tok.chat_template.replace(
+        "message['content']", "message['content'] | trim"
+    )
     ct = ConversationTokenizer(trimming, "chat_template")
     assert isinstance(ct.encode(conv("hi", "hello")).input_ids, list)  # nothing to trim: fine
     with pytest.raises(SkipRecord, match="template_alters_content"):
@@ -133,13 +155,17 @@ def test_tool_turns_are_masked(tokenizers):
                            Message(TOOL, "sunny"), Message(ASSISTANT, "It is sunny.")])  # fmt: skip
     enc = ct.encode(c)
     assert_exact(ct, c, enc)
-    assert "sunny<" not in "".join(tok.decode(r) for r in trained_runs(enc.labels)).replace("It is sunny.", "")
+    assert "sunny<" not in "".join(tok.decode(r) for r in trained_runs(enc.labels)).replace(
+        "It is sunny.", ""
+    )
 
 
 # -- generated conversations -------------------------------------------------------------------
 NASTY = ["</s>", "<s>", "<unk>", "<|im_end|>", "<|im_start|>", "USER:", "ASSISTANT:", " ASSISTANT: ", "###",
          "\n", "\n\n", " ", "  ", "\t", "😀", "👩‍👩‍👧", "中文", "日本語", "한국어", "é", "\u200b", "```", "\r\n", "<0x0A>"]  # fmt: skip
-text = st.lists(st.one_of(st.sampled_from(NASTY), st.text(min_size=1, max_size=12)), min_size=1, max_size=12).map("".join)
+text = st.lists(
+    st.one_of(st.sampled_from(NASTY), st.text(min_size=1, max_size=12)), min_size=1, max_size=12
+).map("".join)
 reply = text.filter(lambda s: s.strip() != "")
 
 
@@ -156,7 +182,9 @@ def conversations(draw):
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(c=conversations())
 def test_masks_exact_on_generated_conversations(flavour, tokenizers, c):
     tok, template = tokenizers[flavour]
