@@ -52,6 +52,17 @@ def _shuffled(texts: Iterable[str], seed: int) -> list[str]:
     return texts
 
 
+def save_tokenizer(tok, out_dir) -> None:
+    """`save_pretrained`, keeping a Llama tokenizer's `legacy` flag: transformers 5 does not
+    save it and reloads as legacy=False, which changes how text after `</s>` tokenizes."""
+    tok.save_pretrained(out_dir)
+    if getattr(tok, "legacy", None) is not None:
+        cfg_path = Path(out_dir) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["legacy"] = tok.legacy
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def train_llama_tokenizer(
     texts: Iterable[str],
     out_dir: str | os.PathLike,
@@ -75,12 +86,7 @@ def train_llama_tokenizer(
     with tempfile.TemporaryDirectory() as spdir:
         Path(spdir, "tokenizer.model").write_bytes(model.getvalue())
         tok = LlamaTokenizer.from_pretrained(spdir, legacy=legacy, add_bos_token=True)
-    tok.save_pretrained(out_dir)
-    # transformers 5 does not save `legacy`, and reloads as legacy=False: write it down.
-    cfg_path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["legacy"] = legacy
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    save_tokenizer(tok, out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
 
 
@@ -147,12 +153,7 @@ def build_tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    if getattr(tok, "legacy", None) is not None:  # keep `legacy` (see train_llama_tokenizer)
-        cfg_path = Path(out_dir) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["legacy"] = tok.legacy
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+    save_tokenizer(tok, out_dir)
     return out_dir
 
 

@@ -1,0 +1,293 @@
+"""Process groups and the training engines: one interface over DDP, FSDP2 and DeepSpeed ZeRO.
+
+Why not HF Trainer or accelerate: on CPU both silently fall back to DDP when asked for FSDP,
+and Trainer trains each rank alone unless `use_cpu=True`. camelid drives torch's FSDP2
+(`fully_shard`) and `deepspeed.initialize` directly, so the code that runs on gloo here is the
+code that runs on NCCL on GPUs; no library internals are patched.
+
+Loss scaling: each micro-batch's loss is its token-loss sum divided by the number of trained
+tokens in the whole global batch (all micro-batches, all ranks). Summed over micro-batches and
+ranks that is exactly the global batch's mean token loss, whatever the split; the engines
+undo the averaging their gradient reduction does, so every strategy takes the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, TrainConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+@dataclass
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def all_sum(self, value: float | int) -> float:
+        if self.size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item()
+
+
+def init_world(strategy: str) -> World:
+    """Join the process group the launcher set up (torchrun or deepspeed env vars)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"{size} processes per node but only {torch.cuda.device_count()} GPUs on this node")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if strategy.startswith("zero"):
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend, device_id=device if cuda else None)
+    if strategy == "single" and size > 1:
+        raise ConfigError("strategy 'single' runs one process; use ddp, fsdp or zero* for several")
+    return World(rank, local_rank, size, device)
+
+
+def decoder_layer_classes(model) -> set[type]:
+    """The model's own decoder-layer classes, as the model declares them (`_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ConfigError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules) to shard by")
+    return classes
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, not on norms and biases (as HF Trainer does)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+    )  # fmt: skip
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+
+class TorchEngine:
+    """single process, DDP, or FSDP2 (`fully_shard` per decoder layer, then the root)."""
+
+    def __init__(self, model, cfg: TrainConfig, world: World, total_steps: int):
+        self.cfg, self.world, self.strategy = cfg, world, cfg.strategy if world.size > 1 else "single"
+        model.to(world.device)
+        if self.strategy == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(world.device.type, (world.size,))
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else MixedPrecisionPolicy()
+            layers = tuple(decoder_layer_classes(model))
+            for m in list(model.modules()):
+                if isinstance(m, layers):
+                    fully_shard(m, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
+            self.module = self.model = model
+        elif self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = model
+            self.model = DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+        else:
+            self.module = self.model = model
+        self.optimizer = make_optimizer(self.module, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+        self._autocast = cfg.bf16 and self.strategy != "fsdp"  # FSDP2 casts through its policy
+
+    def forward(self, **batch):
+        with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            return self.model(**batch)
+
+    def sync_gradients(self, last_micro_step: bool):
+        """Reduce gradients across ranks only on the last micro-step of an optimizer step."""
+        if self.strategy == "ddp" and not last_micro_step:
+            return self.model.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        (loss * self.world.size).backward()  # DDP and FSDP average gradients over ranks
+
+    def step(self, last_micro_step: bool) -> float | None:
+        """After each micro-step's backward; steps the optimizer on the last. Returns the grad norm."""
+        if not last_micro_step:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # checkpoints: torch distributed checkpoint, every rank writes its own shard
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+        if self.world.main:
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+
+    def full_state_dict(self) -> dict:
+        """The whole model on rank 0's CPU, gathered layer by layer (never whole on a GPU)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.strategy == "fsdp":
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.module, options=opts)
+        if not self.world.main:
+            return {}
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the command line; a precision
+    block that contradicts the command line is an error, never silently used."""
+    path = Path(cfg.deepspeed) if cfg.deepspeed else DS_CONFIG_DIR / f"{cfg.strategy}.json"
+    ds = json.loads(path.read_text())
+    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{path}: enables fp16, which camelid does not train in; use bf16")
+    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    if bf16 != "auto" and bool(bf16) != cfg.bf16:
+        raise ConfigError(f"{path}: bf16.enabled is {bf16} but the command line says --bf16 {cfg.bf16}")
+    ds["bf16"]["enabled"] = cfg.bf16
+    ds.pop("fp16", None)
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(f"{path}: {key} is {ds[key]} but the command line says {value}")
+    ds.pop("train_batch_size", None)  # derived; ZeRO-3 rejects a stale one
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)  # camelid passes the same torch AdamW + schedule to every strategy
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+class DeepSpeedEngine:
+    """ZeRO-2 / ZeRO-3 (optionally offloaded) through `deepspeed.initialize`."""
+
+    def __init__(self, model, cfg: TrainConfig, world: World, total_steps: int):
+        import deepspeed
+
+        self.cfg, self.world, self.strategy = cfg, world, cfg.strategy
+        self.ds_config = deepspeed_config(cfg)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.module = self.model.module
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def sync_gradients(self, last_micro_step: bool):
+        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+
+    def backward(self, loss):
+        # DeepSpeed divides by gradient_accumulation_steps and averages over ranks: undo both.
+        self.model.backward(loss * self.world.size * self.cfg.gradient_accumulation_steps)
+
+    def step(self, last_micro_step: bool) -> float | None:
+        self.model.step()  # DeepSpeed steps the optimizer only at its accumulation boundary
+        if not last_micro_step:
+            return None
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path / "deepspeed"), tag="state")
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {path / 'deepspeed'}")
+
+    def full_state_dict(self) -> dict:
+        """ZeRO-3: parameters gathered one by one in 16 bit (the model's dtype) onto rank 0's
+        CPU; ZeRO-2: every rank holds the whole model already."""
+        if self.strategy.startswith("zero3"):
+            from deepspeed.runtime.zero import GatheredParameters
+
+            sd = {}
+            for name, param in self.module.named_parameters():
+                with GatheredParameters([param], modifier_rank=None):  # one tensor at a time
+                    if self.world.main:
+                        sd[name] = param.detach().to("cpu", copy=True)
+            if self.world.main:
+                sd.update({k: v.detach().cpu() for k, v in self.module.named_buffers() if k in self.module.state_dict()})
+            return sd
+        if not self.world.main:
+            return {}
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+def make_engine(model, cfg: TrainConfig, world: World, total_steps: int):
+    if cfg.strategy.startswith("zero"):
+        return DeepSpeedEngine(model, cfg, world, total_steps)
+    return TorchEngine(model, cfg, world, total_steps)

@@ -1,0 +1,152 @@
+"""Vicuna-style full fine-tune: one recipe for 1 process, DDP, FSDP2 and DeepSpeed ZeRO-2/3.
+
+    torchrun --nproc_per_node 4 recipes/full_finetune.py --config vicuna_7b.yaml --data_path ...
+    make train-vicuna NGPU=4 STRATEGY=fsdp   (launch/ picks torchrun or the deepspeed launcher)
+
+setup() -> train() -> save() -> cleanup(), read top to bottom. The shared pieces (arguments,
+data module, engines, checkpoints, logging) live in recipes/core.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from recipes.core import checkpoint
+from recipes.core.config import ConfigError, TrainConfig, load_config
+from recipes.core.data import BatchPlan, collate, default_model_and_data, load_train_set, trained_token_counts
+from recipes.core.distributed import World, init_world, make_engine
+from recipes.core.logging import RunLog, peak_flops
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    world: World
+    tokenizer: object = None
+    engine: object = None
+    plan: BatchPlan = None
+    train_set: object = None
+    total_steps: int = 0
+    step: int = 0
+    log: RunLog = None
+    stop_requested: bool = False
+    notes: list = field(default_factory=list)
+
+
+def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world = init_world(cfg.strategy)
+    run = Run(cfg, world, notes=notes or [])
+    if world.main:
+        for note in run.notes:
+            print(f"note: {note}")
+        checkpoint.check_output_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    model_path, data_path = default_model_and_data(cfg, world)
+    run.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    run.train_set, report = load_train_set(cfg, data_path, run.tokenizer, world)
+    lengths = np.asarray(run.train_set["length"], dtype=np.int64)
+    run.plan = BatchPlan(lengths, trained_token_counts(run.train_set), cfg, world.size)
+    run.total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
+
+    # Every rank loads the whole model on CPU; FSDP / ZeRO-3 then shard it.
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    run.engine = make_engine(model, cfg, world, run.total_steps)
+
+    resume_from = checkpoint.latest_checkpoint(cfg.output_dir) if not cfg.overwrite_output_dir else None
+    if resume_from is not None:
+        run.step = checkpoint.load_checkpoint(run.engine, world, resume_from)["step"]
+        if world.main:
+            print(f"resumed from {resume_from} (step {run.step})")
+    if world.main:
+        print(f"{cfg.strategy} on {world.size} x {world.device.type}: {n_params / 1e6:.1f}M parameters, "
+              f"{len(run.train_set)} conversations, {run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
+              f"global batch {run.plan.global_size}")  # fmt: skip
+    run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
+                     peak_flops(cfg.peak_tflops), cfg.report_to == "tensorboard")  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
+    return run
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over this rank's micro-batches of the global batch `run.step`."""
+    engine, world, plan = run.engine, run.world, run.plan
+    global_tokens = plan.global_trained_tokens(run.step)
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    micro = plan.micro_batches(run.step, world.rank)
+    loss_sum, tokens, grad_norm = 0.0, 0, None
+    for m, ids in enumerate(micro):
+        batch = {k: v.to(world.device) for k, v in collate([run.train_set[int(i)] for i in ids], pad_id).items()}
+        tokens += int(batch["attention_mask"].sum())
+        last = m == len(micro) - 1
+        with engine.sync_gradients(last):
+            # num_items_in_batch: the loss is a token sum over the whole global batch's count
+            loss = engine.forward(**batch, num_items_in_batch=global_tokens).loss
+            engine.backward(loss)
+        grad_norm = engine.step(last)
+        loss_sum += loss.item()
+    return {"loss": world.all_sum(loss_sum), "tokens": int(world.all_sum(tokens)), "grad_norm": grad_norm}
+
+
+def train(run: Run) -> None:
+    cfg = run.cfg
+    while run.step < run.total_steps:
+        out = train_step(run)
+        run.step += 1
+        run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"],
+                     log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps)  # fmt: skip
+        stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
+        if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
+            checkpoint.save_checkpoint(run.engine, run.world, cfg, run.step, {"total_steps": run.total_steps})
+        if stop:
+            if run.world.main:
+                print(f"SIGTERM: saved a checkpoint at step {run.step}; relaunch the same command to resume")
+            raise SystemExit(0)
+
+
+def save(run: Run) -> Path | None:
+    out = Path(run.cfg.output_dir) / "model"
+    return checkpoint.export_hf(run.engine, run.world, run.tokenizer, out)
+
+
+def cleanup(run: Run) -> None:
+    png = run.log.close()
+    if run.world.main and png:
+        print(f"loss curve: {png}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg, notes = load_config(argv)
+        run = setup(cfg, notes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    train(run)
+    exported = save(run)
+    cleanup(run)
+    if exported:
+        print(f"exported model: {exported}")
+
+
+if __name__ == "__main__":
+    main()
