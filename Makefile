@@ -7,8 +7,15 @@ STAMP  := $(VENV)/.camelid-installed
 # No visible GPU -> pin the CPU wheel of torch (see constraints-cpu.txt).
 TORCH_CONSTRAINT := $(shell nvidia-smi -L >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 PYTEST_ARGS ?=
+# DeepSpeed compiles its ops on first use (~60 s for the CPU shared-memory comm op): keep them.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast bench lint clean
+NGPU     ?= 2
+STRATEGY ?= fsdp
+OUT      ?= runs/vicuna
+ARGS     ?=
+
+.PHONY: setup demo test test-fast bench lint clean train-vicuna
 
 setup: $(STAMP)
 
@@ -19,6 +26,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt requirements-reference.txt
 	# FastChat (reference for tests and benchmarks): --no-deps, see requirements-reference.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-reference.txt
 	$(BIN)/python -m pip install -q $(TORCH_CONSTRAINT) requests
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
+	  a().device_name() != 'cpu' or a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 demo: setup
@@ -26,6 +35,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# make train-vicuna NGPU=4 STRATEGY=fsdp|zero2|zero3|zero3_offload|ddp MODEL=... DATA=... CONFIG=... OUT=... ARGS="--key value"
+train-vicuna: setup
+	$(BIN)/python -m launch.train --ngpu $(NGPU) --strategy $(STRATEGY) --out $(OUT) \
+	  $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
 
 # Skip the slow multi-process tests locally; CI runs everything through `make test`.
 test-fast: setup

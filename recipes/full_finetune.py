@@ -9,6 +9,7 @@ data module, engines, checkpoints, logging) live in recipes/core.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -79,10 +80,23 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
         print(f"{cfg.strategy} on {world.size} x {world.device.type}: {n_params / 1e6:.1f}M parameters, "
               f"{len(run.train_set)} conversations, {run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
               f"global batch {run.plan.global_size}")  # fmt: skip
+    record_rank(run)
     run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
                      peak_flops(cfg.peak_tflops), cfg.report_to == "tensorboard")  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
     return run
+
+
+def record_rank(run: Run) -> None:
+    """Each rank writes what it is and what it trains on first: the proof, for tests and for
+    users, that N processes form one job and see different data (not N copies of one run)."""
+    world = run.world
+    ids = [int(i) for b in run.plan.micro_batches(run.step, world.rank) for i in b]
+    path = Path(run.cfg.output_dir) / "ranks" / f"rank{world.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    actual = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    path.write_text(json.dumps({"rank": world.rank, "world_size": actual, "device": str(world.device),
+                                "step": run.step, "sample_ids": ids}))  # fmt: skip
 
 
 def train_step(run: Run) -> dict:

@@ -179,7 +179,7 @@ def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, list[str]]:
                 raise _unknown(k, str(path))
             values[k] = _coerce(k, v)
     for key, val in pairs:
-        if key == "config":
+        if key in ("config", "local_rank"):  # the deepspeed launcher adds --local_rank (also in env)
             continue
         if key in FASTCHAT_FLAGS:
             target, why = FASTCHAT_FLAGS[key]
