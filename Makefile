@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt requirements-reference.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python -m fastchat_data.demo
+	$(BIN)/python -m recipes.demo
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

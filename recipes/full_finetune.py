@@ -10,7 +10,9 @@ data module, engines, checkpoints, logging) live in recipes/core.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +121,15 @@ def train_step(run: Run) -> dict:
     return {"loss": world.all_sum(loss_sum), "tokens": int(world.all_sum(tokens)), "grad_norm": grad_norm}
 
 
+# Testing aid: seconds to pause after each step, so that an external kill -9 lands at a
+# chosen step of a tiny model whose steps take milliseconds.
+STEP_DELAY = float(os.environ.get("CAMELID_STEP_DELAY", "0"))
+
+
 def train(run: Run) -> None:
     cfg = run.cfg
     while run.step < run.total_steps:
+        time.sleep(STEP_DELAY)
         out = train_step(run)
         run.step += 1
         run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"],

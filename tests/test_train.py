@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,17 +57,40 @@ def test_two_ranks_match_one_process(strategy, reference, tmp_path):
     torch.testing.assert_close(logits(tmp_path / "model"), logits(reference / "model"), atol=1e-4, rtol=1e-4)
 
 
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_when(cmd, metrics, step):
-    """Start `cmd`, kill -9 its whole process group once `step` steps are logged."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
+    """Start `cmd`, kill -9 the launcher and every worker once `step` steps are logged."""
+    slowed = {**env(), "CAMELID_STEP_DELAY": "0.5"}  # tiny steps take ms: let the kill land mid-run
+    proc = subprocess.Popen(cmd, env=slowed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, killed = time.time() + 600, []
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
-            os.killpg(proc.pid, signal.SIGKILL)
+            killed = [proc.pid, *descendants(proc.pid)]
+            for pid in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    time.sleep(1)
+    assert len(killed) >= 3 and not any(Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes() for pid in killed)
 
 
 @pytest.mark.slow
