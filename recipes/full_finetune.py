@@ -20,12 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from recipes.core import checkpoint
 from recipes.core.config import ConfigError, TrainConfig, load_config
-from recipes.core.data import BatchPlan, collate, default_model_and_data, load_train_set, trained_token_counts
+from recipes.core.data import BatchPlan, TrainData, default_model_and_data, load_train_set
 from recipes.core.distributed import World, init_world, make_engine
 from recipes.core.logging import RunLog, peak_flops
 
@@ -37,7 +36,7 @@ class Run:
     tokenizer: object = None
     engine: object = None
     plan: BatchPlan = None
-    train_set: object = None
+    data: TrainData = None
     total_steps: int = 0
     step: int = 0
     log: RunLog = None
@@ -60,9 +59,10 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
 
     model_path, data_path = default_model_and_data(cfg, world)
     run.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    run.train_set, report = load_train_set(cfg, data_path, run.tokenizer, world)
-    lengths = np.asarray(run.train_set["length"], dtype=np.int64)
-    run.plan = BatchPlan(lengths, trained_token_counts(run.train_set), cfg, world.size)
+    train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_id)
+    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
     run.total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
 
     # Every rank loads the whole model on CPU; FSDP / ZeRO-3 then shard it.
@@ -80,7 +80,8 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
             print(f"resumed from {resume_from} (step {run.step})")
     if world.main:
         print(f"{cfg.strategy} on {world.size} x {world.device.type}: {n_params / 1e6:.1f}M parameters, "
-              f"{len(run.train_set)} conversations, {run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
+              f"{len(train_set)} conversations{f' in {len(run.data.units)} packed rows' if cfg.packing else ''}, "
+              f"{run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
               f"global batch {run.plan.global_size}")  # fmt: skip
     record_rank(run)
     run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
@@ -105,16 +106,16 @@ def train_step(run: Run) -> dict:
     """One optimizer step over this rank's micro-batches of the global batch `run.step`."""
     engine, world, plan = run.engine, run.world, run.plan
     global_tokens = plan.global_trained_tokens(run.step)
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     micro = plan.micro_batches(run.step, world.rank)
     loss_sum, tokens, grad_norm = 0.0, 0, None
     for m, ids in enumerate(micro):
-        batch = {k: v.to(world.device) for k, v in collate([run.train_set[int(i)] for i in ids], pad_id).items()}
-        tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
+        tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
         last = m == len(micro) - 1
         with engine.sync_gradients(last):
             # num_items_in_batch: the loss is a token sum over the whole global batch's count
-            loss = engine.forward(**batch, num_items_in_batch=global_tokens).loss
+            # use_cache=False: no KV cache in training (with one, packed rows would not be detected)
+            loss = engine.forward(**batch, num_items_in_batch=global_tokens, use_cache=False).loss
             engine.backward(loss)
         grad_norm = engine.step(last)
         loss_sum += loss.item()

@@ -56,6 +56,7 @@ class TrainConfig:
     deepspeed: str | None = None  # a DeepSpeed JSON; default: ds_configs/<strategy>.json
     # batches
     group_by_length: bool = True
+    packing: bool = False  # several conversations per row, never attending to each other
     train_on_inputs: bool = False
     num_proc: int = 1
     # checkpoints and logs

@@ -7,6 +7,7 @@ denominator) without communicating.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,65 @@ class BatchPlan:
 def trained_token_counts(ds) -> np.ndarray:
     """Trained tokens per sample, as the shifted causal-LM loss counts them (label 0 predicts nothing)."""
     return np.array([int((np.asarray(lab[1:]) != IGNORE_INDEX).sum()) for lab in ds["labels"]], dtype=np.int64)
+
+
+def pack_sequences(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Best-fit decreasing: conversations into rows of at most `capacity` tokens. Deterministic."""
+    order = np.argsort(-lengths, kind="stable")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row) sorted: best fit = smallest that fits
+    for i in order:
+        need = int(lengths[i])
+        at = bisect_left(free, (need, -1))
+        if at == len(free):
+            rows.append([int(i)])
+            room, row = capacity - need, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(int(i))
+            room -= need
+        insort(free, (room, row))
+    return [np.array(sorted(r)) for r in rows]
+
+
+class TrainData:
+    """The training set seen as units: one conversation each, or with packing, several
+    conversations per row that do not attend to each other."""
+
+    def __init__(self, ds, packing: bool, capacity: int, pad_id: int):
+        self.ds, self.packing, self.pad_id = ds, packing, pad_id
+        lengths = np.asarray(ds["length"], dtype=np.int64)
+        trained = trained_token_counts(ds)
+        self.units = pack_sequences(lengths, capacity) if packing else [np.array([i]) for i in range(len(lengths))]
+        self.lengths = np.array([lengths[u].sum() for u in self.units], dtype=np.int64)
+        self.trained = np.array([trained[u].sum() for u in self.units], dtype=np.int64)
+
+    def batch(self, unit_ids) -> dict[str, torch.Tensor]:
+        rows = [[self.ds[int(i)] for i in self.units[int(u)]] for u in unit_ids]
+        if self.packing:
+            return collate_packed(rows, self.pad_id)
+        return collate([r[0] for r in rows], self.pad_id)
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows: position_ids restart at 0 for each conversation and no attention_mask is
+    given, which transformers reads as separate sequences (a block-diagonal causal mask, the
+    same mechanism as its DataCollatorWithFlattening). No conversation sees another."""
+    width = max(sum(len(c["input_ids"]) for c in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for conv in row:
+            n = len(conv["input_ids"])
+            ids[i, at : at + n] = torch.as_tensor(conv["input_ids"])
+            labels[i, at : at + n] = torch.as_tensor(conv["labels"])
+            labels[i, at] = IGNORE_INDEX  # never predicted from the previous conversation
+            positions[i, at : at + n] = torch.arange(n)
+            at += n
+        positions[i, at:] = torch.arange(width - at)  # padding: a sequence of its own, untrained
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
