@@ -12,19 +12,14 @@ import sys
 from collections import Counter
 
 from .build import build_dataset, load_tokenizer, read_trainable
+from .clean import clean
 from .formats import WRITERS, iter_conversations
 from .identity import identity_conversations
-from .io import write_records
+from .io import input_paths, write_records
 from .report import Report
 from .schema import ASSISTANT, DataError, SkipRecord, validate
+from .split_long import split_long
 from .tokenize import IGNORE_INDEX, ConversationTokenizer
-
-
-def paths_of(data) -> list[str]:
-    """`data` as given on the command line: a path, comma-separated paths, or a list."""
-    if isinstance(data, list | tuple):
-        return [str(p) for p in data]
-    return [p for p in str(data).split(",") if p]
 
 
 def _writer(to: str):
@@ -65,7 +60,7 @@ def convert(
     """Any supported format (Alpaca, ShareGPT, messages) -> ShareGPT or OpenAI messages."""
     rep = Report("convert", strict=strict)
     write = _writer(to)
-    rep.written = write_records(out, (write(c) for c in read_convertible(paths_of(data), rep, fmt)))
+    rep.written = write_records(out, (write(c) for c in read_convertible(input_paths(data), rep, fmt)))
     return rep.emit(report)
 
 
@@ -83,7 +78,7 @@ def merge(
 
     def records():
         nonlocal dup
-        for conv in read_convertible(paths_of(data), rep, fmt):
+        for conv in read_convertible(input_paths(data), rep, fmt):
             dup += conv.id in seen
             seen.add(conv.id)
             yield write(conv)
@@ -95,7 +90,7 @@ def merge(
 
 def _load_all(data, rep: Report, fmt: str | None, trainable: bool = False) -> list:
     read = read_trainable if trainable else read_convertible
-    return list(read(paths_of(data), rep, fmt))
+    return list(read(input_paths(data), rep, fmt))
 
 
 def split(data, train: str, test: str, test_size: float = 0.05, seed: int = 0, to: str = "sharegpt",
@@ -200,7 +195,7 @@ def inspect(data, tokenizer: str, template: str = "vicuna_v1.1", index: int = 0,
     pick = [c for c in convs if c.id == id] if id is not None else convs[index : index + 1]
     if not pick:
         raise DataError(
-            ",".join(paths_of(data)),
+            ",".join(input_paths(data)),
             f"id {id}" if id is not None else f"index {index}",
             "no such conversation",
         )
@@ -234,23 +229,9 @@ def build(data, tokenizer: str, out: str | None = None, template: str = "vicuna_
           fmt: str | None = None, train_on_inputs: bool = False, num_proc: int = 1, cache_dir: str | None = None,
           strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
     """Tokenize with assistant-only masks into a `datasets` folder (rows: input_ids, labels, length)."""
-    _, rep = build_dataset(paths_of(data), tokenizer, template, max_length, out, fmt, train_on_inputs,
+    _, rep = build_dataset(input_paths(data), tokenizer, template, max_length, out, fmt, train_on_inputs,
                            num_proc, cache_dir, strict, report)  # fmt: skip
     return rep
-
-
-def clean(data: str, out: str, **kwargs) -> Report:
-    """ShareGPT cleaning as FastChat's clean_sharegpt does it, each drop counted by reason."""
-    from .clean import clean as _clean
-
-    return _clean(data, out, **kwargs)
-
-
-def split_long(data: str, out: str, tokenizer: str, **kwargs) -> Report:
-    """Split long conversations by a token budget of the real tokenizer and template."""
-    from .split_long import split_long as _split_long
-
-    return _split_long(data, out, tokenizer, **kwargs)
 
 
 COMMANDS = {

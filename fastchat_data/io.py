@@ -12,6 +12,13 @@ from pathlib import Path
 from .schema import DataError
 
 
+def input_paths(data) -> list[str]:
+    """`data` as commands take it: a path, comma-separated paths, or a list of paths."""
+    if isinstance(data, list | tuple):
+        return [str(p) for p in data]
+    return [p for p in str(data).split(",") if p]
+
+
 def _is_json_lines(path: Path) -> bool:
     if path.suffix == ".jsonl":
         return True

@@ -23,11 +23,11 @@ class Report:
     examples: dict = field(default_factory=dict)  # reason -> ["file:record 3: detail", ...]
     strict: bool = False
 
-    def skip(self, path: str, where: str, err: SkipRecord) -> None:
-        """Count a skipped record, or raise it as a DataError under --strict."""
+    def skip(self, path: str, where: str, err: SkipRecord, n: int = 1) -> None:
+        """Count `n` skipped items (records, or pairs), or raise a DataError under --strict."""
         if self.strict:
             raise DataError(path, where, str(err)) from err
-        self.drop(err.reason, f"{path}: {where}: {err.detail or err.reason}")
+        self.drop(err.reason, f"{path}: {where}: {err.detail or err.reason}", n=n)
 
     def drop(self, reason: str, example: str = "", n: int = 1) -> None:
         self.dropped[reason] += n

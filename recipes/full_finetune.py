@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastchat_data.clean import clean, clean_text
-from fastchat_data.formats import iter_conversations
+from fastchat_data.formats import iter_conversations, parse_sharegpt
 from fastchat_data.report import Report
 from fastchat_data.schema import DataError, validate
 
@@ -28,14 +28,12 @@ SHAREGPT_HTML = (
 
 
 def rec(*turns, id="r", system=None):
-    """A ShareGPT record; a plain string turn answers the turn before it, a tuple is (from, value)."""
+    """A ShareGPT record: a string turn answers the turn before it; a tuple is (from, value)."""
     conv = [("system", system)] if system else []
     for t in turns:
-        conv.append(
-            t
-            if isinstance(t, tuple)
-            else ("gpt" if conv and conv[-1][0] == "human" else "human", t)
-        )
+        if not isinstance(t, tuple):
+            t = ("gpt" if conv and conv[-1][0] == "human" else "human", t)
+        conv.append(t)
     return {"id": id, "conversations": [{"from": f, "value": v} for f, v in conv]}
 
 
@@ -52,6 +50,7 @@ def values(record):
 
 
 Q, A = "What is the capital of France?", "Paris is the capital of France."
+LIMIT = "Too many requests in 1 hour. Try again later."  # ChatGPT's rate limit, saved as a reply
 
 
 # -- text repairs ---------------------------------------------------------------------------
@@ -112,26 +111,16 @@ def test_leading_system_turn_is_the_system_prompt(tmp_path):
 def test_broken_alternation_is_dropped(tmp_path):
     rep, out = run(tmp_path, [rec(Q, A, ("gpt", "More."), Q + "?", A)])
     assert out == [] and rep.dropped == {"broken_alternation": 1}
-    assert (
-        "record 0" in rep.examples["broken_alternation"][0]
-        and "id r" in rep.examples["broken_alternation"][0]
-    )
+    example = rep.examples["broken_alternation"][0]
+    assert "record 0" in example and "id r: turn 2 is assistant" in example
 
 
 def test_cut_before_empty_or_blocked_reply_keeps_earlier_pairs(tmp_path):
     records = [
         rec(Q, A, "Q2?", "\u200b", "Q3?", "A3.", id="zwsp"),  # ShareGPT's invisible replies
-        rec(
-            "And Spain?",
-            "Madrid.",
-            "Q2?",
-            "Too many requests in 1 hour. Try again later.",
-            id="limit",
-        ),
+        rec("And Spain?", "Madrid.", "Q2?", LIMIT, id="limit"),
         rec(Q, "  ", id="empty"),
-        rec(
-            "Hello there, friend", "!Too many requests in 1 hour. Try again later.", id="only_limit"
-        ),
+        rec("Hello there, friend", "!" + LIMIT, id="only_limit"),
     ]
     rep, out = run(tmp_path, records)
     assert [(r["id"], values(r)) for r in out] == [
@@ -147,9 +136,8 @@ def test_cut_before_empty_or_blocked_reply_keeps_earlier_pairs(tmp_path):
 
 
 def test_no_complete_pair(tmp_path):
-    rep, out = run(
-        tmp_path, [rec(("gpt", "An answer without a question.")), rec("A question only?")]
-    )
+    records = [rec(("gpt", "An answer without a question.")), rec("A question only?")]
+    rep, out = run(tmp_path, records)
     assert out == [] and rep.dropped == {"no_complete_pair": 2}
 
 
@@ -218,7 +206,7 @@ _turn = st.tuples(
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.lists(_turn, max_size=7), max_size=6))
 def test_any_input_cleans_to_trainable_records_with_full_accounting(tmp_path, convs):
@@ -228,10 +216,7 @@ def test_any_input_cleans_to_trainable_records_with_full_accounting(tmp_path, co
     ]
     rep, out = run(tmp_path, records)
     for r in out:
-        assert r["conversations"][0]["from"] == "human"
-        assert [t["from"] for t in r["conversations"]] == ["human", "gpt"] * (
-            len(r["conversations"]) // 2
-        )
+        validate(parse_sharegpt(r, "x"))  # starts with a user turn, alternates, nothing empty
         assert not any("openai" in v.lower() or v.startswith("2 / 2") for v in values(r))
 
 
