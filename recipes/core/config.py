@@ -122,32 +122,30 @@ def _parse_value(raw: str, current, name: str):
     return raw
 
 
-def _types() -> dict:
-    return {f.name: f for f in fields(TrainConfig)}
+def _types(cls=TrainConfig) -> dict:
+    return {f.name: f for f in fields(cls)}
 
 
-def _coerce(name: str, value):
-    f = _types()[name]
-    default = TrainConfig()
-    current = getattr(default, name)
+def _coerce(name: str, value, cls=TrainConfig):
+    current = getattr(cls(), name)
     if isinstance(value, str):
         value = _parse_value(value, current, name)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if value is not None and current is not None and type(value) is not type(current):
         raise ConfigError(f"{name} expects {type(current).__name__}, got {value!r}")
-    del f
     return value
 
 
-def _unknown(name: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(name, list(_types()), n=1)
+def _unknown(name: str, source: str, cls=TrainConfig) -> ConfigError:
+    close = difflib.get_close_matches(name, list(_types(cls)), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return ConfigError(f"{source}: unknown key {name!r}{hint}")
 
 
-def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, list[str]]:
-    """`--config FILE` (a YAML recipe) then `--key value` / `--key=value` overrides.
+def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
+    """`--config FILE` (a YAML recipe) then `--key value` / `--key=value` overrides, into `cls`
+    (TrainConfig or a recipe's subclass of it).
 
     Returns the config and notes about FastChat flags that were mapped or ignored.
     """
@@ -176,9 +174,9 @@ def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, list[str]]:
             raise ConfigError(f"config file {config_path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         for k, v in loaded.items():
-            if k not in _types():
-                raise _unknown(k, str(path))
-            values[k] = _coerce(k, v)
+            if k not in _types(cls):
+                raise _unknown(k, str(path), cls)
+            values[k] = _coerce(k, v, cls)
     for key, val in pairs:
         if key in ("config", "local_rank"):  # the deepspeed launcher adds --local_rank (also in env)
             continue
@@ -190,12 +188,12 @@ def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, list[str]]:
                 raise ConfigError(f"--fp16: {why}")
             notes.append(f"--{key}: {why}")
             continue
-        if key not in _types():
-            raise _unknown(key, "command line")
-        values[key] = _coerce(key, val)
+        if key not in _types(cls):
+            raise _unknown(key, "command line", cls)
+        values[key] = _coerce(key, val, cls)
     if values.get("deepspeed") and "strategy" not in values:
         values["strategy"] = strategy_of_deepspeed_config(values["deepspeed"])
-    return TrainConfig(**values).check(), notes
+    return cls(**values).check(), notes
 
 
 def strategy_of_deepspeed_config(path: str) -> str:
