@@ -49,31 +49,8 @@ def read_convertible(paths: list[str], rep: Report, fmt: str | None):
         )
 
 
-def convert(
-    data,
-    out: str,
-    to: str = "sharegpt",
-    fmt: str | None = None,
-    strict: bool = False,
-    report: str | None = None,
-) -> Report:
-    """Any supported format (Alpaca, ShareGPT, messages) -> ShareGPT or OpenAI messages."""
-    rep = Report("convert", strict=strict)
-    write = _writer(to)
-    rep.written = write_records(out, (write(c) for c in read_convertible(input_paths(data), rep, fmt)))
-    return rep.emit(report)
-
-
-def merge(
-    data,
-    out: str,
-    to: str = "sharegpt",
-    fmt: str | None = None,
-    strict: bool = False,
-    report: str | None = None,
-) -> Report:
-    """Concatenate several files (any supported formats) into one; ids seen twice are counted."""
-    rep = Report("merge", strict=strict)
+def _convert(command: str, data, out: str, to: str, fmt: str | None, strict: bool, report: str | None) -> Report:
+    rep = Report(command, strict=strict)
     write, seen, dup = _writer(to), set(), 0
 
     def records():
@@ -86,6 +63,18 @@ def merge(
     rep.written = write_records(out, records())
     rep.notes["duplicate_ids"] = dup
     return rep.emit(report)
+
+
+def convert(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict: bool = False,
+            report: str | None = None) -> Report:  # fmt: skip
+    """Any supported format (Alpaca, ShareGPT, messages) -> ShareGPT or OpenAI messages."""
+    return _convert("convert", data, out, to, fmt, strict, report)
+
+
+def merge(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict: bool = False,
+          report: str | None = None) -> Report:  # fmt: skip
+    """Concatenate several files (comma-separated, any supported formats) into one."""
+    return _convert("merge", data, out, to, fmt, strict, report)
 
 
 def _load_all(data, rep: Report, fmt: str | None, trainable: bool = False) -> list:
