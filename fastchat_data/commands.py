@@ -49,7 +49,9 @@ def read_convertible(paths: list[str], rep: Report, fmt: str | None):
         )
 
 
-def _convert(command: str, data, out: str, to: str, fmt: str | None, strict: bool, report: str | None) -> Report:
+def _convert(
+    command: str, data, out: str, to: str, fmt: str | None, strict: bool, report: str | None
+) -> Report:
     rep = Report(command, strict=strict)
     write, seen, dup = _writer(to), set(), 0
 

@@ -200,7 +200,10 @@ SHAREGPT_NAMES = {USER: "human", ASSISTANT: "gpt", TOOL: "observation"}
 
 
 def to_sharegpt(conv: Conversation) -> dict:
-    out = {"id": conv.id, **conv.extra}  # keeps e.g. `lang` and `model` through clean / split / convert
+    out = {
+        "id": conv.id,
+        **conv.extra,
+    }  # keeps e.g. `lang` and `model` through clean / split / convert
     if conv.system:
         out["system"] = conv.system  # top-level, as LLaMA-Factory does; FastChat ignores it
     out["conversations"] = [

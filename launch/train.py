@@ -24,14 +24,25 @@ STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 def build_command(args, gpus: int) -> list[str]:
     bin_dir = Path(sys.executable).parent
     recipe = [str(RECIPE), "--config", args.config, "--strategy", args.strategy]
-    for flag, value in (("--model_name_or_path", args.model), ("--data_path", args.data), ("--output_dir", args.out)):
+    for flag, value in (
+        ("--model_name_or_path", args.model),
+        ("--data_path", args.data),
+        ("--output_dir", args.out),
+    ):
         if value:
             recipe += [flag, value]
     recipe += args.recipe_args
     if args.strategy.startswith("zero"):
         launcher = [str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"]
         if args.hostfile:
-            launcher += ["--hostfile", args.hostfile, "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
+            launcher += [
+                "--hostfile",
+                args.hostfile,
+                "--master_addr",
+                args.master_addr,
+                "--master_port",
+                str(args.master_port),
+            ]
         else:
             launcher += ["--num_gpus", str(args.ngpu), "--master_port", str(args.master_port)]
         return launcher + recipe
@@ -48,12 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ngpu", type=int, default=1, help="processes per node (GPUs, or CPU processes without GPUs)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--ngpu",
+        type=int,
+        default=1,
+        help="processes per node (GPUs, or CPU processes without GPUs)",
+    )
     ap.add_argument("--strategy", default="fsdp", choices=STRATEGIES)
-    ap.add_argument("--config", default=None, help="a YAML recipe (default: vicuna_7b.yaml on GPU, tiny_cpu.yaml on CPU)")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="a YAML recipe (default: vicuna_7b.yaml on GPU, tiny_cpu.yaml on CPU)",
+    )
     ap.add_argument("--model", default=None, help="base model folder (default: the tiny model)")
-    ap.add_argument("--data", default=None, help="ShareGPT/Alpaca/messages file (default: embedded identity data)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="ShareGPT/Alpaca/messages file (default: embedded identity data)",
+    )
     ap.add_argument("--out", default=None, help="output directory")
     ap.add_argument("--nnodes", type=int, default=1)
     ap.add_argument("--node_rank", type=int, default=0)
@@ -72,15 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: NGPU={args.ngpu} but this node has {gpus} GPUs", file=sys.stderr)
         return 2
     if not gpus and args.ngpu > (os.cpu_count() or 1) * 4:
-        print(f"error: NGPU={args.ngpu} CPU processes on {os.cpu_count()} cores is more than this machine can run", file=sys.stderr)
+        print(
+            f"error: NGPU={args.ngpu} CPU processes on {os.cpu_count()} cores is more than this machine can run",
+            file=sys.stderr,
+        )
         return 2
     if args.strategy == "single" and args.ngpu != 1:
-        print("error: STRATEGY=single runs one process; use NGPU=1 or another strategy", file=sys.stderr)
+        print(
+            "error: STRATEGY=single runs one process; use NGPU=1 or another strategy",
+            file=sys.stderr,
+        )
         return 2
     if args.config is None:
         args.config = "vicuna_7b.yaml" if gpus else "tiny_cpu.yaml"
     cmd = build_command(args, gpus)
-    print(("" if gpus else f"no GPU: {args.ngpu} CPU process(es) on gloo\n") + shlex.join(cmd), flush=True)
+    print(
+        ("" if gpus else f"no GPU: {args.ngpu} CPU process(es) on gloo\n") + shlex.join(cmd),
+        flush=True,
+    )
     if args.dry_run:
         return 0
     env = dict(os.environ)

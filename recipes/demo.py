@@ -25,7 +25,9 @@ def main() -> int:
     if rc != 0:
         return rc
 
-    print("\n== 7. chat with the exported model (plain transformers, no camelid import needed to load it)")
+    print(
+        "\n== 7. chat with the exported model (plain transformers, no camelid import needed to load it)"
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recipes.core.generate import reply

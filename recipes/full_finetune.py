@@ -60,10 +60,16 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
     model_path, data_path = default_model_and_data(cfg, world)
     run.tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    pad_id = (
+        run.tokenizer.pad_token_id
+        if run.tokenizer.pad_token_id is not None
+        else run.tokenizer.eos_token_id
+    )
     run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_id)
     run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
-    run.total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
+    run.total_steps = (
+        cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
+    )
 
     # Every rank loads the whole model on CPU; FSDP / ZeRO-3 then shard it.
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -73,7 +79,9 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
     n_params = sum(p.numel() for p in model.parameters())
     run.engine = make_engine(model, cfg, world, run.total_steps)
 
-    resume_from = checkpoint.latest_checkpoint(cfg.output_dir) if not cfg.overwrite_output_dir else None
+    resume_from = (
+        checkpoint.latest_checkpoint(cfg.output_dir) if not cfg.overwrite_output_dir else None
+    )
     if resume_from is not None:
         run.step = checkpoint.load_checkpoint(run.engine, world, resume_from)["step"]
         if world.main:
@@ -119,7 +127,11 @@ def train_step(run: Run) -> dict:
             engine.backward(loss)
         grad_norm = engine.step(last)
         loss_sum += loss.item()
-    return {"loss": world.all_sum(loss_sum), "tokens": int(world.all_sum(tokens)), "grad_norm": grad_norm}
+    return {
+        "loss": world.all_sum(loss_sum),
+        "tokens": int(world.all_sum(tokens)),
+        "grad_norm": grad_norm,
+    }
 
 
 # Testing aid: seconds to pause after each step, so that an external kill -9 lands at a
@@ -137,10 +149,14 @@ def train(run: Run) -> None:
                      log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps)  # fmt: skip
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
         if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
-            checkpoint.save_checkpoint(run.engine, run.world, cfg, run.step, {"total_steps": run.total_steps})
+            checkpoint.save_checkpoint(
+                run.engine, run.world, cfg, run.step, {"total_steps": run.total_steps}
+            )
         if stop:
             if run.world.main:
-                print(f"SIGTERM: saved a checkpoint at step {run.step}; relaunch the same command to resume")
+                print(
+                    f"SIGTERM: saved a checkpoint at step {run.step}; relaunch the same command to resume"
+                )
             raise SystemExit(0)
 
 

@@ -29,7 +29,9 @@ def test_logits_packed_equal_logits_alone(llama_dir):
     assert "attention_mask" not in batch
     with torch.no_grad():
         # use_cache=False: with a KV cache transformers does not look for packed sequences
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         at = 0
         for c in convs:
             alone = model(input_ids=torch.tensor([c])).logits[0]

@@ -21,11 +21,27 @@ BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", 
 
 
 def one_rank(steps):
-    return [*BASE, "--max_steps", steps, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2]
+    return [
+        *BASE,
+        "--max_steps",
+        steps,
+        "--per_device_train_batch_size",
+        4,
+        "--gradient_accumulation_steps",
+        2,
+    ]
 
 
 def two_ranks(steps):
-    return [*BASE, "--max_steps", steps, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1]
+    return [
+        *BASE,
+        "--max_steps",
+        steps,
+        "--per_device_train_batch_size",
+        4,
+        "--gradient_accumulation_steps",
+        1,
+    ]
 
 
 def logits(folder):
@@ -54,7 +70,9 @@ def test_two_ranks_match_one_process(strategy, reference, tmp_path):
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
     # the exported folder is a plain HF model that gives the same logits
     assert (tmp_path / "model" / "model.safetensors").exists()
-    torch.testing.assert_close(logits(tmp_path / "model"), logits(reference / "model"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(tmp_path / "model"), logits(reference / "model"), atol=1e-4, rtol=1e-4
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -77,7 +95,13 @@ def descendants(pid: int) -> list[int]:
 def kill_when(cmd, metrics, step):
     """Start `cmd`, kill -9 the launcher and every worker once `step` steps are logged."""
     slowed = {**env(), "CAMELID_STEP_DELAY": "0.5"}  # tiny steps take ms: let the kill land mid-run
-    proc = subprocess.Popen(cmd, env=slowed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=slowed,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline, killed = time.time() + 600, []
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
@@ -90,7 +114,10 @@ def kill_when(cmd, metrics, step):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     time.sleep(1)
-    assert len(killed) >= 3 and not any(Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes() for pid in killed)
+    assert len(killed) >= 3 and not any(
+        Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid in killed
+    )
 
 
 @pytest.mark.slow
@@ -99,20 +126,29 @@ def test_kill_9_then_relaunch_continues_the_same_loss_curve(strategy, tmp_path):
     args = [*two_ranks(8), "--save_steps", 2, "--save_total_limit", 2]
     train(strategy, 2, tmp_path / "straight", *args)
     out = tmp_path / "killed"
-    kill_when(command(strategy, 2, out, *args), out / "metrics.jsonl", 5)  # between saves (steps 4 and 6)
+    kill_when(
+        command(strategy, 2, out, *args), out / "metrics.jsonl", 5
+    )  # between saves (steps 4 and 6)
     assert [p.name for p in complete_checkpoints(out)][-1] == "step-00000004"
     res = train(strategy, 2, out, *args)
     assert "resumed from" in res.stdout and "(step 4)" in res.stdout
     assert losses(out) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
     assert len(complete_checkpoints(out)) == 2  # save_total_limit
-    torch.testing.assert_close(logits(out / "model"), logits(tmp_path / "straight" / "model"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(out / "model"), logits(tmp_path / "straight" / "model"), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     cmd = command("single", 1, out, *one_rank(200), "--save_steps", 1000)
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    while not (
+        (out / "metrics.jsonl").exists()
+        and len((out / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
         assert proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -159,7 +195,9 @@ def test_deepspeed_config_contradicting_the_command_line(tmp_path):
     from recipes.core.config import TrainConfig
     from recipes.core.distributed import ConfigError, deepspeed_config
 
-    with pytest.raises(ConfigError, match="bf16.enabled is True but the command line says --bf16 False"):
+    with pytest.raises(
+        ConfigError, match="bf16.enabled is True but the command line says --bf16 False"
+    ):
         deepspeed_config(TrainConfig(strategy="zero2", deepspeed=str(ds), bf16=False))
     ds.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="enables fp16"):
@@ -171,8 +209,13 @@ def test_deepspeed_config_contradicting_the_command_line(tmp_path):
 def test_output_dir_of_another_run_is_refused(tmp_path):
     out = tmp_path / "run"
     train("single", 1, out, *one_rank(2), "--save_steps", 2)
-    res = train("single", 1, out, *one_rank(2), "--save_steps", 2, "--learning_rate", "5e-4", check=False)
-    assert res.returncode == 2 and "holds checkpoints of another run (settings differ: learning_rate)" in res.stderr
+    res = train(
+        "single", 1, out, *one_rank(2), "--save_steps", 2, "--learning_rate", "5e-4", check=False
+    )
+    assert (
+        res.returncode == 2
+        and "holds checkpoints of another run (settings differ: learning_rate)" in res.stderr
+    )
 
 
 def test_fastchat_flags_are_mapped(tmp_path):

@@ -22,16 +22,41 @@ def env() -> dict:
 
 
 def command(strategy: str, nproc: int, out: Path, *args) -> list[str]:
-    recipe = [str(RECIPE), "--strategy", strategy, "--output_dir", str(out), "--report_to", "none", *map(str, args)]
+    recipe = [
+        str(RECIPE),
+        "--strategy",
+        strategy,
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        *map(str, args),
+    ]
     if nproc == 1:
         return [sys.executable, *recipe]
     if strategy.startswith("zero"):
-        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 500), *recipe]
+        return [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 500),
+            *recipe,
+        ]
     return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *recipe]
 
 
-def train(strategy: str, nproc: int, out: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(command(strategy, nproc, out, *args), capture_output=True, text=True, env=env(), cwd=REPO, timeout=900)
+def train(
+    strategy: str, nproc: int, out: Path, *args, check: bool = True
+) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        command(strategy, nproc, out, *args),
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=900,
+    )
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res

@@ -57,7 +57,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -90,7 +94,11 @@ def save_checkpoint(engine, world, cfg: TrainConfig, step: int, trainer_state: d
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in complete_checkpoints(cfg.output_dir)[: -cfg.save_total_limit] if cfg.save_total_limit > 0 else []:
+        for old in (
+            complete_checkpoints(cfg.output_dir)[: -cfg.save_total_limit]
+            if cfg.save_total_limit > 0
+            else []
+        ):
             shutil.rmtree(old, ignore_errors=True)
     world.barrier()
     return final
@@ -99,7 +107,9 @@ def save_checkpoint(engine, world, cfg: TrainConfig, step: int, trainer_state: d
 def load_checkpoint(engine, world, path: Path) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != world.size:
-        raise ConfigError(f"{path} was written by {state['world_size']} ranks; resume it with the same number")
+        raise ConfigError(
+            f"{path} was written by {state['world_size']} ranks; resume it with the same number"
+        )
     engine.load(path)
     set_rng_state(torch.load(path / f"rng-rank{world.rank}.pt", weights_only=False))
     return state
@@ -114,7 +124,9 @@ def export_hf(engine, world, tokenizer, out_dir: Path, max_shard_size: str = "2G
         shutil.rmtree(tmp, ignore_errors=True)
         engine.module.config.use_cache = True
         # save_pretrained takes the gathered state dict; the (sharded) live module gives the config.
-        engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+        engine.module.save_pretrained(
+            tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
+        )
         save_tokenizer(tokenizer, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -64,13 +64,20 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 1
     report_to: str = "tensorboard"  # or "none"
-    peak_tflops: float | None = None  # per device, for the MFU estimate; guessed from the GPU when unset
+    peak_tflops: float | None = (
+        None  # per device, for the MFU estimate; guessed from the GPU when unset
+    )
     cache_dir: str | None = None
 
     def check(self) -> TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "save_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "model_max_length",
+            "save_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -178,12 +185,17 @@ def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
                 raise _unknown(k, str(path), cls)
             values[k] = _coerce(k, v, cls)
     for key, val in pairs:
-        if key in ("config", "local_rank"):  # the deepspeed launcher adds --local_rank (also in env)
+        if key in (
+            "config",
+            "local_rank",
+        ):  # the deepspeed launcher adds --local_rank (also in env)
             continue
         if key in FASTCHAT_FLAGS:
             target, why = FASTCHAT_FLAGS[key]
             if key == "fsdp":
-                values["strategy"] = "fsdp" if "full_shard" in val or "shard_grad_op" in val else "ddp"
+                values["strategy"] = (
+                    "fsdp" if "full_shard" in val or "shard_grad_op" in val else "ddp"
+                )
             elif key == "fp16" and _parse_value(val, False, key):
                 raise ConfigError(f"--fp16: {why}")
             notes.append(f"--{key}: {why}")

@@ -34,10 +34,14 @@ def default_model_and_data(cfg: TrainConfig, world) -> tuple[str, str]:
         if cfg.data_path is None:
             write_records(data, records)
         if cfg.model_name_or_path is None:
-            model = tiny_model("llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache)
+            model = tiny_model(
+                "llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache
+            )
     world.barrier()
     if model is None and cfg.model_name_or_path is None:  # other ranks: now a cache hit
-        model = tiny_model("llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache)
+        model = tiny_model(
+            "llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache
+        )
     return str(cfg.model_name_or_path or model), str(cfg.data_path or data)
 
 
@@ -58,7 +62,11 @@ class BatchPlan:
 
     def __init__(self, lengths: np.ndarray, trained: np.ndarray, cfg: TrainConfig, world_size: int):
         self.lengths, self.trained = lengths, trained
-        self.micro, self.accum, self.world = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world_size
+        self.micro, self.accum, self.world = (
+            cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps,
+            world_size,
+        )
         self.global_size = self.micro * self.accum * self.world
         self.seed, self.group = cfg.seed, cfg.group_by_length
         if len(lengths) < self.global_size:
@@ -78,7 +86,9 @@ class BatchPlan:
             if self.group:
                 mega = self.global_size * MEGABATCH
                 chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
-                order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+                order = np.concatenate(
+                    [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
+                )
                 batches = order[:used].reshape(self.steps_per_epoch, self.global_size)
                 order = batches[rng.permutation(self.steps_per_epoch)].reshape(-1)
             self._epoch, self._order = epoch, order[:used]
@@ -101,7 +111,9 @@ class BatchPlan:
 
 def trained_token_counts(ds) -> np.ndarray:
     """Trained tokens per sample, as the shifted causal-LM loss counts them (label 0 predicts nothing)."""
-    return np.array([int((np.asarray(lab[1:]) != IGNORE_INDEX).sum()) for lab in ds["labels"]], dtype=np.int64)
+    return np.array(
+        [int((np.asarray(lab[1:]) != IGNORE_INDEX).sum()) for lab in ds["labels"]], dtype=np.int64
+    )
 
 
 def pack_sequences(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
@@ -131,7 +143,11 @@ class TrainData:
         self.ds, self.packing, self.pad_id = ds, packing, pad_id
         lengths = np.asarray(ds["length"], dtype=np.int64)
         trained = trained_token_counts(ds)
-        self.units = pack_sequences(lengths, capacity) if packing else [np.array([i]) for i in range(len(lengths))]
+        self.units = (
+            pack_sequences(lengths, capacity)
+            if packing
+            else [np.array([i]) for i in range(len(lengths))]
+        )
         self.lengths = np.array([lengths[u].sum() for u in self.units], dtype=np.int64)
         self.trained = np.array([trained[u].sum() for u in self.units], dtype=np.int64)
 

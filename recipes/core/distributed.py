@@ -56,7 +56,9 @@ def init_world(strategy: str) -> World:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda and local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"{size} processes per node but only {torch.cuda.device_count()} GPUs on this node")
+        raise ConfigError(
+            f"{size} processes per node but only {torch.cuda.device_count()} GPUs on this node"
+        )
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -78,7 +80,9 @@ def decoder_layer_classes(model) -> set[type]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
-        raise ConfigError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules) to shard by")
+        raise ConfigError(
+            f"{type(model).__name__} declares no decoder layer class (_no_split_modules) to shard by"
+        )
     return classes
 
 
@@ -86,7 +90,10 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, not on norms and biases (as HF Trainer does)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -99,21 +106,31 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(cfg.lr_scheduler_type, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    return get_scheduler(
+        cfg.lr_scheduler_type, optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
 
 
 class TorchEngine:
     """single process, DDP, or FSDP2 (`fully_shard` per decoder layer, then the root)."""
 
     def __init__(self, model, cfg: TrainConfig, world: World, total_steps: int):
-        self.cfg, self.world, self.strategy = cfg, world, cfg.strategy if world.size > 1 else "single"
+        self.cfg, self.world, self.strategy = (
+            cfg,
+            world,
+            cfg.strategy if world.size > 1 else "single",
+        )
         model.to(world.device)
         if self.strategy == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(world.device.type, (world.size,))
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else MixedPrecisionPolicy()
+            mp = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                if cfg.bf16
+                else MixedPrecisionPolicy()
+            )
             layers = tuple(decoder_layer_classes(model))
             for m in list(model.modules()):
                 if isinstance(m, layers):
@@ -124,7 +141,9 @@ class TorchEngine:
             from torch.nn.parallel import DistributedDataParallel
 
             self.module = model
-            self.model = DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+            self.model = DistributedDataParallel(
+                model, device_ids=[world.local_rank] if world.device.type == "cuda" else None
+            )
         else:
             self.module = self.model = model
         self.optimizer = make_optimizer(self.module, cfg)
@@ -179,7 +198,12 @@ class TorchEngine:
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
     def full_state_dict(self) -> dict:
@@ -203,7 +227,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         raise ConfigError(f"{path}: enables fp16, which camelid does not train in; use bf16")
     bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
     if bf16 != "auto" and bool(bf16) != cfg.bf16:
-        raise ConfigError(f"{path}: bf16.enabled is {bf16} but the command line says --bf16 {cfg.bf16}")
+        raise ConfigError(
+            f"{path}: bf16.enabled is {bf16} but the command line says --bf16 {cfg.bf16}"
+        )
     ds["bf16"]["enabled"] = cfg.bf16
     ds.pop("fp16", None)
     fill = {
@@ -280,7 +306,13 @@ class DeepSpeedEngine:
                     if self.world.main:
                         sd[name] = param.detach().to("cpu", copy=True)
             if self.world.main:
-                sd.update({k: v.detach().cpu() for k, v in self.module.named_buffers() if k in self.module.state_dict()})
+                sd.update(
+                    {
+                        k: v.detach().cpu()
+                        for k, v in self.module.named_buffers()
+                        if k in self.module.state_dict()
+                    }
+                )
             return sd
         if not self.world.main:
             return {}

@@ -11,7 +11,9 @@ from fastchat_data.tokenize import ConversationTokenizer
 def reply(model, tokenizer, history: list[tuple[str, str]], question: str, template: str = "vicuna_v1.1",
           max_new_tokens: int = 64, streamer=None) -> str:  # fmt: skip
     """Greedy answer to `question` after `history` [(user, assistant), ...]."""
-    messages = [Message(role, text) for q, a in history for role, text in ((USER, q), (ASSISTANT, a))]
+    messages = [
+        Message(role, text) for q, a in history for role, text in ((USER, q), (ASSISTANT, a))
+    ]
     conv = Conversation("chat", messages + [Message(USER, question)])
     ids = ConversationTokenizer(tokenizer, template).encode_prompt(conv)
     with torch.no_grad():

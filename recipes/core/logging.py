@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 # Dense bf16 peak per GPU (vendor datasheets), for the MFU estimate.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "4090": 165.0,
+}
 
 
 def peak_flops(override_tflops: float | None) -> float | None:
@@ -35,17 +42,29 @@ class RunLog:
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # disable=None: no bar when the output is not a terminal (CI logs keep the log lines)
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                dynamic_ncols=True,
+                disable=None,
+            )
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            if self.path.exists():  # a resumed run keeps the steps it already logged, drops later ones
+            if (
+                self.path.exists()
+            ):  # a resumed run keeps the steps it already logged, drops later ones
                 rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+                self.path.write_text(
+                    "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step)
+                )
         self._t = time.perf_counter()
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, log: bool) -> dict:
+    def step(
+        self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, log: bool
+    ) -> dict:
         now = time.perf_counter()
         dt, self._t = now - self._t, now
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
@@ -73,7 +92,11 @@ class RunLog:
         self.bar.close()
         if self.writer:
             self.writer.close()
-        rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()] if self.path.exists() else []
+        rows = (
+            [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            if self.path.exists()
+            else []
+        )
         if not rows:
             return None
         import matplotlib
