@@ -79,9 +79,8 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
     n_params = sum(p.numel() for p in model.parameters())
     run.engine = make_engine(model, cfg, world, run.total_steps)
 
-    resume_from = (
-        checkpoint.latest_checkpoint(cfg.output_dir) if not cfg.overwrite_output_dir else None
-    )
+    # rank 0 checked (or, overwriting, cleared) the output directory before the barriers above
+    resume_from = checkpoint.latest_checkpoint(cfg.output_dir)
     if resume_from is not None:
         run.step = checkpoint.load_checkpoint(run.engine, world, resume_from)["step"]
         if world.main:

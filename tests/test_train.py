@@ -216,6 +216,22 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
         res.returncode == 2
         and "holds checkpoints of another run (settings differ: learning_rate)" in res.stderr
     )
+    # overwriting starts afresh and leaves none of the old run's checkpoints to resume from
+    train(
+        "single",
+        1,
+        out,
+        *one_rank(1),
+        "--save_steps",
+        1,
+        "--learning_rate",
+        "5e-4",
+        "--overwrite_output_dir",
+        "True",
+    )
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"] and len(
+        losses(out)
+    ) == 1
 
 
 def test_fastchat_flags_are_mapped(tmp_path):

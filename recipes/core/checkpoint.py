@@ -43,9 +43,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    """An output directory holding another run's checkpoints is an error, not a silent resume."""
+    """An output directory holding another run's checkpoints is an error, not a silent resume;
+    with --overwrite_output_dir the old run's checkpoints and metrics go, so that a later
+    relaunch can never resume from them."""
+    if cfg.overwrite_output_dir:
+        shutil.rmtree(checkpoints_dir(cfg.output_dir), ignore_errors=True)
+        (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        return
     ckpt = latest_checkpoint(cfg.output_dir)
-    if ckpt is None or cfg.overwrite_output_dir:
+    if ckpt is None:
         return
     saved = json.loads((ckpt / "trainer_state.json").read_text())
     if saved["run_fingerprint"] != cfg.run_fingerprint():
