@@ -30,12 +30,16 @@ def fastchat_preprocess(convs: list[Conversation], tokenizer, max_length: int, b
     from fastchat.train.train import preprocess
 
     tokenizer.pad_token = tokenizer.unk_token  # as FastChat's train() does
-    tokenizer.padding_side = "right"  # ditto (its masks assume it; LlamaTokenizer pads left by default)
+    tokenizer.padding_side = (
+        "right"  # ditto (its masks assume it; LlamaTokenizer pads left by default)
+    )
     tokenizer.model_max_length = max_length
     ids_out, labels_out, kept = [], [], []
     for i in range(0, len(convs), batch):
         chunk = convs[i : i + batch]
-        with contextlib.redirect_stdout(io.StringIO()):  # one "WARNING: tokenization mismatch" line each
+        with contextlib.redirect_stdout(
+            io.StringIO()
+        ):  # one "WARNING: tokenization mismatch" line each
             out = preprocess([sharegpt_turns(c) for c in chunk], tokenizer)
         for ids, labels, mask in zip(out["input_ids"], out["labels"], out["attention_mask"]):
             n = int(mask.sum())

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, SkipRecord
 
 EOS = "{eos}"  # in a SeparatorTemplate: the tokenizer's own end-of-sequence token
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):  # a NamedTuple: built per segment per conversation, so it must be cheap
     text: str
     literal: bool = False
     trainable: bool = False

@@ -13,6 +13,7 @@ the id.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import warnings
@@ -49,11 +50,12 @@ def _without_first_prepend(config: dict) -> bool:
     return changed
 
 
-@dataclass
+@dataclass(slots=True)
 class _Piece:
     text: str
     spans: list[tuple[int, int]]  # trainable character ranges within text
     continuation: bool  # follows a special token inside the rendered text
+    encoding: object = None  # the backend's Encoding, once tokenized
 
 
 class ConversationTokenizer:
@@ -76,6 +78,7 @@ class ConversationTokenizer:
             re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
         )
         self._special_id = {n: tokenizer.convert_tokens_to_ids(n) for n in names}
+        self._splits: dict[str, tuple[str, ...]] = {}
         config = json.loads(tokenizer.backend_tokenizer.to_str())
         self._first = self._backend(config)
         # Text after a special token is not the start of the text: a Metaspace "first" tokenizer
@@ -114,6 +117,16 @@ class ConversationTokenizer:
         return ids == list(self.tokenizer(text, add_special_tokens=bool(self._prefix))["input_ids"])
 
     # -- segments -> pieces -> ids ---------------------------------------------------------
+    def _split_specials(self, text: str) -> tuple[str, ...]:
+        """Template text split around special tokens (odd items). Template texts repeat in
+        every conversation, so the splits are memoized."""
+        chunks = self._splits.get(text)
+        if chunks is None:
+            chunks = tuple(self._special_re.split(text)) if self._special_re else (text,)
+            if len(self._splits) < 10_000:
+                self._splits[text] = chunks
+        return chunks
+
     def _plan(self, segments: list[Segment]) -> list:
         """Flatten segments into items: ([ids], trainable) for special tokens, _Piece for text."""
         items, parts, spans, pos, continuation = [], [], [], 0, False
@@ -125,11 +138,7 @@ class ConversationTokenizer:
             parts, spans, pos = [], [], 0
 
         for seg in segments:
-            chunks = (
-                self._special_re.split(seg.text)
-                if (seg.literal and self._special_re)
-                else [seg.text]
-            )
+            chunks = self._split_specials(seg.text) if seg.literal else (seg.text,)
             for k, chunk in enumerate(chunks):
                 if k % 2:  # a special token
                     close()
@@ -151,20 +160,17 @@ class ConversationTokenizer:
         pieces = [it for plan in plans for it in plan if isinstance(it, _Piece)]
         first = [p for p in pieces if not p.continuation]
         cont = [p for p in pieces if p.continuation]
-        encoded = {}
         for group, backend in ((first, self._first), (cont, self._cont)):
             if group:
-                for p, enc in zip(
-                    group, backend.encode_batch([p.text for p in group], add_special_tokens=False)
-                ):
-                    encoded[id(p)] = enc
+                encodings = backend.encode_batch([p.text for p in group], add_special_tokens=False)
+                for p, enc in zip(group, encodings):
+                    p.encoding = enc
         results = []
         for plan in plans:
             ids, labels = list(self._prefix), [IGNORE_INDEX] * len(self._prefix)
             for it in plan:
                 if isinstance(it, _Piece):
-                    enc = encoded[id(it)]
-                    pids, plabels = self._label_piece(it, enc.ids, enc.offsets)
+                    pids, plabels = self._label_piece(it, it.encoding)
                     ids += pids
                     labels += plabels
                 else:
@@ -178,19 +184,41 @@ class ConversationTokenizer:
             results.append((ids, labels))
         return results
 
-    def _label_piece(
-        self, piece: _Piece, ids: list[int], offsets: list
-    ) -> tuple[list[int], list[int]]:
+    def _label_piece(self, piece: _Piece, encoding) -> tuple[list[int], list[int]]:
+        ids = encoding.ids
         if self.train_on_inputs:
             return ids, list(ids)
         labels = [IGNORE_INDEX] * len(ids)
         for s, e in piece.spans:
-            i0 = bisect_right(offsets, s, key=lambda o: o[1])  # first token ending after s
-            i1 = bisect_left(offsets, e, key=lambda o: o[0])  # first token starting at/after e
-            if i0 < i1 and (offsets[i0][0] < s or offsets[i1 - 1][1] > e):
+            bounds = self._token_range(encoding, s, e, len(ids))
+            if bounds is None:
                 return self._split_at_boundaries(piece)
+            i0, i1 = bounds
             labels[i0:i1] = ids[i0:i1]
         return ids, labels
+
+    @staticmethod
+    def _token_range(encoding, s: int, e: int, n: int) -> tuple[int, int] | None:
+        """Tokens covering characters [s, e), or None if a token straddles s or e.
+
+        Asks the Rust encoding about the two boundary characters only: converting every
+        token's offsets to Python would cost more than the tokenization itself."""
+        i0, last = encoding.char_to_token(s), encoding.char_to_token(e - 1)
+        if i0 is None or last is None:  # a boundary character no token covers: use all offsets
+            offsets = encoding.offsets
+            i0 = bisect_right(offsets, s, key=lambda o: o[1])  # first token ending after s
+            i1 = bisect_left(offsets, e, key=lambda o: o[0])  # first token starting at/after e
+        else:
+            i1 = last + 1
+            while (
+                i1 < n and encoding.token_to_chars(i1)[0] < e
+            ):  # byte-fallback tokens share a char
+                i1 += 1
+        if i0 < i1 and (
+            encoding.token_to_chars(i0)[0] < s or encoding.token_to_chars(i1 - 1)[1] > e
+        ):
+            return None
+        return i0, i1
 
     def _split_at_boundaries(self, piece: _Piece) -> tuple[list[int], list[int]]:
         """A token straddles a mask boundary (rare: e.g. "\\n" + "\\n\\nreply" merging into one
@@ -208,6 +236,16 @@ class ConversationTokenizer:
 
     # -- public ----------------------------------------------------------------------------
     def encode_batch(self, convs: list[Conversation]) -> list[Encoded | SkipRecord]:
+        # Many small objects and no cycles: the cyclic GC would only rescan them (~30% here).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._encode_batch(convs)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _encode_batch(self, convs: list[Conversation]) -> list[Encoded | SkipRecord]:
         rendered: list[list[Segment] | SkipRecord] = []
         for conv in convs:
             try:
@@ -225,7 +263,7 @@ class ConversationTokenizer:
             truncated = self.max_length is not None and len(ids) > self.max_length
             if truncated:
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if all(x == IGNORE_INDEX for x in labels):
+            if labels.count(IGNORE_INDEX) == len(labels):
                 why = "no_trainable_tokens_after_truncation" if truncated else "no_trainable_tokens"
                 out.append(SkipRecord(why, f"{len(ids)} tokens, none of them an assistant reply"))
                 continue

@@ -23,13 +23,17 @@ def test_ids_and_labels_identical_to_fastchat(name, expect_mismatched, llama_dir
     from fastchat.conversation import get_conv_template
 
     convs = [c for c in read_trainable([str(data_dir / name)], Report("t")) if fastchat_accepts(c)]
-    ours = ConversationTokenizer(AutoTokenizer.from_pretrained(llama_dir), "vicuna_v1.1", max_length=MAX_LENGTH)
+    ours = ConversationTokenizer(
+        AutoTokenizer.from_pretrained(llama_dir), "vicuna_v1.1", max_length=MAX_LENGTH
+    )
     reference = AutoTokenizer.from_pretrained(llama_dir)
     assert reference.legacy  # FastChat's masks are only right for legacy Llama tokenizers
     ref_ids, ref_labels, kept = fastchat_preprocess(convs, reference, MAX_LENGTH)
 
     mismatched = compared = untrainable = 0
-    for conv, enc, ids, labels, ok in zip(convs, ours.encode_batch(convs), ref_ids, ref_labels, kept):
+    for conv, enc, ids, labels, ok in zip(
+        convs, ours.encode_batch(convs), ref_ids, ref_labels, kept
+    ):
         if isinstance(enc, SkipRecord):  # no reply starts within max_length: nothing to train on
             assert enc.reason == "no_trainable_tokens_after_truncation" and not ok, conv.id
             untrainable += 1
@@ -54,14 +58,24 @@ def test_ids_and_labels_identical_to_fastchat(name, expect_mismatched, llama_dir
         assert mismatched == expect_mismatched
 
 
-def test_fastchat_masks_away_conversations_with_a_non_legacy_tokenizer(llama_nonlegacy_dir, data_dir, capsys):
+def test_fastchat_masks_away_conversations_with_a_non_legacy_tokenizer(
+    llama_nonlegacy_dir, data_dir, capsys
+):
     """FastChat's offset arithmetic (its `-2`, its legacy branch) breaks on tokenizers it did not
     foresee and silently trains on nothing for those conversations; camelid's masks stay exact
     (test_tokenize checks every conversation with this tokenizer)."""
-    convs = [c for c in read_trainable([str(data_dir / "fastchat_dummy_conversation.json")], Report("t"))]
-    _, _, kept = fastchat_preprocess(convs, AutoTokenizer.from_pretrained(llama_nonlegacy_dir), MAX_LENGTH)
-    ours = ConversationTokenizer(AutoTokenizer.from_pretrained(llama_nonlegacy_dir), "vicuna_v1.1", max_length=MAX_LENGTH)
+    convs = [
+        c for c in read_trainable([str(data_dir / "fastchat_dummy_conversation.json")], Report("t"))
+    ]
+    _, _, kept = fastchat_preprocess(
+        convs, AutoTokenizer.from_pretrained(llama_nonlegacy_dir), MAX_LENGTH
+    )
+    ours = ConversationTokenizer(
+        AutoTokenizer.from_pretrained(llama_nonlegacy_dir), "vicuna_v1.1", max_length=MAX_LENGTH
+    )
     trained = [any(x != IGNORE_INDEX for x in e.labels) for e in ours.encode_batch(convs)]
     with capsys.disabled():
-        print(f"\nnon-legacy tokenizer: FastChat masks away {kept.count(False)} of {len(convs)}; camelid {trained.count(False)}")
+        print(
+            f"\nnon-legacy tokenizer: FastChat masks away {kept.count(False)} of {len(convs)}; camelid {trained.count(False)}"
+        )
     assert kept.count(False) > 0 and all(trained)
