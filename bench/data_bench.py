@@ -77,7 +77,9 @@ def bench_file(name: str, tokenizer, quick: bool) -> dict:
     t_fastchat = best_time(lambda: fastchat_preprocess(fc_subset, tokenizer, MAX_LENGTH), 1)
     _, _, kept = fastchat_preprocess(fc_subset, tokenizer, MAX_LENGTH)
     # a sample FastChat masks away although it has a reply within MAX_LENGTH: a "mismatch"
-    mismatched = sum(not k and hasattr(e, "input_ids") for k, e in zip(kept, ct.encode_batch(fc_subset)))
+    mismatched = sum(
+        not k and hasattr(e, "input_ids") for k, e in zip(kept, ct.encode_batch(fc_subset))
+    )
     lengths = np.array(
         [
             min(len(e.input_ids), MAX_LENGTH)
