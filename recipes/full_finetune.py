@@ -42,6 +42,7 @@ class Run:
     log: RunLog = None
     stop_requested: bool = False
     notes: list = field(default_factory=list)
+    model_path: str = ""
 
 
 def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
@@ -58,6 +59,7 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     model_path, data_path = default_model_and_data(cfg, world)
+    run.model_path = model_path
     run.tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
     pad_id = (
@@ -149,7 +151,11 @@ def train(run: Run) -> None:
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
         if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
             checkpoint.save_checkpoint(
-                run.engine, run.world, cfg, run.step, {"total_steps": run.total_steps}
+                run.engine,
+                run.world,
+                cfg,
+                run.step,
+                {"total_steps": run.total_steps, "model_path": run.model_path},
             )
         if stop:
             if run.world.main:
