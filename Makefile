@@ -47,6 +47,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench.data_bench
+	$(BIN)/python -m bench.train_bench
 
 lint: setup
 	$(BIN)/ruff check .

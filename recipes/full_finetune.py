@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -116,10 +117,11 @@ def train_step(run: Run) -> dict:
     engine, world, plan = run.engine, run.world, run.plan
     global_tokens = plan.global_trained_tokens(run.step)
     micro = plan.micro_batches(run.step, world.rank)
-    loss_sum, tokens, grad_norm = 0.0, 0, None
+    loss_sum, tokens, padded, grad_norm = 0.0, 0, 0, None
     for m, ids in enumerate(micro):
         batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
         tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
+        padded += batch["input_ids"].numel()
         last = m == len(micro) - 1
         with engine.sync_gradients(last):
             # num_items_in_batch: the loss is a token sum over the whole global batch's count
@@ -131,6 +133,7 @@ def train_step(run: Run) -> dict:
     return {
         "loss": world.all_sum(loss_sum),
         "tokens": int(world.all_sum(tokens)),
+        "real_token_share": world.all_sum(tokens) / world.all_sum(padded),
         "grad_norm": grad_norm,
     }
 
@@ -146,7 +149,7 @@ def train(run: Run) -> None:
         time.sleep(STEP_DELAY)
         out = train_step(run)
         run.step += 1
-        run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"],
+        run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"], out["real_token_share"],
                      log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps)  # fmt: skip
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
         if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
@@ -171,6 +174,12 @@ def save(run: Run) -> Path | None:
 
 
 def cleanup(run: Run) -> None:
+    rank_file = Path(run.cfg.output_dir) / "ranks" / f"rank{run.world.rank}.json"
+    info = json.loads(rank_file.read_text())
+    info["peak_rss_mb"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # this rank's peak memory
+    rank_file.write_text(json.dumps(info))
     png = run.log.close()
     if run.world.main and png:
         print(f"loss curve: {png}")

@@ -63,12 +63,19 @@ class RunLog:
         self._t = time.perf_counter()
 
     def step(
-        self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, log: bool
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens: int,
+        real_share: float,
+        log: bool,
     ) -> dict:
         now = time.perf_counter()
         dt, self._t = now - self._t, now
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-               "tokens_per_s": tokens / dt, "step_s": dt}  # fmt: skip
+               "tokens_per_s": tokens / dt, "real_token_share": real_share, "step_s": dt}  # fmt: skip
         if self.peak:
             row["mfu"] = 6 * self.n_params * tokens / dt / (self.peak * self.world)
         if self.main:
