@@ -11,16 +11,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from .formats import iter_conversations
 from .io import replace_dir_atomic
 from .report import Report
 from .schema import Conversation, Message, SkipRecord, validate
+from .templates import SeparatorTemplate
 from .tiny import default_cache_dir
 from .tokenize import ConversationTokenizer
 
-CACHE_VERSION = "1"  # bump when the encoding itself changes
+CACHE_VERSION = "2"  # bump when the encoding itself changes
 COLUMNS = ("id", "input_ids", "labels", "length")
 
 
@@ -59,7 +61,7 @@ def _features():
 
     ids = datasets.Sequence(datasets.Value("int32"))
     return datasets.Features({"id": datasets.Value("string"), "input_ids": ids, "labels": ids,
-                              "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+                              "length": datasets.Value("int32"), "truncated": datasets.Value("string"),
                               "skip": datasets.Value("string")})  # fmt: skip
 
 
@@ -77,7 +79,7 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer) -> dict:
         out["input_ids"].append([] if skipped else enc.input_ids)
         out["labels"].append([] if skipped else enc.labels)
         out["length"].append(0 if skipped else len(enc.input_ids))
-        out["truncated"].append(False if skipped else enc.truncated)
+        out["truncated"].append("" if skipped else enc.truncated)
         out["skip"].append(f"{enc.reason}\t{enc.detail}" if skipped else "")
     return out
 
@@ -96,6 +98,7 @@ def build_dataset(
     data: str | list[str], tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048,
     out: str | None = None, fmt: str | None = None, train_on_inputs: bool = False, num_proc: int = 1,
     cache_dir: str | None = None, strict: bool = False, report_path: str | None = None, quiet: bool = False,
+    max_source_length: int | None = None, max_target_length: int | None = None,
 ):  # fmt: skip
     """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
     import datasets
@@ -104,12 +107,17 @@ def build_dataset(
     paths = [data] if isinstance(data, str | os.PathLike) else list(data)
     tok = load_tokenizer(tokenizer)
     encoder = ConversationTokenizer(
-        tok, template, max_length=max_length, train_on_inputs=train_on_inputs
+        tok, template, max_length=max_length, train_on_inputs=train_on_inputs,
+        max_source_length=max_source_length, max_target_length=max_target_length,
+    )  # fmt: skip
+    # a custom template (a dict or a file) is keyed by its content, not its name
+    template_key = (
+        repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
     )
     key_src = json.dumps({
         "version": CACHE_VERSION, "data": [_file_digest(Path(p)) if Path(p).exists() else str(p) for p in paths],
-        "tokenizer": tokenizer_fingerprint(tok), "template": template, "max_length": max_length,
-        "format": fmt, "train_on_inputs": train_on_inputs,
+        "tokenizer": tokenizer_fingerprint(tok), "template": template_key, "max_length": max_length,
+        "max_source_length": max_source_length, "max_target_length": max_target_length, "format": fmt, "train_on_inputs": train_on_inputs,
     }, sort_keys=True)  # fmt: skip
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     root = Path(cache_dir or default_cache_dir()) / "datasets"
@@ -152,7 +160,10 @@ def build_dataset(
                     report.skip(
                         "tokenize", f"conversation {i} (id {rid})", SkipRecord(reason, detail)
                     )
-            report.truncated = sum(encoded["truncated"])
+            cuts = Counter(c for t in encoded["truncated"] if t for c in t.split(","))
+            report.truncated = sum(bool(t) for t in encoded["truncated"])
+            if cuts:
+                report.notes["truncated_by"] = dict(sorted(cuts.items()))
             ds = encoded.filter(
                 lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow")
             )
@@ -160,7 +171,7 @@ def build_dataset(
             report.written = len(ds)
             lengths = ds["length"]
             report.notes.update({
-                "template": template, "max_length": max_length, "tokens": int(sum(lengths)),
+                "template": getattr(encoder.template, "name", str(template)), "max_length": max_length, "tokens": int(sum(lengths)),
                 "max_tokens": int(max(lengths, default=0)), "boundary_splits": encoder.boundary_splits,
             })  # fmt: skip
             staged = Path(tmp) / "dataset"

@@ -200,7 +200,7 @@ def inspect(data, tokenizer: str, template: str = "vicuna_v1.1", index: int = 0,
     replies = sum(m.role == ASSISTANT for m in pick[0].messages)
     text = (
         f"id {pick[0].id}: {len(enc.input_ids)} tokens, {n_trained} trained, {replies} assistant replies"
-        f"{' (truncated)' if enc.truncated else ''}   [{legend}]\n"
+        f"{f' (truncated: {enc.truncated})' if enc.truncated else ''}   [{legend}]\n"
         + render_masks(tok, enc.input_ids, enc.labels, color)
     )
     print(text)
@@ -218,10 +218,13 @@ def identity(out: str, name: str = "Camelid", org: str = "the camelid developers
 
 def build(data, tokenizer: str, out: str | None = None, template: str = "vicuna_v1.1", max_length: int = 2048,
           fmt: str | None = None, train_on_inputs: bool = False, num_proc: int = 1, cache_dir: str | None = None,
-          strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
-    """Tokenize with assistant-only masks into a `datasets` folder (rows: input_ids, labels, length)."""
+          strict: bool = False, report: str | None = None, max_source_length: int | None = None,
+          max_target_length: int | None = None) -> Report:  # fmt: skip
+    """Tokenize with assistant-only masks into a `datasets` folder (rows: input_ids, labels, length).
+    max_source_length / max_target_length cap each prompt / reply turn (QLoRA recipes' limits)."""
     _, rep = build_dataset(input_paths(data), tokenizer, template, max_length, out, fmt, train_on_inputs,
-                           num_proc, cache_dir, strict, report)  # fmt: skip
+                           num_proc, cache_dir, strict, report, max_source_length=max_source_length,
+                           max_target_length=max_target_length)  # fmt: skip
     return rep
 
 

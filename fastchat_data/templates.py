@@ -182,7 +182,33 @@ def special_tokens(tokenizer) -> list[str]:
     return sorted((n for n in names if n), key=len, reverse=True)
 
 
-def get_template(name: str, tokenizer=None):
+def custom_template(spec: dict, where: str = "template") -> SeparatorTemplate:
+    """A SeparatorTemplate from a recipe's own fields, e.g. a system text of its own:
+    {"system": "...", "user": "USER", "assistant": "ASSISTANT", "sep": " ", "sep2": "{eos}"}."""
+    known = {f for f in SeparatorTemplate.__dataclass_fields__ if f != "name"}
+    unknown = set(spec) - known - {"name"}
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown template keys {sorted(unknown)}; known: {sorted(known)}"
+        )
+    base = TEMPLATES["vicuna_v1.1"]
+    fields = {k: spec.get(k, getattr(base, k)) for k in known}
+    return SeparatorTemplate(name=str(spec.get("name", "custom")), **fields)
+
+
+def get_template(name, tokenizer=None):
+    """A template by name, a dict of SeparatorTemplate fields, or a .yaml / .json file of one."""
+    if isinstance(name, dict):
+        return custom_template(name)
+    if isinstance(name, str) and name.endswith((".yaml", ".yml", ".json")):
+        from pathlib import Path
+
+        import yaml  # JSON is YAML too
+
+        path = Path(name)
+        if not path.exists():
+            raise ValueError(f"template file {name} does not exist")
+        return custom_template(yaml.safe_load(path.read_text()) or {}, where=name)
     if name == CHAT_TEMPLATE:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat_template' needs a tokenizer that has a chat template")

@@ -32,7 +32,7 @@ IGNORE_INDEX = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool = False
+    truncated: str = ""  # "" or what was cut: "source", "target", "max_length" (comma-joined)
 
 
 def _without_first_prepend(config: dict) -> bool:
@@ -67,10 +67,15 @@ class ConversationTokenizer:
         template: str | object,
         max_length: int | None = None,
         train_on_inputs: bool = False,
+        max_source_length: int | None = None,
+        max_target_length: int | None = None,
     ):
         self.tokenizer = tokenizer
-        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
+        self.template = (
+            get_template(template, tokenizer) if isinstance(template, str | dict) else template
+        )
         self.max_length = max_length
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.train_on_inputs = train_on_inputs
         self.eos = tokenizer.eos_token
         names = special_tokens(tokenizer)
@@ -89,6 +94,7 @@ class ConversationTokenizer:
             self._leading_special_ids() if getattr(self.template, "add_bos", False) else []
         )
         self.boundary_splits = 0  # pieces re-tokenized because a token straddled a mask boundary
+        self._tag_tokens = self._assistant_tag_tokens() if max_source_length else 0
         self.matches_tokenizer = self._self_check()
         if not self.matches_tokenizer:
             warnings.warn(
@@ -115,6 +121,42 @@ class ConversationTokenizer:
         text = "Hi there" + (self.eos or "") + "USER: again \n and  more"
         ids, _ = self._encode_segments([[Segment(text, literal=True)]])[0]
         return ids == list(self.tokenizer(text, add_special_tokens=bool(self._prefix))["input_ids"])
+
+    def _assistant_tag_tokens(self) -> int:
+        """Tokens the template puts between the last user message and the reply
+        ("ASSISTANT:", "<|im_start|>assistant\n"): source truncation keeps them."""
+        from .schema import USER, Message
+
+        probe = Conversation(id="probe", system="", messages=[Message(USER, "x")])
+        with_tag = self._encode_segments([self.template.generation_prompt(probe, self.eos)])[0][0]
+        without = self._encode_segments([self.template.render(probe, self.eos)])[0][0]
+        return max(len(with_tag) - len(without), 0)
+
+    def _truncate_turns(self, ids: list[int], labels: list[int]) -> tuple[list, list, list]:
+        """Per-turn limits, as QLoRA recipes set them: every run of untrained tokens (a prompt:
+        template, system, user message) keeps at most max_source_length tokens, its head and
+        the assistant tag that ends it; every run of trained tokens (a reply) keeps its first
+        max_target_length tokens. Returns ids, labels and what was cut."""
+        out_ids, out_labels, cut = [], [], []
+        start = 0
+        while start < len(ids):
+            trained = labels[start] != IGNORE_INDEX
+            end = start
+            while end < len(ids) and (labels[end] != IGNORE_INDEX) == trained:
+                end += 1
+            limit = self.max_target_length if trained else self.max_source_length
+            keep = list(range(start, end))
+            if limit is not None and end - start > limit:
+                if trained:
+                    keep = keep[:limit]
+                else:
+                    tail = min(self._tag_tokens, limit) if end < len(ids) else 0
+                    keep = keep[: limit - tail] + (keep[len(keep) - tail :] if tail else [])
+                cut.append("target" if trained else "source")
+            out_ids += [ids[i] for i in keep]
+            out_labels += [labels[i] for i in keep]
+            start = end
+        return out_ids, out_labels, cut
 
     # -- segments -> pieces -> ids ---------------------------------------------------------
     def _split_specials(self, text: str) -> tuple[str, ...]:
@@ -260,9 +302,13 @@ class ConversationTokenizer:
                 out.append(r)
                 continue
             ids, labels = next(it)
-            truncated = self.max_length is not None and len(ids) > self.max_length
-            if truncated:
+            cut = []
+            if self.max_source_length or self.max_target_length:
+                ids, labels, cut = self._truncate_turns(ids, labels)
+            if self.max_length is not None and len(ids) > self.max_length:
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
+                cut.append("max_length")
+            truncated = ",".join(sorted(set(cut)))
             if labels.count(IGNORE_INDEX) == len(labels):
                 why = "no_trainable_tokens_after_truncation" if truncated else "no_trainable_tokens"
                 out.append(SkipRecord(why, f"{len(ids)} tokens, none of them an assistant reply"))

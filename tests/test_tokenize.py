@@ -140,6 +140,64 @@ def test_truncation_is_counted_and_untrainable_rows_skipped(tokenizers):
     assert isinstance(res, SkipRecord) and res.reason == "no_trainable_tokens_after_truncation"
 
 
+def trained_spans(labels) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, lab in enumerate([*labels, IGNORE_INDEX]):
+        if lab != IGNORE_INDEX and start is None:
+            start = i
+        elif lab == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+@pytest.mark.parametrize("flavour", ["llama", "chatml"])
+def test_source_and_target_limits_cut_each_turn_and_keep_the_assistant_tag(tokenizers, flavour):
+    tok, template = tokenizers[flavour]
+    c = conv("word " * 60, "reply " * 50, "short", "ok", system="S.")
+    full = ConversationTokenizer(tok, template).encode(c)
+    ct = ConversationTokenizer(tok, template, max_source_length=12, max_target_length=7)
+    enc = ct.encode(c)
+    assert enc.truncated == "source,target"
+    runs = trained_spans(enc.labels)
+    assert [b - a for a, b in runs][0] == 7  # the long reply keeps its first 7 tokens
+    a0, _ = trained_spans(full.labels)[0]
+    assert enc.input_ids[runs[0][0] : runs[0][1]] == full.input_ids[a0 : a0 + 7]
+    assert runs[0][0] == 12  # the first prompt is cut to 12 tokens ...
+    tag = ct._tag_tokens
+    assert tag > 0 and enc.input_ids[12 - tag : 12] == full.input_ids[a0 - tag : a0]  # ... tag kept
+    assert enc.input_ids[: 12 - tag] == full.input_ids[: 12 - tag]  # ... and its head
+    # the short second turn is untouched
+    assert enc.input_ids[runs[0][1] :][-8:] == full.input_ids[-8:]
+    untouched = ConversationTokenizer(tok, template, max_source_length=500, max_target_length=500)
+    same = untouched.encode(c)
+    assert same.truncated == "" and same.input_ids == full.input_ids
+
+
+def test_custom_template_from_a_dict_or_file(tokenizers, tmp_path):
+    tok, _ = tokenizers["llama"]
+    spec = {
+        "system": "你是人工智慧助理。",
+        "user": "USER",
+        "assistant": "ASSISTANT",
+        "sep": " ",
+        "sep2": "{eos}",
+    }
+    ct = ConversationTokenizer(tok, spec)
+    assert ct.render_text(conv("hi", "hello")).startswith(
+        "你是人工智慧助理。 USER: hi ASSISTANT: hello"
+    )
+    assert_exact(ct, conv("hi", "hello"), ct.encode(conv("hi", "hello")))
+    (tmp_path / "t.yaml").write_text("system: Be brief.\nsep2: '{eos}'\n")
+    assert (
+        ConversationTokenizer(tok, str(tmp_path / "t.yaml"))
+        .render_text(conv("a", "b"))
+        .startswith("Be brief. USER: a ASSISTANT: b")
+    )
+    with pytest.raises(ValueError, match="unknown template keys"):
+        ConversationTokenizer(tok, {"sytem": "typo"})
+
+
 def test_train_on_inputs(tokenizers):
     tok, template = tokenizers["llama"]
     enc = ConversationTokenizer(tok, template, train_on_inputs=True).encode(conv("q", "a"))
