@@ -4,18 +4,12 @@
     make train-vicuna NGPU=4 STRATEGY=fsdp   (launch/ picks torchrun or the deepspeed launcher)
 
 setup() -> train() -> save() -> cleanup(), read top to bottom. The shared pieces (arguments,
-data module, engines, checkpoints, logging) live in recipes/core.
+data module, engines, checkpoints, the loop, logging) live in recipes/core.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import signal
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
@@ -25,147 +19,19 @@ import torch
 
 from recipes.core import checkpoint
 from recipes.core.config import ConfigError, TrainConfig, load_config
-from recipes.core.data import BatchPlan, TrainData, default_model_and_data, load_train_set
-from recipes.core.distributed import World, init_world, make_engine
-from recipes.core.logging import RunLog, peak_flops
-
-
-@dataclass
-class Run:
-    cfg: TrainConfig
-    world: World
-    tokenizer: object = None
-    engine: object = None
-    plan: BatchPlan = None
-    data: TrainData = None
-    total_steps: int = 0
-    step: int = 0
-    log: RunLog = None
-    stop_requested: bool = False
-    notes: list = field(default_factory=list)
-    model_path: str = ""
+from recipes.core.loop import Run, finish, prepare, start, train
 
 
 def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    world = init_world(cfg.strategy)
-    run = Run(cfg, world, notes=notes or [])
-    if world.main:
-        for note in run.notes:
-            print(f"note: {note}")
-        checkpoint.check_output_dir(cfg)
-    torch.manual_seed(cfg.seed)
-    if cfg.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    model_path, data_path = default_model_and_data(cfg, world)
-    run.model_path = model_path
-    run.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
-    pad_id = (
-        run.tokenizer.pad_token_id
-        if run.tokenizer.pad_token_id is not None
-        else run.tokenizer.eos_token_id
-    )
-    run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_id)
-    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
-    run.total_steps = (
-        cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
-    )
-
+    run = prepare(cfg, notes)
     # Every rank loads the whole model on CPU; FSDP / ZeRO-3 then shard it.
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    n_params = sum(p.numel() for p in model.parameters())
-    run.engine = make_engine(model, cfg, world, run.total_steps)
-
-    # rank 0 checked (or, overwriting, cleared) the output directory before the barriers above
-    resume_from = checkpoint.latest_checkpoint(cfg.output_dir)
-    if resume_from is not None:
-        run.step = checkpoint.load_checkpoint(run.engine, world, resume_from)["step"]
-        if world.main:
-            print(f"resumed from {resume_from} (step {run.step})")
-    if world.main:
-        print(f"{cfg.strategy} on {world.size} x {world.device.type}: {n_params / 1e6:.1f}M parameters, "
-              f"{len(train_set)} conversations{f' in {len(run.data.units)} packed rows' if cfg.packing else ''}, "
-              f"{run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
-              f"global batch {run.plan.global_size}")  # fmt: skip
-    record_rank(run)
-    run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
-                     peak_flops(cfg.peak_tflops), cfg.report_to == "tensorboard")  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
-    return run
-
-
-def record_rank(run: Run) -> None:
-    """Each rank writes what it is and what it trains on first: the proof, for tests and for
-    users, that N processes form one job and see different data (not N copies of one run)."""
-    world = run.world
-    ids = [int(i) for b in run.plan.micro_batches(run.step, world.rank) for i in b]
-    path = Path(run.cfg.output_dir) / "ranks" / f"rank{world.rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    actual = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    path.write_text(json.dumps({"rank": world.rank, "world_size": actual, "device": str(world.device),
-                                "step": run.step, "sample_ids": ids}))  # fmt: skip
-
-
-def train_step(run: Run) -> dict:
-    """One optimizer step over this rank's micro-batches of the global batch `run.step`."""
-    engine, world, plan = run.engine, run.world, run.plan
-    global_tokens = plan.global_trained_tokens(run.step)
-    micro = plan.micro_batches(run.step, world.rank)
-    loss_sum, tokens, padded, grad_norm = 0.0, 0, 0, None
-    for m, ids in enumerate(micro):
-        batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
-        tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
-        padded += batch["input_ids"].numel()
-        last = m == len(micro) - 1
-        with engine.sync_gradients(last):
-            # num_items_in_batch: the loss is a token sum over the whole global batch's count
-            # use_cache=False: no KV cache in training (with one, packed rows would not be detected)
-            loss = engine.forward(**batch, num_items_in_batch=global_tokens, use_cache=False).loss
-            engine.backward(loss)
-        grad_norm = engine.step(last)
-        loss_sum += loss.item()
-    return {
-        "loss": world.all_sum(loss_sum),
-        "tokens": int(world.all_sum(tokens)),
-        "real_token_share": world.all_sum(tokens) / world.all_sum(padded),
-        "grad_norm": grad_norm,
-    }
-
-
-# Testing aid: seconds to pause after each step, so that an external kill -9 lands at a
-# chosen step of a tiny model whose steps take milliseconds.
-STEP_DELAY = float(os.environ.get("CAMELID_STEP_DELAY", "0"))
-
-
-def train(run: Run) -> None:
-    cfg = run.cfg
-    while run.step < run.total_steps:
-        time.sleep(STEP_DELAY)
-        out = train_step(run)
-        run.step += 1
-        run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"], out["real_token_share"],
-                     log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps)  # fmt: skip
-        stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
-        if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
-            checkpoint.save_checkpoint(
-                run.engine,
-                run.world,
-                cfg,
-                run.step,
-                {"total_steps": run.total_steps, "model_path": run.model_path},
-            )
-        if stop:
-            if run.world.main:
-                print(
-                    f"SIGTERM: saved a checkpoint at step {run.step}; relaunch the same command to resume"
-                )
-            raise SystemExit(0)
+    return start(run, model)
 
 
 def save(run: Run) -> Path | None:
@@ -173,18 +39,7 @@ def save(run: Run) -> Path | None:
     return checkpoint.export_hf(run.engine, run.world, run.tokenizer, out)
 
 
-def cleanup(run: Run) -> None:
-    rank_file = Path(run.cfg.output_dir) / "ranks" / f"rank{run.world.rank}.json"
-    info = json.loads(rank_file.read_text())
-    info["peak_rss_mb"] = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )  # this rank's peak memory
-    rank_file.write_text(json.dumps(info))
-    png = run.log.close()
-    if run.world.main and png:
-        print(f"loss curve: {png}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+cleanup = finish
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -30,8 +31,10 @@ class TrainConfig:
     # model and data; with neither given, the tiny model trains on the embedded identity data
     model_name_or_path: str | None = None
     data_path: str | None = None
-    template: str = "vicuna_v1.1"
+    template: str | dict = "vicuna_v1.1"  # a name, a YAML/JSON file, or a dict of template fields
     model_max_length: int = 2048
+    max_source_length: int | None = None  # per prompt turn (QLoRA recipes cap these separately)
+    max_target_length: int | None = None  # per reply
     output_dir: str = "runs/vicuna"
     overwrite_output_dir: bool = False
     # optimisation (FastChat's Vicuna defaults)
@@ -44,6 +47,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
     max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"  # or paged_adamw_32bit, paged_adamw_8bit, adamw_8bit (bitsandbytes)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -72,6 +76,12 @@ class TrainConfig:
     def check(self) -> TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.optim != "adamw_torch" and self.strategy.startswith("zero"):
+            raise ConfigError(
+                f"optim {self.optim} is a bitsandbytes optimizer; ZeRO needs adamw_torch"
+            )
         for name in (
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
@@ -135,6 +145,8 @@ def _types(cls=TrainConfig) -> dict:
 
 def _coerce(name: str, value, cls=TrainConfig):
     current = getattr(cls(), name)
+    if name == "template" and isinstance(value, dict):
+        return value
     if isinstance(value, str):
         value = _parse_value(value, current, name)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -48,7 +48,8 @@ def default_model_and_data(cfg: TrainConfig, world) -> tuple[str, str]:
 def load_train_set(cfg: TrainConfig, data_path: str, tokenizer, world):
     """Rank 0 tokenizes (or finds it cached); the others then load the cached Arrow files."""
     args = dict(template=cfg.template, max_length=cfg.model_max_length, train_on_inputs=cfg.train_on_inputs,
-                num_proc=cfg.num_proc, cache_dir=cfg.cache_dir)  # fmt: skip
+                num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
+                max_target_length=cfg.max_target_length)  # fmt: skip
     if world.main:
         ds, report = build_dataset(data_path, tokenizer, **args)
     world.barrier()

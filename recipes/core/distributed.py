@@ -97,10 +97,18 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-    )  # fmt: skip
+    """torch AdamW, or bitsandbytes' paged / 8-bit AdamW (QLoRA's memory savers; without CUDA
+    bitsandbytes runs them unpaged)."""
+    kwargs = dict(
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+    )
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "adamw_8bit": bnb.optim.AdamW8bit}[cfg.optim]  # fmt: skip
+    return cls(param_groups(model, cfg.weight_decay), **kwargs)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -120,7 +128,8 @@ class TorchEngine:
             world,
             cfg.strategy if world.size > 1 else "single",
         )
-        model.to(world.device)
+        if not getattr(model, "is_quantized", False):  # bitsandbytes placed those when loading
+            model.to(world.device)
         if self.strategy == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -206,15 +215,24 @@ class TorchEngine:
         )
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
-    def full_state_dict(self) -> dict:
-        """The whole model on rank 0's CPU, gathered layer by layer (never whole on a GPU)."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
+        """The whole model (or its trained parameters: an adapter) on rank 0's CPU, gathered
+        layer by layer (never whole on a GPU)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if self.strategy == "fsdp":
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.module, options=opts)
+            sd = get_model_state_dict(self.module, options=opts)
+            if trainable_only:
+                keep = {n for n, p in self.module.named_parameters() if p.requires_grad}
+                sd = {k: v for k, v in sd.items() if k in keep}
+            return sd
         if not self.world.main:
             return {}
+        if trainable_only:
+            return {
+                n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad
+            }
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
 
@@ -294,18 +312,22 @@ class DeepSpeedEngine:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path / 'deepspeed'}")
 
-    def full_state_dict(self) -> dict:
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
         """ZeRO-3: parameters gathered one by one in 16 bit (the model's dtype) onto rank 0's
-        CPU; ZeRO-2: every rank holds the whole model already."""
+        CPU; ZeRO-2: every rank holds the whole model already. trainable_only: an adapter's
+        parameters, which under ZeRO-3 are partitioned like the rest (a plain state_dict()
+        would hold empty placeholders)."""
         if self.strategy.startswith("zero3"):
             from deepspeed.runtime.zero import GatheredParameters
 
             sd = {}
             for name, param in self.module.named_parameters():
+                if trainable_only and not param.requires_grad:
+                    continue
                 with GatheredParameters([param], modifier_rank=None):  # one tensor at a time
                     if self.world.main:
                         sd[name] = param.detach().to("cpu", copy=True)
-            if self.world.main:
+            if self.world.main and not trainable_only:
                 sd.update(
                     {
                         k: v.detach().cpu()
@@ -316,6 +338,10 @@ class DeepSpeedEngine:
             return sd
         if not self.world.main:
             return {}
+        if trainable_only:
+            return {
+                n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad
+            }
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
 

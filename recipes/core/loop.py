@@ -1,0 +1,179 @@
+"""The training loop every recipe shares: a Run, one optimizer step, the loop with its
+checkpoints and SIGTERM handling, and the end-of-run bookkeeping.
+
+A recipe builds its model its own way (full weights, or a quantized base with an adapter),
+hands it to `start(run, model)`, then calls train(), its own save(), and finish().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import BatchPlan, TrainData, default_model_and_data, load_train_set
+from .distributed import World, init_world, make_engine
+from .logging import RunLog, peak_flops
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    world: World
+    tokenizer: object = None
+    engine: object = None
+    plan: BatchPlan = None
+    data: TrainData = None
+    total_steps: int = 0
+    step: int = 0
+    log: RunLog = None
+    stop_requested: bool = False
+    notes: list = field(default_factory=list)
+    model_path: str = ""
+
+
+def prepare(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
+    """Process group, output directory check, tokenizer, the cached training set, batch plan."""
+    from transformers import AutoTokenizer
+
+    world = init_world(cfg.strategy)
+    run = Run(cfg, world, notes=notes or [])
+    if world.main:
+        for note in run.notes:
+            print(f"note: {note}")
+        checkpoint.check_output_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    model_path, data_path = default_model_and_data(cfg, world)
+    run.model_path = model_path
+    run.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
+    pad_id = (
+        run.tokenizer.pad_token_id
+        if run.tokenizer.pad_token_id is not None
+        else run.tokenizer.eos_token_id
+    )
+    run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_id)
+    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
+    run.total_steps = (
+        cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
+    )
+    return run
+
+
+def start(run: Run, model, engine=None, what: str = "") -> Run:
+    """Wrap `model` in the strategy's engine, resume from the newest complete checkpoint,
+    open the run log. `what` describes the model in the start-up line."""
+    cfg, world = run.cfg, run.world
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.engine = engine or make_engine(model, cfg, world, run.total_steps)
+    # rank 0 checked (or, overwriting, cleared) the output directory in prepare()
+    resume_from = checkpoint.latest_checkpoint(cfg.output_dir)
+    if resume_from is not None:
+        run.step = checkpoint.load_checkpoint(run.engine, world, resume_from)["step"]
+        if world.main:
+            print(f"resumed from {resume_from} (step {run.step})")
+    if world.main:
+        trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained != n_params else ""
+        print(f"{cfg.strategy} on {world.size} x {world.device.type}: {what}{n_params / 1e6:.1f}M parameters{trained}, "
+              f"{len(run.data.ds)} conversations{f' in {len(run.data.units)} packed rows' if cfg.packing else ''}, "
+              f"{run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
+              f"global batch {run.plan.global_size}")  # fmt: skip
+    record_rank(run)
+    # MFU counts the forward+backward of all parameters (6N per token), frozen ones included
+    run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
+                     peak_flops(cfg.peak_tflops), cfg.report_to == "tensorboard")  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
+    return run
+
+
+def record_rank(run: Run) -> None:
+    """Each rank writes what it is and what it trains on first: the proof, for tests and for
+    users, that N processes form one job and see different data (not N copies of one run)."""
+    world = run.world
+    ids = [int(i) for b in run.plan.micro_batches(run.step, world.rank) for i in b]
+    path = Path(run.cfg.output_dir) / "ranks" / f"rank{world.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    actual = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    path.write_text(json.dumps({"rank": world.rank, "world_size": actual, "device": str(world.device),
+                                "step": run.step, "sample_ids": ids}))  # fmt: skip
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over this rank's micro-batches of the global batch `run.step`."""
+    engine, world, plan = run.engine, run.world, run.plan
+    global_tokens = plan.global_trained_tokens(run.step)
+    micro = plan.micro_batches(run.step, world.rank)
+    loss_sum, tokens, padded, grad_norm = 0.0, 0, 0, None
+    for m, ids in enumerate(micro):
+        batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
+        tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
+        padded += batch["input_ids"].numel()
+        last = m == len(micro) - 1
+        with engine.sync_gradients(last):
+            # num_items_in_batch: the loss is a token sum over the whole global batch's count
+            # use_cache=False: no KV cache in training (with one, packed rows would not be detected)
+            loss = engine.forward(**batch, num_items_in_batch=global_tokens, use_cache=False).loss
+            engine.backward(loss)
+        grad_norm = engine.step(last)
+        loss_sum += loss.item()
+    return {
+        "loss": world.all_sum(loss_sum),
+        "tokens": int(world.all_sum(tokens)),
+        "real_token_share": world.all_sum(tokens) / world.all_sum(padded),
+        "grad_norm": grad_norm,
+    }
+
+
+# Testing aid: seconds to pause after each step, so that an external kill -9 lands at a
+# chosen step of a tiny model whose steps take milliseconds.
+STEP_DELAY = float(os.environ.get("CAMELID_STEP_DELAY", "0"))
+
+
+def train(run: Run) -> None:
+    cfg = run.cfg
+    while run.step < run.total_steps:
+        time.sleep(STEP_DELAY)
+        out = train_step(run)
+        run.step += 1
+        run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"], out["real_token_share"],
+                     log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps)  # fmt: skip
+        stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
+        if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
+            checkpoint.save_checkpoint(
+                run.engine,
+                run.world,
+                cfg,
+                run.step,
+                {"total_steps": run.total_steps, "model_path": run.model_path},
+            )
+        if stop:
+            if run.world.main:
+                print(
+                    f"SIGTERM: saved a checkpoint at step {run.step}; relaunch the same command to resume"
+                )
+            raise SystemExit(0)
+
+
+def finish(run: Run) -> None:
+    """Peak memory into this rank's record, the loss curve, and the process group down."""
+    rank_file = Path(run.cfg.output_dir) / "ranks" / f"rank{run.world.rank}.json"
+    info = json.loads(rank_file.read_text())
+    info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rank_file.write_text(json.dumps(info))
+    png = run.log.close()
+    if run.world.main and png:
+        print(f"loss curve: {png}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,241 @@
+"""Did fine-tuning help? Mean perplexity on held-out conversations, the QLoRA course's way.
+
+    python -m recipes.eval --model BASE --data heldout.json --adapter runs/qlora/adapter \
+        [--shots 3] [--generate 50] [--out eval.json]
+
+Rows: the base zero-shot, the base with `--shots` solved examples before each question
+(few-shot), and the base with each adapter. Perplexity of a conversation = exp(mean negative
+log-likelihood of its assistant tokens, as the training masks define them); the table shows
+the mean over conversations (the reference's number) and the median. `--generate N` also
+answers the first N questions greedily and scores the answers against the references with
+ROUGE-1/2/L and BLEU-4. Printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from fastchat_data.build import read_trainable
+from fastchat_data.report import Report
+from fastchat_data.schema import ASSISTANT, Conversation, SkipRecord
+from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
+from recipes.core.config import ConfigError
+from recipes.core.data import collate
+from recipes.core.metrics import text_scores
+
+
+def load_conversations(path: str, limit: int | None) -> list[Conversation]:
+    report = Report("eval")
+    convs = list(read_trainable([path], report))
+    if report.dropped_total:
+        report.emit()  # counted, never silent
+    if not convs:
+        raise ConfigError(f"{path}: no usable conversation to evaluate")
+    return convs[:limit] if limit else convs
+
+
+def with_shots(conv: Conversation, shots: list[Conversation]) -> Conversation:
+    """The solved examples as earlier turns of the same conversation."""
+    messages = [m for s in shots for m in s.messages] + list(conv.messages)
+    return Conversation(conv.id, messages, system=conv.system)
+
+
+def only_last_replies(labels: list[int], keep_from_run: int) -> list[int]:
+    """Mask the first `keep_from_run` trained runs (the shots' answers): only the
+    conversation's own replies count."""
+    out, run, inside = list(labels), -1, False
+    for i, lab in enumerate(labels):
+        if lab != IGNORE_INDEX and not inside:
+            run += 1
+        inside = lab != IGNORE_INDEX
+        if inside and run < keep_from_run:
+            out[i] = IGNORE_INDEX
+    return out
+
+
+@torch.no_grad()
+def perplexities(
+    model, encoder: ConversationTokenizer, convs, shots, batch_size: int
+) -> tuple[list, int]:
+    """Per-conversation perplexity; also how many were cut by max_length."""
+    rows, cut = [], 0
+    shot_runs = sum(m.role == ASSISTANT for s in shots for m in s.messages)
+    for conv in convs:
+        try:
+            enc = encoder.encode(with_shots(conv, shots) if shots else conv)
+        except SkipRecord:  # nothing left to score after truncation: counted as cut, not scored
+            cut += 1
+            rows.append(None)
+            continue
+        labels = only_last_replies(enc.labels, shot_runs) if shots else enc.labels
+        cut += bool(enc.truncated)
+        rows.append({"input_ids": enc.input_ids, "labels": labels})
+    pad = (
+        encoder.tokenizer.pad_token_id
+        if encoder.tokenizer.pad_token_id is not None
+        else encoder.tokenizer.eos_token_id
+    )
+    order = sorted(
+        (i for i, r in enumerate(rows) if r), key=lambda i: len(rows[i]["input_ids"])
+    )  # less padding
+    result = [math.nan] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in idx], pad).items()}
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.float()
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counted = (targets != IGNORE_INDEX).sum(1)
+        for j, i in enumerate(idx):
+            if counted[j] > 0:
+                result[i] = math.exp((nll[j].sum() / counted[j]).item())
+    return result, cut
+
+
+@torch.no_grad()
+def answers(
+    model, encoder: ConversationTokenizer, convs, shots, max_new_tokens: int
+) -> tuple[list, list]:
+    """Greedy answers to each conversation's last question, and the reference answers."""
+    preds, refs = [], []
+    tok = encoder.tokenizer
+    for conv in convs:
+        last = max(i for i, m in enumerate(conv.messages) if m.role == ASSISTANT)
+        question = Conversation(conv.id, list(conv.messages[:last]), system=conv.system)
+        ids = encoder.encode_prompt(with_shots(question, shots) if shots else question)
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip
+        preds.append(tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+        refs.append(conv.messages[last].content)
+    return preds, refs
+
+
+def load_model(path: str, quantization: str, adapter: str | None = None):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from recipes.core.lora import load_adapter
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (
+        torch.bfloat16
+        if device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else torch.float32
+    )
+    kwargs = {}
+    if quantization == "nf4":  # evaluate on the base the adapter was trained on
+        kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype), device_map={"": device})  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if not kwargs:
+        model.to(device)
+    if adapter:
+        model = load_adapter(model, adapter)
+    return model.eval()
+
+
+def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str = "vicuna_v1.1",
+             shots: int = 0, shots_from: str | None = None, max_samples: int | None = None,
+             generate: int = 0, max_new_tokens: int = 128, max_length: int = 2048,
+             batch_size: int = 4, quantization: str = "none") -> dict:  # fmt: skip
+    from transformers import AutoTokenizer
+
+    for p in [model_path, data, *adapters, *([shots_from] if shots_from else [])]:
+        if not Path(p).exists():
+            raise ConfigError(f"{p} does not exist")
+    convs = load_conversations(data, None)
+    pool = load_conversations(shots_from, None) if shots_from else None
+    if shots and pool is None:  # shots from the held-out file's tail, then not evaluated
+        if len(convs) <= shots:
+            raise ConfigError(
+                f"{data} has {len(convs)} conversations: too few to take {shots} shots from"
+            )
+        convs, pool = convs[:-shots], convs[-shots:]
+    convs = convs[:max_samples] if max_samples else convs
+    shot_convs = list(pool[:shots]) if shots else []
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encoder = ConversationTokenizer(tokenizer, template, max_length=max_length)
+
+    variants = [("zero-shot", None, [])]
+    if shots:
+        variants.append((f"few-shot ({shots} examples)", None, shot_convs))
+    variants += [(f"adapter {a}", a, []) for a in adapters]
+    rows = []
+    for name, adapter, these_shots in variants:
+        model = load_model(model_path, quantization, adapter)
+        ppl, cut = perplexities(model, encoder, convs, these_shots, batch_size)
+        finite = [p for p in ppl if math.isfinite(p)]
+        row = {"model": name, "mean_perplexity": statistics.fmean(finite), "median_perplexity": statistics.median(finite),
+               "samples": len(finite), "truncated": cut}  # fmt: skip
+        if generate:
+            preds, refs = answers(model, encoder, convs[:generate], these_shots, max_new_tokens)
+            row.update(text_scores(preds, refs))
+            row["examples"] = [
+                {"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]
+            ]
+        rows.append(row)
+        del model
+    return {"model": model_path, "data": data, "template": template if isinstance(template, str) else "custom",
+            "quantization": quantization, "rows": rows}  # fmt: skip
+
+
+def format_table(result: dict) -> str:
+    text_cols = [c for c in ("rouge1", "rouge2", "rougeL", "bleu") if c in result["rows"][0]]
+    head = f"{'model':<44}{'mean ppl':>10}{'median':>9}{'samples':>9}" + "".join(
+        f"{c:>8}" for c in text_cols
+    )
+    lines = [head]
+    for r in result["rows"]:
+        name = r["model"] if len(r["model"]) <= 42 else "..." + r["model"][-39:]
+        lines.append(f"{name:<44}{r['mean_perplexity']:>10.2f}{r['median_perplexity']:>9.2f}{r['samples']:>9}"
+                     + "".join(f"{r[c]:>8.1f}" for c in text_cols))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="base model folder")
+    p.add_argument(
+        "--data", required=True, help="held-out conversations (any fastchat_data format)"
+    )
+    p.add_argument("--adapter", action="append", default=[], help="an adapter folder (repeatable)")
+    p.add_argument("--template", default="vicuna_v1.1", help="name, or a YAML/JSON template file")
+    p.add_argument("--shots", type=int, default=0, help="few-shot row with this many examples")
+    p.add_argument("--shots_from", help="file to take the examples from (default: the data's tail)")
+    p.add_argument("--max_samples", type=int)
+    p.add_argument(
+        "--generate", type=int, default=0, help="also score N generated answers (ROUGE, BLEU)"
+    )
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    p.add_argument("--out", help="write the results as JSON here")
+    a = p.parse_args(argv)
+    try:
+        result = evaluate(a.model, a.data, a.adapter, a.template, a.shots, a.shots_from, a.max_samples,
+                          a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization)  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        print(f"written: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

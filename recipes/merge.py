@@ -1,0 +1,67 @@
+"""Merge an adapter into its full-precision base: a standalone Hugging Face model folder.
+
+    python -m recipes.merge --adapter runs/qlora/adapter --out runs/qlora/merged [--base PATH]
+
+The base defaults to the one the adapter was trained on (adapter_config.json). It is loaded
+unquantized: merging into a 4-bit base would round the merged weights back to 4 bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from fastchat_data.tiny import save_tokenizer
+from recipes.core.config import ConfigError
+from recipes.core.lora import load_adapter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> Path:
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ConfigError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+    base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    if not base or not Path(base).exists():
+        raise ConfigError(f"base model {base!r} not found; pass --base PATH")
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype]), adapter)
+    if not hasattr(model, "merge_and_unload"):
+        raise ConfigError(f"{adapter} is a prompt-learning adapter: it has no weights to merge")
+    merged = model.merge_and_unload()
+    out = Path(out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok_src = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
+    save_tokenizer(AutoTokenizer.from_pretrained(tok_src), tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", help="full-precision base model (default: the adapter's own base)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    a = p.parse_args(argv)
+    try:
+        out = merge(a.adapter, a.out, a.base, a.dtype)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""QLoRA: a 4-bit nf4 base (double quantization) with LoRA on all its linear layers, on one GPU.
+
+    accelerate launch recipes/qlora.py --config qlora_7b.yaml --model_name_or_path ... --data_path ...
+    python recipes/qlora.py                      (the tiny model on the embedded demo data)
+    accelerate launch --num_processes 4 recipes/qlora.py ...   (DDP QLoRA, one process per GPU)
+
+Also plain LoRA (--quantization none), 8-bit loading (--quantization int8), prompt tuning and
+P-tuning (--peft_method prompt_tuning | p_tuning). Same arguments, data module, loop and
+checkpoint layout as the full fine-tune; checkpoints hold the adapter only, and a relaunch
+resumes exactly. setup() -> train() -> save() -> cleanup().
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by accelerate launch / torchrun
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recipes.core.config import ConfigError, load_config
+from recipes.core.loop import Run, finish, prepare, start, train
+from recipes.core.lora import (
+    QLoraConfig,
+    add_adapter,
+    export_adapter,
+    load_base,
+    make_adapter_engine,
+)
+
+
+def setup(cfg: QLoraConfig, notes: list[str] | None = None) -> Run:
+    run = prepare(cfg, notes)
+    base = load_base(run.model_path, cfg, run.world.device)
+    model = add_adapter(base, cfg)
+    engine = make_adapter_engine(model, cfg, run.world, run.total_steps)
+    quant = {"none": "", "int8": "8-bit ", "nf4": "4-bit nf4 ", "fp4": "4-bit fp4 "}[
+        cfg.quantization
+    ]
+    return start(run, model, engine, what=f"{quant}base + {cfg.peft_method}, ")
+
+
+def save(run: Run) -> Path | None:
+    return export_adapter(
+        run.engine, run.world, run.tokenizer, Path(run.cfg.output_dir) / "adapter"
+    )
+
+
+cleanup = finish
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg, notes = load_config(argv, cls=QLoraConfig)
+        run = setup(cfg, notes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    train(run)
+    exported = save(run)
+    cleanup(run)
+    if exported:
+        print(f"exported adapter: {exported}")
+
+
+if __name__ == "__main__":
+    main()
