@@ -93,9 +93,10 @@ class TrainConfig:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
         for name in ("model_name_or_path", "data_path", "deepspeed"):
-            path = getattr(self, name)
-            if path and not Path(path).exists():
-                raise ConfigError(f"{name}: {path} does not exist")
+            value = getattr(self, name)  # data_path may list several files: a.json,b.jsonl
+            for path in value.split(",") if name == "data_path" and value else [value]:
+                if path and not Path(path).exists():
+                    raise ConfigError(f"{name}: {path} does not exist")
         return self
 
     def run_fingerprint(self) -> str:
@@ -129,8 +130,8 @@ def _parse_value(raw: str, current, name: str):
         if raw.lower() in ("false", "0", "no"):
             return False
         raise ConfigError(f"--{name} expects True or False, got {raw!r}")
-    if raw.lower() in ("none", "null"):
-        return None
+    if raw.lower() in ("none", "null") and not isinstance(current, str):
+        return None  # a str setting keeps "none" as its value (--quantization none)
     for cast in (int, float):
         try:
             return cast(raw)

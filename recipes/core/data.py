@@ -15,7 +15,7 @@ import torch
 
 from fastchat_data.build import build_dataset
 from fastchat_data.identity import identity_conversations
-from fastchat_data.io import write_records
+from fastchat_data.io import input_paths, write_records
 from fastchat_data.tiny import TEMPLATE_WORDS, corpus_texts, default_cache_dir, tiny_model
 from fastchat_data.tokenize import IGNORE_INDEX
 
@@ -51,10 +51,10 @@ def load_train_set(cfg: TrainConfig, data_path: str, tokenizer, world):
                 num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
                 max_target_length=cfg.max_target_length)  # fmt: skip
     if world.main:
-        ds, report = build_dataset(data_path, tokenizer, **args)
+        ds, report = build_dataset(input_paths(data_path), tokenizer, **args)
     world.barrier()
     if not world.main:
-        ds, report = build_dataset(data_path, tokenizer, quiet=True, **args)
+        ds, report = build_dataset(input_paths(data_path), tokenizer, quiet=True, **args)
     return ds.with_format("numpy"), report
 
 

@@ -90,10 +90,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, not on norms and biases (as HF Trainer does)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # an adapter may have no vectors to train; ZeRO drops empty groups, the scheduler would not
+    return [g for g in groups if g["params"]]
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
