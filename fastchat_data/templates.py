@@ -218,3 +218,13 @@ def get_template(name, tokenizer=None):
             f"unknown template {name!r}; choose from {', '.join([*TEMPLATES, CHAT_TEMPLATE])}"
         )
     return TEMPLATES[name]
+
+
+def portable_template(spec):
+    """`spec` in a form that needs no file: a built-in name as is, a custom template (a dict or
+    a YAML/JSON file) as its fields. Written beside exported models for chat and eval."""
+    if isinstance(spec, str) and (spec in TEMPLATES or spec == CHAT_TEMPLATE):
+        return spec
+    import dataclasses
+
+    return dataclasses.asdict(get_template(spec))

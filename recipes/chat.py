@@ -18,6 +18,7 @@ import torch
 from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
 from fastchat_data.tokenize import ConversationTokenizer
 from recipes.core.config import ConfigError
+from recipes.core.generate import trained_template
 
 
 def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_new_tokens: int,
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--adapter")
-    p.add_argument("--template", default="vicuna_v1.1", help="name, or a YAML/JSON template file")
+    p.add_argument(
+        "--template", help="name or YAML/JSON file (default: the one it was trained with)"
+    )
     p.add_argument("--system", default="", help="a system text (default: the template's)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(a.model, a.quantization, a.adapter)
         encoder = ConversationTokenizer(
-            AutoTokenizer.from_pretrained(a.adapter or a.model), a.template
+            AutoTokenizer.from_pretrained(a.adapter or a.model),
+            a.template or trained_template(a.adapter, a.model),
         )
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from fastchat_data.schema import ASSISTANT, Conversation, SkipRecord
 from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
 from recipes.core.config import ConfigError
 from recipes.core.data import collate
+from recipes.core.generate import trained_template
 from recipes.core.metrics import text_scores
 
 
@@ -61,22 +62,35 @@ def only_last_replies(labels: list[int], keep_from_run: int) -> list[int]:
 
 
 @torch.no_grad()
+def encode_with_shots(encoder: ConversationTokenizer, conv: Conversation, shots: list) -> tuple:
+    """(Encoded with the shots' answers masked, shots used). Shots that would push the
+    conversation past max_length are left out for it, last first: the conversation itself is
+    what is scored. Raises SkipRecord if nothing is left to score."""
+    for n in range(len(shots), -1, -1):
+        enc = encoder.encode(with_shots(conv, shots[:n]) if n else conv)
+        if not enc.truncated or n == 0:
+            runs = sum(m.role == ASSISTANT for s in shots[:n] for m in s.messages)
+            enc.labels = only_last_replies(enc.labels, runs) if n else enc.labels
+            return enc, n
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
 def perplexities(
     model, encoder: ConversationTokenizer, convs, shots, batch_size: int
-) -> tuple[list, int]:
-    """Per-conversation perplexity; also how many were cut by max_length."""
-    rows, cut = [], 0
-    shot_runs = sum(m.role == ASSISTANT for s in shots for m in s.messages)
+) -> tuple[list, dict]:
+    """Per-conversation perplexity, and counts: conversations cut by max_length, shots left out."""
+    rows, counts = [], {"truncated": 0, "shots_left_out": 0}
     for conv in convs:
         try:
-            enc = encoder.encode(with_shots(conv, shots) if shots else conv)
+            enc, used = encode_with_shots(encoder, conv, shots)
         except SkipRecord:  # nothing left to score after truncation: counted as cut, not scored
-            cut += 1
+            counts["truncated"] += 1
             rows.append(None)
             continue
-        labels = only_last_replies(enc.labels, shot_runs) if shots else enc.labels
-        cut += bool(enc.truncated)
-        rows.append({"input_ids": enc.input_ids, "labels": labels})
+        counts["truncated"] += bool(enc.truncated)
+        counts["shots_left_out"] += len(shots) - used
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     pad = (
         encoder.tokenizer.pad_token_id
         if encoder.tokenizer.pad_token_id is not None
@@ -100,7 +114,7 @@ def perplexities(
         for j, i in enumerate(idx):
             if counted[j] > 0:
                 result[i] = math.exp((nll[j].sum() / counted[j]).item())
-    return result, cut
+    return result, counts
 
 
 @torch.no_grad()
@@ -113,7 +127,12 @@ def answers(
     for conv in convs:
         last = max(i for i, m in enumerate(conv.messages) if m.role == ASSISTANT)
         question = Conversation(conv.id, list(conv.messages[:last]), system=conv.system)
-        ids = encoder.encode_prompt(with_shots(question, shots) if shots else question)
+        budget = (encoder.max_length or 1 << 30) - max_new_tokens
+        for n in range(len(shots), -1, -1):  # shots that do not fit are left out, last first
+            ids = encoder.encode_prompt(with_shots(question, shots[:n]) if n else question)
+            if len(ids) <= budget:
+                break
+        ids = ids[-budget:]  # still too long: keep the end, where the question is
         out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip
@@ -150,7 +169,9 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
              generate: int = 0, max_new_tokens: int = 128, max_length: int = 2048,
              batch_size: int = 4, quantization: str = "none") -> dict:  # fmt: skip
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per model load would bury the table
     for p in [model_path, data, *adapters, *([shots_from] if shots_from else [])]:
         if not Path(p).exists():
             raise ConfigError(f"{p} does not exist")
@@ -170,14 +191,14 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
     variants = [("zero-shot", None, [])]
     if shots:
         variants.append((f"few-shot ({shots} examples)", None, shot_convs))
-    variants += [(f"adapter {a}", a, []) for a in adapters]
+    variants += [(f"adapter {Path(a).parent.name}/{Path(a).name}", a, []) for a in adapters]
     rows = []
     for name, adapter, these_shots in variants:
         model = load_model(model_path, quantization, adapter)
-        ppl, cut = perplexities(model, encoder, convs, these_shots, batch_size)
-        finite = [p for p in ppl if math.isfinite(p)]
-        row = {"model": name, "mean_perplexity": statistics.fmean(finite), "median_perplexity": statistics.median(finite),
-               "samples": len(finite), "truncated": cut}  # fmt: skip
+        ppl, counts = perplexities(model, encoder, convs, these_shots, batch_size)
+        finite = [p for p in ppl if math.isfinite(p)] or [math.nan]
+        row = {"model": name, "adapter": adapter, "mean_perplexity": statistics.fmean(finite), "median_perplexity": statistics.median(finite),
+               "samples": sum(map(math.isfinite, ppl)), **counts}  # fmt: skip
         if generate:
             preds, refs = answers(model, encoder, convs[:generate], these_shots, max_new_tokens)
             row.update(text_scores(preds, refs))
@@ -210,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data", required=True, help="held-out conversations (any fastchat_data format)"
     )
     p.add_argument("--adapter", action="append", default=[], help="an adapter folder (repeatable)")
-    p.add_argument("--template", default="vicuna_v1.1", help="name, or a YAML/JSON template file")
+    p.add_argument("--template", help="name or YAML/JSON file (default: the one training used)")
     p.add_argument("--shots", type=int, default=0, help="few-shot row with this many examples")
     p.add_argument("--shots_from", help="file to take the examples from (default: the data's tail)")
     p.add_argument("--max_samples", type=int)
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="none", choices=["none", "nf4"])
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
+    a.template = a.template or trained_template(*a.adapter, a.model)
     try:
         result = evaluate(a.model, a.data, a.adapter, a.template, a.shots, a.shots_from, a.max_samples,
                           a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization)  # fmt: skip

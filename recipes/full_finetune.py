@@ -17,9 +17,9 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 
 import torch
 
-from recipes.core import checkpoint
-from recipes.core.config import ConfigError, TrainConfig, load_config
-from recipes.core.loop import Run, finish, prepare, start, train
+from recipes.core import checkpoint, loop
+from recipes.core.config import TrainConfig
+from recipes.core.loop import Run, finish, prepare, run_info, start
 
 
 def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
@@ -36,24 +36,14 @@ def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
 
 def save(run: Run) -> Path | None:
     out = Path(run.cfg.output_dir) / "model"
-    return checkpoint.export_hf(run.engine, run.world, run.tokenizer, out)
+    return checkpoint.export_hf(run.engine, run.world, run.tokenizer, out, info=run_info(run))
 
 
 cleanup = finish
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg, notes = load_config(argv)
-        run = setup(cfg, notes)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    train(run)
-    exported = save(run)
-    cleanup(run)
-    if exported:
-        print(f"exported model: {exported}")
+    loop.main(argv, TrainConfig, setup, save, "exported model")
 
 
 if __name__ == "__main__":

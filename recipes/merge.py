@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastchat_data.tiny import save_tokenizer
+from recipes.core.checkpoint import RUN_INFO
 from recipes.core.config import ConfigError
 from recipes.core.lora import load_adapter
 
@@ -41,6 +42,8 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     merged.save_pretrained(tmp, safe_serialization=True)
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
     save_tokenizer(AutoTokenizer.from_pretrained(tok_src), tmp)
+    if (Path(adapter) / RUN_INFO).exists():  # the template chat and eval should use
+        shutil.copy(Path(adapter) / RUN_INFO, tmp / RUN_INFO)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

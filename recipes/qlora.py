@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by accelerate launch / torchrun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.core.config import ConfigError, load_config
-from recipes.core.loop import Run, finish, prepare, start, train
+from recipes.core import loop
+from recipes.core.loop import Run, finish, prepare, run_info, start
 from recipes.core.lora import (
     QLoraConfig,
     add_adapter,
@@ -41,26 +41,15 @@ def setup(cfg: QLoraConfig, notes: list[str] | None = None) -> Run:
 
 
 def save(run: Run) -> Path | None:
-    return export_adapter(
-        run.engine, run.world, run.tokenizer, Path(run.cfg.output_dir) / "adapter"
-    )
+    out = Path(run.cfg.output_dir) / "adapter"
+    return export_adapter(run.engine, run.world, run.tokenizer, out, info=run_info(run))
 
 
 cleanup = finish
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg, notes = load_config(argv, cls=QLoraConfig)
-        run = setup(cfg, notes)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    train(run)
-    exported = save(run)
-    cleanup(run)
-    if exported:
-        print(f"exported adapter: {exported}")
+    loop.main(argv, QLoraConfig, setup, save, "exported adapter")
 
 
 if __name__ == "__main__":

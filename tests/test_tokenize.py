@@ -196,6 +196,17 @@ def test_custom_template_from_a_dict_or_file(tokenizers, tmp_path):
     )
     with pytest.raises(ValueError, match="unknown template keys"):
         ConversationTokenizer(tok, {"sytem": "typo"})
+    # what an export records: a built-in name as is, a file as its fields (the file may be gone)
+    from fastchat_data.templates import portable_template
+
+    assert portable_template("vicuna_v1.1") == "vicuna_v1.1"
+    fields = portable_template(str(tmp_path / "t.yaml"))
+    (tmp_path / "t.yaml").unlink()
+    assert (
+        ConversationTokenizer(tok, fields)
+        .render_text(conv("a", "b"))
+        .startswith("Be brief. USER: a")
+    )
 
 
 def test_train_on_inputs(tokenizers):

@@ -121,7 +121,11 @@ def load_checkpoint(engine, world, path: Path) -> dict:
     return state
 
 
-def export_hf(engine, world, tokenizer, out_dir: Path, max_shard_size: str = "2GB") -> Path | None:
+RUN_INFO = "camelid.json"  # beside an export: how it was trained (the template chat must use)
+
+
+def export_hf(engine, world, tokenizer, out_dir: Path, max_shard_size: str = "2GB",
+              info: dict | None = None) -> Path | None:  # fmt: skip
     """The final model as a plain Hugging Face folder (safetensors, sharded by size), written by
     rank 0 from a state dict gathered onto its CPU. Loads with no camelid import."""
     state_dict = engine.full_state_dict()  # collective: every rank takes part
@@ -134,6 +138,7 @@ def export_hf(engine, world, tokenizer, out_dir: Path, max_shard_size: str = "2G
             tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
         )
         save_tokenizer(tokenizer, tmp)
+        (tmp / RUN_INFO).write_text(json.dumps(info or {}, indent=2, ensure_ascii=False))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

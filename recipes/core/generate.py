@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
@@ -23,3 +26,17 @@ def reply(model, tokenizer, history: list[tuple[str, str]], question: str, templ
             streamer=streamer,
         )  # fmt: skip
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+
+
+def trained_template(*folders, default: str = "vicuna_v1.1"):
+    """The template a model or adapter folder was trained with (its camelid.json), so chat and
+    evaluation render prompts the way training did; `default` for folders from elsewhere."""
+    from .checkpoint import RUN_INFO
+
+    for folder in folders:
+        info = Path(folder) / RUN_INFO if folder else None
+        if info and info.exists():
+            template = json.loads(info.read_text()).get("template")
+            if template:
+                return template
+    return default

@@ -11,14 +11,17 @@ import json
 import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fastchat_data.templates import portable_template
+
 from . import checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, load_config
 from .data import BatchPlan, TrainData, default_model_and_data, load_train_set
 from .distributed import World, init_world, make_engine
 from .logging import RunLog, peak_flops
@@ -75,7 +78,7 @@ def start(run: Run, model, engine=None, what: str = "") -> Run:
     """Wrap `model` in the strategy's engine, resume from the newest complete checkpoint,
     open the run log. `what` describes the model in the start-up line."""
     cfg, world = run.cfg, run.world
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(logical_numel(p) for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.engine = engine or make_engine(model, cfg, world, run.total_steps)
     # rank 0 checked (or, overwriting, cleared) the output directory in prepare()
@@ -96,6 +99,12 @@ def start(run: Run, model, engine=None, what: str = "") -> Run:
                      peak_flops(cfg.peak_tflops), cfg.report_to == "tensorboard")  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
     return run
+
+
+def logical_numel(param) -> int:
+    """Parameters a tensor stands for: a 4-bit bitsandbytes weight packs two per byte."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
 
 
 def record_rank(run: Run) -> None:
@@ -166,6 +175,12 @@ def train(run: Run) -> None:
             raise SystemExit(0)
 
 
+def run_info(run: Run) -> dict:
+    """What an export records beside the weights: the template (as fields if custom), so chat
+    and eval render prompts the way training did."""
+    return {"template": portable_template(run.cfg.template)}
+
+
 def finish(run: Run) -> None:
     """Peak memory into this rank's record, the loss curve, and the process group down."""
     rank_file = Path(run.cfg.output_dir) / "ranks" / f"rank{run.world.rank}.json"
@@ -177,3 +192,19 @@ def finish(run: Run) -> None:
         print(f"loss curve: {png}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None, config_cls: type, setup, save, exported_what: str) -> None:
+    """A recipe's command line: its config, then setup -> train -> save -> finish. A config
+    error stops with one message and exit status 2, before anything trains."""
+    try:
+        cfg, notes = load_config(argv, cls=config_cls)
+        run = setup(cfg, notes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    train(run)
+    exported = save(run)
+    finish(run)
+    if exported:
+        print(f"{exported_what}: {exported}")

@@ -18,6 +18,7 @@ import torch
 
 from fastchat_data.tiny import save_tokenizer
 
+from .checkpoint import RUN_INFO
 from .config import ConfigError, TrainConfig
 from .distributed import TorchEngine, World, make_engine
 
@@ -58,7 +59,6 @@ class QLoraConfig(TrainConfig):
     output_dir: str = "runs/qlora"
 
     def check(self) -> QLoraConfig:
-        super().check()
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}"
@@ -81,6 +81,7 @@ class QLoraConfig(TrainConfig):
             raise ConfigError(
                 f"{self.peft_method} prepends virtual tokens to each row: it cannot pack rows"
             )
+        super().check()
         return self
 
 
@@ -234,7 +235,9 @@ def verify_adapter(folder: Path) -> dict:
     return {"tensors": tensors, "parameters": numel, "bytes": weights.stat().st_size}
 
 
-def export_adapter(engine, world: World, tokenizer, out_dir: Path) -> Path | None:
+def export_adapter(
+    engine, world: World, tokenizer, out_dir: Path, info: dict | None = None
+) -> Path | None:
     """The trained adapter as a plain peft folder (adapter_config.json, safetensors) plus the
     tokenizer, written atomically by rank 0 and verified to hold real weights. Under ZeRO-3
     the adapter's parameters are gathered first, one tensor at a time."""
@@ -245,7 +248,9 @@ def export_adapter(engine, world: World, tokenizer, out_dir: Path) -> Path | Non
         engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         summary = verify_adapter(tmp)
-        (tmp / "camelid_adapter.json").write_text(json.dumps(summary))
+        (tmp / RUN_INFO).write_text(
+            json.dumps({**(info or {}), "weights": summary}, indent=2, ensure_ascii=False)
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

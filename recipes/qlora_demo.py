@@ -1,0 +1,84 @@
+"""The QLoRA walk-through (`make qlora-demo`), on CPU in about 6 minutes:
+
+1. a base that means something: the ~17M "small" tiny Llama, full fine-tuned on English Alpaca
+   and Chinese ShareGPT conversations (1,000 each);
+2. QLoRA adapts it to Chinese Alpaca instructions (4-bit nf4 base + LoRA on all linear layers),
+   with the reference's own prompt: a Chinese system text before "USER: ... ASSISTANT:";
+3. `recipes.eval` compares the base zero-shot, few-shot and with the adapter on held-out
+   Chinese instructions (mean perplexity, ROUGE, BLEU);
+4. `recipes.merge` folds the adapter into the base; one chat turn with the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# NTU ADL 2023 HW3's instruction prompt, as a camelid template file
+ADL_PROMPT = (
+    'system: "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"\n'
+    "user: USER\nassistant: ASSISTANT\nsep: ' '\nsep2: '{eos}'\n"
+)
+
+
+def main(out: Path = REPO / "runs" / "qlora-demo") -> int:
+    from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
+    from recipes import eval as evaluation
+    from recipes import full_finetune, merge, qlora
+
+    data = shared_data_dir()
+    zh = json.loads((data / "alpaca_gpt4_data_zh_1k.json").read_text())
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    train_zh, heldout_zh = out / "data" / "zh_train.json", out / "data" / "zh_heldout.json"
+    train_zh.write_text(json.dumps(zh[:900], ensure_ascii=False))
+    heldout_zh.write_text(json.dumps(zh[900:], ensure_ascii=False))
+    template = out / "data" / "adl_hw3_prompt.yaml"
+    template.write_text(ADL_PROMPT)
+    model = tiny_model("llama", "small", texts=reference_corpus(data), vocab_size=4000)
+
+    print(
+        "\n== 1. full fine-tune, English Alpaca + Chinese ShareGPT (python recipes/full_finetune.py)",
+        flush=True,
+    )
+    mix = f"{data / 'alpaca_gpt4_data_en_1k.json'},{data / 'sharegpt_gpt4_zh_1k.jsonl'}"
+    full_finetune.main(["--config", "tiny_cpu.yaml", "--strategy", "single", "--model_name_or_path", str(model),
+                        "--data_path", mix, "--max_steps", "150", "--learning_rate", "2e-3",
+                        "--output_dir", str(out / "base"), "--overwrite_output_dir", "True", "--report_to", "none",
+                        "--logging_steps", "25"])  # fmt: skip
+    base = out / "base" / "model"
+    print(
+        "\n== 2. QLoRA on Chinese Alpaca (python recipes/qlora.py --config qlora_tiny_cpu.yaml)",
+        flush=True,
+    )
+    qlora.main(["--config", "qlora_tiny_cpu.yaml", "--model_name_or_path", str(base), "--data_path", str(train_zh),
+                "--template", str(template), "--max_steps", "60", "--output_dir", str(out / "qlora"),
+                "--overwrite_output_dir", "True", "--logging_steps", "10"])  # fmt: skip
+    adapter = out / "qlora" / "adapter"
+    print("\n== 3. evaluate (python -m recipes.eval)", flush=True)
+    rc = evaluation.main(["--model", str(base), "--data", str(heldout_zh), "--adapter", str(adapter), "--shots", "3",
+                          "--shots_from", str(train_zh), "--template", str(template), "--generate", "20",
+                          "--max_new_tokens", "64", "--out", str(out / "eval.json")])  # fmt: skip
+    if rc:
+        return rc
+    print("\n== 4. merge (python -m recipes.merge) and chat (python -m recipes.chat)", flush=True)
+    merged = merge.merge(str(adapter), str(out / "merged"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipes.core.generate import reply
+
+    question = zh[950]["instruction"]
+    answer = reply(
+        AutoModelForCausalLM.from_pretrained(merged),
+        AutoTokenizer.from_pretrained(merged),
+        [],
+        question,
+        template=str(template),
+    )
+    print(f"USER: {question}\nASSISTANT: {answer}\n\nmerged model: {merged}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
