@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "full_finetune.py"
+QLORA = REPO / "recipes" / "qlora.py"
 BIN = Path(sys.executable).parent
 
 
@@ -21,9 +22,9 @@ def env() -> dict:
     return e
 
 
-def command(strategy: str, nproc: int, out: Path, *args) -> list[str]:
+def command(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE) -> list[str]:
     recipe = [
-        str(RECIPE),
+        str(recipe),
         "--strategy",
         strategy,
         "--output_dir",
@@ -47,10 +48,10 @@ def command(strategy: str, nproc: int, out: Path, *args) -> list[str]:
 
 
 def train(
-    strategy: str, nproc: int, out: Path, *args, check: bool = True
+    strategy: str, nproc: int, out: Path, *args, check: bool = True, recipe: Path = RECIPE
 ) -> subprocess.CompletedProcess:
     res = subprocess.run(
-        command(strategy, nproc, out, *args),
+        command(strategy, nproc, out, *args, recipe=recipe),
         capture_output=True,
         text=True,
         env=env(),
