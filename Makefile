@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: setup demo test test-fast bench lint clean train-vicuna
+.PHONY: setup demo qlora-demo test test-fast bench lint clean train-vicuna
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml constraints-cpu.txt requirements-reference.txt
 demo: setup
 	$(BIN)/python -m recipes.demo
 
+# full fine-tune on English Alpaca, QLoRA to Chinese Alpaca, evaluation table, merge, chat
+qlora-demo: setup
+	$(BIN)/python -m recipes.qlora_demo
+
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -48,6 +52,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m bench.data_bench
 	$(BIN)/python -m bench.train_bench
+	$(BIN)/python -m bench.qlora_bench
 
 lint: setup
 	$(BIN)/ruff check .

@@ -137,6 +137,7 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     if any(a.startswith("zero") for a in argv):
         import deepspeed  # noqa: F401
     from recipes import full_finetune as ff
+    from recipes.core import loop
     from recipes.core.config import load_config
 
     ph.end("runtime")
@@ -170,7 +171,7 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     _trim()
     ph.start()
     t0 = time.perf_counter()
-    ff.train(run)
+    loop.train(run)
     timers["train_total"] = time.perf_counter() - t0
     ph.end("train")
     tensors = live_tensor_mb()
