@@ -213,13 +213,13 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
 
 def format_table(result: dict) -> str:
     text_cols = [c for c in ("rouge1", "rouge2", "rougeL", "bleu") if c in result["rows"][0]]
-    head = f"{'model':<44}{'mean ppl':>10}{'median':>9}{'samples':>9}" + "".join(
+    head = f"{'model':<44}{'mean ppl':>12}{'median':>12}{'samples':>9}" + "".join(
         f"{c:>8}" for c in text_cols
     )
     lines = [head]
     for r in result["rows"]:
         name = r["model"] if len(r["model"]) <= 42 else "..." + r["model"][-39:]
-        lines.append(f"{name:<44}{r['mean_perplexity']:>10.2f}{r['median_perplexity']:>9.2f}{r['samples']:>9}"
+        lines.append(f"{name:<44}{r['mean_perplexity']:>12,.2f}{r['median_perplexity']:>12,.2f}{r['samples']:>9}"
                      + "".join(f"{r[c]:>8.1f}" for c in text_cols))  # fmt: skip
     return "\n".join(lines)
 
