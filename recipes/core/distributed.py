@@ -229,13 +229,16 @@ class TorchEngine:
                 keep = {n for n, p in self.module.named_parameters() if p.requires_grad}
                 sd = {k: v for k, v in sd.items() if k in keep}
             return sd
-        if not self.world.main:
-            return {}
-        if trainable_only:
-            return {
-                n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad
-            }
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return replicated_state_dict(self.module, self.world, trainable_only)
+
+
+def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
+    """Every rank holds the whole model (1 process, DDP, ZeRO-2): rank 0 copies it to CPU."""
+    if not world.main:
+        return {}
+    if trainable_only:
+        return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -338,13 +341,7 @@ class DeepSpeedEngine:
                     }
                 )
             return sd
-        if not self.world.main:
-            return {}
-        if trainable_only:
-            return {
-                n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad
-            }
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return replicated_state_dict(self.module, self.world, trainable_only)
 
 
 def make_engine(model, cfg: TrainConfig, world: World, total_steps: int):
