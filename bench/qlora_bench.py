@@ -39,17 +39,14 @@ LLAMA_7B_LAYERS = 32
 def model_bytes(model) -> dict:
     """Bytes of every parameter and buffer as loaded (bitsandbytes' packed 4-bit weights and
     their quantization constants included), split into the quantized linear layers and the rest."""
-    import bitsandbytes as bnb
-
-    linear = (torch.nn.Linear, bnb.nn.Linear4bit)
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # bitsandbytes' Linear4bit subclasses torch.nn.Linear
     quantized_part, rest = 0, 0
     for module in model.modules():
         own = sum(
             t.numel() * t.element_size()
             for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         )
-        if isinstance(module, linear) and module is not head:
+        if isinstance(module, torch.nn.Linear) and module is not head:
             state = getattr(module.weight, "quant_state", None)
             if state is not None:  # absmax (double-quantized), code book, nested constants
                 own += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
@@ -61,13 +58,14 @@ def model_bytes(model) -> dict:
 
 
 def base_bytes(path: Path) -> dict:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """bf16 and nf4 + double quantization, both through recipes/qlora.py's own loader."""
+    from recipes.core.lora import QLoraConfig, load_base
 
-    bf16 = model_bytes(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    nf4 = model_bytes(AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": "cpu"},
-                                                           dtype=torch.bfloat16))  # fmt: skip
+    cpu = torch.device("cpu")
+    bf16 = model_bytes(load_base(str(path), QLoraConfig(quantization="none", bf16=True), cpu))
+    nf4 = model_bytes(
+        load_base(str(path), QLoraConfig(quantization="nf4", double_quant=True, bf16=True), cpu)
+    )
     return {"bf16": bf16, "nf4": nf4, "ratio_linear": nf4["linear"] / bf16["linear"],
             "ratio_total": nf4["total"] / bf16["total"]}  # fmt: skip
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from .schema import Conversation, SkipRecord
+from .schema import USER, Conversation, Message, SkipRecord
 from .templates import Segment, get_template, special_tokens
 
 IGNORE_INDEX = -100
@@ -125,8 +125,6 @@ class ConversationTokenizer:
     def _assistant_tag_tokens(self) -> int:
         """Tokens the template puts between the last user message and the reply
         ("ASSISTANT:", "<|im_start|>assistant\n"): source truncation keeps them."""
-        from .schema import USER, Message
-
         probe = Conversation(id="probe", system="", messages=[Message(USER, "x")])
         with_tag = self._encode_segments([self.template.generation_prompt(probe, self.eos)])[0][0]
         without = self._encode_segments([self.template.render(probe, self.eos)])[0][0]

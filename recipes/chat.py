@@ -18,6 +18,7 @@ import torch
 from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
 from fastchat_data.tokenize import ConversationTokenizer
 from recipes.core.config import ConfigError
+from recipes.core.data import pad_token_id
 from recipes.core.generate import trained_template
 
 
@@ -34,7 +35,7 @@ def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_
     )
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                   streamer=streamer, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **sampling)  # fmt: skip
+                  pad_token_id=pad_token_id(tok), **sampling)  # fmt: skip
     worker = Thread(target=model.generate, kwargs=kwargs)
     worker.start()
     pieces = []

@@ -27,7 +27,7 @@ from fastchat_data.report import Report
 from fastchat_data.schema import ASSISTANT, Conversation, SkipRecord
 from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
 from recipes.core.config import ConfigError
-from recipes.core.data import collate
+from recipes.core.data import collate, pad_token_id
 from recipes.core.generate import trained_template
 from recipes.core.metrics import text_scores
 
@@ -61,7 +61,6 @@ def only_last_replies(labels: list[int], keep_from_run: int) -> list[int]:
     return out
 
 
-@torch.no_grad()
 def encode_with_shots(encoder: ConversationTokenizer, conv: Conversation, shots: list) -> tuple:
     """(Encoded with the shots' answers masked, shots used). Shots that would push the
     conversation past max_length are left out for it, last first: the conversation itself is
@@ -91,11 +90,7 @@ def perplexities(
         counts["truncated"] += bool(enc.truncated)
         counts["shots_left_out"] += len(shots) - used
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    pad = (
-        encoder.tokenizer.pad_token_id
-        if encoder.tokenizer.pad_token_id is not None
-        else encoder.tokenizer.eos_token_id
-    )
+    pad = pad_token_id(encoder.tokenizer)
     order = sorted(
         (i for i, r in enumerate(rows) if r), key=lambda i: len(rows[i]["input_ids"])
     )  # less padding
@@ -135,29 +130,21 @@ def answers(
         ids = ids[-budget:]  # still too long: keep the end, where the question is
         out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)  # fmt: skip
+                             pad_token_id=pad_token_id(tok))  # fmt: skip
         preds.append(tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
         refs.append(conv.messages[last].content)
     return preds, refs
 
 
 def load_model(path: str, quantization: str, adapter: str | None = None):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from recipes.core.lora import load_adapter
+    """The base as training loaded it (`quantization` nf4: through the QLoRA recipe's own
+    loader), on the GPU in bf16 if there is one, with `adapter` attached."""
+    from recipes.core.lora import QLoraConfig, load_adapter, load_base
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = (
-        torch.bfloat16
-        if device.type == "cuda" and torch.cuda.is_bf16_supported()
-        else torch.float32
-    )
-    kwargs = {}
-    if quantization == "nf4":  # evaluate on the base the adapter was trained on
-        kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype), device_map={"": device})  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    if not kwargs:
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = load_base(path, QLoraConfig(quantization=quantization, bf16=bf16), device)
+    if quantization == "none":
         model.to(device)
     if adapter:
         model = load_adapter(model, adapter)
@@ -168,6 +155,7 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
              shots: int = 0, shots_from: str | None = None, max_samples: int | None = None,
              generate: int = 0, max_new_tokens: int = 128, max_length: int = 2048,
              batch_size: int = 4, quantization: str = "none") -> dict:  # fmt: skip
+    from peft import PeftModel
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -192,9 +180,10 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
     if shots:
         variants.append((f"few-shot ({shots} examples)", None, shot_convs))
     variants += [(f"adapter {Path(a).parent.name}/{Path(a).name}", a, []) for a in adapters]
-    rows = []
+    rows, model = [], None
     for name, adapter, these_shots in variants:
-        model = load_model(model_path, quantization, adapter)
+        if model is None or adapter or isinstance(model, PeftModel):  # attaching changes the base
+            model = load_model(model_path, quantization, adapter)
         ppl, counts = perplexities(model, encoder, convs, these_shots, batch_size)
         finite = [p for p in ppl if math.isfinite(p)] or [math.nan]
         row = {"model": name, "adapter": adapter, "mean_perplexity": statistics.fmean(finite), "median_perplexity": statistics.median(finite),
@@ -206,7 +195,6 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
                 {"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]
             ]
         rows.append(row)
-        del model
     return {"model": model_path, "data": data, "template": template if isinstance(template, str) else "custom",
             "quantization": quantization, "rows": rows}  # fmt: skip
 

@@ -18,18 +18,15 @@ import torch
 from fastchat_data.tiny import save_tokenizer
 from recipes.core.checkpoint import RUN_INFO
 from recipes.core.config import ConfigError
-from recipes.core.lora import load_adapter
+from recipes.core.lora import load_adapter, read_adapter_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> Path:
-    from peft import PeftConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise ConfigError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-    base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    base = base or read_adapter_config(adapter).base_model_name_or_path
     if not base or not Path(base).exists():
         raise ConfigError(f"base model {base!r} not found; pass --base PATH")
     model = load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype]), adapter)

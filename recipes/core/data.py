@@ -50,12 +50,18 @@ def load_train_set(cfg: TrainConfig, data_path: str, tokenizer, world):
     args = dict(template=cfg.template, max_length=cfg.model_max_length, train_on_inputs=cfg.train_on_inputs,
                 num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
                 max_target_length=cfg.max_target_length)  # fmt: skip
+    paths = input_paths(data_path)  # comma-separated files
     if world.main:
-        ds, report = build_dataset(input_paths(data_path), tokenizer, **args)
+        ds, report = build_dataset(paths, tokenizer, **args)
     world.barrier()
     if not world.main:
-        ds, report = build_dataset(input_paths(data_path), tokenizer, quiet=True, **args)
+        ds, report = build_dataset(paths, tokenizer, quiet=True, **args)
     return ds.with_format("numpy"), report
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 class BatchPlan:

@@ -218,17 +218,13 @@ class TorchEngine:
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
     def full_state_dict(self, trainable_only: bool = False) -> dict:
-        """The whole model (or its trained parameters: an adapter) on rank 0's CPU, gathered
-        layer by layer (never whole on a GPU)."""
+        """The whole model (or its trained parameters: an adapter, never under FSDP) on rank 0's
+        CPU, gathered layer by layer (never whole on a GPU)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if self.strategy == "fsdp":
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            sd = get_model_state_dict(self.module, options=opts)
-            if trainable_only:
-                keep = {n for n, p in self.module.named_parameters() if p.requires_grad}
-                sd = {k: v for k, v in sd.items() if k in keep}
-            return sd
+            return get_model_state_dict(self.module, options=opts)
         return replicated_state_dict(self.module, self.world, trainable_only)
 
 

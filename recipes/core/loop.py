@@ -22,7 +22,7 @@ from fastchat_data.templates import portable_template
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, load_config
-from .data import BatchPlan, TrainData, default_model_and_data, load_train_set
+from .data import BatchPlan, TrainData, default_model_and_data, load_train_set, pad_token_id
 from .distributed import World, init_world, make_engine
 from .logging import RunLog, peak_flops
 
@@ -61,12 +61,7 @@ def prepare(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
     run.model_path = model_path
     run.tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
-    pad_id = (
-        run.tokenizer.pad_token_id
-        if run.tokenizer.pad_token_id is not None
-        else run.tokenizer.eos_token_id
-    )
-    run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_id)
+    run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_token_id(run.tokenizer))
     run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
     run.total_steps = (
         cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)

@@ -130,15 +130,12 @@ def quantized_modules(model) -> list[str]:
 def linear_module_names(model) -> list[str]:
     """Names (last component) of the model's linear layers, the output head excluded: what
     "all-linear" means, as in QLoRA."""
-    import bitsandbytes as bnb
-
-    head = model.get_output_embeddings()
-    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    head = model.get_output_embeddings()  # bitsandbytes' layers subclass torch.nn.Linear
     return sorted(
         {
             n.rsplit(".", 1)[-1]
             for n, m in model.named_modules()
-            if isinstance(m, kinds) and m is not head
+            if isinstance(m, torch.nn.Linear) and m is not head
         }
     )
 
@@ -258,17 +255,24 @@ def export_adapter(
     return out_dir if world.main else None
 
 
+def read_adapter_config(adapter: str | Path):
+    """The adapter's peft config; a folder that is not an adapter is a clear error."""
+    from peft import PeftConfig
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ConfigError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+    return PeftConfig.from_pretrained(str(adapter))
+
+
 def load_adapter(model, adapter: str | Path):
     """`model` with the adapter at `adapter` attached (for eval, chat, merge). A base that does
     not match the adapter (another architecture or size) is a clear error, not a shape
     mismatch deep inside peft."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from safetensors import safe_open
 
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise ConfigError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-    config = PeftConfig.from_pretrained(str(adapter))
+    config = read_adapter_config(adapter)
     modules = dict(model.named_modules())
     base_arch = type(model).__name__
     with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
