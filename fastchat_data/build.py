@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 from .formats import iter_conversations
-from .io import replace_dir_atomic
+from .io import check_output_dir, check_outputs, replace_dir_atomic
 from .report import Report
-from .schema import Conversation, Message, SkipRecord, validate
-from .templates import SeparatorTemplate
+from .schema import Conversation, DataError, Message, SkipRecord, check_count, validate
+from .templates import SeparatorTemplate, check_template_name
 from .tiny import default_cache_dir
 from .tokenize import ConversationTokenizer
 
@@ -41,14 +41,44 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(tokenizer):
-    if isinstance(tokenizer, str | os.PathLike):
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-        if not Path(tokenizer).exists():
-            raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    return tokenizer
+
+def load_tokenizer(tokenizer):
+    """A loaded tokenizer, or one from its folder; a path that holds none is a DataError."""
+    if not isinstance(tokenizer, str | os.PathLike):
+        if isinstance(tokenizer, bool | int | float) or tokenizer is None:  # fire: `--tokenizer`
+            raise DataError(
+                "--tokenizer", "value", f"expects a tokenizer folder, got {tokenizer!r}"
+            )
+        return tokenizer
+    path = Path(tokenizer)
+    if not path.exists():
+        raise DataError(str(path), "--tokenizer", "does not exist")
+    if not path.is_dir():
+        raise DataError(str(path), "--tokenizer", "is a file; give the tokenizer's folder")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise DataError(
+            str(path), "--tokenizer", f"holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        )
+    from transformers import AutoTokenizer  # after the checks: importing it takes seconds
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, JSON errors)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(str(path), "--tokenizer", f"cannot be loaded: {first}") from None
+
+
+def nothing_trainable(paths: list[str], report: Report) -> DataError:
+    """The error for data of which no conversation survives: the skip reasons, counted."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
+    example = next((shown[0] for shown in report.examples.values() if shown), "")
+    detail = f"skipped {reasons}" if reasons else "the data holds no records"
+    return DataError(
+        ",".join(map(str, paths)), f"all {report.read} records",
+        f"no conversation is trainable ({detail})" + (f"; e.g. {example[:200]}" if example else ""),
+    )  # fmt: skip
 
 
 def _rows(conv: Conversation) -> dict:
@@ -101,10 +131,16 @@ def build_dataset(
     max_source_length: int | None = None, max_target_length: int | None = None,
 ):  # fmt: skip
     """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
-    import datasets
+    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+    check_count("--max_length", max_length)
+    check_count("--num_proc", num_proc)
+    check_outputs(paths, {"--report": report_path})
+    if out:
+        check_output_dir(Path(out), paths)
+    check_template_name(template)
+    import datasets  # after the checks of the arguments: importing it takes a second
 
     datasets.disable_progress_bars()
-    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
     tok = load_tokenizer(tokenizer)
     encoder = ConversationTokenizer(
         tok, template, max_length=max_length, train_on_inputs=train_on_inputs,
@@ -139,7 +175,12 @@ def build_dataset(
     else:
         report = Report("build", strict=strict)
         rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
-        root.mkdir(parents=True, exist_ok=True)
+        if not rows:
+            raise nothing_trainable(paths, report)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
         with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
             raw = (
                 datasets.Dataset.from_list(rows)
@@ -169,6 +210,8 @@ def build_dataset(
             )
             ds = ds.remove_columns(["truncated", "skip"])
             report.written = len(ds)
+            if not report.written:
+                raise nothing_trainable(paths, report)
             lengths = ds["length"]
             report.notes.update({
                 "template": getattr(encoder.template, "name", str(template)), "max_length": max_length, "tokens": int(sum(lengths)),
@@ -184,9 +227,15 @@ def build_dataset(
         ds = datasets.load_from_disk(str(cached))
         report.notes["cache"] = f"built {cached}"
     if out:
-        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent, prefix=".build-") as tmp:
-            shutil.copytree(cached, Path(tmp) / "out")
-            replace_dir_atomic(Path(tmp) / "out", Path(out))
+        try:
+            Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(
+                dir=Path(out).resolve().parent, prefix=".build-"
+            ) as tmp:
+                shutil.copytree(cached, Path(tmp) / "out")
+                replace_dir_atomic(Path(tmp) / "out", Path(out))
+        except OSError as e:
+            raise DataError(str(out), "--out", f"cannot be written: {e.strerror or e}") from None
         report.notes["out"] = str(out)
     if not quiet:
         report.emit(report_path)

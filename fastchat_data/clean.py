@@ -22,10 +22,10 @@ from collections import Counter
 import bs4
 import markdownify
 
-from .formats import iter_conversations, to_sharegpt
-from .io import input_paths, write_records
+from .formats import check_format, iter_conversations, to_sharegpt
+from .io import check_outputs, input_paths, write_records
 from .report import Report
-from .schema import ASSISTANT, USER, Conversation, Message, SkipRecord
+from .schema import ASSISTANT, USER, Conversation, Message, SkipRecord, check_count
 
 BLOCKED_WORDS = ("openai", "chatgpt")
 # FastChat's blocked responses: ChatGPT's rate-limit message saved as a reply.
@@ -83,9 +83,11 @@ def _is_empty(text: str) -> bool:
 
 
 def _blocked_pattern(words) -> re.Pattern | None:
-    if isinstance(words, str):
-        words = words.split(",")
-    words = [w for w in words or () if w]
+    if words is False or words is None:  # `--blocked_words False`: block nothing
+        return None
+    if not isinstance(words, list | tuple):  # fire reads `--blocked_words 42` as a number
+        words = str(words).split(",")
+    words = [str(w) for w in words if str(w)]
     return re.compile("|".join(map(re.escape, words)), re.I) if words else None
 
 
@@ -137,10 +139,15 @@ def clean_conversation(
 
 def clean(
     data: str, out: str, fmt: str | None = None, blocked_words=BLOCKED_WORDS, min_chars: int = 16,
-    max_chars: int = 200_000, strict: bool = False, report: str | None = None,
+    max_chars: int = 200_000, strict: bool = False, report: str | None = None, in_place: bool = False,
 ) -> Report:  # fmt: skip
     """Clean ShareGPT-style conversations from `data` (a path, comma-separated paths or a list)
-    into `out` (ShareGPT); see the module doc for the rules."""
+    into `out` (ShareGPT); see the module doc for the rules. `out` may be an input file only
+    with `in_place` (the cleaned file replaces it atomically)."""
+    check_outputs(input_paths(data), {"--out": out, "--report": report}, in_place)
+    check_format(fmt)
+    check_count("--min_chars", min_chars, minimum=0)
+    check_count("--max_chars", max_chars, minimum=1)
     rep = Report("clean", strict=strict)
     blocked = _blocked_pattern(blocked_words)
     repairs, removed, ids, first_exchanges = Counter(), Counter(), set(), {}

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         fire.Fire(
             {name: _quiet(fn) for name, fn in COMMANDS.items()}, command=argv, name="fastchat_data"
         )
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, OSError, ValueError) as e:
+        # bad input is one line naming the file, never a traceback (exit 2, as for bad usage)
+        message = " ".join(str(e).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -13,12 +13,13 @@ from collections import Counter
 
 from .build import build_dataset, load_tokenizer, read_trainable
 from .clean import clean
-from .formats import WRITERS, iter_conversations
+from .formats import WRITERS, check_format, iter_conversations
 from .identity import identity_conversations
-from .io import input_paths, write_records
+from .io import check_outputs, input_paths, write_records
 from .report import Report
-from .schema import ASSISTANT, DataError, SkipRecord, validate
+from .schema import ASSISTANT, DataError, SkipRecord, check_count, validate
 from .split_long import split_long
+from .templates import check_template_name
 from .tokenize import IGNORE_INDEX, ConversationTokenizer
 
 
@@ -50,8 +51,11 @@ def read_convertible(paths: list[str], rep: Report, fmt: str | None):
 
 
 def _convert(
-    command: str, data, out: str, to: str, fmt: str | None, strict: bool, report: str | None
-) -> Report:
+    command: str, data, out: str, to: str, fmt: str | None, strict: bool, report: str | None,
+    in_place: bool,
+) -> Report:  # fmt: skip
+    check_outputs(input_paths(data), {"--out": out, "--report": report}, in_place)
+    check_format(fmt)
     rep = Report(command, strict=strict)
     write, seen, dup = _writer(to), set(), 0
 
@@ -68,15 +72,16 @@ def _convert(
 
 
 def convert(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict: bool = False,
-            report: str | None = None) -> Report:  # fmt: skip
-    """Any supported format (Alpaca, ShareGPT, messages) -> ShareGPT or OpenAI messages."""
-    return _convert("convert", data, out, to, fmt, strict, report)
+            report: str | None = None, in_place: bool = False) -> Report:  # fmt: skip
+    """Any supported format (Alpaca, ShareGPT, messages) -> ShareGPT or OpenAI messages.
+    `out` may be an input file only with `in_place` (the new file replaces it atomically)."""
+    return _convert("convert", data, out, to, fmt, strict, report, in_place)
 
 
 def merge(data, out: str, to: str = "sharegpt", fmt: str | None = None, strict: bool = False,
-          report: str | None = None) -> Report:  # fmt: skip
+          report: str | None = None, in_place: bool = False) -> Report:  # fmt: skip
     """Concatenate several files (comma-separated, any supported formats) into one."""
-    return _convert("merge", data, out, to, fmt, strict, report)
+    return _convert("merge", data, out, to, fmt, strict, report, in_place)
 
 
 def _load_all(data, rep: Report, fmt: str | None, trainable: bool = False) -> list:
@@ -87,6 +92,19 @@ def _load_all(data, rep: Report, fmt: str | None, trainable: bool = False) -> li
 def split(data, train: str, test: str, test_size: float = 0.05, seed: int = 0, to: str = "sharegpt",
           fmt: str | None = None, strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
     """Seeded train/test split; `test_size` is a fraction (< 1) or a count."""
+    check_outputs(input_paths(data), {"--train": train, "--test": test, "--report": report})
+    if (
+        isinstance(test_size, bool)
+        or not isinstance(test_size, int | float)
+        or not (0 < test_size < 1 or (test_size >= 1 and test_size == int(test_size)))
+    ):
+        raise DataError(
+            "--test_size",
+            "value",
+            f"expects a fraction in (0, 1) or a count >= 1, got {test_size!r}",
+        )
+    check_count("--seed", seed, minimum=0)
+    check_format(fmt)
     rep = Report("split", strict=strict)
     write, convs = _writer(to), _load_all(data, rep, fmt)
     order = list(range(len(convs)))
@@ -101,8 +119,12 @@ def split(data, train: str, test: str, test_size: float = 0.05, seed: int = 0, t
 
 
 def sample(data, out: str, n: int, seed: int = 0, to: str = "sharegpt", fmt: str | None = None,
-           strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
+           strict: bool = False, report: str | None = None, in_place: bool = False) -> Report:  # fmt: skip
     """A seeded random sample of `n` conversations, in their original order."""
+    check_outputs(input_paths(data), {"--out": out, "--report": report}, in_place)
+    check_count("--n", n)
+    check_count("--seed", seed, minimum=0)
+    check_format(fmt)
     rep = Report("sample", strict=strict)
     write, convs = _writer(to), _load_all(data, rep, fmt)
     keep = sorted(random.Random(seed).sample(range(len(convs)), min(n, len(convs))))
@@ -122,7 +144,12 @@ def _histogram(values: list[int], edges: list[int]) -> list[tuple[str, int]]:
 def stats(data, tokenizer: str | None = None, template: str = "vicuna_v1.1", fmt: str | None = None,
           strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
     """Records, turns, characters and (given a tokenizer) the token-length histogram."""
+    check_outputs(input_paths(data), {"--report": report})
+    check_format(fmt)
+    check_template_name(template)
     rep = Report("stats", strict=strict)
+    # a tokenizer or template that cannot work fails before the data is read
+    enc = ConversationTokenizer(load_tokenizer(tokenizer), template) if tokenizer else None
     convs = _load_all(data, rep, fmt, trainable=True)
     turns = [len(c.messages) for c in convs]
     chars = [sum(len(m.content) for m in c.messages) + len(c.system) for c in convs]
@@ -132,8 +159,7 @@ def stats(data, tokenizer: str | None = None, template: str = "vicuna_v1.1", fmt
         "chars_mean": round(sum(chars) / max(len(chars), 1), 1), "chars_max": max(chars, default=0),
         "with_system_prompt": sum(bool(c.system) for c in convs),
     })  # fmt: skip
-    if tokenizer:
-        enc = ConversationTokenizer(load_tokenizer(tokenizer), template)
+    if enc is not None:
         lengths, trained = [], 0
         for i in range(0, len(convs), 1000):
             for e in enc.encode_batch(convs[i : i + 1000]):
@@ -181,17 +207,28 @@ def render_masks(tokenizer, input_ids: list[int], labels: list[int], color: bool
 def inspect(data, tokenizer: str, template: str = "vicuna_v1.1", index: int = 0, id: str | None = None,
             max_length: int | None = None, color: bool | None = None, fmt: str | None = None) -> str:  # fmt: skip
     """Show one conversation as the model trains on it: trained tokens green (or inside ⟦…⟧)."""
+    check_count("--index", index, minimum=0)
+    check_count("--max_length", max_length, allow_none=True)
+    check_format(fmt)
+    check_template_name(template)
+    tok = load_tokenizer(tokenizer)
+    encoder = ConversationTokenizer(tok, template, max_length=max_length)
     rep = Report("inspect")
     convs = _load_all(data, rep, fmt, trainable=True)
-    pick = [c for c in convs if c.id == id] if id is not None else convs[index : index + 1]
+    if id is not None:  # fire reads `--id 7` as a number; ids are text
+        pick = [c for c in convs if c.id == str(id)]
+    else:
+        pick = convs[index : index + 1]
     if not pick:
         raise DataError(
             ",".join(input_paths(data)),
             f"id {id}" if id is not None else f"index {index}",
             "no such conversation",
         )
-    tok = load_tokenizer(tokenizer)
-    enc = ConversationTokenizer(tok, template, max_length=max_length).encode(pick[0])
+    try:
+        enc = encoder.encode(pick[0])
+    except SkipRecord as e:
+        raise DataError(",".join(input_paths(data)), f"id {pick[0].id}", str(e)) from None
     if isinstance(color, str):  # fire passes `--color false` through as a string
         color = color.lower() in ("1", "true", "yes", "always")
     color = sys.stdout.isatty() if color is None else color
@@ -210,6 +247,10 @@ def inspect(data, tokenizer: str, template: str = "vicuna_v1.1", index: int = 0,
 def identity(out: str, name: str = "Camelid", org: str = "the camelid developers", n: int = 200, seed: int = 0,
              report: str | None = None) -> Report:  # fmt: skip
     """Identity conversations ("Who are you?") for an assistant called `name`, made by `org`."""
+    check_outputs([], {"--out": out, "--report": report})
+    check_count("--n", n)
+    check_count("--seed", seed, minimum=0)
+    name, org = str(name), str(org)  # fire reads `--name 42` as a number
     rep = Report("identity")
     rep.written = write_records(out, identity_conversations(name, org, n, seed))
     rep.read = rep.written
@@ -221,7 +262,9 @@ def build(data, tokenizer: str, out: str | None = None, template: str = "vicuna_
           strict: bool = False, report: str | None = None, max_source_length: int | None = None,
           max_target_length: int | None = None) -> Report:  # fmt: skip
     """Tokenize with assistant-only masks into a `datasets` folder (rows: input_ids, labels, length).
-    max_source_length / max_target_length cap each prompt / reply turn (QLoRA recipes' limits)."""
+    max_source_length / max_target_length cap each prompt / reply turn (QLoRA recipes' limits).
+    `out` is a folder; an existing one is replaced only if a previous build wrote it."""
+    check_format(fmt)
     _, rep = build_dataset(input_paths(data), tokenizer, template, max_length, out, fmt, train_on_inputs,
                            num_proc, cache_dir, strict, report, max_source_length=max_source_length,
                            max_target_length=max_target_length)  # fmt: skip

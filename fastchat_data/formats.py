@@ -30,12 +30,22 @@ FORMATS = ("alpaca", "sharegpt", "messages", "human_assistant_text")
 def _text(value, what: str) -> str:
     if isinstance(value, str):
         return value
+    if value is None:
+        raise SkipRecord("missing_field", f"{what} is missing")
     # OpenAI content parts: [{"type": "text", "text": ...}, ...]
     if isinstance(value, list) and all(
         isinstance(p, dict) and p.get("type") == "text" for p in value
     ):
         return "".join(str(p.get("text", "")) for p in value)
     raise SkipRecord("non_string_value", f"{what} is {type(value).__name__}, not a string")
+
+
+def _not_a_list(key: str, value) -> str:
+    return (
+        f"'{key}' is missing"
+        if value is None
+        else f"'{key}' is a {type(value).__name__}, not a list"
+    )
 
 
 def _role(name, what: str) -> str:
@@ -68,7 +78,7 @@ def _from_turns(rid: str, turns: list[tuple[str, str]], system: str, extra: dict
 def parse_sharegpt(rec: dict, rid: str) -> Conversation:
     turns_raw = rec.get("conversations")
     if not isinstance(turns_raw, list):
-        raise SkipRecord("malformed_record", "'conversations' is not a list")
+        raise SkipRecord("malformed_record", _not_a_list("conversations", turns_raw))
     turns = []
     for i, t in enumerate(turns_raw):
         if not isinstance(t, dict):
@@ -85,7 +95,7 @@ def parse_sharegpt(rec: dict, rid: str) -> Conversation:
 def parse_messages(rec: dict, rid: str) -> Conversation:
     msgs = rec.get("messages")
     if not isinstance(msgs, list):
-        raise SkipRecord("malformed_record", "'messages' is not a list")
+        raise SkipRecord("malformed_record", _not_a_list("messages", msgs))
     turns = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
@@ -151,6 +161,13 @@ PARSERS = {
 }
 
 
+def check_format(fmt: str | None) -> None:
+    if fmt is not None and fmt not in PARSERS:
+        raise DataError(
+            "--fmt", "value", f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}"
+        )
+
+
 def detect_format(rec) -> str | None:
     if not isinstance(rec, dict):
         return None
@@ -170,10 +187,7 @@ def iter_conversations(
 ) -> Iterator[tuple[str, Conversation]]:
     """Yield (where, Conversation) for each readable record of `path`; count the rest in `report`."""
     path = str(path)
-    if fmt is not None and fmt not in PARSERS:
-        raise DataError(
-            path, "--format", f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}"
-        )
+    check_format(fmt)
     stem = Path(path).stem
     parser = PARSERS.get(fmt) if fmt else None
     for index, (where, rec) in enumerate(read_records(path)):
@@ -187,7 +201,7 @@ def iter_conversations(
                     raise DataError(
                         path,
                         where,
-                        f"cannot tell the format from keys {sorted(rec)}; name it with --format",
+                        f"cannot tell the format from keys {sorted(rec)}; name it with --fmt",
                     )
                 parser = PARSERS[detected]
                 report.notes.setdefault("format", detected)

@@ -1,4 +1,8 @@
-"""Reading records (JSON arrays, JSON Lines streamed) and writing outputs atomically."""
+"""Reading records (JSON arrays, JSON Lines streamed) and writing outputs atomically.
+
+Every failure to read or write is a DataError naming the file, the line or record, and what is
+wrong: the command line prints it as one line, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 
 from .schema import DataError
 
+BOM = b"\xef\xbb\xbf"
+
 
 def input_paths(data) -> list[str]:
     """`data` as commands take it: a path, comma-separated paths, or a list of paths."""
@@ -19,45 +25,104 @@ def input_paths(data) -> list[str]:
     return [p for p in str(data).split(",") if p]
 
 
+def check_readable_file(path: Path, what: str = "file") -> None:
+    """A DataError unless `path` is an existing, readable regular file."""
+    if not path.exists():
+        raise DataError(str(path), what, "does not exist")
+    if path.is_dir():
+        raise DataError(str(path), what, "is a directory, not a data file")
+    if not os.access(path, os.R_OK):
+        raise DataError(str(path), what, "cannot be read (permission denied)")
+
+
+def _decode_error(path: Path, raw: bytes, err: UnicodeDecodeError, line: int | None = None):
+    """Where a decode error sits (line and byte) and whether the file was cut mid-character."""
+    if line is None:
+        line = raw.count(b"\n", 0, err.start) + 1
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    cut = err.reason == "unexpected end of data" and err.end >= len(raw.rstrip(b"\r\n"))
+    why = (
+        "the file ends in the middle of a UTF-8 character (truncated?)"
+        if cut
+        else f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
+    )
+    return DataError(str(path), f"line {line} byte {column}", why)
+
+
 def _is_json_lines(path: Path) -> bool:
+    """.jsonl, or a file whose first line is one whole JSON value; a file that starts with "["
+    or spreads one object over several lines (pretty-printed) is one JSON document."""
     if path.suffix == ".jsonl":
         return True
-    with open(path, encoding="utf-8") as f:
-        while ch := f.read(1):
-            if not ch.isspace():
-                return ch != "["
+    with open(path, "rb") as f:
+        for raw in f:
+            stripped = raw.removeprefix(BOM).strip()
+            if not stripped:
+                continue
+            if stripped[:1] == b"[":
+                return False
+            try:
+                json.loads(stripped)
+            except (ValueError, UnicodeDecodeError):
+                return stripped[:1] != b"{"  # an object cut across lines: a JSON document
+            return True
     return False
+
+
+def _malformed(path: Path, e: json.JSONDecodeError, truncated: bool, line: int | None = None):
+    hint = " (the text ends early: truncated file?)" if truncated else ""
+    return DataError(
+        str(path), f"line {line or e.lineno} column {e.colno}", f"malformed JSON: {e.msg}{hint}"
+    )
+
+
+def _read_lines(path: Path) -> Iterator[tuple[str, object]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _decode_error(path, raw, e, lineno) from None
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                # a last line without its newline that does not parse: the file was cut short
+                raise _malformed(path, e, not raw.endswith(b"\n"), lineno) from None
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """Yield (where, record) for each record: `where` is "line N" (JSONL) or "record N" (array).
 
     JSON Lines are streamed line by line; a JSON array is parsed whole (the format allows no
-    better), and its records are handed out one at a time. Malformed JSON raises DataError
-    naming the file and the line.
+    better), and its records are handed out one at a time. A UTF-8 byte order mark is read
+    past. Malformed JSON, bytes that are not UTF-8, an empty file or a path that is not a
+    readable file raise DataError naming the file and the line.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(str(path), "file", "does not exist")
-    if _is_json_lines(path):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        str(path), f"line {lineno} column {e.colno}", f"malformed JSON: {e.msg}"
-                    ) from None
-        return
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                str(path), f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}"
-            ) from None
+    check_readable_file(path)
+    if path.stat().st_size == 0:
+        raise DataError(str(path), "file", "is empty: no records")
+    try:
+        if _is_json_lines(path):
+            yield from _read_lines(path)
+            return
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(str(path), "file", f"cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, raw.removeprefix(BOM), e) from None
+    if not text.strip():
+        raise DataError(str(path), "file", "holds only white space: no records")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _malformed(path, e, not text.rstrip().endswith(("]", "}"))) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -68,27 +133,95 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
         yield f"record {i}", rec
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:  # hard links, and paths that resolve() cannot tell apart
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(inputs: Iterable, outputs: dict, in_place: bool = False) -> None:
+    """Refuse an output that is one of the inputs (after symlinks and relative paths are
+    resolved) or that another output also names: writing it would replace the data being read.
+    `outputs` maps an option name (`--out`) to its path (None: not written). With `in_place`
+    an output may be an input; the atomic writers make that safe (the input is read whole, or
+    streamed from the old file, before the new one takes its name)."""
+    given = [(flag, Path(p)) for flag, p in outputs.items() if p]
+    sources = [Path(p) for p in inputs]
+    for k, (flag, out) in enumerate(given):
+        if not in_place:
+            for src in sources:
+                if _same_file(src, out):
+                    hint = "; add --in_place to replace it" if flag == "--out" else ""
+                    raise DataError(str(out), flag, f"is also an input file{hint}")
+        for other_flag, other in given[:k]:
+            if _same_file(other, out):
+                raise DataError(str(out), flag, f"is also {other_flag}: each output needs its own")
+
+
+def check_output_dir(out: Path, inputs: Iterable, marker: str = "dataset_info.json") -> None:
+    """An output folder that would be replaced whole: it must not hold (or be) an input, and an
+    existing folder is replaced only when a previous run wrote it (it holds `marker`)."""
+    out = Path(out)
+    resolved = out.resolve()
+    for src in map(Path, inputs):
+        src_resolved = src.resolve()
+        if src_resolved == resolved or resolved in src_resolved.parents:
+            raise DataError(
+                str(out), "--out", f"holds the input {src}; replacing it would delete it"
+            )
+    if out.exists() and not out.is_dir():
+        raise DataError(str(out), "--out", "is a file; --out names a folder to write")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise DataError(
+            str(out), "--out", "is a folder that this command did not write; refusing to replace it"
+        )
+
+
 def _tmp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """An empty temporary file in `path`'s folder, or a DataError saying why it cannot be."""
+    if path.is_dir():
+        raise DataError(str(path), "output", "is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DataError(str(path), "output", f"cannot be written: {e.strerror or e}") from None
     os.close(fd)
+    # mkstemp makes the file private (0600); the output gets the mode a plain open() gives it
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(str(path), "output", f"cannot be written: {e.strerror or e}") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_beside(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _commit(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records as JSON Lines (.jsonl) or a JSON array (anything else), atomically.
 
-    The file appears under its name only once complete, so a crash never leaves half a file.
+    The file appears under its name only once complete, so a crash (or a bad input found
+    half-way) never leaves half a file, nor touches an existing one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_beside(path)
     n = 0
     try:
@@ -106,7 +239,9 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
                 f.write("\n]\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
+    except OSError as e:  # e.g. the disk filled up while writing
+        raise DataError(str(path), "output", f"cannot be written: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

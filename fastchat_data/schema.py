@@ -16,6 +16,14 @@ class DataError(ValueError):
         super().__init__(f"{path}: {where}: {reason}")
 
 
+def check_count(flag: str, value, minimum: int = 1, allow_none: bool = False) -> None:
+    """A DataError unless `value` (a command's option) is a whole number >= `minimum`."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DataError(flag, "value", f"expects a whole number >= {minimum}, got {value!r}")
+
+
 class SkipRecord(ValueError):
     """A record that is skipped and counted under `reason` (or, with --strict, raised)."""
 

@@ -20,10 +20,11 @@ from collections import defaultdict
 from itertools import accumulate, islice
 
 from .build import load_tokenizer
-from .formats import iter_conversations, to_sharegpt
-from .io import input_paths, write_records
+from .formats import check_format, iter_conversations, to_sharegpt
+from .io import check_outputs, input_paths, write_records
 from .report import Report
-from .schema import ASSISTANT, USER, Conversation, SkipRecord, validate
+from .schema import ASSISTANT, USER, Conversation, SkipRecord, check_count, validate
+from .templates import check_template_name
 from .tokenize import IGNORE_INDEX, ConversationTokenizer
 
 BATCH = 256  # conversations measured together
@@ -131,7 +132,7 @@ def plan_chunks(encoder: ConversationTokenizer, convs: list[Conversation], budge
 
 def split_long(
     data: str, out: str, tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048, fmt: str | None = None,
-    keep_oversized: bool = False, strict: bool = False, report: str | None = None,
+    keep_oversized: bool = False, strict: bool = False, report: str | None = None, in_place: bool = False,
 ) -> Report:  # fmt: skip
     """Split the conversations of `data` (a path, comma-separated paths or a list) into chunks of
     at most `max_length` tokens, written to `out` (ShareGPT) with ids `<id>_<k>`.
@@ -139,10 +140,15 @@ def split_long(
     A pair (or a round of function calls) that alone exceeds the budget is dropped and counted
     per pair ("pair_over_budget"), or with `keep_oversized` written as a chunk of its own (noted);
     a trailing user turn is dropped ("trailing_user_turn"). Notes account for pairs:
-    read == written + dropped.
+    read == written + dropped. `out` may be an input file only with `in_place`.
     """
+    check_outputs(input_paths(data), {"--out": out, "--report": report}, in_place)
+    check_format(fmt)
+    check_count("--max_length", max_length)
+    check_template_name(template)
     rep = Report("split_long", strict=strict)
     encoder = ConversationTokenizer(load_tokenizer(tokenizer), template)
+    encoder.check_budget(max_length)
     pairs = {"read": 0, "written": 0, "dropped": 0}
     split_convs = oversized_kept = 0
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, SkipRecord
+from .schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, DataError, SkipRecord
 
 EOS = "{eos}"  # in a SeparatorTemplate: the tokenizer's own end-of-sequence token
 
@@ -45,8 +45,12 @@ class SeparatorTemplate:
 
     def render(self, conv: Conversation, eos: str) -> list[Segment]:
         sep2 = self.sep2.replace(EOS, eos)
-        system = conv.system if conv.system else self.system
-        out = [Segment(system + self.sep, literal=True)]
+        # A system prompt from the data is message text: "</s>" in it is characters, never the
+        # end token. The template's own system prompt is template text.
+        if conv.system:
+            out = [Segment(conv.system), Segment(self.sep, literal=True)]
+        else:
+            out = [Segment(self.system + self.sep, literal=True)]
         names = {USER: self.user, TOOL: self.tool, ASSISTANT: self.assistant}
         for m in conv.messages:
             if m.role == ASSISTANT:
@@ -182,17 +186,21 @@ def special_tokens(tokenizer) -> list[str]:
     return sorted((n for n in names if n), key=len, reverse=True)
 
 
-def custom_template(spec: dict, where: str = "template") -> SeparatorTemplate:
+def custom_template(spec: dict, where: str = "--template") -> SeparatorTemplate:
     """A SeparatorTemplate from a recipe's own fields, e.g. a system text of its own:
     {"system": "...", "user": "USER", "assistant": "ASSISTANT", "sep": " ", "sep2": "{eos}"}."""
     known = {f for f in SeparatorTemplate.__dataclass_fields__ if f != "name"}
     unknown = set(spec) - known - {"name"}
     if unknown:
-        raise ValueError(
-            f"{where}: unknown template keys {sorted(unknown)}; known: {sorted(known)}"
+        raise DataError(
+            where, "template", f"unknown template keys {sorted(unknown)}; known: {sorted(known)}"
         )
     base = TEMPLATES["vicuna_v1.1"]
     fields = {k: spec.get(k, getattr(base, k)) for k in known}
+    for k, v in fields.items():
+        want = type(getattr(base, k))
+        if type(v) is not want:
+            raise DataError(where, f"template key {k!r}", f"expects a {want.__name__}, got {v!r}")
     return SeparatorTemplate(name=str(spec.get("name", "custom")), **fields)
 
 
@@ -206,18 +214,36 @@ def get_template(name, tokenizer=None):
         import yaml  # JSON is YAML too
 
         path = Path(name)
-        if not path.exists():
-            raise ValueError(f"template file {name} does not exist")
-        return custom_template(yaml.safe_load(path.read_text()) or {}, where=name)
+        if not path.is_file():
+            why = "is a directory, not a template file" if path.is_dir() else "does not exist"
+            raise DataError(name, "template file", why)
+        try:
+            spec = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(name, "template file", f"cannot be read: {reason}") from None
+        if not isinstance(spec, dict | None):
+            raise DataError(name, "template file", f"holds a {type(spec).__name__}, not fields")
+        return custom_template(spec or {}, where=name)
     if name == CHAT_TEMPLATE:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat_template' needs a tokenizer that has a chat template")
+            raise DataError(
+                "--template", CHAT_TEMPLATE, "the tokenizer has no chat template; name a template"
+            )
         return ChatTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise ValueError(
-            f"unknown template {name!r}; choose from {', '.join([*TEMPLATES, CHAT_TEMPLATE])}"
+        choices = ", ".join([*TEMPLATES, CHAT_TEMPLATE])
+        raise DataError(
+            "--template", repr(name), f"unknown template; choose from {choices} or a YAML file"
         )
     return TEMPLATES[name]
+
+
+def check_template_name(name) -> None:
+    """Fail on an unknown template name before a tokenizer is loaded (which takes seconds);
+    `chat_template` and templates given as fields or files are checked when used."""
+    if isinstance(name, str) and name != CHAT_TEMPLATE:
+        get_template(name)
 
 
 def portable_template(spec):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from .schema import USER, Conversation, Message, SkipRecord
+from .schema import ASSISTANT, USER, Conversation, DataError, Message, SkipRecord, check_count
 from .templates import Segment, get_template, special_tokens
 
 IGNORE_INDEX = -100
@@ -70,6 +70,9 @@ class ConversationTokenizer:
         max_source_length: int | None = None,
         max_target_length: int | None = None,
     ):
+        for flag, value in (("--max_length", max_length), ("--max_source_length", max_source_length),
+                            ("--max_target_length", max_target_length)):  # fmt: skip
+            check_count(flag, value, allow_none=True)
         self.tokenizer = tokenizer
         self.template = (
             get_template(template, tokenizer) if isinstance(template, str | dict) else template
@@ -96,6 +99,8 @@ class ConversationTokenizer:
         self.boundary_splits = 0  # pieces re-tokenized because a token straddled a mask boundary
         self._tag_tokens = self._assistant_tag_tokens() if max_source_length else 0
         self.matches_tokenizer = self._self_check()
+        if max_length is not None:
+            self.check_budget(max_length)
         if not self.matches_tokenizer:
             warnings.warn(
                 f"{type(tokenizer).__name__}: tokenizing text piece by piece differs from tokenizing "
@@ -116,6 +121,34 @@ class ConversationTokenizer:
         bare = self.tokenizer("x", add_special_tokens=False)["input_ids"]
         n = len(full) - len(bare)
         return list(full[:n]) if n > 0 and full[n:] == bare else []
+
+    def prompt_tokens(self) -> int | None:
+        """The fewest tokens the template puts before a first reply: a one-word exchange with
+        the template's own system prompt or a one-letter one of the data's (which replaces it).
+        No conversation can train on anything within a budget this small."""
+        counts = []
+        for system in ("", "x"):
+            probe = Conversation("probe", [Message(USER, "x"), Message(ASSISTANT, "x")], system)
+            try:
+                segments = self.template.render(probe, self.eos)
+            except SkipRecord:  # a chat template that refuses the probe: nothing to measure
+                continue
+            _, labels = self._encode_segments([segments])[0]
+            counts += [
+                next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+            ]
+        return min(counts, default=None)
+
+    def check_budget(self, max_length: int, flag: str = "max_length") -> None:
+        """A DataError when `max_length` leaves no room for any reply after the prompt."""
+        before = self.prompt_tokens()
+        if before is not None and max_length <= before:
+            name = getattr(self.template, "name", "custom")
+            raise DataError(
+                f"{flag} {max_length}", f"template {name}",
+                f"too small: the template puts at least {before} tokens before the first reply, "
+                "so nothing would be trained",
+            )  # fmt: skip
 
     def _self_check(self) -> bool:
         text = "Hi there" + (self.eos or "") + "USER: again \n and  more"

@@ -74,7 +74,7 @@ def test_missing_inputs_are_clear_errors(tmp_path, llama_dir):
 
     with pytest.raises(DataError, match="nope.json: file: does not exist"):
         build_dataset(str(tmp_path / "nope.json"), str(llama_dir), cache_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="tokenizer folder"):
+    with pytest.raises(DataError, match="no-tokenizer: --tokenizer: does not exist"):
         build_dataset(
             str(tmp_path / "nope.json"), str(tmp_path / "no-tokenizer"), cache_dir=str(tmp_path)
         )

@@ -114,7 +114,7 @@ def test_bad_records_are_counted_with_reasons_or_raised_under_strict(tmp_path):
 
 def test_unknown_format_is_a_clear_error(tmp_path):
     p = write(tmp_path, "x.json", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match="cannot tell the format.*--format"):
+    with pytest.raises(DataError, match="cannot tell the format.*--fmt"):
         read(p)
 
 
@@ -189,3 +189,25 @@ def test_split_sample_merge(tmp_path, data_dir):
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 20
     rep = commands.merge(f"{tr},{te}", str(tmp_path / "all.jsonl"))
     assert rep.written == 500 and rep.notes["duplicate_ids"] == 0
+
+
+def test_reader_takes_a_bom_and_a_pretty_printed_data_object(tmp_path):
+    rec = {"instruction": "a", "output": "b"}
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([rec]).encode())
+    assert list(read_records(bom)) == [("record 0", rec)]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [rec, rec]}, indent=2))
+    assert [r for _, r in read_records(wrapped)] == [rec, rec]
+
+
+def test_reader_names_the_line_of_bytes_that_are_not_utf8(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(
+        b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'
+    )
+    with pytest.raises(DataError, match=r"x.jsonl: line 2 byte 21: not valid UTF-8 \(byte 0xe9\)"):
+        list(read_records(p))
+    p.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xe6\x97')
+    with pytest.raises(DataError, match="line 2 byte 18: the file ends in the middle of a UTF-8"):
+        list(read_records(p))

@@ -265,3 +265,27 @@ def test_masks_exact_on_generated_conversations(flavour, tokenizers, c):
         pytest.fail(f"skipped: {e}")
     assert_exact(ct, c, enc)
     assert sum(lab != IGNORE_INDEX for lab in enc.labels) > 0
+
+
+SYSTEM_CASES = [("llama", "vicuna_v1.1"), ("llama", "alpaca"), ("llama", "qlora_oasst"),
+                ("llama-nonlegacy", "vicuna_v1.1"), ("chatml", "chat_template")]  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour, template", SYSTEM_CASES)
+def test_special_tokens_typed_in_a_system_prompt_stay_text(flavour, template, tokenizers):
+    """A system prompt from the data is data: "</s>" in it must not end the sequence."""
+    tok, _ = tokenizers[flavour]
+    ct = ConversationTokenizer(tok, template)
+    special_ids = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+
+    def specials(system):
+        c = conv("hi", "hello", "again", "sure", system=system)
+        enc = ct.encode(c)
+        assert_exact(ct, c, enc)
+        return enc, [i for i in enc.input_ids if i in special_ids]
+
+    typed, typed_specials = specials("Be kind </s> <s> <|im_end|> <|im_start|>user end")
+    _, plain_specials = specials("Be kind end")
+    assert typed_specials == plain_specials  # the typed ones became text, not token ids
+    text = tok.decode(typed.input_ids, skip_special_tokens=False)
+    assert "</s> <s> <|im_end|> <|im_start|>user end" in text
