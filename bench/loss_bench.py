@@ -1,0 +1,138 @@
+"""Loss benchmark: peak memory and time of the causal-LM loss, transformers' vs chunked.
+
+    python -m bench.loss_bench [--tokens 2048] [--vocab 32000] [--out bench/results/loss_bench.json]
+
+Two measurements, each variant in a fresh process (torch's CPU allocator keeps no statistics,
+so the peak is the process's peak RSS, VmHWM, reset through /proc/self/clear_refs just before
+the measured step, with glibc returning every block over 64 KiB to the OS when freed):
+
+a. the loss alone: hidden states (tokens x hidden, requiring grad) -> output embedding
+   (hidden -> vocab) -> loss -> backward. transformers = ForCausalLMLoss on the full logits
+   (what model(labels=...) runs); chunked = recipes.core.loss.chunked_causal_lm_loss.
+b. a whole training forward + backward of a tiny Llama with the same 32K head, through
+   model(**batch, labels=...) vs recipes.core.loss.forward_with_loss (what the engines call).
+
+All positions carry a label (the worst case for the chunked loss: it skips unlabelled ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def _status(key: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) / 1024
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from recipes.core.loss import chunked_causal_lm_loss, forward_with_loss
+
+    torch.manual_seed(0)
+    n, vocab, hidden_size, chunk = spec["tokens"], spec["vocab"], spec["hidden"], spec["chunk"]
+    labels = torch.randint(0, vocab, (1, n))
+    if spec["what"] == "loss":
+        head = torch.nn.Linear(hidden_size, vocab, bias=False)
+        hidden = torch.randn(1, n, hidden_size, requires_grad=True)
+
+        def step():
+            if chunk == 0:
+                logits = head(hidden)
+                loss = ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=n - 1)
+            else:
+                loss = chunked_causal_lm_loss(hidden, head, labels, n - 1, chunk)
+            loss.backward()
+            return loss
+    else:
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False)  # fmt: skip
+        model = LlamaForCausalLM(cfg)
+        batch = {"input_ids": torch.randint(0, vocab, (1, n)), "labels": labels, "use_cache": False,
+                 "num_items_in_batch": n - 1}  # fmt: skip
+
+        def step():
+            loss = forward_with_loss(model, model, chunk, **batch).loss
+            loss.backward()
+            return loss
+
+    step()  # warm-up: lazy initialisations, the first allocations
+    for p in [t for t in (locals().get("head"), locals().get("model")) if t is not None]:
+        p.zero_grad(
+            set_to_none=False
+        )  # gradients stay allocated: only the loss's own memory counts
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    t0 = time.perf_counter()
+    loss = step()
+    seconds = time.perf_counter() - t0
+    return {"peak_increase_mb": round(_status("VmHWM") - before, 1), "seconds": round(seconds, 3),
+            "loss": float(loss)}  # fmt: skip
+
+
+def run(spec: dict) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO), "CAMELID_LOSS_BENCH": json.dumps(spec)}  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "bench.loss_bench"], env=env, cwd=REPO,
+                         capture_output=True, text=True)  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    if "CAMELID_LOSS_BENCH" in os.environ:
+        print(json.dumps(worker(json.loads(os.environ["CAMELID_LOSS_BENCH"]))))
+        return {}
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--chunks", default="0,4096,1024,512")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_bench.json"))
+    args = ap.parse_args(argv)
+    chunks = [int(c) for c in args.chunks.split(",")]
+    full_logits_mb = args.tokens * args.vocab * 4 / MB
+    results = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
+               "fp32_logits_mb": round(full_logits_mb, 1), "rows": []}  # fmt: skip
+    print(
+        f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, fp32; one full "
+        f"fp32 logits tensor = {full_logits_mb:,.0f} MiB"
+    )
+    print(f"{'':8}{'variant':26}{'peak MiB':>10}{'vs HF':>8}{'seconds':>9}{'loss':>10}")
+    for what in ("loss", "model"):
+        ref = None
+        for chunk in chunks:
+            spec = {"what": what, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
+                    "chunk": chunk}  # fmt: skip
+            r = {**spec, **run(spec)}
+            ref = ref or r
+            r["vs_transformers"] = round(r["peak_increase_mb"] / ref["peak_increase_mb"], 3)
+            results["rows"].append(r)
+            name = "transformers" if chunk == 0 else f"chunked, {chunk} rows"
+            print(f"{what:8}{name:26}{r['peak_increase_mb']:>10,.0f}{r['vs_transformers']:>7.2f}x"
+                  f"{r['seconds']:>9.3f}{r['loss']:>10.5f}")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written: {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

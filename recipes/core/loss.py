@@ -1,0 +1,161 @@
+"""The causal-LM loss without full-vocabulary logits for every position.
+
+transformers' ForCausalLMLoss projects every position onto the vocabulary (batch x length x
+vocab floats, then as many again for log-softmax and for the gradient). Here only positions
+with a label are projected, `chunk_size` rows at a time, and each chunk's logits are recomputed
+in backward (torch.utils.checkpoint), so one chunk's logits exist at a time. Same numbers: a
+token sum divided by `num_items_in_batch` (or the mean without it), as ForCausalLMLoss.
+
+Integration without patching the model: the engine calls the model's own forward (so FSDP2's
+and ZeRO-3's module hooks run) with `logits_to_keep` set to one position and without labels; a
+forward hook on the decoder captures its (post-norm) output, and a forward hook on the root,
+run before FSDP2's own post-forward hook, computes the loss by calling the output-embedding
+module per chunk, so ZeRO-3 gathers its weight and FSDP2 / DDP reduce its gradient as usual.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+# models whose model(...).logits were checked once to equal output_embeddings(hidden)
+_checked: weakref.WeakSet = weakref.WeakSet()
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """sum(logsumexp(logits) - logits[target]) whose backward turns the saved logits into their
+    gradient in place: one vocabulary-wide buffer per chunk in backward, where F.cross_entropy
+    holds the logits, their log-softmax and its gradient at once."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, target, lse)
+        return (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, target, lse = ctx.saved_tensors
+        # the logits are this chunk's own (recomputed) tensor, needed by nothing else
+        softmax = logits.sub_(lse[:, None]).exp_()
+        softmax[torch.arange(len(target), device=target.device), target] -= 1
+        return softmax.mul_(grad), None
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # float32 cross-entropy, as ForCausalLMLoss upcasts the logits; a copy only when not fp32
+    logits = head(hidden).float()
+    return _CrossEntropySum.apply(logits, target)
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 512,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """ForCausalLMLoss(head(hidden), labels, ...) computed on labelled positions only, in
+    chunks of `chunk_size` rows whose logits are recomputed in backward."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    # position t predicts label t+1; the last position predicts nothing
+    target = F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1).to(hidden.device)
+    keep = target != ignore_index
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
+    target = target[keep]
+    total = None
+    # at least one (possibly empty) chunk: a batch with nothing to train still has a graph
+    for start in range(0, max(len(target), 1), chunk_size):
+        end = start + chunk_size
+        part = checkpoint(
+            _chunk_loss, head, rows[start:end], target[start:end], use_reentrant=False
+        )
+        total = part if total is None else total + part
+    if num_items_in_batch is None:
+        return total / keep.sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def supports_chunked_loss(model) -> bool:
+    """A causal LM whose forward takes `logits_to_keep` and whose hidden states line up with
+    its labels (PEFT prompt learning prepends virtual tokens: they do not)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    base = _base_model(model)
+    if base.get_output_embeddings() is None:
+        return False
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+def _last_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+def _check_head(model, output, hidden: torch.Tensor, head) -> None:
+    """Once per model: the model's own logits equal the output embedding applied to the
+    captured hidden state; a model that scales or soft-caps its logits would be trained on
+    another loss than its own, so refuse it."""
+    if model in _checked:
+        return
+    with torch.no_grad():
+        mine = head(hidden[:, -1:]).float()
+        theirs = output.logits.float()
+        tol = 1e-4 if hidden.dtype == torch.float32 else 2e-2  # bf16 kernels may round apart
+        if not torch.allclose(mine, theirs, rtol=tol, atol=tol * theirs.abs().max().item()):
+            raise RuntimeError(
+                f"{type(_base_model(model)).__name__}: its logits are not its output embedding "
+                "applied to the last hidden state (scaled or soft-capped?); train with "
+                "--loss_chunk_size 0 (transformers' loss)"
+            )
+    _checked.add(model)
+
+
+def forward_with_loss(call, model, chunk_size: int, **batch):
+    """`call(**batch)` (the model, or its DDP / DeepSpeed wrapper) returning `.loss` computed
+    by chunked_causal_lm_loss. `model` is the unwrapped model; chunk_size 0, a batch without
+    labels, or a model that does not support it: transformers' own loss."""
+    labels = batch.get("labels")
+    if chunk_size <= 0 or labels is None or not supports_chunked_loss(model):
+        return call(**batch)
+    labels = batch.pop("labels")
+    num_items = batch.pop("num_items_in_batch", None)
+    head = model.get_output_embeddings()
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module, _args, output):
+        captured["hidden"] = _last_hidden(output)
+
+    def attach(_module, _args, output):
+        hidden = captured.pop("hidden")
+        _check_head(model, output, hidden, head)
+        output["loss"] = chunked_causal_lm_loss(hidden, head, labels, num_items, chunk_size)
+        return output
+
+    handles = [
+        model.get_decoder().register_forward_hook(grab),
+        # prepend: before FSDP2's post-forward hook, so the loss is an output it hooks backward on
+        model.register_forward_hook(attach, prepend=True),
+    ]
+    try:
+        last = torch.tensor([labels.shape[-1] - 1], device=labels.device)
+        return call(**batch, logits_to_keep=last)  # the model's own logits: one position
+    finally:
+        for h in handles:
+            h.remove()
