@@ -16,9 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from recipes.core.config import STRATEGIES
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "full_finetune.py"
-STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 
 
 def build_command(args, gpus: int) -> list[str]:
@@ -35,14 +36,10 @@ def build_command(args, gpus: int) -> list[str]:
     if args.strategy.startswith("zero"):
         launcher = [str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"]
         if args.hostfile:
-            launcher += [
-                "--hostfile",
-                args.hostfile,
-                "--master_addr",
-                args.master_addr,
-                "--master_port",
-                str(args.master_port),
-            ]
+            launcher += ["--hostfile", args.hostfile, "--master_addr", args.master_addr,
+                         "--master_port", str(args.master_port)]  # fmt: skip
+            if args.no_ssh:  # this node only: run the same command on every node
+                launcher += ["--no_ssh", "--node_rank", str(args.node_rank)]
         else:
             launcher += ["--num_gpus", str(args.ngpu), "--master_port", str(args.master_port)]
         return launcher + recipe
@@ -87,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--master_port", type=int, default=29500)
     ap.add_argument("--rdzv_id", default="camelid")
     ap.add_argument("--hostfile", default=None, help="deepspeed hostfile for multi-node ZeRO")
+    ap.add_argument("--no_ssh", action="store_true",
+                    help="ZeRO multi-node without ssh/pdsh: start this node's processes only "
+                         "(run on every node with its --node_rank; needs --hostfile)")  # fmt: skip
     ap.add_argument("--dry_run", action="store_true", help="print the command only")
+    ap.add_argument("--skip_preflight", action="store_true",
+                    help="on GPUs, start even if the memory planner says the strategy does not fit")  # fmt: skip
     args = ap.parse_args(argv)
     args.recipe_args = recipe_args
 
@@ -109,8 +111,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.no_ssh and not args.hostfile:
+        print(
+            "error: --no_ssh needs --hostfile (it names the nodes and their slots)", file=sys.stderr
+        )
+        return 2
     if args.config is None:
         args.config = "vicuna_7b.yaml" if gpus else "tiny_cpu.yaml"
+    if gpus and not args.skip_preflight:
+        refusal = preflight(args, torch.cuda.get_device_properties(0).total_memory)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
     cmd = build_command(args, gpus)
     print(
         ("" if gpus else f"no GPU: {args.ngpu} CPU process(es) on gloo\n") + shlex.join(cmd),
@@ -124,12 +136,75 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
         print(f"error: {cmd[0]} not found", file=sys.stderr)
         return 2
-    rc = subprocess.call(cmd, env=env, cwd=REPO)
-    exported = Path(args.out or "runs/vicuna")
-    exported = (exported if exported.is_absolute() else REPO / exported) / "model"
-    if rc == 0 and (exported / "config.json").exists():
-        print(f"exported model: {exported}")  # the run's last line names the Hugging Face folder
-    return rc
+    if not args.strategy.startswith("zero"):
+        os.environ.update(env)
+        os.chdir(REPO)
+        return run_torchrun(cmd[1:])
+    # the recipe's own last line names the exported folder
+    return subprocess.call(cmd, env=env, cwd=REPO)
+
+
+# The planner is within 15% of measured peaks (bench/memory_bench.py): refuse only beyond that.
+CLEARLY_TOO_BIG = 1.15
+
+
+def preflight(args, gpu_bytes: int) -> str | None:
+    """The memory planner (recipes/plan.py) on the run's resolved settings: a message naming
+    what would fit when the chosen strategy clearly does not, else None."""
+    from recipes.core.config import ConfigError, load_config
+    from recipes.plan import GB, plan
+
+    argv = ["--config", args.config, "--strategy", args.strategy, *args.recipe_args]
+    argv += ["--model_name_or_path", args.model] if args.model else []
+    try:
+        cfg, _ = load_config(argv)
+    except ConfigError:
+        return None  # the recipe reports it, once, on rank 0
+    if not cfg.model_name_or_path:
+        return None  # the tiny default model
+    rows = plan(cfg.model_name_or_path, args.ngpu, args.nnodes, seq=cfg.model_max_length,
+                batch=cfg.per_device_train_batch_size, bf16=cfg.bf16,
+                checkpointing=cfg.gradient_checkpointing, gpu_memory=gpu_bytes,
+                loss_chunk=cfg.loss_chunk_size)  # fmt: skip
+    chosen = next((r for r in rows if r.strategy == args.strategy), None)
+    if chosen is None or chosen.total <= CLEARLY_TOO_BIG * gpu_bytes:
+        return None
+    fitting = [r.strategy for r in rows if r.fits]
+    instead = (f"strategies that fit: {', '.join(fitting)}" if fitting else
+               "nothing fits: add GPUs or nodes, --gradient_checkpointing True, a shorter "
+               "--model_max_length, or QLoRA")  # fmt: skip
+    return (f"{args.strategy} needs ~{chosen.total / GB:,.1f} GB per GPU for this model, batch and "
+            f"length, more than the {gpu_bytes / GB:,.1f} GB each GPU has ({instead}); see "
+            f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {args.ngpu}; "
+            f"--skip_preflight starts anyway")  # fmt: skip
+
+
+def run_torchrun(torchrun_args: list[str]) -> int:
+    """torchrun inside this process, so that a failed worker ends the launch with its exit
+    status and one line, not the elastic agent's ChildFailedError traceback: the worker has
+    already said why (bad config or data: status 2; a non-finite step: status 3)."""
+    import logging
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(torchrun_args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code < 0:
+            print(f"error: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr)
+            return 128 - code
+        if code not in (2, 3):  # the recipe printed its own message for those
+            print(f"error: rank {rank} failed with exit status {code} (its output is above)",
+                  file=sys.stderr)  # fmt: skip
+        return code
+    return 0
 
 
 if __name__ == "__main__":

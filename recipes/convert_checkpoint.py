@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.core.checkpoint import COMPLETE
+from recipes.core.checkpoint import COMPLETE, verify_checkpoint
 
 SIZE_UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
 
@@ -36,6 +36,8 @@ def parse_size(text: str) -> int:
 def _write_dcp(dcp_dir: Path, out: Path, max_shard_bytes: int) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
+
+    from recipes.core.distributed import SafeLoadPlanner
 
     meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
     names = [k.removeprefix("model.") for k in meta if k.startswith("model.")]
@@ -56,7 +58,8 @@ def _write_dcp(dcp_dir: Path, out: Path, max_shard_bytes: int) -> None:
     for name in names:
         info = meta[f"model.{name}"]
         tensor = torch.empty(info.size, dtype=info.properties.dtype)
-        dcp.load({"model": {name: tensor}}, checkpoint_id=str(dcp_dir), no_dist=True)
+        dcp.load({"model": {name: tensor}}, checkpoint_id=str(dcp_dir), no_dist=True,
+                 planner=SafeLoadPlanner())  # fmt: skip
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
@@ -96,6 +99,9 @@ def convert(
         raise ConvertError(
             f"{checkpoint} is incomplete (no {COMPLETE} marker): the run died while saving it"
         )
+    problems = verify_checkpoint(checkpoint)  # sizes, checksums, and no unsafe pickles
+    if problems:
+        raise ConvertError(f"{checkpoint} failed verification: {'; '.join(problems[:3])}")
     state = json.loads(state_file.read_text())
     model = model or state.get("model_path") or state["config"].get("model_name_or_path")
     if not model or not Path(model).exists():

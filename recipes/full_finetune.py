@@ -15,19 +15,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from recipes.core import checkpoint, loop
 from recipes.core.config import TrainConfig
+from recipes.core.loading import load_model
 from recipes.core.loop import Run, finish, prepare, run_info, start
 
 
 def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
-    from transformers import AutoModelForCausalLM
-
     run = prepare(cfg, notes)
-    # Every rank loads the whole model on CPU; FSDP / ZeRO-3 then shard it.
-    model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch.float32)
+    # FSDP2 and ZeRO-3 load sharded (no rank holds the whole model); others one copy per rank
+    model = load_model(run.model_path, cfg, run.world)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -60,3 +60,15 @@ def tokenizers(llama_dir, llama_nonlegacy_dir, chatml_dir) -> dict:
         "llama-nonlegacy": (AutoTokenizer.from_pretrained(llama_nonlegacy_dir), "vicuna_v1.1"),
         "chatml": (AutoTokenizer.from_pretrained(chatml_dir), "chat_template"),
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_leftover_deepspeed_buffers():
+    """Runs killed on purpose (kill -9 tests) cannot remove DeepSpeed's /dev/shm buffers
+    themselves (recipes/core/distributed.py does at a normal exit): remove what this session
+    left, so a long suite never fills memory with them."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.exists() else set()
+    yield
+    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before if shm.exists() else []:
+        path.unlink(missing_ok=True)

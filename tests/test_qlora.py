@@ -203,7 +203,11 @@ def test_lora_under_zero3_saves_the_same_real_weights_as_one_process(llama_dir, 
     assert one.keys() == z3.keys() and len(one) == 28
     for k in one:
         assert one[k].shape == z3[k].shape and one[k].numel() > 0
-        assert torch.allclose(one[k], z3[k], atol=1e-5), k
+        # Adam turns the last-bit differences of a reordered loss sum into updates of up to
+        # 2 x lr where a coordinate's gradient is near zero: 1e-5-scale after 5 steps at 3e-3
+        # (measured 1.5e-5 with the chunked loss, 7e-6 with transformers'); a zero (unsaved)
+        # tensor would differ by the whole 1e-2-scale weights
+        assert torch.allclose(one[k], z3[k], atol=5e-5), k
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])

@@ -1,18 +1,37 @@
-"""Checkpoints: sharded, atomic, resumable; and the final Hugging Face export.
+"""Checkpoints: sharded, atomic, verified, never unpickled blindly; and the final export.
 
 Layout under output_dir:
-  checkpoints/step-00000010/   one complete checkpoint (engine shards, trainer_state.json,
-                               rng-rank*.pt, COMPLETE); written as .tmp-step-... and renamed
-                               by rank 0 once every rank has finished, so a run killed
-                               mid-save leaves only a .tmp folder that is never resumed from
+  run.lock                     held by the running job's rank 0: a second job into the same
+                               directory refuses, naming the first
+  checkpoints/step-00000010/   one complete checkpoint: engine shards, trainer_state.json,
+                               rng-rank*.safetensors, scheduler.json, and COMPLETE, a manifest
+                               of every file with its size and sha256. Written as .tmp-step-...
+                               and renamed once every rank is done, so a run killed mid-save
+                               leaves only a .tmp folder that is never resumed from
+  checkpoints/damaged-step-N/  a checkpoint that failed verification on resume, kept for
+                               inspection (never deleted silently)
   model/                       the exported model: config, tokenizer, sharded safetensors
+
+Safety: camelid's own state is JSON or safetensors. The pickles that torch DCP and DeepSpeed
+write (DCP's .metadata, DeepSpeed's *.pt) are scanned before loading by an unpickler that
+calls nothing and refuses any global outside an allowlist of data-only classes, so a
+checkpoint from someone else cannot run code on resume.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
+import pickle
 import random
+import re
 import shutil
+import socket
+import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +41,13 @@ from fastchat_data.tiny import save_tokenizer
 
 from .config import ConfigError, TrainConfig
 
-COMPLETE = "COMPLETE"
+COMPLETE = "COMPLETE"  # the manifest; written last, so its presence means every file is there
+LOCK = "run.lock"
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: damaged, incomplete, or holding unsafe pickles."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -33,13 +58,41 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoints_dir(output_dir)
     if not root.exists():
         return []
-    found = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
+    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / COMPLETE).exists()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def acquire_run_lock(output_dir: str | Path):
+    """One job per output directory: an exclusive flock held by rank 0 for its lifetime (the
+    kernel drops it when the process dies, even by kill -9, so a relaunch can resume)."""
+    path = Path(output_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            holder = json.loads(handle.read())
+            who = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+        except (ValueError, KeyError):
+            who = "a process that holds its lock"
+        handle.close()
+        raise ConfigError(
+            f"{output_dir} is in use by another run ({who}); wait for it to end or choose another --output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "command": " ".join(sys.argv)}))  # fmt: skip
+    handle.flush()
+    return handle
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -53,32 +106,226 @@ def check_output_dir(cfg: TrainConfig) -> None:
     ckpt = latest_checkpoint(cfg.output_dir)
     if ckpt is None:
         return
-    saved = json.loads((ckpt / "trainer_state.json").read_text())
-    if saved["run_fingerprint"] != cfg.run_fingerprint():
-        changed = sorted(k for k, v in saved["config"].items() if getattr(cfg, k, None) != v)
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        fingerprint, config = saved["run_fingerprint"], saved["config"]
+    except (OSError, ValueError, KeyError):
+        return  # a damaged checkpoint: verification on resume reports it and falls back
+    if fingerprint != cfg.run_fingerprint():
+        changed = sorted(k for k, v in config.items() if getattr(cfg, k, None) != v)
         raise ConfigError(
             f"{cfg.output_dir} holds checkpoints of another run (settings differ: {', '.join(changed)}); "
             "choose another --output_dir or pass --overwrite_output_dir True"
         )
 
 
-def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+# ---- state that camelid writes itself: JSON and safetensors, never pickles
+
+
+def save_rng(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    meta = {"python": json.dumps([version, list(mt), gauss]),
+            "numpy": json.dumps([name, keys.tolist(), pos, has_gauss, cached])}  # fmt: skip
+    save_file(tensors, str(path), metadata=meta)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def load_rng(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    version, mt, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_json_state(state: dict, path: Path) -> None:
+    """A scheduler's state_dict (numbers and lists) as JSON."""
+    path.write_text(json.dumps(state, indent=1))
+
+
+def load_json_state(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ---- verification: a manifest of sizes and checksums, and pickles scanned before loading
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE
+    )
+
+
+def describe_files(folder: Path, names: list[str]) -> dict:
+    return {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
+
+
+# Globals a legitimate torch / DCP / DeepSpeed checkpoint pickle refers to: data containers
+# and tensor rebuilders only. Anything else (os.system, builtins.eval, ...) is refused.
+SAFE_GLOBALS = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "slice"), ("torch", "Size"), ("torch", "device"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch.nn.parameter", "Parameter"), ("torch", "Tensor"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
+}  # fmt: skip
+SAFE_MODULES = {
+    "torch.distributed.checkpoint.metadata",  # DCP's .metadata: dataclasses of names and shapes
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "deepspeed.runtime.zero.config",  # ZeroStageEnum
+    "deepspeed.utils.tensor_fragment",  # fragment_address, a named tuple
+}
+# DeepSpeed's loss scaler: plain attributes, restored by pickle's default __dict__ update
+SAFE_GLOBALS.add(("deepspeed.runtime.fp16.loss_scaler", "LossScaler"))
+
+
+def _safe_global(module: str, name: str) -> bool:
+    if (module, name) in SAFE_GLOBALS or module in SAFE_MODULES:
+        return True
+    if module == "torch":  # storages and dtypes (torch.FloatStorage, torch.float32, ...)
+        return name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
+    return module.startswith("numpy.dtypes")
+
+
+class _Inert:
+    """What the scanner builds in place of every object: takes anything, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _Scanner(pickle.Unpickler):
+    """Walks a pickle without executing it: every global must be on the allowlist."""
+
+    def find_class(self, module, name):
+        if not _safe_global(module, name):
+            raise CheckpointError(f"refuses to unpickle {module}.{name}")
+        return _Inert
+
+    def persistent_load(self, pid):  # torch's storages: not read
+        return None
+
+
+def scan_pickle(path: Path) -> None:
+    """Raise CheckpointError if `path` (a pickle, or a torch.save zip) refers to a global that
+    could run code. DCP's tensor shards (.distcp) are read by torch with weights_only=True."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for member in z.namelist():
+                if member.endswith(".pkl"):
+                    _scan_bytes(z.read(member), f"{path.name}:{member}")
+    elif head[:1] == b"\x80" and path.suffix != ".distcp":
+        _scan_bytes(path.read_bytes(), path.name)
+
+
+def _scan_bytes(data: bytes, where: str) -> None:
+    import io
+
+    try:
+        _Scanner(io.BytesIO(data)).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{where} {e}") from None
+    except Exception as e:  # a truncated or garbled pickle
+        raise CheckpointError(
+            f"{where} is not a readable pickle ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _check_file(folder: Path, name: str, expected: dict) -> str | None:
+    path = folder / name
+    if not path.is_file():
+        return f"{name} is missing"
+    size = path.stat().st_size
+    if size != expected["size"]:
+        return f"{name} has {size:,} bytes, the manifest says {expected['size']:,}"
+    if _sha256(path) != expected["sha256"]:
+        return f"{name} does not match its checksum (damaged)"
+    try:
+        scan_pickle(path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def verify_checkpoint(folder: Path, world=None) -> list[str]:
+    """Problems found in `folder` (none: intact). Each rank checks its share of the files."""
+    rank, size = (world.rank, world.size) if world else (0, 1)
+    try:
+        files = json.loads((folder / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{COMPLETE} is not a manifest of the checkpoint's files"]
+    names = sorted(files)
+    problems = [p for n in names[rank::size] if (p := _check_file(folder, n, files[n]))]
+    if rank == 0:
+        problems += [
+            f"{n} is not in the manifest" for n in checkpoint_files(folder) if n not in files
+        ]
+    if world is not None:
+        problems = [p for part in world.gather_objects(problems) for p in part]
+    return sorted(problems)
+
+
+def resumable_checkpoint(output_dir: str | Path, world) -> Path | None:
+    """The newest checkpoint that verifies. A damaged one is renamed damaged-step-N (kept for
+    inspection, never deleted) with a message saying which file failed, and the one before
+    it is tried."""
+    found = complete_checkpoints(output_dir)
+    world.barrier()  # every rank has listed before rank 0 renames anything
+    for folder in reversed(found):
+        problems = verify_checkpoint(folder, world)
+        if not problems:
+            return folder
+        if world.main:
+            kept = folder.with_name(f"damaged-{folder.name}")
+            while kept.exists():
+                kept = kept.with_name(kept.name + "+")
+            folder.rename(kept)
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            print(f"warning: checkpoint {folder} failed verification: {problems[0]}{more}; "
+                  f"kept as {kept.name}; trying the previous checkpoint", file=sys.stderr)  # fmt: skip
+        world.barrier()
+    if found and world.main:
+        print("warning: no intact checkpoint left; training starts from step 0", file=sys.stderr)
+    return None
 
 
 def save_checkpoint(engine, world, cfg: TrainConfig, step: int, trainer_state: dict) -> Path:
@@ -90,34 +337,40 @@ def save_checkpoint(engine, world, cfg: TrainConfig, step: int, trainer_state: d
         tmp.mkdir(parents=True)
     world.barrier()
     engine.save(tmp)
-    torch.save(rng_state(), tmp / f"rng-rank{world.rank}.pt")
-    world.barrier()
+    save_rng(tmp / f"rng-rank{world.rank}.safetensors")
     if world.main:
         state = {**trainer_state, "step": step, "world_size": world.size, "strategy": cfg.strategy,
                  "run_fingerprint": cfg.run_fingerprint(), "config": vars(cfg)}  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        (tmp / COMPLETE).write_text("")
+    world.barrier()
+    names = checkpoint_files(tmp)  # each rank checksums its share of the files
+    parts = world.gather_objects(describe_files(tmp, names[world.rank :: world.size]))
+    if world.main:
+        files = {k: v for part in parts for k, v in part.items()}
+        with open(tmp / COMPLETE, "w") as f:
+            json.dump({"step": step, "files": dict(sorted(files.items()))}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in (
-            complete_checkpoints(cfg.output_dir)[: -cfg.save_total_limit]
-            if cfg.save_total_limit > 0
-            else []
-        ):
+        # rotation: the checkpoint just written (checksummed above) is never among the deleted
+        keep = max(cfg.save_total_limit, 1)
+        for old in complete_checkpoints(cfg.output_dir)[:-keep] if cfg.save_total_limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     world.barrier()
     return final
 
 
 def load_checkpoint(engine, world, path: Path) -> dict:
+    """Restore a verified checkpoint (see resumable_checkpoint) into the engine and RNGs."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != world.size:
         raise ConfigError(
             f"{path} was written by {state['world_size']} ranks; resume it with the same number"
         )
     engine.load(path)
-    set_rng_state(torch.load(path / f"rng-rank{world.rank}.pt", weights_only=False))
+    load_rng(path / f"rng-rank{world.rank}.safetensors")
     return state
 
 

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import yaml
 
-STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
+STRATEGIES = (
+    "single",
+    "ddp",
+    "fsdp",
+    "fsdp_grad_op",
+    "fsdp_offload",
+    "zero2",
+    "zero3",
+    "zero3_offload",
+)
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -58,11 +67,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     strategy: str = "ddp"
     deepspeed: str | None = None  # a DeepSpeed JSON; default: ds_configs/<strategy>.json
+    sharded_load: bool = True  # FSDP2 / ZeRO-3: no rank ever holds the whole model
     # batches
     group_by_length: bool = True
     packing: bool = False  # several conversations per row, never attending to each other
+    packing_row_tokens: int | None = None  # cap per packed row; default: the longest conversation
     train_on_inputs: bool = False
     num_proc: int = 1
+    # speed (attention implementation, loss, compilation)
+    # chunked loss: logits only where labels are set, this many rows at a time; 0: transformers'
+    loss_chunk_size: int = 512
+    attn_implementation: str = "auto"  # sdpa, sdpa_packed, flex_attention, ... (attention.py)
+    # robustness
+    max_bad_steps: int = 0  # non-finite loss/grad steps to skip (not apply) before stopping the run
     # checkpoints and logs
     save_steps: int = 500
     save_total_limit: int = 2
@@ -92,11 +109,72 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
+        import math
+
+        for name in (
+            "logging_steps",
+            "num_proc",
+            "max_source_length",
+            "max_target_length",
+            "packing_row_tokens",
+        ):
+            value = getattr(self, name, None)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        inf = math.inf
+        for name, low, high in (("learning_rate", 0, inf), ("weight_decay", 0, inf),
+                                ("warmup_ratio", 0, 1), ("max_grad_norm", 0, inf),
+                                ("adam_beta1", 0, 1), ("adam_beta2", 0, 1),
+                                ("adam_epsilon", 0, inf),
+                                ("num_train_epochs", -inf, inf)):  # fmt: skip
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and low <= value <= high):
+                bounds = f" in [{low}, {high}]" if high < inf else f" >= {low}" * (low > -inf)
+                raise ConfigError(f"{name} must be a finite number{bounds}, got {value}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ConfigError(f"report_to {self.report_to!r} is not one of tensorboard, none")
+        is_file_name = str(self.template).endswith((".yaml", ".yml", ".json"))
+        if isinstance(self.template, str) and not is_file_name:
+            from fastchat_data.templates import CHAT_TEMPLATE, TEMPLATES
+
+            names = ", ".join([*TEMPLATES, CHAT_TEMPLATE])
+            if self.template not in (*TEMPLATES, CHAT_TEMPLATE):
+                raise ConfigError(
+                    f"template {self.template!r} is not one of {names}"
+                    " (or a YAML/JSON file of template fields)"
+                )
+        elif isinstance(self.template, str) and not Path(self.template).is_file():
+            raise ConfigError(f"template: {self.template} does not exist")
         for name in ("model_name_or_path", "data_path", "deepspeed"):
             value = getattr(self, name)  # data_path may list several files: a.json,b.jsonl
             for path in value.split(",") if name == "data_path" and value else [value]:
                 if path and not Path(path).exists():
                     raise ConfigError(f"{name}: {path} does not exist")
+                if not path:
+                    continue
+                if name == "model_name_or_path" and not (Path(path) / "config.json").is_file():
+                    why = "is a file" if Path(path).is_file() else "is a folder without a model"
+                    raise ConfigError(
+                        f"{name}: {path} {why}; give a Hugging Face model folder (with config.json)"
+                    )
+                if name != "model_name_or_path" and Path(path).is_dir():
+                    raise ConfigError(f"{name}: {path} is a directory; give a file")
+        from transformers import SchedulerType  # last: importing transformers takes seconds
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ConfigError(
+                f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of "
+                + ", ".join(schedulers)
+            )
+        from .attention import IMPLEMENTATIONS  # here: attention.py imports this module
+
+        if self.attn_implementation not in IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation {self.attn_implementation!r} is not one of "
+                              f"{', '.join(IMPLEMENTATIONS)}")  # fmt: skip
+        if self.loss_chunk_size < 0:
+            raise ConfigError(f"loss_chunk_size must be 0 (transformers' loss) or positive, "
+                              f"got {self.loss_chunk_size}")  # fmt: skip
         return self
 
     def run_fingerprint(self) -> str:
@@ -111,7 +189,7 @@ RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps", "report_
 
 # FastChat / HF flags with another name or no meaning here: flag -> (field or None, why).
 FASTCHAT_FLAGS = {
-    "fsdp": ("strategy", "`--fsdp 'full_shard auto_wrap'` means strategy fsdp"),
+    "fsdp": ("strategy", "FastChat's --fsdp options map to a strategy (fsdp_strategy())"),
     "fsdp_transformer_layer_cls_to_wrap": (None, "FSDP wraps the model's own decoder layer class"),
     "lazy_preprocess": (None, "the training set is always built once and cached"),
     "no_cuda": ("use_cpu", "renamed in transformers 5"),
@@ -129,7 +207,7 @@ def _parse_value(raw: str, current, name: str):
             return True
         if raw.lower() in ("false", "0", "no"):
             return False
-        raise ConfigError(f"--{name} expects True or False, got {raw!r}")
+        raise ConfigError(f"{name} expects True or False, got {raw!r}")
     if raw.lower() in ("none", "null") and not isinstance(current, str):
         return None  # a str setting keeps "none" as its value (--quantization none)
     for cast in (int, float):
@@ -148,12 +226,28 @@ def _coerce(name: str, value, cls=TrainConfig):
     current = getattr(cls(), name)
     if name == "template" and isinstance(value, dict):
         return value
+    # The declared types ("str | None"): a setting whose default is None still has a type.
+    names = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "None": type(None)}
+    declared = _types(cls)[name].type
+    parts = [declared] if isinstance(declared, type) else str(declared).split("|")
+    allowed = {p if isinstance(p, type) else names.get(p.strip()) for p in parts}
+    if None in allowed:  # an annotation not read here (list[str], ...): the default's type
+        allowed = {type(current)} if current is not None else set()
+    optional = type(None) in allowed or current is None
     if isinstance(value, str):
+        if str in allowed and not (optional and value.lower() in ("none", "null")):
+            return value  # a name or a path stays text, even "5" or "true"
         value = _parse_value(value, current, name)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if value is not None and current is not None and type(value) is not type(current):
-        raise ConfigError(f"{name} expects {type(current).__name__}, got {value!r}")
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{name} needs a value, got none")
+        return None
+    if allowed and type(value) not in allowed:
+        want = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None)))
+        hint = " (several files: one comma-separated string)" if isinstance(value, list) else ""
+        raise ConfigError(f"{name} expects {want}, got {value!r}{hint}")
     return value
 
 
@@ -192,7 +286,7 @@ def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
             path = CONFIG_DIR / path
         if not path.exists():
             raise ConfigError(f"config file {config_path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_structured(path, yaml.safe_load, "YAML")
         for k, v in loaded.items():
             if k not in _types(cls):
                 raise _unknown(k, str(path), cls)
@@ -206,9 +300,9 @@ def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
         if key in FASTCHAT_FLAGS:
             target, why = FASTCHAT_FLAGS[key]
             if key == "fsdp":
-                values["strategy"] = (
-                    "fsdp" if "full_shard" in val or "shard_grad_op" in val else "ddp"
-                )
+                values["strategy"] = fsdp_strategy(val)
+                notes.append(f"--fsdp {val!r}: strategy {values['strategy']}")
+                continue
             elif key == "fp16" and _parse_value(val, False, key):
                 raise ConfigError(f"--fp16: {why}")
             notes.append(f"--{key}: {why}")
@@ -221,8 +315,54 @@ def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
     return cls(**values).check(), notes
 
 
+def read_structured(path: Path, parse, kind: str) -> dict:
+    """A YAML or JSON file that must hold a mapping; anything else is one clear ConfigError."""
+    if not Path(path).exists():
+        raise ConfigError(f"{path} does not exist")
+    try:
+        loaded = parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: malformed {kind}: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(loaded).__name__}")
+    return loaded
+
+
+def fsdp_strategy(options: str) -> str:
+    """FastChat's / HF Trainer's `--fsdp "full_shard auto_wrap offload"` as a camelid strategy.
+    Every word either maps or is an error: a dropped option would change memory silently."""
+    words = options.replace(",", " ").split()
+    unknown = set(words) - {"full_shard", "shard_grad_op", "offload", "auto_wrap", "no_shard"}
+    if unknown or not words:
+        raise ConfigError(f"--fsdp {options!r}: unsupported option(s) {', '.join(sorted(unknown)) or '(none)'}; "
+                          "use full_shard or shard_grad_op, with offload and auto_wrap (hybrid "
+                          "sharding is not supported)")  # fmt: skip
+    if "no_shard" in words:
+        if len(set(words) - {"no_shard", "auto_wrap"}):
+            raise ConfigError(
+                f"--fsdp {options!r}: no_shard cannot be combined with sharding options"
+            )
+        return "ddp"
+    if "full_shard" in words and "shard_grad_op" in words:
+        raise ConfigError(f"--fsdp {options!r}: full_shard and shard_grad_op exclude each other")
+    if "offload" in words:
+        if "shard_grad_op" in words:
+            raise ConfigError(f"--fsdp {options!r}: offload is supported with full_shard only "
+                              "(strategy fsdp_offload)")  # fmt: skip
+        return "fsdp_offload"
+    if "shard_grad_op" in words:
+        return "fsdp_grad_op"
+    if "full_shard" in words:
+        return "fsdp"
+    raise ConfigError(f"--fsdp {options!r}: say full_shard or shard_grad_op")  # auto_wrap alone
+
+
 def strategy_of_deepspeed_config(path: str) -> str:
-    cfg = json.loads(Path(path).read_text())
+    cfg = read_structured(Path(path), json.loads, "JSON")
     zero = cfg.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage == 3:

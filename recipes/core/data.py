@@ -51,11 +51,8 @@ def load_train_set(cfg: TrainConfig, data_path: str, tokenizer, world):
                 num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
                 max_target_length=cfg.max_target_length)  # fmt: skip
     paths = input_paths(data_path)  # comma-separated files
-    if world.main:
-        ds, report = build_dataset(paths, tokenizer, **args)
-    world.barrier()
-    if not world.main:
-        ds, report = build_dataset(paths, tokenizer, quiet=True, **args)
+    built = world.main_first(lambda: build_dataset(paths, tokenizer, **args))
+    ds, report = built if world.main else build_dataset(paths, tokenizer, quiet=True, **args)
     return ds.with_format("numpy"), report
 
 
@@ -144,17 +141,26 @@ def pack_sequences(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
 
 class TrainData:
     """The training set seen as units: one conversation each, or with packing, several
-    conversations per row that do not attend to each other."""
+    conversations per row that do not attend to each other.
 
-    def __init__(self, ds, packing: bool, capacity: int, pad_id: int):
+    Packed rows hold at most `row_tokens` tokens; by default as many as the longest
+    conversation (never more than `capacity`). sdpa and eager compute a packed row's whole
+    width x width attention, masked blocks included, so a row no wider than the widest
+    length-grouped row costs no more attention per token than that row, while a row of
+    `capacity` tokens of short conversations would cost up to capacity / length times more."""
+
+    def __init__(
+        self, ds, packing: bool, capacity: int, pad_id: int, row_tokens: int | None = None
+    ):
         self.ds, self.packing, self.pad_id = ds, packing, pad_id
         lengths = np.asarray(ds["length"], dtype=np.int64)
         trained = trained_token_counts(ds)
-        self.units = (
-            pack_sequences(lengths, capacity)
-            if packing
-            else [np.array([i]) for i in range(len(lengths))]
-        )
+        if packing:
+            self.row_tokens = min(capacity, row_tokens or int(lengths.max(initial=1)))
+            self.units = pack_sequences(lengths, self.row_tokens)
+        else:
+            self.row_tokens = None
+            self.units = [np.array([i]) for i in range(len(lengths))]
         self.lengths = np.array([lengths[u].sum() for u in self.units], dtype=np.int64)
         self.trained = np.array([trained[u].sum() for u in self.units], dtype=np.int64)
 

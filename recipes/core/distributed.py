@@ -13,16 +13,21 @@ undo the averaging their gradient reduction does, so every strategy takes the sa
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import DefaultLoadPlanner
 
-from .config import ConfigError, TrainConfig
+from .checkpoint import load_json_state, save_json_state
+from .config import ConfigError, TrainConfig, read_structured
+from .logging import PHASES
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -49,6 +54,30 @@ class World:
         dist.all_reduce(t)
         return t.item()
 
+    def main_first(self, fn):
+        """fn() on rank 0 while the others wait; all ranks learn whether it failed, so a bad
+        config or bad data stops every rank together with rank 0's message (instead of the
+        others dying on a barrier whose peer has gone)."""
+        from fastchat_data.schema import DataError
+
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except (ConfigError, DataError) as e:
+                error = e
+        if self.all_sum(error is not None) > 0:
+            raise error or ConfigError("rank 0 stopped on an error (it printed the message)")
+        return result
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable, small: lists of names and checksums), on every rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init_world(strategy: str) -> World:
     """Join the process group the launcher set up (torchrun or deepspeed env vars)."""
@@ -68,11 +97,21 @@ def init_world(strategy: str) -> World:
             import deepspeed
 
             deepspeed.init_distributed(dist_backend=backend)
+            if not cuda:
+                atexit.register(remove_shm_buffer, local_rank)
         else:
             dist.init_process_group(backend, device_id=device if cuda else None)
     if strategy == "single" and size > 1:
         raise ConfigError("strategy 'single' runs one process; use ddp, fsdp or zero* for several")
     return World(rank, local_rank, size, device)
+
+
+def remove_shm_buffer(local_rank: int) -> None:
+    """DeepSpeed's CPU all-reduce keeps a ~70 MB buffer per rank in /dev/shm and never removes
+    it: every CPU run would leave its buffers in memory (tmpfs) until reboot."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{local_rank}"):
+        path.unlink(missing_ok=True)
 
 
 def decoder_layer_classes(model) -> set[type]:
@@ -122,19 +161,28 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 
 
 class TorchEngine:
-    """single process, DDP, or FSDP2 (`fully_shard` per decoder layer, then the root)."""
+    """single process, DDP, or FSDP2 (`fully_shard` per decoder layer, then the root):
+    fsdp reshards parameters after forward (ZeRO-3-like), fsdp_grad_op keeps them gathered
+    until backward (ZeRO-2-like, FastChat's shard_grad_op), fsdp_offload keeps parameters,
+    gradients and optimizer states on the CPU (CPUOffloadPolicy).
 
-    def __init__(self, model, cfg: TrainConfig, world: World, total_steps: int):
-        self.cfg, self.world, self.strategy = (
-            cfg,
-            world,
-            cfg.strategy if world.size > 1 else "single",
-        )
-        if not getattr(model, "is_quantized", False):  # bitsandbytes placed those when loading
-            model.to(world.device)
-        if self.strategy == "fsdp":
+    A model on the meta device (recipes/core/loading.py) is sharded first, then this rank's
+    shards are materialised and read from `weights_from`."""
+
+    def __init__(self, model, cfg: TrainConfig, world: World, total_steps: int,
+                 weights_from: str | None = None):  # fmt: skip
+        self.cfg, self.world = cfg, world
+        self.strategy = cfg.strategy if world.size > 1 else "single"
+        offload = self.strategy == "fsdp_offload"
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and not self.strategy.startswith("fsdp"):
+            raise ConfigError(f"a model on the meta device needs FSDP, not {self.strategy}")
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if on_meta else {}
+        if not (on_meta or offload or getattr(model, "is_quantized", False)):
+            model.to(world.device)  # (bitsandbytes placed a quantized model when loading)
+        if self.strategy.startswith("fsdp"):
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(world.device.type, (world.size,))
             mp = (
@@ -142,11 +190,25 @@ class TorchEngine:
                 if cfg.bf16
                 else MixedPrecisionPolicy()
             )
+            kw = dict(
+                mesh=mesh, mp_policy=mp, reshard_after_forward=self.strategy != "fsdp_grad_op"
+            )
+            if offload:
+                kw["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
             layers = tuple(decoder_layer_classes(model))
             for m in list(model.modules()):
                 if isinstance(m, layers):
-                    fully_shard(m, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
+                    fully_shard(m, **kw)
+            fully_shard(model, **kw)
+            if on_meta:
+                from .loading import fill_sharded
+
+                model.to_empty(device="cpu" if offload else world.device)
+                fill_sharded(model, weights_from, buffers)
+            if offload:  # FSDP moves parameters for compute; buffers must already be there
+                for m in model.modules():
+                    for name, buf in m.named_buffers(recurse=False):
+                        m._buffers[name] = buf.to(world.device)
             self.module = self.model = model
         elif self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -157,36 +219,46 @@ class TorchEngine:
             )
         else:
             self.module = self.model = model
+        PHASES.next("setup")  # the model is in place; optimizer states and resume follow
         self.optimizer = make_optimizer(self.module, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
-        self._autocast = cfg.bf16 and self.strategy != "fsdp"  # FSDP2 casts through its policy
+        # FSDP2 casts through its policy
+        self._autocast = cfg.bf16 and not self.strategy.startswith("fsdp")
 
     def forward(self, **batch):
+        from .loss import forward_with_loss
+
+        chunk = self.cfg.loss_chunk_size
         with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            return self.model(**batch)
+            return forward_with_loss(self.model, self.module, chunk, **batch)
 
     def sync_gradients(self, last_micro_step: bool):
         """Reduce gradients across ranks only on the last micro-step of an optimizer step."""
         if self.strategy == "ddp" and not last_micro_step:
             return self.model.no_sync()
-        if self.strategy == "fsdp":
+        if self.strategy.startswith("fsdp"):
             self.model.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
 
     def backward(self, loss):
         (loss * self.world.size).backward()  # DDP and FSDP average gradients over ranks
 
-    def step(self, last_micro_step: bool) -> float | None:
-        """After each micro-step's backward; steps the optimizer on the last. Returns the grad norm."""
+    def step(self, last_micro_step: bool, loss_finite: bool = True) -> tuple[float, bool] | None:
+        """After each micro-step's backward; on the last, steps the optimizer unless the loss
+        (on any rank: `loss_finite` is agreed by all) or the global grad norm is not finite.
+        Returns (grad norm, whether the step was applied)."""
         if not last_micro_step:
             return None
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(norm)  # reduced gradients: the same on every rank
+        applied = loss_finite and math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm, applied
 
     @property
     def lr(self) -> float:
@@ -200,7 +272,7 @@ class TorchEngine:
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
         if self.world.main:
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            save_json_state(self.scheduler.state_dict(), path / "scheduler.json")
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -208,24 +280,34 @@ class TorchEngine:
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp.load(state, checkpoint_id=str(path / "dcp"), planner=SafeLoadPlanner())
         set_state_dict(
             self.module,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.scheduler.load_state_dict(load_json_state(path / "scheduler.json"))
 
     def full_state_dict(self, trainable_only: bool = False) -> dict:
         """The whole model (or its trained parameters: an adapter, never under FSDP) on rank 0's
         CPU, gathered layer by layer (never whole on a GPU)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if self.strategy == "fsdp":
+        if self.strategy.startswith("fsdp"):
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.module, options=opts)
         return replicated_state_dict(self.module, self.world, trainable_only)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP stores non-tensor values as torch.save bytes and reads them with weights_only=False:
+    each is first read with weights_only=True, which refuses anything but plain data."""
+
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
@@ -237,11 +319,21 @@ def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    """The DeepSpeed JSON with its "auto" values filled from the command line; a precision
-    block that contradicts the command line is an error, never silently used."""
+# ZeRO buffer sizes that scale with the model, as Hugging Face's integration fills them (in
+# elements): DeepSpeed's fixed defaults (reduce bucket 5e8) cost GBs per rank on any model.
+ZERO_AUTO_SIZES = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def deepspeed_config(cfg: TrainConfig, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the command line and the model's
+    hidden size; a user's explicit number always wins. A precision block that contradicts the
+    command line is an error, never silently used."""
     path = Path(cfg.deepspeed) if cfg.deepspeed else DS_CONFIG_DIR / f"{cfg.strategy}.json"
-    ds = json.loads(path.read_text())
+    ds = read_structured(path, json.loads, "JSON")
     if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise ConfigError(f"{path}: enables fp16, which camelid does not train in; use bf16")
     bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
@@ -264,6 +356,13 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     ds.pop("train_batch_size", None)  # derived; ZeRO-3 rejects a stale one
     ds.pop("optimizer", None)
     ds.pop("scheduler", None)  # camelid passes the same torch AdamW + schedule to every strategy
+    zero = ds.setdefault("zero_optimization", {})
+    for key, size in ZERO_AUTO_SIZES.items():
+        if zero.get(key) == "auto":
+            if hidden_size:
+                zero[key] = size(hidden_size)
+            else:  # no model to size from: DeepSpeed's defaults
+                del zero[key]
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
@@ -276,7 +375,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg, self.world, self.strategy = cfg, world, cfg.strategy
-        self.ds_config = deepspeed_config(cfg)
+        PHASES.next("setup")  # the model is in place; DeepSpeed allocates optimizer states now
+        self.ds_config = deepspeed_config(cfg, model.config.hidden_size)
         optimizer = make_optimizer(model, cfg)
         scheduler = make_scheduler(optimizer, cfg, total_steps)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -285,7 +385,9 @@ class DeepSpeedEngine:
         self.module = self.model.module
 
     def forward(self, **batch):
-        return self.model(**batch)
+        from .loss import forward_with_loss
+
+        return forward_with_loss(self.model, self.module, self.cfg.loss_chunk_size, **batch)
 
     def sync_gradients(self, last_micro_step: bool):
         return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
@@ -294,12 +396,19 @@ class DeepSpeedEngine:
         # DeepSpeed divides by gradient_accumulation_steps and averages over ranks: undo both.
         self.model.backward(loss * self.world.size * self.cfg.gradient_accumulation_steps)
 
-    def step(self, last_micro_step: bool) -> float | None:
-        self.model.step()  # DeepSpeed steps the optimizer only at its accumulation boundary
+    def step(self, last_micro_step: bool, loss_finite: bool = True) -> tuple[float, bool] | None:
+        # DeepSpeed steps the optimizer only at its accumulation boundary, and skips (neither
+        # applies nor schedules) a step whose gradients are not finite: a non-finite loss
+        # always gives such gradients; was_step_applied() reports what it did.
+        self.model.step()
         if not last_micro_step:
             return None
         norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        applied = self.model.was_step_applied()
+        if applied and not loss_finite:
+            raise RuntimeError("DeepSpeed applied a step whose loss was not finite")
+        return norm, applied and math.isfinite(norm)
 
     @property
     def lr(self) -> float:
@@ -340,7 +449,8 @@ class DeepSpeedEngine:
         return replicated_state_dict(self.module, self.world, trainable_only)
 
 
-def make_engine(model, cfg: TrainConfig, world: World, total_steps: int):
+def make_engine(model, cfg: TrainConfig, world: World, total_steps: int,
+                weights_from: str | None = None):  # fmt: skip
     if cfg.strategy.startswith("zero"):
         return DeepSpeedEngine(model, cfg, world, total_steps)
-    return TorchEngine(model, cfg, world, total_steps)
+    return TorchEngine(model, cfg, world, total_steps, weights_from)

@@ -4,6 +4,7 @@ resumed runs append to, TensorBoard events, and a loss-curve PNG at the end."""
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -119,3 +120,37 @@ class RunLog:
         fig.savefig(png, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return png
+
+
+class PhasePeaks:
+    """Peak memory of this process per phase: load (model built, weights in place), setup
+    (engine, optimizer states, resume), train, export. Peak RSS, reset between phases through
+    /proc/self/clear_refs (Linux), and on GPUs peak allocated memory."""
+
+    def __init__(self):
+        self.peaks, self.phase = {}, "load"
+
+    @staticmethod
+    def _rss_peak_mb() -> float:
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def next(self, phase: str) -> None:
+        """Close the current phase and start `phase`."""
+        peak = {"rss_mb": round(self._rss_peak_mb(), 1)}
+        if torch.cuda.is_available():
+            peak["gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            torch.cuda.reset_peak_memory_stats()
+        self.peaks[self.phase] = peak
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        self.phase = phase
+
+
+PHASES = PhasePeaks()  # this process's

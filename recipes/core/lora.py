@@ -18,7 +18,7 @@ import torch
 
 from fastchat_data.tiny import save_tokenizer
 
-from .checkpoint import RUN_INFO
+from .checkpoint import RUN_INFO, load_json_state, save_json_state
 from .config import ConfigError, TrainConfig
 from .distributed import TorchEngine, World, make_engine
 
@@ -67,7 +67,7 @@ class QLoraConfig(TrainConfig):
             raise ConfigError(
                 f"peft_method {self.peft_method!r} is not one of {', '.join(PEFT_METHODS)}"
             )
-        if self.strategy == "fsdp":
+        if self.strategy.startswith("fsdp"):
             raise ConfigError(
                 "adapters train with strategy ddp (one process per GPU) or zero2/zero3"
             )
@@ -89,9 +89,12 @@ def load_base(path: str, cfg: QLoraConfig, device: torch.device):
     """The base model, quantized by bitsandbytes as configured, placed on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+    from .attention import attention_kwargs
+
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    attention = attention_kwargs(cfg)  # --attn_implementation
     if cfg.quantization == "none":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
     config = AutoConfig.from_pretrained(path)
     existing = getattr(config, "quantization_config", None)
     if existing:
@@ -107,7 +110,7 @@ def load_base(path: str, cfg: QLoraConfig, device: torch.device):
                                  bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)  # fmt: skip
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=bnb, device_map={"": device}, dtype=dtype
+            path, quantization_config=bnb, device_map={"": device}, dtype=dtype, **attention
         )
     except (ValueError, RuntimeError, ImportError) as e:
         raise ConfigError(f"bitsandbytes cannot quantize {path}: {e}") from None
@@ -191,8 +194,8 @@ class AdapterEngine(TorchEngine):
     def save(self, path: Path) -> None:
         if self.world.main:
             self.module.save_pretrained(path / "adapter", safe_serialization=True)
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")  # read weights_only
+            save_json_state(self.scheduler.state_dict(), path / "scheduler.json")
 
     def load(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -201,8 +204,8 @@ class AdapterEngine(TorchEngine):
         weights = load_file(str(path / "adapter" / ADAPTER_WEIGHTS), device=str(self.world.device))
         set_peft_model_state_dict(self.module, weights)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.world.device,
-                                                  weights_only=False))  # fmt: skip
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+                                                  weights_only=True))  # fmt: skip
+        self.scheduler.load_state_dict(load_json_state(path / "scheduler.json"))
 
 
 def make_adapter_engine(model, cfg: QLoraConfig, world: World, total_steps: int):

@@ -1,0 +1,151 @@
+"""Fault injection: kill -9 a training run at random moments (most land inside a checkpoint
+write, since the tiny model saves every step) and relaunch it, again and again. Every
+relaunch must resume from the newest complete checkpoint, and the run must end on exactly the
+loss curve of an uninterrupted run.
+
+    python -m bench.fault_bench [--kills 20] [--steps 120] [--seed 0]
+
+Prints a table and writes bench/results/fault_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def command(out: Path, steps: int) -> list[str]:
+    return [sys.executable, str(REPO / "recipes" / "full_finetune.py"), "--config", "tiny_cpu.yaml",
+            "--strategy", "single", "--output_dir", str(out), "--report_to", "none",
+            "--max_steps", str(steps), "--save_steps", "1", "--save_total_limit", "2",
+            "--logging_steps", "1000"]  # fmt: skip
+
+
+def environment() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def complete_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(int(p.name[5:]) for p in root.iterdir()
+                  if re.fullmatch(r"step-\d+", p.name) and (p / "COMPLETE").exists())  # fmt: skip
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_with_kills(out: Path, steps: int, kills: int, rng: random.Random) -> dict:
+    events, launches = [], 0
+    while True:
+        before = complete_steps(out)
+        launches += 1
+        log = out.parent / f"{out.name}-launch{launches}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(command(out, steps), env=environment(), cwd=REPO, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            killed = None
+            if len(events) < kills:
+                start = logged_steps(out)
+                # wait until this launch trains (startup takes seconds), then: every other kill
+                # lands at a random moment inside a checkpoint write (its .tmp folder exists),
+                # the others at any random moment
+                while proc.poll() is None and logged_steps(out) <= start:
+                    time.sleep(0.01)
+                if len(events) % 2 == 0:
+                    while proc.poll() is None and not list(out.glob("checkpoints/.tmp-step-*")):
+                        time.sleep(0.001)
+                    time.sleep(rng.uniform(0.0, 0.02))
+                else:
+                    time.sleep(rng.uniform(0.0, 0.6))
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed = True
+            proc.wait()
+        text = log.read_text()
+        resumed = re.search(r"resumed from \S+ \(step (\d+)\)", text)
+        event = {
+            "launch": launches,
+            "complete_before": before[-1] if before else 0,
+            "resumed_from": int(resumed.group(1)) if resumed else 0,
+            "damaged_reported": "failed verification" in text,
+            "exit": proc.returncode,
+        }
+        if killed:
+            tmp = (
+                list((out / "checkpoints").glob(".tmp-step-*"))
+                if (out / "checkpoints").exists()
+                else []
+            )
+            event["mid_save"] = bool(tmp)  # killed while a checkpoint was being written
+            events.append(event)
+            continue
+        return {"events": events, "final": event, "launches": launches}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=str(RESULTS / "fault_bench.json"))
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="camelid-faults-") as tmp:
+        straight, faulty = Path(tmp) / "straight", Path(tmp) / "faulty"
+        t0 = time.time()
+        subprocess.run(command(straight, args.steps), env=environment(), cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        result = run_with_kills(faulty, args.steps, args.kills, rng)
+        ref, got = losses(straight), losses(faulty)
+        events = result["events"]
+        # each relaunch (the one after kill i) resumed from the newest complete checkpoint
+        relaunches = events[1:] + [result["final"]]
+        resumed_right = sum(e["resumed_from"] == e["complete_before"] for e in relaunches)
+        summary = {
+            "kills": len(events),
+            "kills_mid_checkpoint_write": sum(e["mid_save"] for e in events),
+            "relaunches": len(relaunches),
+            "relaunches_resumed_from_newest_complete": resumed_right,
+            "damaged_checkpoints_reported": sum(e["damaged_reported"] for e in relaunches),
+            "final_exit": result["final"]["exit"],
+            "steps": args.steps,
+            "steps_logged": len(got),
+            "max_abs_loss_diff_vs_uninterrupted": max(abs(a - b) for a, b in zip(ref, got)) if len(ref) == len(got) else None,
+            "identical_loss_curve": ref == got,
+            "seconds": round(time.time() - t0, 1),
+        }  # fmt: skip
+    width = max(map(len, summary))
+    print("fault injection: kill -9 at random moments, relaunch, compare with an uninterrupted run")
+    for k, v in summary.items():
+        print(f"  {k:<{width}}  {v}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"summary": summary, "events": events}, indent=1))
+    ok = (summary["identical_loss_curve"] and resumed_right == len(relaunches)
+          and summary["final_exit"] == 0 and summary["damaged_checkpoints_reported"] == 0)  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

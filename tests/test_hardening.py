@@ -1,0 +1,235 @@
+"""Runs that never fail silently: non-finite steps stop (or are skipped within a budget),
+damaged or tampered checkpoints are detected on resume, one job per output directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import REPO, command, env, losses, train
+
+from recipes.core.checkpoint import COMPLETE, complete_checkpoints, describe_files
+
+BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_total_limit", "2"]
+ONE = [*BASE, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2]
+TWO = [*BASE, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1]
+
+
+def poisoned(step: str) -> dict:
+    return {"CAMELID_INJECT_NAN_LOSS": step}
+
+
+def run_with(strategy, nproc, out, *args, extra_env=None):
+    return subprocess.run(command(strategy, nproc, out, *args), capture_output=True, text=True,
+                          env={**env(), **(extra_env or {})}, cwd=REPO, timeout=900)  # fmt: skip
+
+
+def dcp_weights_finite(ckpt: Path) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    for key, info in meta.items():
+        if key.startswith("model.") and hasattr(info, "size"):
+            t = torch.empty(info.size, dtype=info.properties.dtype)
+            dcp.load({"model": {key[6:]: t}}, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+            if not torch.isfinite(t).all():
+                return False
+    return True
+
+
+def assert_stopped_at_nonfinite(res, out: Path, step: int, last_good: str):
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stderr.count("error:") == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"step {step}: non-finite" in res.stderr and last_good in res.stderr
+    assert not (out / "model").exists()  # never exported
+    assert complete_checkpoints(out)[-1].name == last_good
+
+
+def test_huge_learning_rate_stops_with_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    res = run_with("single", 1, out, *ONE, "--max_steps", 30, "--save_steps", 2,
+                   "--learning_rate", "1e4", "--max_grad_norm", "1e9")  # fmt: skip
+    assert res.returncode == 3, res.stderr[-3000:]
+    stopped = int(res.stderr.split("error: step ")[1].split(":")[0])
+    assert "non-finite" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "model").exists()
+    kept = complete_checkpoints(out)
+    assert kept and all(int(p.name.split("-")[1]) < stopped for p in kept)
+    assert all(dcp_weights_finite(p) for p in kept)
+
+
+def test_poisoned_batch_single_process(tmp_path):
+    out = tmp_path / "run"
+    res = run_with("single", 1, out, *ONE, "--max_steps", 6, "--save_steps", 2,
+                   extra_env=poisoned("5"))  # fmt: skip
+    assert_stopped_at_nonfinite(res, out, 5, "step-00000004")
+    assert "on samples [" in res.stderr
+    assert dcp_weights_finite(complete_checkpoints(out)[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_poisoned_batch_on_one_rank_stops_every_rank(strategy, tmp_path):
+    """Through the launcher users run (make train-vicuna): one message, exit status 3."""
+    out = tmp_path / "run"
+    recipe = ["--report_to", "none", *map(str, TWO), "--max_steps", "5", "--save_steps", "2"]
+    res = subprocess.run([sys.executable, "-m", "launch.train", "--ngpu", "2", "--strategy", strategy,
+                          "--out", str(out), "--master_port", str(29500 + os.getpid() % 500), "--", *recipe],
+                         capture_output=True, text=True, env={**env(), **poisoned("3:1")}, cwd=REPO,
+                         timeout=900)  # fmt: skip
+    assert_stopped_at_nonfinite(res, out, 3, "step-00000002")
+    # the message names the poisoned rank's samples: those rank 1 trained on at step 3
+    named = json.loads(res.stderr.split("on samples ")[1].split("]")[0] + "]")
+    assert len(named) == 4
+
+
+def test_bad_steps_within_the_budget_are_skipped_and_counted(tmp_path):
+    out, clean = tmp_path / "skip", tmp_path / "clean"
+    res = run_with("single", 1, out, *ONE, "--max_steps", 6, "--save_steps", 100,
+                   "--max_bad_steps", 1, extra_env=poisoned("3"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 3: non-finite" in res.stderr and "1 of --max_bad_steps 1" in res.stderr
+    got = losses(out)
+    assert got[2] != got[2] and all(x == x for x in got[3:])  # NaN logged at step 3, then finite
+    train("single", 1, clean, *ONE, "--max_steps", 6, "--save_steps", 100)
+    assert got[:2] == losses(clean)[:2]  # identical until the poisoned step
+
+
+def flip_byte(path: Path, at: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    data[min(at, len(data) - 1)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def relaunch_after_damage(strategy, nproc, out, args, damage, recipe=None):
+    """Train 6 steps (checkpoints 4 and 6 kept), damage step 6, relaunch: resumes from 4."""
+    kw = {"recipe": recipe} if recipe else {}
+    train(strategy, nproc, out, *args, "--max_steps", 6, "--save_steps", 2, **kw)
+    damage(out / "checkpoints" / "step-00000006")
+    res = train(strategy, nproc, out, *args, "--max_steps", 6, "--save_steps", 2, **kw)
+    assert "step-00000006 failed verification" in res.stderr, res.stderr[-3000:]
+    assert "(step 4)" in res.stdout
+    assert (out / "checkpoints" / "damaged-step-00000006").is_dir()  # kept, not deleted
+    return res
+
+
+def test_damaged_dcp_shard_falls_back_to_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    res = relaunch_after_damage("single", 1, out, ONE,
+                                lambda c: flip_byte(c / "dcp" / "__0_0.distcp"))  # fmt: skip
+    assert "__0_0.distcp does not match its checksum" in res.stderr
+    straight = tmp_path / "straight"
+    train("single", 1, straight, *ONE, "--max_steps", 6, "--save_steps", 2)
+    assert losses(out) == pytest.approx(losses(straight), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_damaged_deepspeed_shard_falls_back(tmp_path):
+    def damage(ckpt):
+        flip_byte(next((ckpt / "deepspeed" / "state").glob("*optim_states.pt")))
+
+    res = relaunch_after_damage("zero3", 2, tmp_path / "run", TWO, damage)
+    assert "optim_states.pt does not match its checksum" in res.stderr
+
+
+def test_damaged_adapter_falls_back(tmp_path):
+    from train_utils import QLORA
+
+    args = ["--config", "qlora_tiny_cpu.yaml", "--save_total_limit", 3]
+    res = relaunch_after_damage(
+        "single", 1, tmp_path / "run", args,
+        lambda c: flip_byte(c / "adapter" / "adapter_model.safetensors", at=200), recipe=QLORA,
+    )  # fmt: skip
+    assert "adapter_model.safetensors does not match its checksum" in res.stderr
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(ckpt: Path, name: str, payload: bytes) -> None:
+    """Replace a file and rewrite the manifest to match: only the pickle scan can object."""
+    (ckpt / name).write_bytes(payload)
+    manifest = json.loads((ckpt / COMPLETE).read_text())
+    manifest["files"].update(describe_files(ckpt, [name]))
+    (ckpt / COMPLETE).write_text(json.dumps(manifest))
+
+
+def test_pickle_payload_in_a_checkpoint_is_refused(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    train("single", 1, out, *ONE, "--max_steps", 4, "--save_steps", 2)
+    plant(out / "checkpoints" / "step-00000004", "dcp/.metadata", pickle.dumps(Payload(marker)))
+    res = train("single", 1, out, *ONE, "--max_steps", 4, "--save_steps", 2)
+    assert "refuses to unpickle posix.system" in res.stderr, res.stderr[-3000:]
+    assert "(step 2)" in res.stdout and not marker.exists()
+
+
+def test_pickle_scanner_refuses_code_in_torch_save_files(tmp_path):
+    from recipes.core.checkpoint import CheckpointError, scan_pickle
+
+    marker = tmp_path / "PWNED"
+    evil, good = tmp_path / "optimizer.pt", tmp_path / "good.pt"
+    torch.save({"state": {0: {"exp_avg": torch.ones(3)}}, "x": Payload(marker)}, evil)
+    torch.save({"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(2.0)}}}, good)
+    with pytest.raises(CheckpointError, match="refuses to unpickle posix.system"):
+        scan_pickle(evil)
+    scan_pickle(good)
+    assert not marker.exists()
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    out = tmp_path / "run"
+    train("single", 1, out, *ONE, "--max_steps", 6, "--save_steps", 1, "--save_total_limit", 1)
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000006"]
+    manifest = json.loads((complete_checkpoints(out)[-1] / COMPLETE).read_text())
+    assert {"trainer_state.json", "scheduler.json", "rng-rank0.safetensors"} <= set(
+        manifest["files"]
+    )
+    assert not list(complete_checkpoints(out)[-1].rglob("*.pt"))  # camelid writes no pickles
+
+
+def test_second_run_into_the_same_output_dir_refuses(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(command("single", 1, out, *ONE, "--max_steps", 200, "--save_steps", 1000),
+                             env={**env(), "CAMELID_STEP_DELAY": "0.2"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None
+            time.sleep(0.1)
+        res = run_with("single", 1, out, *ONE, "--max_steps", 200, "--save_steps", 1000)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert f"is in use by another run (pid {first.pid} on" in res.stderr, res.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["config", "data"])
+def test_multi_process_error_is_printed_once_without_launcher_traceback(bad, tmp_path):
+    if bad == "config":
+        args, message = ["--", "--learning_rat", "1"], "unknown key 'learning_rat'"
+    else:  # found by rank 0 while the other rank waits for the training set
+        data = tmp_path / "unusable.json"
+        data.write_text(json.dumps([{"conversations": [{"from": "gpt", "value": ""}]}, {"x": 1}]))
+        args, message = ["--data", str(data)], "no conversation is trainable"
+    res = subprocess.run([sys.executable, "-m", "launch.train", "--ngpu", "2", "--strategy", "fsdp",
+                          "--out", str(tmp_path / "run"), *args],
+                         capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.count(message) == 1 and res.stderr.count("error:") == 1, res.stderr
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
