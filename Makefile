@@ -53,6 +53,10 @@ bench: setup
 	$(BIN)/python -m bench.data_bench
 	$(BIN)/python -m bench.train_bench
 	$(BIN)/python -m bench.qlora_bench
+	$(BIN)/python -m bench.memory_bench
+	$(BIN)/python -m bench.loss_bench
+	$(BIN)/python -m bench.packing_bench
+	$(BIN)/python -m bench.fault_bench
 
 lint: setup
 	$(BIN)/ruff check .
