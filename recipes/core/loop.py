@@ -282,6 +282,8 @@ def main(argv: list[str] | None, config_cls: type, setup, save, exported_what: s
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 3 if isinstance(e, NonFiniteError) else 2
         if torch.distributed.is_initialized():
+            if isinstance(e, NonFiniteError):  # every rank stops here: leave together, so that
+                torch.distributed.barrier()  # no rank tears down while a peer still talks
             torch.distributed.destroy_process_group()
         raise SystemExit(code) from None
     finish(run)
