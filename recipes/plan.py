@@ -278,15 +278,17 @@ class Row:
 
 def ds_zero_config(strategy: str, shape: Shape) -> dict:
     """The bucket sizes of ds_configs/<strategy>.json; "auto" as HF's integration fills it."""
+    from recipes.core.config import ZERO_AUTO_SIZES  # the engine's own fill rule
+
     z = json.loads((DS_CONFIG_DIR / f"{strategy}.json").read_text()).get("zero_optimization", {})
-    auto = {
-        "reduce_bucket_size": shape.hidden**2,
-        "stage3_prefetch_bucket_size": 0.9 * shape.hidden**2,
-    }
     out = {}
     for key, default in DS_DEFAULTS.items():
         v = z.get(key, default)
-        out[key] = auto.get(key, default) if v == "auto" else v
+        out[key] = (
+            (ZERO_AUTO_SIZES[key](shape.hidden) if key in ZERO_AUTO_SIZES else default)
+            if v == "auto"
+            else v
+        )
     return out
 
 

@@ -31,6 +31,15 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bi
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+# ZeRO buffer sizes that scale with the model, as Hugging Face's integration fills them (in
+# elements): DeepSpeed's fixed defaults (reduce bucket 5e8) cost GBs per rank on any model.
+ZERO_AUTO_SIZES = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
 class ConfigError(ValueError):
     pass
 

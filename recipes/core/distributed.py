@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from .checkpoint import load_json_state, save_json_state
-from .config import ConfigError, TrainConfig, read_structured
+from .config import ZERO_AUTO_SIZES, ConfigError, TrainConfig, read_structured
 from .logging import PHASES
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -317,15 +317,6 @@ def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
     if trainable_only:
         return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-# ZeRO buffer sizes that scale with the model, as Hugging Face's integration fills them (in
-# elements): DeepSpeed's fixed defaults (reduce bucket 5e8) cost GBs per rank on any model.
-ZERO_AUTO_SIZES = {
-    "reduce_bucket_size": lambda h: h * h,
-    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-    "stage3_param_persistence_threshold": lambda h: 10 * h,
-}
 
 
 def deepspeed_config(cfg: TrainConfig, hidden_size: int | None = None) -> dict:
