@@ -27,6 +27,7 @@ STRATEGIES = (
     "zero3",
     "zero3_offload",
 )
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "none")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -87,13 +88,15 @@ class TrainConfig:
     # chunked loss: logits only where labels are set, this many rows at a time; 0: transformers'
     loss_chunk_size: int = 512
     attn_implementation: str = "auto"  # sdpa, sdpa_packed, flex_attention, ... (attention.py)
+    compile: bool = False  # torch.compile each decoder layer
+    use_liger_kernel: bool = False  # Liger's fused kernels (needs liger-kernel and a GPU)
     # robustness
     max_bad_steps: int = 0  # non-finite loss/grad steps to skip (not apply) before stopping the run
     # checkpoints and logs
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 1
-    report_to: str = "tensorboard"  # or "none"
+    report_to: str = "tensorboard"  # any of tensorboard,wandb,mlflow,trackio (comma-separated), or none
     peak_tflops: float | None = (
         None  # per device, for the MFU estimate; guessed from the GPU when unset
     )
@@ -140,8 +143,10 @@ class TrainConfig:
             if not (math.isfinite(value) and low <= value <= high):
                 bounds = f" in [{low}, {high}]" if high < inf else f" >= {low}" * (low > -inf)
                 raise ConfigError(f"{name} must be a finite number{bounds}, got {value}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ConfigError(f"report_to {self.report_to!r} is not one of tensorboard, none")
+        trackers = [t.strip() for t in str(self.report_to).split(",") if t.strip()]
+        if not trackers or set(trackers) - set(TRACKERS) or ("none" in trackers and len(trackers) > 1):
+            raise ConfigError(f"report_to {self.report_to!r}: give none or any of "
+                              f"{', '.join(TRACKERS[:-1])} (comma-separated)")  # fmt: skip
         is_file_name = str(self.template).endswith((".yaml", ".yml", ".json"))
         if isinstance(self.template, str) and not is_file_name:
             from fastchat_data.templates import CHAT_TEMPLATE, TEMPLATES
