@@ -16,6 +16,7 @@ from .clean import clean
 from .formats import WRITERS, check_format, iter_conversations
 from .identity import identity_conversations
 from .io import check_outputs, input_paths, write_records
+from .preference import build_pairs, convert_pairs, pair
 from .report import Report
 from .schema import ASSISTANT, DataError, SkipRecord, check_count, validate
 from .split_long import split_long
@@ -273,5 +274,19 @@ def build(data, tokenizer: str, out: str | None = None, template: str = "vicuna_
 
 COMMANDS = {
     f.__name__: f
-    for f in (convert, clean, split_long, merge, split, sample, stats, inspect, identity, build)
+    for f in (
+        convert,
+        clean,
+        split_long,
+        merge,
+        split,
+        sample,
+        stats,
+        inspect,
+        identity,
+        build,
+        pair,
+        build_pairs,
+        convert_pairs,
+    )
 }

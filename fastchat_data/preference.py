@@ -1,0 +1,703 @@
+"""Preference data (prompt, chosen reply, rejected reply) for DPO-style training.
+
+Readers for the three common shapes, detected from the first record of each file (or named
+with `fmt`):
+
+- "pairs": `{prompt, chosen, rejected}` strings, optionally `system`; an Alpaca-style
+  `{instruction, input, history?, chosen, rejected}` record reads the same way, its prompt made
+  as SFT makes it. The prompt may also be a list of messages.
+- "messages": UltraFeedback style, `chosen` and `rejected` as message lists
+  (`[{role, content}, ...]`) that share the prompt messages; `prompt` may be a string or a
+  message list, given apart or repeated at the head of both lists.
+- "sharegpt": LLaMA-Factory's `{conversations, chosen, rejected}` with the replies as turn
+  objects (`{"from": "gpt", "value": ...}`) or strings.
+
+Each record becomes a PreferencePair: the prompt (messages ending in a user turn), the system
+prompt, and the two replies. A record that cannot be one (a missing field, a wrong type, empty
+or identical replies, a prompt that does not end in a user turn) is skipped and counted by
+reason, or stops the command with a DataError under `strict`.
+
+`build_preference_dataset` tokenizes each side as SFT does (the same template rendering and
+ConversationTokenizer), checks that the prompt tokens of both sides are identical, trains only
+on the final reply, and caches the result in Arrow like `build_dataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .build import _file_digest, load_tokenizer, tokenizer_fingerprint
+from .formats import (
+    SHAREGPT_NAMES,
+    _from_turns,
+    _role,
+    _text,
+    alpaca_prompt,
+    parse_alpaca,
+    parse_sharegpt,
+)
+from .io import (
+    check_output_dir,
+    check_outputs,
+    input_paths,
+    read_records,
+    replace_dir_atomic,
+    write_records,
+)
+from .report import Report
+from .schema import (
+    ASSISTANT,
+    SYSTEM,
+    TOOL,
+    USER,
+    Conversation,
+    DataError,
+    Message,
+    SkipRecord,
+    check_count,
+    validate,
+)
+from .templates import SeparatorTemplate, check_template_name
+from .tiny import default_cache_dir
+from .tokenize import IGNORE_INDEX, ConversationTokenizer
+
+PREFERENCE_CACHE_VERSION = "1"  # bump when the preference encoding changes
+PREFERENCE_COLUMNS = (
+    "id", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
+    "chosen_length", "rejected_length", "prompt_length",
+)  # fmt: skip
+SHAPES = ("pairs", "messages", "sharegpt")
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PreferencePair:
+    """One prompt and two replies to it; `prompt` alternates user -> assistant and ends with a
+    user turn (or a tool output, which stands on the user side)."""
+
+    id: str
+    system: str
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    extra: dict = field(default_factory=dict)
+
+    def conversation(self, side: str) -> Conversation:
+        """The prompt followed by the `side` ("chosen" or "rejected") reply, as SFT reads it."""
+        if side not in SIDES:
+            raise ValueError(f"side is 'chosen' or 'rejected', not {side!r}")
+        reply = self.chosen if side == "chosen" else self.rejected
+        return Conversation(
+            id=self.id, messages=[*self.prompt, Message(ASSISTANT, reply)], system=self.system
+        )
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+
+def _reply(value, what: str) -> str:
+    """A reply: a string, text parts, or one turn object `{"from": "gpt", "value": ...}`."""
+    if isinstance(value, dict):
+        who = value.get("from", value.get("role"))
+        if who is not None and _role(who, what) != ASSISTANT:
+            raise SkipRecord(
+                "malformed_record", f"{what} is a {who!r} turn, not an assistant reply"
+            )
+        return _text(value.get("value", value.get("content")), f"{what} value")
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(t, dict) and "type" not in t for t in value)
+    ):
+        raise SkipRecord(
+            "malformed_record", f"{what} is a list of turns; this file reads as shape 'pairs'"
+        )
+    return _text(value, what)
+
+
+def _turns(value, what: str) -> list[tuple[str, str]]:
+    """A message list (`role`/`content` or `from`/`value`) as (role, text) pairs."""
+    if not isinstance(value, list):
+        if value is None:
+            raise SkipRecord("missing_field", f"{what} is missing")
+        raise SkipRecord("malformed_record", f"{what} is a {type(value).__name__}, not a list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise SkipRecord("malformed_record", f"{what}[{i}] is not an object")
+        who = m.get("role", m.get("from"))
+        out.append(
+            (
+                _role(who, f"{what}[{i}]"),
+                _text(m.get("content", m.get("value")), f"{what}[{i}] content"),
+            )
+        )
+    return out
+
+
+def _prompt_turns(value, what: str = "prompt") -> list[tuple[str, str]]:
+    if isinstance(value, list) and all(isinstance(m, dict) and "type" not in m for m in value):
+        return _turns(value, what)
+    return [(USER, _text(value, what))]
+
+
+def _pair(conv: Conversation, chosen: str, rejected: str) -> PreferencePair:
+    return PreferencePair(conv.id, conv.system, conv.messages, chosen, rejected, conv.extra)
+
+
+def parse_pair_strings(rec: dict, rid: str) -> PreferencePair:
+    """`{prompt, chosen, rejected, system?}` or `{instruction, input?, history?, chosen, rejected}`."""
+    chosen, rejected = _reply(rec.get("chosen"), "chosen"), _reply(rec.get("rejected"), "rejected")
+    if "prompt" not in rec and "instruction" in rec:
+        conv = parse_alpaca({**rec, "output": ""}, rid)  # the SFT prompt; its empty reply dropped
+        conv.messages = conv.messages[:-1]
+        return _pair(conv, chosen, rejected)
+    system = _text(rec.get("system") or "", "system")
+    conv = _from_turns(str(rec.get("id", rid)), _prompt_turns(rec.get("prompt")), system, {})
+    return _pair(conv, chosen, rejected)
+
+
+def parse_pair_messages(rec: dict, rid: str) -> PreferencePair:
+    """`chosen` / `rejected` message lists ending in the reply; the prompt is `prompt` (a string or
+    messages), the messages both lists share before their reply, or both."""
+    prompt = _prompt_turns(rec["prompt"]) if rec.get("prompt") is not None else []
+    system = _text(rec.get("system") or "", "system")
+    rid = str(rec.get("id", rid))
+    sides = []
+    for side in SIDES:
+        turns = _turns(rec.get(side), side)
+        if prompt and turns[: len(prompt)] == prompt:
+            turns = turns[len(prompt) :]  # the prompt repeated at the head of the list
+        if not turns or turns[-1][0] != ASSISTANT:
+            raise SkipRecord("malformed_record", f"{side} does not end with an assistant reply")
+        sides.append(_from_turns(rid, prompt + turns, system, {}))
+    chosen, rejected = sides
+    if chosen.messages[:-1] != rejected.messages[:-1] or chosen.system != rejected.system:
+        raise SkipRecord(
+            "prompts_differ", "chosen and rejected do not share the messages before their reply"
+        )
+    return _pair(
+        Conversation(rid, chosen.messages[:-1], chosen.system),
+        chosen.messages[-1].content,
+        rejected.messages[-1].content,
+    )
+
+
+def parse_pair_sharegpt(rec: dict, rid: str) -> PreferencePair:
+    """LLaMA-Factory's ShareGPT preference records: `conversations` is the prompt."""
+    conv = parse_sharegpt(rec, rid)
+    return _pair(conv, _reply(rec.get("chosen"), "chosen"), _reply(rec.get("rejected"), "rejected"))
+
+
+PAIR_PARSERS = {
+    "pairs": parse_pair_strings,
+    "messages": parse_pair_messages,
+    "sharegpt": parse_pair_sharegpt,
+}
+
+
+def check_shape(fmt: str | None) -> None:
+    if fmt is not None and fmt not in PAIR_PARSERS:
+        raise DataError(
+            "--fmt", "value", f"unknown preference shape {fmt!r}; choose from {', '.join(SHAPES)}"
+        )
+
+
+def _is_message_list(value) -> bool:
+    return isinstance(value, list) and any(
+        isinstance(m, dict) and ("role" in m or "from" in m) for m in value
+    )
+
+
+def detect_shape(rec) -> str | None:
+    if not isinstance(rec, dict) or not ({"chosen", "rejected"} & set(rec)):
+        return None
+    if "conversations" in rec:
+        return "sharegpt"
+    if _is_message_list(rec.get("chosen")) or _is_message_list(rec.get("rejected")):
+        return "messages"
+    return "pairs"
+
+
+def iter_pairs(
+    path: str | os.PathLike, report: Report, fmt: str | None = None
+) -> Iterator[tuple[str, PreferencePair]]:
+    """Yield (where, PreferencePair) for each readable record of `path`; count the rest."""
+    path = str(path)
+    check_shape(fmt)
+    stem = Path(path).stem
+    parser = PAIR_PARSERS.get(fmt) if fmt else None
+    for index, (where, rec) in enumerate(read_records(path)):
+        report.read += 1
+        try:
+            if not isinstance(rec, dict):
+                raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
+            if parser is None:
+                shape = detect_shape(rec)
+                if shape is None:
+                    raise DataError(
+                        path, where,
+                        f"not a preference record (keys {sorted(rec)}): expected prompt/chosen/rejected, "
+                        "chosen/rejected message lists, or conversations with chosen/rejected; name the shape with --fmt",
+                    )  # fmt: skip
+                parser = PAIR_PARSERS[shape]
+                report.notes.setdefault("format", shape)
+            yield where, parser(rec, f"{stem}_{index}")
+        except SkipRecord as e:
+            report.skip(path, where, e)
+
+
+def validate_pair(pair: PreferencePair) -> PreferencePair:
+    """Raise SkipRecord unless `pair` can be trained on."""
+    for side in SIDES:
+        if not getattr(pair, side).strip():
+            raise SkipRecord("empty_reply", f"the {side} reply is empty")
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise SkipRecord("identical_replies", "chosen and rejected are the same text")
+    if not pair.prompt:
+        raise SkipRecord("no_prompt", "there is no prompt before the replies")
+    if pair.prompt[-1].role not in (USER, TOOL):
+        raise SkipRecord(
+            "prompt_not_ending_in_user_turn", f"the prompt ends with a {pair.prompt[-1].role} turn"
+        )
+    validate(pair.conversation("chosen"))  # roles, alternation, empty prompt turns
+    return pair
+
+
+def read_pairs(
+    paths: list[str], report: Report, fmt: str | None = None
+) -> Iterator[PreferencePair]:
+    """Pairs from `paths` that pass `validate_pair`; the rest are counted in `report`."""
+    for path in paths:
+        for where, pair in iter_pairs(path, report, fmt):
+            try:
+                yield validate_pair(pair)
+            except SkipRecord as e:
+                report.skip(path, where, e)
+
+
+# -- writers ---------------------------------------------------------------------------------
+
+
+def _message_dicts(pair: PreferencePair) -> list[dict]:
+    msgs = [{"role": SYSTEM, "content": pair.system}] if pair.system else []
+    return msgs + [{"role": m.role, "content": m.content} for m in pair.prompt]
+
+
+def to_pairs(pair: PreferencePair) -> dict:
+    """Shape "pairs": the prompt a string when it is one user turn, else a message list."""
+    out = {"id": pair.id, **pair.extra}
+    if pair.system:
+        out["system"] = pair.system
+    single = len(pair.prompt) == 1 and pair.prompt[0].role == USER
+    out["prompt"] = (
+        pair.prompt[0].content
+        if single
+        else [{"role": m.role, "content": m.content} for m in pair.prompt]
+    )
+    out["chosen"], out["rejected"] = pair.chosen, pair.rejected
+    return out
+
+
+def to_preference_messages(pair: PreferencePair) -> dict:
+    """Shape "messages": each side the whole conversation, as UltraFeedback (binarized) has it."""
+    head = _message_dicts(pair)
+    return {
+        "id": pair.id,
+        "chosen": head + [{"role": ASSISTANT, "content": pair.chosen}],
+        "rejected": head + [{"role": ASSISTANT, "content": pair.rejected}],
+    }
+
+
+def to_preference_sharegpt(pair: PreferencePair) -> dict:
+    """Shape "sharegpt", as LLaMA-Factory reads it."""
+    out = {"id": pair.id, **pair.extra}
+    if pair.system:
+        out["system"] = pair.system
+    out["conversations"] = [
+        {"from": SHAREGPT_NAMES[m.role], "value": m.content} for m in pair.prompt
+    ]
+    out["chosen"] = {"from": "gpt", "value": pair.chosen}
+    out["rejected"] = {"from": "gpt", "value": pair.rejected}
+    return out
+
+
+PAIR_WRITERS = {
+    "pairs": to_pairs,
+    "messages": to_preference_messages,
+    "sharegpt": to_preference_sharegpt,
+}
+
+
+# -- tokenizing ------------------------------------------------------------------------------
+
+
+def _reply_start(labels: list[int]) -> int | None:
+    """Where the last run of trained tokens (the final reply and its end token) starts."""
+    j = len(labels)
+    while j > 0 and labels[j - 1] == IGNORE_INDEX:
+        j -= 1
+    if j == 0:
+        return None
+    while j > 0 and labels[j - 1] != IGNORE_INDEX:
+        j -= 1
+    return j
+
+
+def encode_pairs(
+    pairs: list[PreferencePair], encoder: ConversationTokenizer, max_length: int | None
+) -> list[dict | SkipRecord]:
+    """Each pair as a row (see PREFERENCE_COLUMNS, plus `truncated`), or a SkipRecord.
+
+    Both sides are encoded as SFT encodes the conversation prompt + reply; the first
+    `prompt_length` ids must be the same on both sides. Labels keep only the final reply (with
+    the end token SFT trains); a side over `max_length` loses the end of its reply."""
+    convs = [p.conversation(side) for p in pairs for side in SIDES]
+    encoded = encoder.encode_batch(convs)
+    rows: list[dict | SkipRecord] = []
+    for k, pair in enumerate(pairs):
+        sides = encoded[2 * k : 2 * k + 2]
+        bad = next((e for e in sides if isinstance(e, SkipRecord)), None)
+        if bad is not None:
+            rows.append(bad)
+            continue
+        starts = [_reply_start(e.labels) for e in sides]
+        if None in starts:
+            rows.append(SkipRecord("no_trainable_tokens", "a side has no reply tokens"))
+            continue
+        n = starts[0]
+        if starts[1] != n or sides[0].input_ids[:n] != sides[1].input_ids[:n]:
+            rows.append(SkipRecord(
+                "prompt_tokens_differ",
+                f"the prompt encodes to {starts[0]} tokens before chosen and {starts[1]} before rejected, "
+                "or to other ids (the tokenizer merges across the prompt/reply boundary)",
+            ))  # fmt: skip
+            continue
+        if max_length is not None and n >= max_length:
+            rows.append(
+                SkipRecord("prompt_too_long", f"{n} prompt tokens, max_length {max_length}")
+            )
+            continue
+        row, cut = {"id": pair.id, "prompt_length": n}, []
+        for side, enc in zip(SIDES, sides):
+            ids, labels = enc.input_ids, [IGNORE_INDEX] * n + enc.labels[n:]
+            if max_length is not None and len(ids) > max_length:
+                ids, labels = ids[:max_length], labels[:max_length]
+                cut.append(side)
+            row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
+            row[f"{side}_length"] = len(ids)
+        row["truncated"] = ",".join(cut)
+        rows.append(row)
+    return rows
+
+
+def _raw_row(pair: PreferencePair) -> dict:
+    return {"id": pair.id, "system": pair.system, "roles": [m.role for m in pair.prompt],
+            "contents": [m.content for m in pair.prompt], "chosen": pair.chosen, "rejected": pair.rejected}  # fmt: skip
+
+
+def _features():
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    n = datasets.Value("int32")
+    return datasets.Features({
+        "id": datasets.Value("string"), "chosen_input_ids": ids, "chosen_labels": ids,
+        "rejected_input_ids": ids, "rejected_labels": ids, "chosen_length": n, "rejected_length": n,
+        "prompt_length": n, "truncated": datasets.Value("string"), "skip": datasets.Value("string"),
+    })  # fmt: skip
+
+
+def _encode_rows(batch: dict, encoder: ConversationTokenizer, max_length: int) -> dict:
+    pairs = [
+        PreferencePair(i, s, [Message(r, c) for r, c in zip(roles, contents)], ch, rj)
+        for i, s, roles, contents, ch, rj in zip(batch["id"], batch["system"], batch["roles"],
+                                                  batch["contents"], batch["chosen"], batch["rejected"])
+    ]  # fmt: skip
+    out = {k: [] for k in (*PREFERENCE_COLUMNS, "truncated", "skip")}
+    for pair, row in zip(pairs, encode_pairs(pairs, encoder, max_length)):
+        if isinstance(row, SkipRecord):
+            row = {"id": pair.id, "chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [],
+                   "rejected_labels": [], "chosen_length": 0, "rejected_length": 0, "prompt_length": 0,
+                   "truncated": "", "skip": f"{row.reason}\t{row.detail}"}  # fmt: skip
+        else:
+            row["skip"] = ""
+        for k in out:
+            out[k].append(row[k])
+    return out
+
+
+def _no_pairs(paths: list[str], report: Report) -> DataError:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
+    example = next((shown[0] for shown in report.examples.values() if shown), "")
+    detail = f"skipped {reasons}" if reasons else "the data holds no records"
+    return DataError(
+        ",".join(map(str, paths)), f"all {report.read} records",
+        f"no preference pair is usable ({detail})" + (f"; e.g. {example[:200]}" if example else ""),
+    )  # fmt: skip
+
+
+def _cached_report(cached: Path, command: str) -> Report:
+    saved = json.loads((cached / "report.json").read_text())
+    report = Report(command)
+    report.read, report.written, report.truncated = (
+        saved["read"],
+        saved["written"],
+        saved["truncated"],
+    )
+    report.dropped.update(saved["dropped"])
+    report.examples = saved["examples"]
+    report.notes = {**saved["notes"], "cache": f"hit {cached}"}
+    return report
+
+
+def build_preference_dataset(
+    data: str | list[str], tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048,
+    cache_dir: str | None = None, strict: bool = False, quiet: bool = False, out: str | None = None,
+    fmt: str | None = None, num_proc: int = 1, report_path: str | None = None,
+):  # fmt: skip
+    """Tokenize preference pairs; returns (datasets.Dataset, Report).
+
+    Rows: id, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels,
+    chosen_length, rejected_length, prompt_length. Cached under `cache_dir`/datasets by the
+    data's bytes, the tokenizer, the template, max_length and fmt; `out` copies it to a folder."""
+    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+    paths = [str(p) for p in paths]
+    check_count("--max_length", max_length)
+    check_count("--num_proc", num_proc)
+    check_shape(fmt)
+    check_outputs(paths, {"--report": report_path})
+    if out:
+        check_output_dir(Path(out), paths)
+    check_template_name(template)
+    import datasets
+
+    datasets.disable_progress_bars()
+    tok = load_tokenizer(tokenizer)
+    encoder = ConversationTokenizer(tok, template)
+    encoder.check_budget(max_length)
+    template_key = (
+        repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
+    )
+    key_src = json.dumps({
+        "kind": "preference", "version": PREFERENCE_CACHE_VERSION,
+        "data": [_file_digest(Path(p)) if Path(p).exists() else p for p in paths],
+        "tokenizer": tokenizer_fingerprint(tok), "template": template_key, "max_length": max_length, "format": fmt,
+    }, sort_keys=True)  # fmt: skip
+    key = "pref-" + hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    root = Path(cache_dir or default_cache_dir()) / "datasets"
+    cached = root / key
+    if (cached / "report.json").exists() and not strict:
+        ds = datasets.load_from_disk(str(cached))
+        report = _cached_report(cached, "build_pairs")
+    else:
+        report = Report("build_pairs", strict=strict)
+        rows = [_raw_row(p) for p in read_pairs(paths, report, fmt)]
+        if not rows:
+            raise _no_pairs(paths, report)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
+        with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+            raw = datasets.Dataset.from_list(rows)
+            encoded = raw.map(
+                _encode_rows, fn_kwargs={"encoder": encoder, "max_length": max_length}, batched=True,
+                batch_size=256, features=_features(), remove_columns=raw.column_names,
+                num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
+                cache_file_name=str(Path(tmp) / "encoded.arrow"), new_fingerprint=key, desc="tokenizing pairs",
+            )  # fmt: skip
+            for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
+                if skip:
+                    reason, detail = skip.split("\t", 1)
+                    report.skip("tokenize", f"pair {i} (id {rid})", SkipRecord(reason, detail))
+            cuts = Counter(c for t in encoded["truncated"] if t for c in t.split(","))
+            report.truncated = sum(bool(t) for t in encoded["truncated"])
+            if cuts:
+                report.notes["truncated_by"] = dict(sorted(cuts.items()))
+            ds = encoded.filter(
+                lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow")
+            )
+            ds = ds.remove_columns(["truncated", "skip"])
+            report.written = len(ds)
+            if not report.written:
+                raise _no_pairs(paths, report)
+            report.notes.update({
+                "template": getattr(encoder.template, "name", str(template)), "max_length": max_length,
+                "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
+                "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
+                "boundary_splits": encoder.boundary_splits,
+            })  # fmt: skip
+            staged = Path(tmp) / "dataset"
+            ds.save_to_disk(str(staged))
+            (staged / "report.json").write_text(
+                json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+            )
+            (staged / "key.json").write_text(key_src)
+            replace_dir_atomic(staged, cached)
+        ds = datasets.load_from_disk(str(cached))
+        report.notes["cache"] = f"built {cached}"
+    if out:
+        try:
+            Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(
+                dir=Path(out).resolve().parent, prefix=".build-"
+            ) as tmp:
+                shutil.copytree(cached, Path(tmp) / "out")
+                replace_dir_atomic(Path(tmp) / "out", Path(out))
+        except OSError as e:
+            raise DataError(str(out), "--out", f"cannot be written: {e.strerror or e}") from None
+        report.notes["out"] = str(out)
+    if not quiet:
+        report.emit(report_path)
+    return ds, report
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _alpaca_fields(rec, what: str = "record") -> tuple[str, str, str, str]:
+    if not isinstance(rec, dict):
+        raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
+    return (_text(rec.get("instruction"), "instruction"), _text(rec.get("input") or "", "input"),
+            _text(rec.get("output"), "output"), _text(rec.get("system") or "", "system"))  # fmt: skip
+
+
+def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: str | None = None,
+         seed: int = 0, keep_identical: bool = False, strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
+    """Preference pairs from two Alpaca files answering the same instructions: the records of
+    `chosen` (e.g. alpaca_gpt4_data_en_1k.json, GPT-4) matched on instruction + input (white
+    space normalised) to those of `rejected` (e.g. alpaca_data.json, text-davinci-003).
+    Writes {id, prompt, chosen, rejected} records (.jsonl: JSON Lines, else a JSON array).
+    Unmatched records, records repeated whole and (unless `keep_identical`) pairs whose two
+    outputs are the same are dropped and counted. `heldout N` puts a seeded random N pairs in
+    `heldout_out` instead (for evaluation), whole prompts at a time: no prompt is on both sides."""
+    check_outputs(
+        [chosen, rejected], {"--out": out, "--heldout_out": heldout_out, "--report": report}
+    )
+    check_count("--heldout", heldout, minimum=0)
+    check_count("--seed", seed, minimum=0)
+    if heldout and not heldout_out:
+        raise DataError(
+            "--heldout_out",
+            "value",
+            f"is needed with --heldout {heldout}: the file for the held-out pairs",
+        )
+    rep = Report("pair", strict=strict)
+    index: dict[tuple[str, str], str] = {}
+    conflicting, bad_rejected = 0, Counter()
+    for where, rec in read_records(rejected):
+        try:
+            instruction, inp, output, _ = _alpaca_fields(rec)
+        except SkipRecord as e:
+            if strict:
+                raise DataError(rejected, where, str(e)) from None
+            bad_rejected[e.reason] += 1
+            continue
+        k = (_norm(instruction), _norm(inp))
+        if k in index and index[k] != output:
+            conflicting += 1  # the first answer stays
+        index.setdefault(k, output)
+    records, keys, seen = [], [], set()
+    matched = unmatched = identical = duplicates = 0
+    stem = Path(chosen).stem
+    for i, (where, rec) in enumerate(read_records(chosen)):
+        rep.read += 1
+        try:
+            instruction, inp, output, system = _alpaca_fields(rec)
+        except SkipRecord as e:
+            rep.skip(chosen, where, e)
+            continue
+        key = (_norm(instruction), _norm(inp))
+        other = index.get(key)
+        if other is None:
+            unmatched += 1
+            rep.drop("unmatched", f"{chosen}: {where}: instruction not found in {rejected}")
+            continue
+        matched += 1
+        same = output.strip() == other.strip()
+        identical += same
+        if (key, system, output) in seen:  # would weigh twice, and could sit on both sides
+            duplicates += 1
+            rep.drop("duplicate_pair", f"{chosen}: {where}: the same record again")
+            continue
+        seen.add((key, system, output))
+        if same and not keep_identical:
+            rep.drop("identical_replies", f"{chosen}: {where}: both files give the same output")
+            continue
+        rec_out = {"id": str(rec.get("id", f"{stem}_{i}"))}
+        if system:
+            rec_out["system"] = system
+        rec_out.update(prompt=alpaca_prompt(instruction, inp), chosen=output, rejected=other)
+        records.append(rec_out)
+        keys.append(key)
+    if heldout and heldout >= len(records):
+        raise DataError(
+            chosen,
+            f"--heldout {heldout}",
+            f"leaves no training pairs: only {len(records)} pairs were made",
+        )
+    # held out by prompt: pairs that share a prompt stay on one side of the split
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    held: set[int] = set()
+    for group in order:
+        if len(held) + len(group) <= heldout:
+            held.update(group)
+    n_train = write_records(out, (r for i, r in enumerate(records) if i not in held))
+    rep.written = n_train
+    rep.notes.update({"matched": matched, "unmatched": unmatched, "identical": identical,
+                      "duplicates": duplicates, "rejected_records": len(index)})  # fmt: skip
+    if conflicting:
+        rep.notes["rejected_conflicting_duplicates"] = conflicting
+    if bad_rejected:
+        rep.notes["rejected_file_skipped"] = dict(bad_rejected)
+    rep.notes["train"] = f"{n_train} -> {out}"
+    if heldout:
+        n_held = write_records(heldout_out, (r for i, r in enumerate(records) if i in held))
+        rep.written += n_held
+        rep.notes.update({"heldout": f"{n_held} -> {heldout_out}", "seed": seed})
+    return rep.emit(report)
+
+
+def build_pairs(data, tokenizer: str, out: str | None = None, template: str = "vicuna_v1.1", max_length: int = 2048,
+                fmt: str | None = None, num_proc: int = 1, cache_dir: str | None = None, strict: bool = False,
+                report: str | None = None) -> Report:  # fmt: skip
+    """Tokenize preference pairs into a `datasets` folder (rows: chosen_/rejected_input_ids,
+    chosen_/rejected_labels, chosen_/rejected_length, prompt_length), training on the final
+    reply only. `fmt`: pairs, messages or sharegpt (detected when not given)."""
+    _, rep = build_preference_dataset(input_paths(data), tokenizer, template, max_length, cache_dir, strict,
+                                      out=out, fmt=fmt, num_proc=num_proc, report_path=report)  # fmt: skip
+    return rep
+
+
+def convert_pairs(data, out: str, to: str = "pairs", fmt: str | None = None, strict: bool = False,
+                  report: str | None = None) -> Report:  # fmt: skip
+    """Preference data from any shape to `to`: pairs ({prompt, chosen, rejected}), messages
+    (UltraFeedback-style lists) or sharegpt (LLaMA-Factory). Unusable pairs are dropped."""
+    if to not in PAIR_WRITERS:
+        raise DataError(
+            "--to", "value", f"unknown preference shape {to!r}; choose from {', '.join(SHAPES)}"
+        )
+    check_shape(fmt)
+    check_outputs(input_paths(data), {"--out": out, "--report": report})
+    rep = Report("convert_pairs", strict=strict)
+    write = PAIR_WRITERS[to]
+    rep.written = write_records(out, (write(p) for p in read_pairs(input_paths(data), rep, fmt)))
+    return rep.emit(report)
