@@ -25,7 +25,6 @@ from recipes.core.config import ConfigError, load_config
 from recipes.core.data import collate
 from recipes.core.loop import train as train_loop
 from recipes.core.lora import QLoraConfig, load_adapter, load_base, verify_adapter
-from recipes.core.metrics import corpus_bleu, rouge_l, rouge_n, text_scores, tokens
 
 QLORA_TINY = ["--config", "qlora_tiny_cpu.yaml", "--report_to", "none"]
 
@@ -328,22 +327,6 @@ def test_chat_streams_multi_turn_with_reset_and_exit(adapted):
     assert (
         answers[0].split("\n")[0] == answers[2].split("\n")[0]
     )  # greedy, same prompt after /reset
-
-
-def test_rouge_and_bleu_by_hand():
-    pred, ref = tokens("The cat sat."), tokens("the cat ran")
-    assert pred == ["the", "cat", "sat"]
-    assert rouge_n(pred, ref, 1) == pytest.approx(2 / 3)
-    assert rouge_n(pred, ref, 2) == pytest.approx(1 / 2)
-    assert rouge_l(tokens("a b c d"), tokens("a c b d")) == pytest.approx(3 / 4)
-    assert tokens("我愛貓 cats") == ["我", "愛", "貓", "cats"]  # CJK per character
-    assert corpus_bleu([tokens("a b c d e")], [tokens("a b c d e")]) == pytest.approx(100)
-    # 4 of 5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 4-grams; same length: no brevity penalty
-    expected = 100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
-    assert corpus_bleu([tokens("a b c d x")], [tokens("a b c d e")]) == pytest.approx(expected)
-    short = corpus_bleu([tokens("a b c d")], [tokens("a b c d e f")])
-    assert short == pytest.approx(100 * torch.exp(torch.tensor(1 - 6 / 4)).item(), rel=1e-5)
-    assert text_scores(["x"], ["y"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "bleu": 0.0}
 
 
 def test_eval_few_shot_masks_the_examples_answers():

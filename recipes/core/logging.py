@@ -1,14 +1,30 @@
 """Run output: a progress bar, log lines with loss / lr / tokens/s / MFU, a metrics.jsonl that
-resumed runs append to, TensorBoard events, and a loss-curve PNG at the end."""
+resumed runs append to, a loss-curve PNG at the end, and the same scalars in the experiment
+trackers chosen with --report_to (tensorboard, wandb, mlflow, trackio; any combination).
+
+Each tracker goes through its own library, imported only when chosen, on the main rank only, and
+stays local unless the environment names a server: wandb offline (unless WANDB_MODE or an API key
+says otherwise) under OUT/wandb, MLflow's file store OUT/mlruns (unless MLFLOW_TRACKING_URI),
+trackio's SQLite database under OUT/trackio (unless TRACKIO_DIR). The run config goes in as the
+run's config / params. A resumed run continues the tracker runs it started: their ids are kept in
+OUT/trackers.json."""
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import importlib.util
 import json
+import os
 import resource
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
+
+from .config import ConfigError
 
 # Dense bf16 peak per GPU (vendor datasheets), for the MFU estimate.
 PEAK_TFLOPS = {
@@ -19,6 +35,21 @@ PEAK_TFLOPS = {
     "L4": 121.0,
     "4090": 165.0,
 }
+
+SCALARS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+)  # what the trackers get, as train/<name>
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+}
+PROJECT = "camelid"  # wandb project, MLflow experiment and trackio project unless the environment names one
 
 
 def peak_flops(override_tflops: float | None) -> float | None:
@@ -32,12 +63,32 @@ def peak_flops(override_tflops: float | None) -> float | None:
     return None  # CPU: no meaningful peak, MFU is not printed
 
 
+def tracker_names(report_to: str | list[str] | None) -> list[str]:
+    """`--report_to` ("wandb,mlflow", "none", or a list) as the list of trackers to open."""
+    items = report_to.split(",") if isinstance(report_to, str) else list(report_to or [])
+    names = [t.strip() for t in items if t.strip() and t.strip() != "none"]
+    unknown = [t for t in names if t not in TRACKER_PACKAGES]
+    if unknown:
+        raise ConfigError(f"report_to: unknown tracker(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(TRACKER_PACKAGES)} or none")  # fmt: skip
+    return list(dict.fromkeys(names))
+
+
 class RunLog:
+    """`report_to`: the trackers (as --report_to gives them); `config`: the run's config (a
+    dataclass or dict), logged as the tracker runs' config / params."""
+
     def __init__(self, output_dir: Path, main: bool, total_steps: int, start_step: int, n_params: int,
-                 world_size: int, peak: float | None, tensorboard: bool):  # fmt: skip
+                 world_size: int, peak: float | None, report_to: str | list[str] = "none",
+                 config=None):  # fmt: skip
         self.main, self.n_params, self.world, self.peak = main, n_params, world_size, peak
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.writer, self.bar = None, None
+        self.bar, self.trackers = None, []
+        names = tracker_names(report_to)
+        missing = [n for n in names if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None]
+        if missing:  # every rank stops here, before any tracker opens
+            raise ConfigError(f"--report_to {','.join(missing)}: not installed; pip install "
+                              f"{' '.join(TRACKER_PACKAGES[n] for n in missing)} (or camelid[tracking])")  # fmt: skip
         if main:
             from tqdm import tqdm
 
@@ -50,10 +101,6 @@ class RunLog:
                 dynamic_ncols=True,
                 disable=None,
             )
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             if (
                 self.path.exists()
             ):  # a resumed run keeps the steps it already logged, drops later ones
@@ -61,6 +108,10 @@ class RunLog:
                 self.path.write_text(
                     "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step)
                 )
+            if dataclasses.is_dataclass(config):  # the run's TrainConfig
+                config = dataclasses.asdict(config)
+            self.trackers = open_trackers(Path(output_dir), names, dict(config or {}), start_step)
+            atexit.register(self._close_trackers, False)  # a run that stops early still closes them
         self._t = time.perf_counter()
 
     def step(
@@ -72,34 +123,42 @@ class RunLog:
         tokens: int,
         real_share: float,
         log: bool,
+        extra: dict | None = None,
     ) -> dict:
+        """One step's row; `extra`: the recipe's own statistics (DPO's rewards), logged alike."""
         now = time.perf_counter()
         dt, self._t = now - self._t, now
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "tokens_per_s": tokens / dt, "real_token_share": real_share, "step_s": dt}  # fmt: skip
         if self.peak:
             row["mfu"] = 6 * self.n_params * tokens / dt / (self.peak * self.world)
+        row.update(extra or {})
         if self.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if self.writer:
-                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                    if k in row:
-                        self.writer.add_scalar(f"train/{k}", row[k], step)
+            scalars = {f"train/{k}": float(row[k]) for k in (*SCALARS, *(extra or {})) if k in row}
+            for tracker in self.trackers:
+                tracker.log(scalars, step)
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if log:
                 mfu = f"  mfu {row['mfu']:.1%}" if "mfu" in row else ""
+                more = "".join(f"  {k.split('/')[-1]} {v:.4f}" for k, v in (extra or {}).items())
                 self.bar.write(f"step {step:>6}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
-                               f"tok/s {row['tokens_per_s']:,.0f}{mfu}")  # fmt: skip
+                               f"tok/s {row['tokens_per_s']:,.0f}{mfu}{more}")  # fmt: skip
         return row
+
+    def _close_trackers(self, ok: bool) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(ok)
 
     def close(self) -> Path | None:
         if not self.main:
             return None
         self.bar.close()
-        if self.writer:
-            self.writer.close()
+        self._close_trackers(True)
+        atexit.unregister(self._close_trackers)
         rows = (
             [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
             if self.path.exists()
@@ -120,6 +179,149 @@ class RunLog:
         fig.savefig(png, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return png
+
+
+def open_trackers(out: Path, names: list[str], config: dict, start_step: int) -> list:
+    """The chosen trackers, continuing the runs recorded in OUT/trackers.json when this run
+    resumes (start_step > 0); a run from step 0 starts new ones."""
+    ids_file = out / "trackers.json"
+    old = json.loads(ids_file.read_text()) if start_step > 0 and ids_file.exists() else {}
+    kinds = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": MLflow, "trackio": Trackio}
+    trackers = [kinds[n](out, config, old.get(n), start_step) for n in names]
+    ids = {n: t.run_id for n, t in zip(names, trackers) if t.run_id}
+    if ids:
+        ids_file.write_text(json.dumps({**old, **ids}, indent=1) + "\n")
+    return trackers
+
+
+class TensorBoard:
+    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_id, self.writer = None, SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self, ok: bool) -> None:
+        self.writer.close()
+
+
+def wandb_has_key() -> bool:
+    """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return bool(netrc.netrc().authenticators(host))
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class Wandb:
+    """Offline unless WANDB_MODE or an API key says otherwise (`wandb sync OUT/wandb/offline-run-*`
+    uploads an offline run later); a resumed run continues the same run id."""
+
+    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+        import wandb
+
+        online = os.environ.get("WANDB_MODE") or wandb_has_key()
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT),
+                              name=os.environ.get("WANDB_NAME", out.name), id=run_id, resume="allow",
+                              dir=str(out), config=config, mode=None if online else "offline")  # fmt: skip
+        self.run_id = self.run.id
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+class MLflow:
+    """A file store under OUT/mlruns unless MLFLOW_TRACKING_URI names one; a resumed run continues
+    the same MLflow run. Params are the config; a value a resume changed goes in as a tag."""
+
+    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (out / "mlruns").resolve().as_uri()
+            # MLflow 3 keeps the file store but asks for this opt-in (its database store needs SQLAlchemy)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        self.client, run = MlflowClient(tracking_uri=uri), None
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+            except MlflowException:
+                run = None
+        if run is None:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = (
+                experiment.experiment_id if experiment else self.client.create_experiment(name)
+            )
+            run = self.client.create_run(experiment_id, run_name=out.name)
+        self.run_id = run.info.run_id
+        logged = run.data.params
+        params = {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in config.items()}
+        entries = [Param(k, v) for k, v in params.items() if k not in logged]
+        entries += [RunTag(f"resumed_at_step_{start_step}/{k}", v)
+                    for k, v in params.items() if k in logged and logged[k] != v]  # fmt: skip
+        for i in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
+            batch = entries[i : i + MAX_PARAMS_TAGS_PER_BATCH]
+            self.client.log_batch(self.run_id, params=[e for e in batch if isinstance(e, Param)],
+                                  tags=[e for e in batch if isinstance(e, RunTag)])  # fmt: skip
+
+    def log(self, scalars: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()]
+        )
+
+    def close(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "KILLED")
+
+
+class Trackio:
+    """trackio's local SQLite database, in OUT/trackio unless TRACKIO_DIR names another folder;
+    a resumed run continues the run of the same name."""
+
+    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+        # trackio reads TRACKIO_DIR once, when it is first imported
+        user_dir = os.environ.get("TRACKIO_DIR")
+        wanted = user_dir or str((out / "trackio").resolve())
+        os.environ["TRACKIO_DIR"] = wanted
+        try:
+            import trackio
+            from trackio.utils import TRACKIO_DIR
+        finally:
+            if user_dir is None:
+                del os.environ["TRACKIO_DIR"]
+
+        if Path(TRACKIO_DIR) != Path(wanted):
+            print(f"warning: trackio was imported earlier in this process and logs to {TRACKIO_DIR}",
+                  file=sys.stderr)  # fmt: skip
+        self.run = trackio.init(project=PROJECT, name=run_id or f"{out.name}-{uuid.uuid4().hex[:6]}",
+                                resume="allow", config=config, embed=False)  # fmt: skip
+        self.run_id = self.run.name
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self, ok: bool) -> None:
+        self.run.finish()
 
 
 class PhasePeaks:

@@ -1,79 +1,67 @@
-"""ROUGE-1/2/L and BLEU-4 for generated answers against references (the course's metrics).
+"""ROUGE-1/2/L and BLEU-4 of generated answers against references, through the field's
+libraries: sacrebleu (corpus BLEU) and Google's rouge-score (mean F1 over the samples).
 
-Written here rather than taken from rouge-score / sacrebleu: neither handles Chinese without
-extra set-up, and the definitions are short. Text is split into words for alphabetic scripts
-and into single characters for CJK, lower-cased, punctuation dropped. ROUGE is the F1 of
-clipped n-gram overlap (ROUGE-L: of the longest common subsequence), averaged over samples;
-BLEU is corpus BLEU-4 (clipped n-gram precisions over the whole set, geometric mean, brevity
-penalty), as sacrebleu reports it, on this tokenization, scaled to 0-100.
+Chinese needs a choice of tokenizer in both, made here once per corpus: when most of the
+references' tokens are Han characters, BLEU uses sacrebleu's `zh` tokenizer (each Han character a
+token, the rest as `13a`) and ROUGE a tokenizer that does the same on top of rouge-score's own
+(whose default keeps only [a-z0-9] and would score Chinese as empty). Otherwise both run with
+their defaults (`13a`; rouge-score's default tokenizer, no stemming), so the numbers are the ones
+the libraries report for English. `text_scores` names the BLEU tokenizer it used
+(`bleu_tokenize`) so that scores are read against the right one.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
+import unicodedata
 
-_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\u3040-\u30ff\uac00-\ud7af]|[^\W_]+", re.UNICODE)
-
-
-def tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
-
-
-def ngrams(seq: list[str], n: int) -> Counter:
-    return Counter(tuple(seq[i : i + n]) for i in range(len(seq) - n + 1))
+# Han ideographs (about the ranges sacrebleu's zh tokenizer splits into characters, less punctuation
+# and symbols, which ROUGE drops)
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002f800-\U0002fa1f"
+_HAN_CHAR = re.compile(f"[{_HAN}]")
+_UNIT = re.compile(f"[{_HAN}]|[^\\W_]+")  # a Han character or a run of other letters / digits
+ZH_SHARE = 0.5  # a corpus whose references are at least half Han characters is scored as Chinese
 
 
-def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
-    if overlap == 0 or n_pred == 0 or n_ref == 0:
-        return 0.0
-    p, r = overlap / n_pred, overlap / n_ref
-    return 2 * p * r / (p + r)
+def han_share(texts: list[str]) -> float:
+    """Share of Han characters among the tokens (Han characters, other words) of `texts`."""
+    units = [u for t in texts for u in _UNIT.findall(t)]
+    return sum(bool(_HAN_CHAR.match(u)) for u in units) / len(units) if units else 0.0
 
 
-def rouge_n(pred: list[str], ref: list[str], n: int) -> float:
-    p, r = ngrams(pred, n), ngrams(ref, n)
-    return _f1(sum((p & r).values()), sum(p.values()), sum(r.values()))
+class ChineseRougeTokenizer:
+    """rouge-score's default tokenization (lower-cased [a-z0-9] words, no stemming) with every Han
+    character a token of its own; full-width forms are folded to ASCII first (NFKC)."""
 
+    def tokenize(self, text: str) -> list[str]:
+        from rouge_score import tokenize
 
-def lcs_length(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred: list[str], ref: list[str]) -> float:
-    return _f1(lcs_length(pred, ref), len(pred), len(ref))
-
-
-def corpus_bleu(preds: list[list[str]], refs: list[list[str]], max_n: int = 4) -> float:
-    matches, totals = [0] * max_n, [0] * max_n
-    pred_len = sum(len(p) for p in preds)
-    ref_len = sum(len(r) for r in refs)
-    for p, r in zip(preds, refs):
-        for n in range(1, max_n + 1):
-            pn, rn = ngrams(p, n), ngrams(r, n)
-            matches[n - 1] += sum((pn & rn).values())
-            totals[n - 1] += sum(pn.values())
-    if pred_len == 0 or min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
-    return 100 * brevity * math.exp(log_precision)
+        text, out, pos = unicodedata.normalize("NFKC", text), [], 0
+        for m in _HAN_CHAR.finditer(text):
+            out += tokenize.tokenize(text[pos : m.start()], None)
+            out.append(m.group())
+            pos = m.end()
+        return out + tokenize.tokenize(text[pos:], None)
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F1 (0-100) and corpus BLEU-4 (0-100)."""
-    preds, refs = [tokens(p) for p in predictions], [tokens(r) for r in references]
-    n = max(len(preds), 1)
-    return {
-        "rouge1": 100 * sum(rouge_n(p, r, 1) for p, r in zip(preds, refs)) / n,
-        "rouge2": 100 * sum(rouge_n(p, r, 2) for p, r in zip(preds, refs)) / n,
-        "rougeL": 100 * sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n,
-        "bleu": corpus_bleu(preds, refs),
+    """Mean ROUGE-1/2/L F1 (0-100), corpus BLEU-4 (0-100) and the BLEU tokenizer used."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    chinese = han_share(references) >= ZH_SHARE
+    tokenize = "zh" if chinese else "13a"
+    if not references:  # nothing generated: nothing matched
+        return {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "bleu": 0.0, "bleu_tokenize": tokenize}
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score
+    scorer = rouge_scorer.RougeScorer(
+        ["rouge1", "rouge2", "rougeL"], tokenizer=ChineseRougeTokenizer() if chinese else None
+    )
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    rouge = {
+        k: 100 * sum(s[k].fmeasure for s in scores) / len(scores)
+        for k in ("rouge1", "rouge2", "rougeL")
     }
+    return {**rouge, "bleu": bleu, "bleu_tokenize": tokenize}
