@@ -46,14 +46,24 @@ class Run:
     bad_steps: int = 0  # non-finite steps skipped so far (at most cfg.max_bad_steps)
     last_checkpoint: Path | None = None
     lock: object = None  # rank 0's hold on output_dir/run.lock
+    # (run, micro-batch) -> (loss, additive statistics): the SFT loss unless a recipe sets one
+    objective: object = None
 
 
 class NonFiniteError(RuntimeError):
     """A step whose loss or gradient norm is not finite, past the --max_bad_steps budget."""
 
 
-def prepare(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
-    """Process group, output directory check, tokenizer, the cached training set, batch plan."""
+def sft_data(cfg: TrainConfig, data_path: str, tokenizer, world) -> TrainData:
+    """Conversations, tokenized with assistant-only labels, one or several per row."""
+    train_set, _ = load_train_set(cfg, data_path, tokenizer, world)
+    return TrainData(train_set, cfg.packing, cfg.model_max_length, pad_token_id(tokenizer),
+                     row_tokens=cfg.packing_row_tokens)  # fmt: skip
+
+
+def prepare(cfg: TrainConfig, notes: list[str] | None = None, build_data=sft_data) -> Run:
+    """Process group, output directory check, tokenizer, the cached training set, batch plan.
+    `build_data(cfg, data_path, tokenizer, world)` gives the training units (TrainData)."""
     from transformers import AutoTokenizer
 
     world = init_world(cfg.strategy)
@@ -74,9 +84,7 @@ def prepare(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
     model_path, data_path = default_model_and_data(cfg, world)
     run.model_path = model_path
     run.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_set, _ = load_train_set(cfg, data_path, run.tokenizer, world)
-    run.data = TrainData(train_set, cfg.packing, cfg.model_max_length, pad_token_id(run.tokenizer),
-                         row_tokens=cfg.packing_row_tokens)  # fmt: skip
+    run.data = build_data(cfg, data_path, run.tokenizer, world)
     run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
     run.total_steps = (
         cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
@@ -84,13 +92,16 @@ def prepare(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
     return run
 
 
-def start(run: Run, model, engine=None, what: str = "") -> Run:
+def start(run: Run, model, engine=None, what: str = "", before_resume=None) -> Run:
     """Wrap `model` in the strategy's engine, resume from the newest complete checkpoint,
-    open the run log. `what` describes the model in the start-up line."""
+    open the run log. `what` describes the model in the start-up line; `before_resume(run)`
+    runs on the initial weights (DPO's reference log-probabilities)."""
     cfg, world = run.cfg, run.world
     n_params = sum(logical_numel(p) for p in model.parameters())
     n_trained = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
     run.engine = engine or make_engine(model, cfg, world, run.total_steps, run.model_path)
+    if before_resume is not None:
+        before_resume(run)
     # rank 0 checked (or, overwriting, cleared) the output directory in prepare()
     resume_from = checkpoint.resumable_checkpoint(cfg.output_dir, world)
     if resume_from is not None:
@@ -102,13 +113,13 @@ def start(run: Run, model, engine=None, what: str = "") -> Run:
     if world.main:
         trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained != n_params else ""
         print(f"{cfg.strategy} on {world.size} x {world.device.type}: {what}{n_params / 1e6:.1f}M parameters{trained}, "
-              f"{len(run.data.ds)} conversations{f' in {len(run.data.units)} packed rows' if cfg.packing else ''}, "
+              f"{len(run.data.ds)} {getattr(run.data, 'noun', 'conversations')}{f' in {len(run.data.units)} packed rows' if cfg.packing else ''}, "
               f"{run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
               f"global batch {run.plan.global_size}")  # fmt: skip
     record_rank(run)
     # MFU counts the forward+backward of all parameters (6N per token), frozen ones included
     run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
-                     peak_flops(cfg.peak_tflops), cfg.report_to == "tensorboard")  # fmt: skip
+                     peak_flops(cfg.peak_tflops), cfg.report_to, cfg)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
     PHASES.next("train")
     return run
@@ -146,22 +157,30 @@ def _poisoned(step: int, rank: int) -> bool:
     return step == int(at) and (not on_rank or rank == int(on_rank))
 
 
+def sft_objective(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The causal-LM loss: a token sum divided by the whole global batch's trained tokens
+    (num_items_in_batch), so micro-batches and ranks add up to the global mean."""
+    global_tokens = run.plan.global_trained_tokens(run.step)
+    # use_cache=False: no KV cache in training (with one, packed rows would not be detected)
+    out = run.engine.forward(**batch, num_items_in_batch=global_tokens, use_cache=False)
+    return out.loss, {}
+
+
 def train_step(run: Run) -> dict:
     """One optimizer step over this rank's micro-batches of the global batch `run.step`. A
-    non-finite loss on any rank, or a non-finite gradient norm, leaves the weights untouched."""
+    non-finite loss on any rank, or a non-finite gradient norm, leaves the weights untouched.
+    The objective's statistics are summed over micro-batches and ranks."""
     engine, world, plan = run.engine, run.world, run.plan
-    global_tokens = plan.global_trained_tokens(run.step)
+    objective = run.objective or sft_objective
     micro = plan.micro_batches(run.step, world.rank)
-    loss_sum, tokens, padded, bad_ids = 0.0, 0, 0, []
+    loss_sum, tokens, padded, bad_ids, stats = 0.0, 0, 0, [], {}
     for m, ids in enumerate(micro):
         batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
         tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
         padded += batch["input_ids"].numel()
         last = m == len(micro) - 1
         with engine.sync_gradients(last):
-            # num_items_in_batch: the loss is a token sum over the whole global batch's count
-            # use_cache=False: no KV cache in training (with one, packed rows would not be detected)
-            loss = engine.forward(**batch, num_items_in_batch=global_tokens, use_cache=False).loss
+            loss, micro_stats = objective(run, batch)
             if _poisoned(run.step + 1, world.rank):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -169,11 +188,14 @@ def train_step(run: Run) -> dict:
         if not math.isfinite(value):
             bad_ids += [int(s) for u in ids for s in run.data.units[int(u)]]  # sample ids
         loss_sum += value
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
         if not last:
             engine.step(False)
     loss_finite = world.all_sum(len(bad_ids)) == 0  # every rank agrees before the update
     grad_norm, applied = engine.step(True, loss_finite)
     return {
+        "stats": {k: world.all_sum(v) for k, v in sorted(stats.items())},
         "loss": world.all_sum(loss_sum),
         "tokens": int(world.all_sum(tokens)),
         "real_token_share": world.all_sum(tokens) / world.all_sum(padded),
@@ -217,7 +239,7 @@ def train(run: Run) -> None:
         out = train_step(run)
         run.step += 1
         run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"], out["real_token_share"],
-                     log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps)  # fmt: skip
+                     log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps, extra=out["stats"])  # fmt: skip
         check_finite(run, out)
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
         if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:

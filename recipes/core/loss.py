@@ -48,6 +48,28 @@ class _CrossEntropySum(torch.autograd.Function):
         return softmax.mul_(grad), None
 
 
+class _TokenLogProbs(torch.autograd.Function):
+    """logits[target] - logsumexp(logits) per row, with the same in-place backward as
+    _CrossEntropySum: what DPO sums per sequence."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, target, lse)
+        return logits.gather(1, target[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, target, lse = ctx.saved_tensors
+        softmax = logits.sub_(lse[:, None]).exp_()
+        softmax[torch.arange(len(target), device=target.device), target] -= 1
+        return softmax.mul_(-grad[:, None]), None
+
+
+def _chunk_token_logps(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _TokenLogProbs.apply(head(hidden).float(), target)
+
+
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # float32 cross-entropy, as ForCausalLMLoss upcasts the logits; a copy only when not fp32
     logits = head(hidden).float()
@@ -66,8 +88,7 @@ def chunked_causal_lm_loss(
     chunks of `chunk_size` rows whose logits are recomputed in backward."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    # position t predicts label t+1; the last position predicts nothing
-    target = F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1).to(hidden.device)
+    target = _shifted_targets(labels, hidden.device, ignore_index)
     keep = target != ignore_index
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]
     target = target[keep]
@@ -84,6 +105,42 @@ def chunked_causal_lm_loss(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def _shifted_targets(labels: torch.Tensor, device, ignore_index: int = IGNORE_INDEX):
+    # position t predicts label t+1; the last position predicts nothing
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1).to(device)
+
+
+def chunked_sequence_logps(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 512
+) -> torch.Tensor:
+    """Per row, the sum of log p(label) over labelled positions (a sequence's log-likelihood
+    under the model, as DPO needs it), projecting `chunk_size` labelled rows at a time."""
+    target = _shifted_targets(labels, hidden.device)
+    keep = target != IGNORE_INDEX
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
+    target = target[keep]
+    row_of = torch.arange(labels.shape[0], device=hidden.device).repeat_interleave(labels.shape[-1])
+    parts = [
+        checkpoint(_chunk_token_logps, head, rows[s : s + chunk_size], target[s : s + chunk_size],
+                   use_reentrant=False)  # fmt: skip
+        for s in range(0, max(len(target), 1), chunk_size)
+    ]
+    per_token = torch.cat(parts)
+    # summed in float64: a reply's log-likelihood runs to -1e3 and more, where float32 sums of
+    # hundreds of terms would lose the 1e-5 that DPO's small log-ratio differences live in
+    out = torch.zeros(labels.shape[0], dtype=torch.float64, device=hidden.device)
+    return out.index_add(0, row_of[keep], per_token.double()).float()
+
+
+def sequence_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same sums from full logits (transformers' path, --loss_chunk_size 0)."""
+    target = _shifted_targets(labels, logits.device).view(labels.shape)
+    keep = target != IGNORE_INDEX
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    picked = logps.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).double().sum(-1).float()
 
 
 def _base_model(model):
@@ -130,10 +187,20 @@ def _check_head(model, output, hidden: torch.Tensor, head) -> None:
 def forward_with_loss(call, model, chunk_size: int, **batch):
     """`call(**batch)` (the model, or its DDP / DeepSpeed wrapper) returning `.loss` computed
     by chunked_causal_lm_loss. `model` is the unwrapped model; chunk_size 0, a batch without
-    labels, or a model that does not support it: transformers' own loss."""
+    labels, or a model that does not support it: transformers' own loss.
+
+    With `return_sequence_logps=True` the output holds `sequence_logps` instead of a loss:
+    per row, the summed log-probabilities of its labels (chunked_sequence_logps)."""
     labels = batch.get("labels")
+    want_logps = batch.pop("return_sequence_logps", False)
     if chunk_size <= 0 or labels is None or not supports_chunked_loss(model):
-        return call(**batch)
+        if not want_logps:
+            return call(**batch)
+        labels = batch.pop("labels")
+        batch.pop("num_items_in_batch", None)
+        output = call(**batch)
+        output["sequence_logps"] = sequence_logps_from_logits(output.logits, labels)
+        return output
     labels = batch.pop("labels")
     num_items = batch.pop("num_items_in_batch", None)
     head = model.get_output_embeddings()
@@ -145,7 +212,10 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
     def attach(_module, _args, output):
         hidden = captured.pop("hidden")
         _check_head(model, output, hidden, head)
-        output["loss"] = chunked_causal_lm_loss(hidden, head, labels, num_items, chunk_size)
+        if want_logps:
+            output["sequence_logps"] = chunked_sequence_logps(hidden, head, labels, chunk_size)
+        else:
+            output["loss"] = chunked_causal_lm_loss(hidden, head, labels, num_items, chunk_size)
         return output
 
     handles = [
