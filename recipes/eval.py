@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="base model folder")
     p.add_argument(
-        "--data", required=True, help="held-out conversations (any fastchat_data format)"
+        "--data", help="held-out conversations (any fastchat_data format; optional with --lm_eval)"
     )
     p.add_argument("--adapter", action="append", default=[], help="an adapter folder (repeatable)")
     p.add_argument("--template", help="name or YAML/JSON file (default: the one training used)")
@@ -231,15 +231,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--quantization", default="none", choices=["none", "nf4"])
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--lm_eval", metavar="TASKS", help="also run lm-evaluation-harness on these "
+                   "comma-separated tasks (local: camelid_alpaca_mc, camelid_alpaca_mc_davinci, "
+                   "or the tag camelid; see recipes/harness.py)")  # fmt: skip
+    p.add_argument("--lm_eval_limit", type=int, help="lm-eval: at most N examples per task")
     a = p.parse_args(argv)
+    if not a.data and not a.lm_eval:
+        p.error("give --data (perplexity) or --lm_eval TASKS, or both")
     a.template = a.template or trained_template(*a.adapter, a.model)
     try:
-        result = evaluate(a.model, a.data, a.adapter, a.template, a.shots, a.shots_from, a.max_samples,
-                          a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization)  # fmt: skip
+        result = {"model": a.model}
+        if a.data:
+            result = evaluate(a.model, a.data, a.adapter, a.template, a.shots, a.shots_from, a.max_samples,
+                              a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization)  # fmt: skip
+        if a.lm_eval:
+            from recipes import harness
+
+            tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
+            result["lm_eval"] = harness.run(a.model, a.adapter, tasks, a.lm_eval_limit,
+                                            a.batch_size, a.quantization)  # fmt: skip
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    if a.data:
+        print(format_table(result))
+    if a.lm_eval:
+        print(harness.format_tables(result["lm_eval"]))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
