@@ -230,7 +230,9 @@ def get_template(name, tokenizer=None):
             raise DataError(
                 "--template", CHAT_TEMPLATE, "the tokenizer has no chat template; name a template"
             )
-        return ChatTemplate(tokenizer)
+        # A chat template camelid wrote at export: its own template, which renders the same
+        # text and keeps training's exact masks (the reply's leading space is trained).
+        return template_from_chat_template(tokenizer) or ChatTemplate(tokenizer)
     if name not in TEMPLATES:
         choices = ", ".join([*TEMPLATES, CHAT_TEMPLATE])
         raise DataError(
@@ -244,6 +246,174 @@ def check_template_name(name) -> None:
     `chat_template` and templates given as fields or files are checked when used."""
     if isinstance(name, str) and name != CHAT_TEMPLATE:
         get_template(name)
+
+
+# -- the template as a Jinja chat template, for the exported tokenizer --------------------------
+
+_JINJA_FIELDS = re.compile(r"^\{%- set camelid = (\{.*\}) %\}$", re.MULTILINE)
+_JINJA_BODY = """{#- camelid: the template this model was trained with, rendered exactly as training rendered it.
+    `camelid` holds the template's fields as training used them (fastchat_data/templates.py). -#}
+{%- set camelid = FIELDS %}
+{%- set bos = PREFIX %}
+{%- set sep2 = SEP2 %}
+{%- set bos_space = BOS_SPACE %}
+{%- set text %}
+{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] %}
+    {{- messages[0]['content'] + camelid['sep'] }}
+{%- else %}
+    {{- camelid['system'] + camelid['sep'] }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {{- camelid['user'] + ': ' + message['content'] + camelid['sep'] }}
+    {%- elif message['role'] == 'tool' %}
+        {{- camelid['tool'] + ': ' + message['content'] + camelid['sep'] }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- camelid['assistant'] + ': ' + message['content'] + sep2 }}
+    {%- elif not (message['role'] == 'system' and loop.first) %}
+        {{- raise_exception('camelid templates take a system message only first, then user, assistant and tool messages; got ' + message['role']) }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- camelid['assistant'] + ':' }}
+{%- endif %}
+{%- endset %}
+{#- bos_space: this tokenizer starts a text with "▁" unless it follows a special token, as
+    training's text did: the space stands for it -#}
+{{- bos + (' ' if bos_space and text[:1] not in [' ', '▁'] else '') + text }}"""
+
+
+def _jinja_literal(value) -> str:
+    """`value` (str, bool, or a dict of them) as a Jinja literal. Strings are double-quoted with
+    backslash escapes for quotes, backslashes and unprintable characters only, so they read as
+    written in any Jinja (Python's, minijinja, jinja.js)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ", ".join(f"{_jinja_literal(k)}: {_jinja_literal(v)}" for k, v in value.items())
+            + "}"
+        )
+    named = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    out = []
+    for c in value:
+        if c in named:
+            out.append(named[c])
+        elif not c.isprintable():
+            out.append(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def leading_special_tokens(tokenizer) -> str:
+    """The special tokens `tokenizer(text)` puts before the text (BOS), as one string: what
+    ConversationTokenizer puts first when a template has add_bos."""
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    n = len(full) - len(bare)
+    if n <= 0 or list(full[n:]) != list(bare):
+        return ""
+    return "".join(tokenizer.convert_ids_to_tokens(list(full[:n])))
+
+
+def jinja_chat_template(template, tokenizer) -> str:
+    """The chat template (Jinja, as `tokenizer.chat_template` holds it) that renders what
+    `template` renders: with `apply_chat_template(messages, tokenize=True)` the same ids as
+    ConversationTokenizer's for a conversation, and with `add_generation_prompt=True` the same
+    as its encode_prompt. A `chat_template` template is the tokenizer's own, kept as it is.
+
+    Messages are [{"role", "content"}]: an optional first system message (its text replaces the
+    template's system prompt; empty, it does not), then user / assistant / tool messages. The
+    end-of-sequence and BOS strings of `tokenizer` are written into the template, as training
+    put them (a `{eos}` in sep2 is the tokenizer's eos token)."""
+    if isinstance(template, str | dict):
+        template = get_template(template, tokenizer)
+    if isinstance(template, ChatTemplate):
+        return template.tokenizer.chat_template
+    if not isinstance(template, SeparatorTemplate):
+        raise TypeError(f"not a camelid template: {template!r}")
+    if EOS in template.sep2 and not tokenizer.eos_token:
+        raise DataError(
+            "--template", template.name, "sep2 holds {eos} but the tokenizer has no eos token"
+        )
+    fields = {"name": template.name}
+    fields.update(
+        (f, getattr(template, f)) for f in SeparatorTemplate.__dataclass_fields__ if f != "name"
+    )
+    prefix = leading_special_tokens(tokenizer) if template.add_bos else ""
+    values = {
+        "FIELDS": fields, "PREFIX": prefix, "BOS_SPACE": _space_after(prefix, tokenizer),
+        "SEP2": template.sep2.replace(EOS, tokenizer.eos_token or ""),
+    }  # fmt: skip
+    # one pass, so a field's text that reads "SEP2" is never replaced itself
+    return re.sub(
+        "FIELDS|PREFIX|BOS_SPACE|SEP2", lambda m: _jinja_literal(values[m.group()]), _JINJA_BODY
+    )
+
+
+def _space_after(prefix: str, tokenizer) -> bool:
+    """Whether text rendered after `prefix` (BOS) needs a space to tokenize as training did.
+
+    Training tokenizes the text as `tokenizer(text)` does, BOS added by the tokenizer, so the
+    text's start is the start of a string: a SentencePiece tokenizer with Metaspace
+    prepend_scheme "first" (Llama, legacy=False) prepends "▁" there. A chat template renders
+    BOS as text, and after a special token that tokenizer prepends nothing: a space in its
+    place gives the same "▁"."""
+    if not prefix:
+        return False
+    probes = ["x", "Hello world", "A chat"]
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
+    def same(sep: str) -> bool:
+        return all(
+            tokenizer(prefix + sep + t, add_special_tokens=False)["input_ids"]
+            == ids + tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in probes
+        )
+
+    return not same("") and same(" ")
+
+
+def template_from_chat_template(tokenizer) -> SeparatorTemplate | None:
+    """The camelid template that `tokenizer.chat_template` was generated from, or None: a chat
+    template that camelid did not write, or one edited since (it is then used as it is)."""
+    text = getattr(tokenizer, "chat_template", None)
+    m = _JINJA_FIELDS.search(text) if isinstance(text, str) else None
+    if not m:
+        return None
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        fields = ImmutableSandboxedEnvironment().from_string(m.group(0)).module.camelid
+        template = custom_template(dict(fields), where="the tokenizer's chat template")
+    except (TemplateError, DataError, AttributeError, TypeError):
+        return None
+    template = (
+        TEMPLATES.get(template.name) if TEMPLATES.get(template.name) == template else template
+    )
+    return template if jinja_chat_template(template, tokenizer) == text else None
+
+
+def reply_end(template, tokenizer) -> tuple[list[str], str]:
+    """What ends an assistant reply in `template`: the special tokens training taught the model
+    to emit there (`</s>` for vicuna_v1.1: its sep2 is `{eos}`; `<|im_end|>` for ChatML), or,
+    for a template whose reply ends with plain text (a sep2 of "\\n\\n"), that text."""
+    if isinstance(template, str | dict):
+        template = get_template(template, tokenizer)
+    from .schema import Message
+
+    probe = Conversation("probe", [Message(USER, "x"), Message(ASSISTANT, "y")])
+    try:
+        segments = template.render(probe, tokenizer.eos_token)
+    except SkipRecord:  # a chat template that refuses the probe: nothing to learn from it
+        return [], ""
+    end = "".join(s.text for s in segments if s.literal and s.trainable)
+    names = special_tokens(tokenizer)
+    found = re.findall("|".join(map(re.escape, names)), end) if names else []
+    return found, ("" if found else end)
 
 
 def portable_template(spec):

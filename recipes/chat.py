@@ -3,7 +3,9 @@
     python -m recipes.chat --model runs/vicuna/model
     python -m recipes.chat --model BASE --adapter runs/qlora/adapter --template vicuna_v1.1
 
-Multi-turn, rendered with the same template as training. `/reset` starts a new conversation,
+Multi-turn, rendered with the same template as training: the model's chat template (an
+export's is the template it was trained with; camelid.json for exports older than that), and
+a reply stops at the token the template ends replies with. `/reset` starts a new conversation,
 `/exit` (or end of input) quits.
 """
 
@@ -19,7 +21,7 @@ from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
 from fastchat_data.tokenize import ConversationTokenizer
 from recipes.core.config import ConfigError
 from recipes.core.data import pad_token_id
-from recipes.core.generate import trained_template
+from recipes.core.generate import stop_kwargs, trained_template
 
 
 def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_new_tokens: int,
@@ -34,8 +36,8 @@ def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_
         dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     )
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  streamer=streamer, eos_token_id=tok.eos_token_id,
-                  pad_token_id=pad_token_id(tok), **sampling)  # fmt: skip
+                  streamer=streamer, pad_token_id=pad_token_id(tok), **stop_kwargs(encoder),
+                  **sampling)  # fmt: skip
     worker = Thread(target=model.generate, kwargs=kwargs)
     worker.start()
     pieces = []

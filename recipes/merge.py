@@ -3,12 +3,15 @@
     python -m recipes.merge --adapter runs/qlora/adapter --out runs/qlora/merged [--base PATH]
 
 The base defaults to the one the adapter was trained on (adapter_config.json). It is loaded
-unquantized: merging into a 4-bit base would round the merged weights back to 4 bits.
+unquantized: merging into a 4-bit base would round the merged weights back to 4 bits. The
+merged tokenizer's chat template is the template the adapter was trained with, and
+generation_config.json stops at the token that ends a reply.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from fastchat_data.tiny import save_tokenizer
 from recipes.core.checkpoint import RUN_INFO
 from recipes.core.config import ConfigError
+from recipes.core.generate import save_for_inference, trained_template
 from recipes.core.lora import load_adapter, read_adapter_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,9 +42,19 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
-    save_tokenizer(AutoTokenizer.from_pretrained(tok_src), tmp)
-    if (Path(adapter) / RUN_INFO).exists():  # the template chat and eval should use
-        shutil.copy(Path(adapter) / RUN_INFO, tmp / RUN_INFO)
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    info_path = Path(adapter) / RUN_INFO
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    # The template the adapter was trained with, read as chat and eval read it (the adapter's
+    # chat template, camelid.json for older adapters): the merged model's chat template.
+    template = trained_template(adapter, default=None)
+    if template is None:  # an adapter from elsewhere that names none: its tokenizer as it is
+        save_tokenizer(tokenizer, tmp)
+    else:
+        info.setdefault("template", template)
+        info.update(save_for_inference(tokenizer, template, tmp))
+    if info:  # camelid.json: the record of the run
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

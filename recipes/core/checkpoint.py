@@ -390,8 +390,14 @@ def export_hf(engine, world, tokenizer, out_dir: Path, max_shard_size: str = "2G
         engine.module.save_pretrained(
             tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
         )
-        save_tokenizer(tokenizer, tmp)
-        (tmp / RUN_INFO).write_text(json.dumps(info or {}, indent=2, ensure_ascii=False))
+        info = dict(info or {})
+        if info.get("template") is not None:  # the chat template and stop tokens, for any tool
+            from .generate import save_for_inference
+
+            info.update(save_for_inference(tokenizer, info["template"], tmp))
+        else:
+            save_tokenizer(tokenizer, tmp)
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -246,10 +246,16 @@ def export_adapter(
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
+        info = dict(info or {})
+        if info.get("template") is not None:  # the tokenizer carries the training template
+            from .generate import save_for_inference
+
+            info.update(save_for_inference(tokenizer, info["template"], tmp))
+        else:
+            save_tokenizer(tokenizer, tmp)
         summary = verify_adapter(tmp)
         (tmp / RUN_INFO).write_text(
-            json.dumps({**(info or {}), "weights": summary}, indent=2, ensure_ascii=False)
+            json.dumps({**info, "weights": summary}, indent=2, ensure_ascii=False)
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
