@@ -16,19 +16,30 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.core import checkpoint, loop
+from recipes.core.compile import apply_liger, check_speed_options, compile_layers
 from recipes.core.config import TrainConfig
 from recipes.core.loading import load_model
 from recipes.core.loop import Run, finish, prepare, run_info, start
 
 
-def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
-    run = prepare(cfg, notes)
+def full_model(run: Run):
+    """The whole model, every weight trained (also the DPO recipe's, with --peft_method none)."""
+    cfg = run.cfg
     # FSDP2 and ZeRO-3 load sharded (no rank holds the whole model); others one copy per rank
     model = load_model(run.model_path, cfg, run.world)
+    apply_liger(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return start(run, model)
+    # after activation checkpointing, before the engine shards (torchtune's order)
+    compile_layers(model, cfg, main=run.world.main)
+    return model
+
+
+def setup(cfg: TrainConfig, notes: list[str] | None = None) -> Run:
+    check_speed_options(cfg)  # --compile / --use_liger_kernel: refused before anything loads
+    run = prepare(cfg, notes)
+    return start(run, full_model(run))
 
 
 def save(run: Run) -> Path | None:

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script by accelerate launch / torchrun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.core import loop
+from recipes.core.compile import apply_liger, check_speed_options
 from recipes.core.loop import Run, finish, prepare, run_info, start
 from recipes.core.lora import (
     QLoraConfig,
@@ -29,15 +30,25 @@ from recipes.core.lora import (
 )
 
 
-def setup(cfg: QLoraConfig, notes: list[str] | None = None) -> Run:
-    run = prepare(cfg, notes)
+def adapter_model(run: Run):
+    """A (quantized) base with a trainable adapter, its engine, and how to describe it (also
+    the DPO recipe's, with --peft_method lora)."""
+    cfg = run.cfg
     base = load_base(run.model_path, cfg, run.world.device)
+    apply_liger(base, cfg)  # on the base model, before the adapter wraps its layers
     model = add_adapter(base, cfg)
     engine = make_adapter_engine(model, cfg, run.world, run.total_steps)
     quant = {"none": "", "int8": "8-bit ", "nf4": "4-bit nf4 ", "fp4": "4-bit fp4 "}[
         cfg.quantization
     ]
-    return start(run, model, engine, what=f"{quant}base + {cfg.peft_method}, ")
+    return model, engine, f"{quant}base + {cfg.peft_method}, "
+
+
+def setup(cfg: QLoraConfig, notes: list[str] | None = None) -> Run:
+    check_speed_options(cfg, "qlora")  # --compile refused here; --use_liger_kernel needs a GPU
+    run = prepare(cfg, notes)
+    model, engine, what = adapter_model(run)
+    return start(run, model, engine, what=what)
 
 
 def save(run: Run) -> Path | None:

@@ -1,0 +1,207 @@
+"""torch.compile benchmark: training steps/s of the ~17M tiny Llama, eager vs --compile True.
+
+    python -m bench.compile_bench [--steps 6] [--warmup 3] [--rounds 2] [--out bench/results/compile_bench.json]
+
+1 process on CPU (inductor's C++ backend), the ~17M "small" tiny Llama (vocab 4,000) on
+alpaca_gpt4_data_en_1k (converted, cleaned), max length 2048, batch 2 x accumulation 2,
+length-grouped batches, sdpa, chunked loss: bench.packing_bench's "grouped, sdpa, chunked loss"
+setting. Each measurement is a fresh process (this module in worker mode) with an empty
+inductor cache, so every compiled run pays the full, cold compile. It runs the training loop's
+own step (recipes.core.loop.train_step) on a single-process TorchEngine, compiling the decoder
+layers exactly as recipes/full_finetune.py does (recipes.core.compile.compile_layers).
+
+- warm-up: the first `--warmup` steps. They hold the compilation: the first forward compiles
+  the layers for static shapes, the first batch of another length recompiles them with dynamic
+  shapes (dynamo's automatic dynamic shapes). compile time = compiled warm-up seconds - eager
+  warm-up seconds (same batches); dynamo's own count of compile seconds is reported beside it.
+- steady state: the next `--steps` steps, steps/s and real tokens/s; the graphs compiled during
+  them are counted (0 means the measured steps ran compiled code only).
+Eager and compiled alternate within a round, the order reversed every other round (load drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.packing_bench import REPO
+
+VARIANTS = ("eager", "compiled")
+
+
+def settings(args) -> dict:
+    return {"max_length": 2048, "batch": 2, "accum": 2, "warmup": args.warmup, "steps": args.steps,
+            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))}  # fmt: skip
+
+
+def model_and_data(p: dict):
+    """The ~17M model and the cleaned alpaca sample, tokenized (cached after the first call),
+    as bench.packing_bench builds them."""
+    from transformers import AutoTokenizer
+
+    from fastchat_data.build import build_dataset
+    from fastchat_data.commands import clean, convert
+    from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
+
+    cache = REPO / ".cache"
+    model = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
+        convert(str(shared_data_dir() / "alpaca_gpt4_data_en_1k.json"), f"{tmp}/s.json")
+        clean(f"{tmp}/s.json", f"{tmp}/c.json")
+        ds, _ = build_dataset(f"{tmp}/c.json", str(model), "vicuna_v1.1", p["max_length"],
+                              cache_dir=str(cache), quiet=True)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model, ds.with_format("numpy"), pad
+
+
+def worker(variant: str, p: dict) -> dict:
+    """One measurement, in this (fresh) process."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from recipes.core.compile import compile_layers
+    from recipes.core.config import TrainConfig
+    from recipes.core.data import BatchPlan, TrainData
+    from recipes.core.distributed import World, make_engine
+    from recipes.core.loop import Run, train_step
+
+    torch.set_num_threads(p["threads"])
+    model_dir, ds, pad = model_and_data(p)
+    total = p["warmup"] + p["steps"]
+    cfg = TrainConfig(model_max_length=p["max_length"], per_device_train_batch_size=p["batch"],
+                      gradient_accumulation_steps=p["accum"], strategy="single", learning_rate=2e-5,
+                      report_to="none", compile=variant == "compiled")  # fmt: skip
+    data = TrainData(ds, cfg.packing, cfg.model_max_length, pad)
+    plan = BatchPlan(data.lengths, data.trained, cfg, 1)
+    world = World(0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    with contextlib.redirect_stdout(io.StringIO()) as note:
+        compile_layers(model, cfg)
+        run = Run(cfg, world, plan=plan, data=data, total_steps=total)
+        run.engine = make_engine(model, cfg, world, total)
+        times, tokens, losses, graphs = [], [], [], []
+        for step in range(total):
+            run.step = step
+            t0 = time.perf_counter()
+            out = train_step(run)
+            times.append(time.perf_counter() - t0)
+            tokens.append(out["tokens"])
+            losses.append(out["loss"])
+            graphs.append(counters["stats"]["unique_graphs"])
+    w, s = p["warmup"], p["steps"]
+    compile_s = sum(
+        sum(v) for k, v in torch._dynamo.utils.compilation_time_metrics.items()
+        if k.endswith("compile_inner") or k.endswith("bw_compiler")  # backward: at 1st backward
+    )  # fmt: skip
+    return {
+        "warmup_s": round(sum(times[:w]), 3),
+        "steady_s": round(sum(times[w:]), 3),
+        "steps_per_s": s / sum(times[w:]),
+        "real_tokens_per_s": sum(tokens[w:]) / sum(times[w:]),
+        "step_s": [round(t, 3) for t in times],
+        "losses": losses,
+        "graphs_compiled": graphs[-1],
+        "graphs_compiled_in_steady_state": graphs[-1] - graphs[w - 1],
+        "dynamo_compile_s": round(compile_s, 2),
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "note": note.getvalue().strip(),
+    }
+
+
+def measure(variant: str, p: dict) -> dict:
+    """`worker` in a fresh process with an empty inductor cache (a cold compile every time)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(p["threads"])}
+        res = subprocess.run(
+            [sys.executable, "-m", "bench.compile_bench", "--worker", json.dumps([variant, p])],
+            capture_output=True, text=True, env=env, cwd=REPO,
+        )  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"{variant} worker failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=6, help="measured steps (after the warm-up)")
+    ap.add_argument("--warmup", type=int, default=3, help="steps that hold the compilation")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compile_bench.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        variant, p = json.loads(args.worker)
+        print(json.dumps(worker(variant, p)))
+        return {}
+    p = settings(args)
+    model_and_data(p)  # build (or find) the model and the tokenized data once, untimed
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        row = {}
+        for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            row[name] = m = measure(name, p)
+            print(f"round {r + 1} {name:9} {m['steps_per_s']:.3f} steps/s  "
+                  f"{m['real_tokens_per_s']:,.0f} real tok/s  warm-up {m['warmup_s']:.1f} s", flush=True)  # fmt: skip
+        rounds.append(row)
+    med = {n: {k: statistics.median(r[n][k] for r in rounds)
+               for k in ("steps_per_s", "real_tokens_per_s", "warmup_s", "dynamo_compile_s")}
+           for n in VARIANTS}  # fmt: skip
+    compile_s = statistics.median(
+        r["compiled"]["warmup_s"] - r["eager"]["warmup_s"] for r in rounds
+    )
+    loss_diff = max(
+        abs(a - b) for r in rounds for a, b in zip(r["eager"]["losses"], r["compiled"]["losses"])
+    )
+    summary = {
+        "eager_steps_per_s": med["eager"]["steps_per_s"],
+        "compiled_steps_per_s": med["compiled"]["steps_per_s"],
+        "speedup": med["compiled"]["steps_per_s"] / med["eager"]["steps_per_s"],
+        "eager_real_tokens_per_s": med["eager"]["real_tokens_per_s"],
+        "compiled_real_tokens_per_s": med["compiled"]["real_tokens_per_s"],
+        "compile_s": compile_s,
+        "dynamo_compile_s": med["compiled"]["dynamo_compile_s"],
+        "graphs_compiled": rounds[0]["compiled"]["graphs_compiled"],
+        "graphs_compiled_in_steady_state": max(r["compiled"]["graphs_compiled_in_steady_state"] for r in rounds),
+        "graph_breaks": max(r["compiled"]["graph_breaks"] for r in rounds),
+        "compile_note": rounds[0]["compiled"]["note"],
+        "max_loss_diff": loss_diff,
+    }  # fmt: skip
+    print(f"\n{'':10}{'steps/s':>9}{'real tok/s':>12}{'warm-up s':>11}  "
+          f"(median of {args.rounds} rounds; {p['steps']} steps after {p['warmup']} warm-up)")  # fmt: skip
+    for n in VARIANTS:
+        m = med[n]
+        print(
+            f"{n:10}{m['steps_per_s']:>9.3f}{m['real_tokens_per_s']:>12,.0f}{m['warmup_s']:>11.1f}"
+        )
+    print(f"speed-up {summary['speedup']:.2f}x; compile time {compile_s:.1f} s (compiled - eager "
+          f"warm-up; dynamo counts {summary['dynamo_compile_s']:.1f} s); "
+          f"{summary['graphs_compiled']} graph(s), {summary['graphs_compiled_in_steady_state']} "
+          f"compiled during the measured steps, {summary['graph_breaks']} graph break(s); "
+          f"max |loss eager - compiled| {loss_diff:.2e}")  # fmt: skip
+    print(summary["compile_note"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": p, "rounds": rounds, "summary": summary}, indent=2))
+    print(f"written: {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
