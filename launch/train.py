@@ -1,6 +1,7 @@
-"""Launch the full fine-tune: torchrun for single/DDP/FSDP, the deepspeed launcher for ZeRO.
+"""Launch a recipe (the full fine-tune, or DPO with --recipe dpo): torchrun for
+single/DDP/FSDP, the deepspeed launcher for ZeRO.
 
-    python -m launch.train --ngpu 4 --strategy fsdp [--model M] [--data D] [--config C] [--out O] [-- recipe args]
+    python -m launch.train --ngpu 4 --strategy fsdp [--recipe sft|dpo] [--model M] [--data D] [--config C] [--out O] [-- recipe args]
 
 Without GPUs the same command starts NGPU CPU processes on gloo, through the same code path.
 Multi-node: --nnodes/--node_rank/--master_addr (torchrun rendezvous) or --hostfile (deepspeed).
@@ -16,15 +17,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from recipes.core.config import STRATEGIES
+from recipes.core.config import STRATEGIES, HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "full_finetune.py"
+# recipe -> (script, its YAML on GPUs, its YAML on CPU)
+RECIPES = {
+    "sft": ("full_finetune.py", "vicuna_7b.yaml", "tiny_cpu.yaml"),
+    "dpo": ("dpo.py", "dpo_7b.yaml", "dpo_tiny_cpu.yaml"),
+}
 
 
 def build_command(args, gpus: int) -> list[str]:
     bin_dir = Path(sys.executable).parent
-    recipe = [str(RECIPE), "--config", args.config, "--strategy", args.strategy]
+    script = REPO / "recipes" / RECIPES[args.recipe][0]
+    recipe = [str(script), "--config", args.config, "--strategy", args.strategy]
     for flag, value in (
         ("--model_name_or_path", args.model),
         ("--data_path", args.data),
@@ -56,33 +62,36 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
+                                 formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
     ap.add_argument(
         "--ngpu",
         type=int,
         default=1,
         help="processes per node (GPUs, or CPU processes without GPUs)",
     )
-    ap.add_argument("--strategy", default="fsdp", choices=STRATEGIES)
+    ap.add_argument("--strategy", default="fsdp", choices=STRATEGIES, metavar="STRATEGY",
+                    help=f"how processes share the model: {', '.join(STRATEGIES)}")  # fmt: skip
+    ap.add_argument("--recipe", default="sft", choices=list(RECIPES),
+                    help="sft: the Vicuna full fine-tune; dpo: preference tuning (recipes/dpo.py)")  # fmt: skip
     ap.add_argument(
         "--config",
         default=None,
-        help="a YAML recipe (default: vicuna_7b.yaml on GPU, tiny_cpu.yaml on CPU)",
+        help="a YAML recipe (default: vicuna_7b.yaml / dpo_7b.yaml on GPU, "
+        "tiny_cpu.yaml / dpo_tiny_cpu.yaml on CPU)",
     )
-    ap.add_argument("--model", default=None, help="base model folder (default: the tiny model)")
-    ap.add_argument(
-        "--data",
-        default=None,
-        help="ShareGPT/Alpaca/messages file (default: embedded identity data)",
-    )
-    ap.add_argument("--out", default=None, help="output directory")
-    ap.add_argument("--nnodes", type=int, default=1)
-    ap.add_argument("--node_rank", type=int, default=0)
-    ap.add_argument("--master_addr", default="127.0.0.1")
-    ap.add_argument("--master_port", type=int, default=29500)
-    ap.add_argument("--rdzv_id", default="camelid")
+    ap.add_argument("--model", default=None,
+                    help="base model folder: the recipe's --model_name_or_path (default: the tiny model)")  # fmt: skip
+    ap.add_argument("--data", default=None,
+                    help="ShareGPT/Alpaca/messages file(s), comma-separated: the recipe's --data_path "
+                    "(default: embedded identity data)")  # fmt: skip
+    ap.add_argument("--out", default=None,
+                    help="the run's folder: the recipe's --output_dir (default: the --config's)")  # fmt: skip
+    ap.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun rendezvous)")
+    ap.add_argument("--node_rank", type=int, default=0, help="this node's rank among --nnodes")
+    ap.add_argument("--master_addr", default="127.0.0.1", help="address of node 0")
+    ap.add_argument("--master_port", type=int, default=29500, help="port on node 0")
+    ap.add_argument("--rdzv_id", default="camelid", help="torchrun rendezvous id, on all nodes")
     ap.add_argument("--hostfile", default=None, help="deepspeed hostfile for multi-node ZeRO")
     ap.add_argument("--no_ssh", action="store_true",
                     help="ZeRO multi-node without ssh/pdsh: start this node's processes only "
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.config is None:
-        args.config = "vicuna_7b.yaml" if gpus else "tiny_cpu.yaml"
+        args.config = RECIPES[args.recipe][1 if gpus else 2]
     if gpus and not args.skip_preflight:
         refusal = preflight(args, torch.cuda.get_device_properties(0).total_memory)
         if refusal:
@@ -154,16 +163,22 @@ def preflight(args, gpu_bytes: int) -> str | None:
     from recipes.core.config import ConfigError, load_config
     from recipes.plan import GB, plan
 
+    if {"-h", "--help", "--print_config"} & {a.partition("=")[0] for a in args.recipe_args}:
+        return None  # the recipe prints and exits; load_config here would print and exit too
     argv = ["--config", args.config, "--strategy", args.strategy, *args.recipe_args]
     argv += ["--model_name_or_path", args.model] if args.model else []
+    if args.recipe == "dpo":
+        from recipes.dpo import DPOConfig as config_cls
+    else:
+        from recipes.core.config import TrainConfig as config_cls
     try:
-        cfg, _ = load_config(argv)
+        cfg, _ = load_config(argv, cls=config_cls)
     except ConfigError:
         return None  # the recipe reports it, once, on rank 0
     if not cfg.model_name_or_path:
         return None  # the tiny default model
     rows = plan(cfg.model_name_or_path, args.ngpu, args.nnodes, seq=cfg.model_max_length,
-                batch=cfg.per_device_train_batch_size, bf16=cfg.bf16,
+                batch=cfg.per_device_train_batch_size * (2 if args.recipe == "dpo" else 1), bf16=cfg.bf16,
                 checkpointing=cfg.gradient_checkpointing, gpu_memory=gpu_bytes,
                 loss_chunk=cfg.loss_chunk_size)  # fmt: skip
     chosen = next((r for r in rows if r.strategy == args.strategy), None)

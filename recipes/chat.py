@@ -19,7 +19,7 @@ import torch
 
 from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
 from fastchat_data.tokenize import ConversationTokenizer
-from recipes.core.config import ConfigError
+from recipes.core.config import ConfigError, HelpFormatter
 from recipes.core.data import pad_token_id
 from recipes.core.generate import stop_kwargs, trained_template
 
@@ -51,16 +51,18 @@ def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter")
+    p = argparse.ArgumentParser(prog="python -m recipes.chat", description=__doc__,
+                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
+    p.add_argument("--model", required=True, help="model folder (the base, with --adapter)")
+    p.add_argument("--adapter", help="an adapter folder to load on the model (default: none)")
     p.add_argument(
         "--template", help="name or YAML/JSON file (default: the one it was trained with)"
     )
     p.add_argument("--system", default="", help="a system text (default: the template's)")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    p.add_argument("--quantization", default="none", choices=["none", "nf4"],
+                   help="load the model in 4-bit nf4 (as QLoRA trained it) or unquantized")  # fmt: skip
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """Did fine-tuning help? Mean perplexity on held-out conversations, the QLoRA course's way.
 
-    python -m recipes.eval --model BASE --data heldout.json --adapter runs/qlora/adapter \
+    python -m recipes.eval --model BASE --data heldout.json --adapter runs/qlora/adapter \\
         [--shots 3] [--generate 50] [--out eval.json]
 
 Rows: the base zero-shot, the base with `--shots` solved examples before each question
@@ -8,7 +8,14 @@ Rows: the base zero-shot, the base with `--shots` solved examples before each qu
 log-likelihood of its assistant tokens, as the training masks define them); the table shows
 the mean over conversations (the reference's number) and the median. `--generate N` also
 answers the first N questions greedily and scores the answers against the references with
-ROUGE-1/2/L and BLEU-4. Printed as a table and written as JSON.
+ROUGE-1/2/L (rouge-score) and BLEU-4 (sacrebleu). Printed as a table and written as JSON.
+
+    python -m recipes.eval --model SFT --compare runs/dpo/model --pairs heldout_pairs.json
+    python -m recipes.eval --model M [--adapter A] --lm_eval camelid_alpaca_mc [--lm_eval_limit N]
+
+`--pairs`: preference accuracy, how often each model gives the chosen reply of held-out pairs a
+higher log-likelihood than the rejected one (summed, and per reply token). `--lm_eval`:
+lm-evaluation-harness tasks (recipes/harness.py), offline on local task files.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from fastchat_data.build import read_trainable
 from fastchat_data.report import Report
 from fastchat_data.schema import ASSISTANT, Conversation, SkipRecord
 from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
-from recipes.core.config import ConfigError
+from recipes.core.config import ConfigError, HelpFormatter
 from recipes.core.data import collate, pad_token_id
 from recipes.core.generate import trained_template
 from recipes.core.metrics import text_scores
+from recipes.core.preference import format_preference_table, preference_scores
 
 
 def load_conversations(path: str, limit: int | None) -> list[Conversation]:
@@ -199,6 +207,25 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
             "quantization": quantization, "rows": rows}  # fmt: skip
 
 
+def preference_rows(model_path: str, adapters: list[str], others: list[str], pairs: str, template,
+                    max_length: int, batch_size: int, quantization: str) -> list[dict]:  # fmt: skip
+    """Preference accuracy on `pairs` of the model, the model with each adapter, and `others`."""
+    from transformers import AutoTokenizer
+
+    for path in [pairs, *others]:
+        if not Path(path).exists():
+            raise ConfigError(f"{path} does not exist")
+    variants = [(model_path, None), *[(model_path, a) for a in adapters], *[(o, None) for o in others]]
+    rows = []
+    for path, adapter in variants:
+        model = load_model(path, quantization if path == model_path else "none", adapter)
+        tokenizer = AutoTokenizer.from_pretrained(adapter or path)
+        scores = preference_scores(model, tokenizer, pairs, template, max_length, batch_size)
+        name = f"{Path(path).parent.name}/{Path(path).name}" + (f" + {Path(adapter).name}" if adapter else "")
+        rows.append({"model": name, "path": str(path), "adapter": adapter, **scores})
+    return rows
+
+
 def format_table(result: dict) -> str:
     text_cols = [c for c in ("rouge1", "rouge2", "rougeL", "bleu") if c in result["rows"][0]]
     head = f"{'model':<44}{'mean ppl':>12}{'median':>12}{'samples':>9}" + "".join(
@@ -213,7 +240,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.eval", description=__doc__,
+                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
     p.add_argument("--model", required=True, help="base model folder")
     p.add_argument(
         "--data", help="held-out conversations (any fastchat_data format; optional with --lm_eval)"
@@ -222,22 +250,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", help="name or YAML/JSON file (default: the one training used)")
     p.add_argument("--shots", type=int, default=0, help="few-shot row with this many examples")
     p.add_argument("--shots_from", help="file to take the examples from (default: the data's tail)")
-    p.add_argument("--max_samples", type=int)
+    p.add_argument("--max_samples", type=int, help="score at most N conversations (default: all)")
     p.add_argument(
         "--generate", type=int, default=0, help="also score N generated answers (ROUGE, BLEU)"
     )
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--max_length", type=int, default=2048)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--quantization", default="none", choices=["none", "nf4"])
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="--generate: tokens per answer")
+    p.add_argument("--max_length", type=int, default=2048, help="tokens per scored conversation")
+    p.add_argument("--batch_size", type=int, default=4, help="conversations per forward pass")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4"],
+                   help="load the base in 4-bit nf4 (as QLoRA trained it) or unquantized")  # fmt: skip
+    p.add_argument("--out", help="write the results as JSON here (default: print only)")
     p.add_argument("--lm_eval", metavar="TASKS", help="also run lm-evaluation-harness on these "
                    "comma-separated tasks (local: camelid_alpaca_mc, camelid_alpaca_mc_davinci, "
                    "or the tag camelid; see recipes/harness.py)")  # fmt: skip
     p.add_argument("--lm_eval_limit", type=int, help="lm-eval: at most N examples per task")
+    p.add_argument("--pairs", help="held-out preference pairs: how often each model prefers the "
+                   "chosen reply (its log-likelihood above the rejected one's)")  # fmt: skip
+    p.add_argument("--compare", action="append", default=[],
+                   help="with --pairs: another model folder to score alike, e.g. the DPO export (repeatable)")  # fmt: skip
     a = p.parse_args(argv)
-    if not a.data and not a.lm_eval:
-        p.error("give --data (perplexity) or --lm_eval TASKS, or both")
+    if not (a.data or a.lm_eval or a.pairs):
+        p.error("give --data (perplexity), --pairs (preference accuracy), --lm_eval TASKS, or several")
     a.template = a.template or trained_template(*a.adapter, a.model)
     try:
         result = {"model": a.model}
@@ -250,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
             result["lm_eval"] = harness.run(a.model, a.adapter, tasks, a.lm_eval_limit,
                                             a.batch_size, a.quantization)  # fmt: skip
+        if a.pairs:
+            result["preference"] = preference_rows(a.model, a.adapter, a.compare, a.pairs, a.template,
+                                                   a.max_length, a.batch_size, a.quantization)  # fmt: skip
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -257,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(result))
     if a.lm_eval:
         print(harness.format_tables(result["lm_eval"]))
+    if a.pairs:
+        print(format_preference_table(result["preference"]))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2, ensure_ascii=False))

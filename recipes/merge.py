@@ -20,7 +20,7 @@ import torch
 
 from fastchat_data.tiny import save_tokenizer
 from recipes.core.checkpoint import RUN_INFO
-from recipes.core.config import ConfigError
+from recipes.core.config import ConfigError, HelpFormatter
 from recipes.core.generate import save_for_inference, trained_template
 from recipes.core.lora import load_adapter, read_adapter_config
 
@@ -62,11 +62,14 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--base", help="full-precision base model (default: the adapter's own base)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p = argparse.ArgumentParser(prog="python -m recipes.merge", description=__doc__,
+                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
+    p.add_argument("--adapter", required=True, help="the adapter folder (a recipe's export)")
+    p.add_argument("--out", required=True, help="the merged model's folder (replaced if it exists)")
+    p.add_argument("--model", "--base", dest="base",
+                   help="full-precision base model folder (default: the adapter's own base)")  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="the merged weights' dtype")  # fmt: skip
     a = p.parse_args(argv)
     try:
         out = merge(a.adapter, a.out, a.base, a.dtype)

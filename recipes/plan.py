@@ -554,8 +554,10 @@ def table(rows: list[Row], shape: Shape, device: str, unit: float, uname: str) -
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
+    from recipes.core.config import HelpFormatter
+
     ap = argparse.ArgumentParser(prog="python -m recipes.plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                 formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
     ap.add_argument("--model", required=True, help="a model folder with config.json, or the file")
     ap.add_argument("--ngpu", type=int, default=1, help="GPUs (processes) per node")
     ap.add_argument("--nnodes", type=int, default=1)

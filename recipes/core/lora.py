@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from fastchat_data.tiny import save_tokenizer
 
 from .checkpoint import RUN_INFO, load_json_state, save_json_state
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, option
 from .distributed import TorchEngine, World, make_engine
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
@@ -32,14 +32,18 @@ class QLoraConfig(TrainConfig):
     """TrainConfig plus the adapter's settings; defaults are the QLoRA reference recipe's
     (NTU ADL 2023 HW3 on top of artidoro/qlora)."""
 
-    quantization: str = "nf4"  # nf4 | fp4 (4-bit), int8, none (plain LoRA on a full base)
-    double_quant: bool = True
-    peft_method: str = "lora"  # lora | prompt_tuning | p_tuning
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"  # or comma-separated names: q_proj,v_proj
-    num_virtual_tokens: int = 20  # prompt tuning / P-tuning
+    quantization: str = option(
+        "nf4", "the base's weights: nf4 or fp4 (4-bit), int8, none (plain LoRA on a full base)"
+    )
+    double_quant: bool = option(True, "4-bit: quantize the quantization constants too")
+    peft_method: str = option("lora", "the adapter: lora, prompt_tuning or p_tuning")
+    lora_r: int = option(64, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_target_modules: str = option(
+        "all-linear", "layers that get LoRA: all-linear, or comma-separated names: q_proj,v_proj"
+    )
+    num_virtual_tokens: int = option(20, "prompt tuning / P-tuning: virtual tokens prepended")
     # the reference's optimisation
     optim: str = "paged_adamw_32bit"
     learning_rate: float = 1e-4
@@ -52,8 +56,9 @@ class QLoraConfig(TrainConfig):
     max_source_length: int | None = 256
     max_target_length: int | None = 128
     gradient_checkpointing: bool = True
-    bf16: bool = field(
-        default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16: bool = option(
+        default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        help="bf16 mixed precision (True on GPUs that support it; fp16 is not supported)",
     )
     save_steps: int = 50
     output_dir: str = "runs/qlora"
