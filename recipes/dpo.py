@@ -21,30 +21,31 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.core import checkpoint, loop
-from recipes.core.config import ConfigError, TrainConfig
+from recipes.core.compile import check_speed_options
+from recipes.core.config import ConfigError, TrainConfig, option
 from recipes.core.data import pad_token_id
-from recipes.core.loading import load_model
 from recipes.core.loop import Run, finish, prepare, run_info, start
 from recipes.core.lora import (
     QLoraConfig,
-    add_adapter,
     export_adapter,
-    load_base,
-    make_adapter_engine,
 )
 from recipes.core.preference import LOSS_TYPES, PairData, compute_reference, dpo_objective
+from recipes.full_finetune import full_model
+from recipes.qlora import adapter_model
 
 
 @dataclass
 class DPOConfig(QLoraConfig):
     """The SFT settings plus DPO's; a full fine-tune unless --peft_method lora."""
 
-    beta: float = 0.1  # how far the policy may move from the reference
-    loss_type: str = "sigmoid"  # sigmoid (DPO), sigmoid_norm (per-token DPO), ipo
-    peft_method: str = (
-        "none"  # none: the full model; lora: an adapter (QLoRA with --quantization nf4)
+    beta: float = option(0.1, "how far the policy may move from the reference (DPO's beta)")
+    loss_type: str = option("sigmoid", "sigmoid (DPO), sigmoid_norm (per-token DPO) or ipo")
+    peft_method: str = option(
+        "none", "none: the full model; lora: an adapter (QLoRA with --quantization nf4)"
     )
-    quantization: str = "none"
+    quantization: str = option(
+        "none", "with --peft_method lora, the base's weights: nf4 or fp4 (4-bit), int8, none"
+    )
     # full fine-tune optimisation (TrainConfig's), with DPO's small learning rate
     optim: str = "adamw_torch"
     learning_rate: float = 5e-7
@@ -58,7 +59,7 @@ class DPOConfig(QLoraConfig):
     max_source_length: int | None = None
     max_target_length: int | None = None
     gradient_checkpointing: bool = False
-    bf16: bool = False
+    bf16: bool = option(False, "bf16 mixed precision (fp16 is not supported)")
     save_steps: int = 500
     output_dir: str = "runs/dpo"
 
@@ -97,19 +98,13 @@ def pair_data(cfg: DPOConfig, data_path: str, tokenizer, world) -> PairData:
 
 
 def setup(cfg: DPOConfig, notes: list[str] | None = None) -> Run:
+    check_speed_options(cfg, "full_finetune" if cfg.peft_method == "none" else "qlora")
     run = prepare(cfg, notes, build_data=pair_data)
     run.objective = dpo_objective
     if cfg.peft_method == "none":
-        model, engine, what = load_model(run.model_path, cfg, run.world), None, ""
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            model.config.use_cache = False
+        model, engine, what = full_model(run), None, ""
     else:
-        model = add_adapter(load_base(run.model_path, cfg, run.world.device), cfg)
-        engine = make_adapter_engine(model, cfg, run.world, run.total_steps)
-        what = f"{'' if cfg.quantization == 'none' else cfg.quantization + ' '}base + lora, "
+        model, engine, what = adapter_model(run)
     return start(run, model, engine, what=f"DPO ({cfg.loss_type}, beta {cfg.beta}), {what}",
                  before_resume=compute_reference)  # fmt: skip
 

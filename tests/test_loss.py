@@ -19,14 +19,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def padded_batch(seed: int = 1) -> dict:
+def padded_batch(seed: int = 1, prompt: int = 11) -> dict:
     """Two rows of different lengths, right-padded, labels only on part of each row."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (2, 40), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 29:] = 0
     labels = ids.clone()
-    labels[:, :11] = -100  # the prompt
+    labels[:, :prompt] = -100
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -152,8 +152,10 @@ def test_soft_capped_logits_are_refused():
 
 
 def rank_batches(rank: int) -> list[dict]:
-    """Each rank its own micro-batches (different lengths, a packed one among them)."""
-    return [padded_batch(seed=10 + rank), packed_batch(seed=20 + rank)]
+    """Each rank its own micro-batches (different lengths, a packed one among them), with
+    different numbers of labelled tokens: ranks project different numbers of loss chunks
+    unless chunk_count evens them out (under ZeRO-3 an uneven count would hang)."""
+    return [padded_batch(seed=10 + rank, prompt=11 + 12 * rank), packed_batch(seed=20 + rank)]
 
 
 def full_grad(engine, param) -> torch.Tensor:

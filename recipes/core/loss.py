@@ -70,6 +70,19 @@ def _chunk_token_logps(head, hidden: torch.Tensor, target: torch.Tensor) -> torc
     return _TokenLogProbs.apply(head(hidden).float(), target)
 
 
+def chunk_count(rows: int, chunk_size: int, device) -> int:
+    """Chunks of labelled rows to project: at least one (a batch with nothing to train still
+    has a graph), and as many on every rank, since each call of the output embedding is a
+    collective under ZeRO-3 (it gathers the weight): ranks calling it a different number of
+    times would wait on each other forever."""
+    count = max(1, -(-rows // chunk_size))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        most = torch.tensor([count], device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        count = int(most.item())
+    return count
+
+
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # float32 cross-entropy, as ForCausalLMLoss upcasts the logits; a copy only when not fp32
     logits = head(hidden).float()
@@ -94,7 +107,9 @@ def chunked_causal_lm_loss(
     target = target[keep]
     total = None
     # at least one (possibly empty) chunk: a batch with nothing to train still has a graph
-    for start in range(0, max(len(target), 1), chunk_size):
+    for start in range(
+        0, chunk_count(len(target), chunk_size, hidden.device) * chunk_size, chunk_size
+    ):
         end = start + chunk_size
         part = checkpoint(
             _chunk_loss, head, rows[start:end], target[start:end], use_reentrant=False
@@ -123,9 +138,16 @@ def chunked_sequence_logps(
     target = target[keep]
     row_of = torch.arange(labels.shape[0], device=hidden.device).repeat_interleave(labels.shape[-1])
     parts = [
-        checkpoint(_chunk_token_logps, head, rows[s : s + chunk_size], target[s : s + chunk_size],
-                   use_reentrant=False)  # fmt: skip
-        for s in range(0, max(len(target), 1), chunk_size)
+        checkpoint(
+            _chunk_token_logps,
+            head,
+            rows[s : s + chunk_size],
+            target[s : s + chunk_size],
+            use_reentrant=False,
+        )  # fmt: skip
+        for s in range(
+            0, chunk_count(len(target), chunk_size, hidden.device) * chunk_size, chunk_size
+        )
     ]
     per_token = torch.cat(parts)
     # summed in float64: a reply's log-likelihood runs to -1e3 and more, where float32 sums of
@@ -189,8 +211,9 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
     by chunked_causal_lm_loss. `model` is the unwrapped model; chunk_size 0, a batch without
     labels, or a model that does not support it: transformers' own loss.
 
-    With `return_sequence_logps=True` the output holds `sequence_logps` instead of a loss:
-    per row, the summed log-probabilities of its labels (chunked_sequence_logps)."""
+    With `return_sequence_logps=True` the output's `loss` is instead, per row, the summed
+    log-probabilities of its labels (chunked_sequence_logps): in `loss` because FSDP2 hooks
+    its backward (re-gathering the output embedding) only on an output's declared fields."""
     labels = batch.get("labels")
     want_logps = batch.pop("return_sequence_logps", False)
     if chunk_size <= 0 or labels is None or not supports_chunked_loss(model):
@@ -199,7 +222,7 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
         labels = batch.pop("labels")
         batch.pop("num_items_in_batch", None)
         output = call(**batch)
-        output["sequence_logps"] = sequence_logps_from_logits(output.logits, labels)
+        output["loss"] = sequence_logps_from_logits(output.logits, labels)
         return output
     labels = batch.pop("labels")
     num_items = batch.pop("num_items_in_batch", None)
@@ -213,7 +236,7 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
         hidden = captured.pop("hidden")
         _check_head(model, output, hidden, head)
         if want_logps:
-            output["sequence_logps"] = chunked_sequence_logps(hidden, head, labels, chunk_size)
+            output["loss"] = chunked_sequence_logps(hidden, head, labels, chunk_size)
         else:
             output["loss"] = chunked_causal_lm_loss(hidden, head, labels, num_items, chunk_size)
         return output

@@ -80,7 +80,7 @@ def sequence_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label log-probs per row, and trained tokens per row (chunked: no full logits)."""
     out = engine.forward(**batch, use_cache=False, return_sequence_logps=True)
     tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-    return out["sequence_logps"], tokens
+    return out.loss, tokens
 
 
 def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor, beta: float,
