@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: setup demo qlora-demo test test-fast bench lint clean train-vicuna
+.PHONY: setup demo qlora-demo dpo-demo test test-fast bench bench-peers lint clean train-vicuna train-dpo
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: setup
 qlora-demo: setup
 	$(BIN)/python -m recipes.qlora_demo
 
+# Alpaca preference pairs, SFT of the small tiny Llama, DPO, held-out preference accuracy
+dpo-demo: setup
+	$(BIN)/python -m recipes.dpo_demo
+
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -45,9 +49,19 @@ train-vicuna: setup
 	$(BIN)/python -m launch.train --ngpu $(NGPU) --strategy $(STRATEGY) --out $(OUT) \
 	  $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
 
+# make train-dpo NGPU=4 STRATEGY=zero3 MODEL=SFT_MODEL DATA=pairs.json [CONFIG=... OUT=... ARGS=...]
+train-dpo: setup
+	$(BIN)/python -m launch.train --recipe dpo --ngpu $(NGPU) --strategy $(STRATEGY) --out $(if $(filter runs/vicuna,$(OUT)),runs/dpo,$(OUT)) \
+	  $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
+
 # Skip the slow multi-process tests locally; CI runs everything through `make test`.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Peers (TRL, LLaMA-Factory) in virtualenvs of their own under .bench-venv/, never in $(VENV).
+bench-peers: setup
+	PYTHON=$(PYTHON) bash bench/peers_env.sh
+	$(BIN)/python -m bench.peers_bench $(PEERS_ARGS)
 
 bench: setup
 	$(BIN)/python -m bench.data_bench
