@@ -114,6 +114,27 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer) -> dict:
     return out
 
 
+def save_cached(ds, report: Report, key_src: str, tmp: Path, cached: Path) -> None:
+    """A built dataset, its report and its cache key into `cached`, atomically (staged in tmp)."""
+    staged = tmp / "dataset"
+    ds.save_to_disk(str(staged))
+    (staged / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    (staged / "key.json").write_text(key_src)
+    replace_dir_atomic(staged, cached)
+
+
+def copy_out(cached: Path, out: str, report: Report) -> None:
+    """The cached dataset copied to the user's `--out` folder, atomically."""
+    try:
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent, prefix=".build-") as tmp:
+            shutil.copytree(cached, Path(tmp) / "out")
+            replace_dir_atomic(Path(tmp) / "out", Path(out))
+    except OSError as e:
+        raise DataError(str(out), "--out", f"cannot be written: {e.strerror or e}") from None
+    report.notes["out"] = str(out)
+
+
 def read_trainable(paths: list[str], report: Report, fmt: str | None = None):
     """Conversations from `paths` that pass `validate`; the rest are counted in `report`."""
     for path in paths:
@@ -217,26 +238,11 @@ def build_dataset(
                 "template": getattr(encoder.template, "name", str(template)), "max_length": max_length, "tokens": int(sum(lengths)),
                 "max_tokens": int(max(lengths, default=0)), "boundary_splits": encoder.boundary_splits,
             })  # fmt: skip
-            staged = Path(tmp) / "dataset"
-            ds.save_to_disk(str(staged))
-            (staged / "report.json").write_text(
-                json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-            )
-            (staged / "key.json").write_text(key_src)
-            replace_dir_atomic(staged, cached)
+            save_cached(ds, report, key_src, Path(tmp), cached)
         ds = datasets.load_from_disk(str(cached))
         report.notes["cache"] = f"built {cached}"
     if out:
-        try:
-            Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(
-                dir=Path(out).resolve().parent, prefix=".build-"
-            ) as tmp:
-                shutil.copytree(cached, Path(tmp) / "out")
-                replace_dir_atomic(Path(tmp) / "out", Path(out))
-        except OSError as e:
-            raise DataError(str(out), "--out", f"cannot be written: {e.strerror or e}") from None
-        report.notes["out"] = str(out)
+        copy_out(cached, out, report)
     if not quiet:
         report.emit(report_path)
     return ds, report

@@ -28,14 +28,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import _file_digest, load_tokenizer, tokenizer_fingerprint
+from .build import _file_digest, copy_out, load_tokenizer, save_cached, tokenizer_fingerprint
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -50,7 +49,6 @@ from .io import (
     check_outputs,
     input_paths,
     read_records,
-    replace_dir_atomic,
     write_records,
 )
 from .report import Report
@@ -537,26 +535,11 @@ def build_preference_dataset(
                 "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
                 "boundary_splits": encoder.boundary_splits,
             })  # fmt: skip
-            staged = Path(tmp) / "dataset"
-            ds.save_to_disk(str(staged))
-            (staged / "report.json").write_text(
-                json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-            )
-            (staged / "key.json").write_text(key_src)
-            replace_dir_atomic(staged, cached)
+            save_cached(ds, report, key_src, Path(tmp), cached)
         ds = datasets.load_from_disk(str(cached))
         report.notes["cache"] = f"built {cached}"
     if out:
-        try:
-            Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(
-                dir=Path(out).resolve().parent, prefix=".build-"
-            ) as tmp:
-                shutil.copytree(cached, Path(tmp) / "out")
-                replace_dir_atomic(Path(tmp) / "out", Path(out))
-        except OSError as e:
-            raise DataError(str(out), "--out", f"cannot be written: {e.strerror or e}") from None
-        report.notes["out"] = str(out)
+        copy_out(cached, out, report)
     if not quiet:
         report.emit(report_path)
     return ds, report

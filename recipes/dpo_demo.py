@@ -48,7 +48,7 @@ def main(out: Path = REPO / "runs" / "dpo-demo") -> int:
 
     print("\n== 3. DPO: python recipes/dpo.py --config dpo_tiny_cpu.yaml", flush=True)
     dpo.main(["--config", "dpo_tiny_cpu.yaml", "--strategy", "single", "--model_name_or_path", str(sft_model),
-              "--data_path", str(pairs), "--max_steps", "40", "--model_max_length", "384", "--output_dir", str(out / "dpo"),
+              "--data_path", str(pairs), "--max_steps", "80", "--model_max_length", "384", "--output_dir", str(out / "dpo"),
               "--overwrite_output_dir", "True", "--report_to", "none", "--logging_steps", "10"])  # fmt: skip
 
     print("\n== 4. held-out pairs: python -m recipes.eval --pairs ...", flush=True)
