@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from .formats import iter_conversations
-from .io import check_output_dir, check_outputs, replace_dir_atomic
+from .io import check_output_dir, check_outputs, replace_dir_atomic, sha256_file
 from .report import Report
 from .schema import Conversation, DataError, Message, SkipRecord, check_count, validate
 from .templates import SeparatorTemplate, check_template_name
@@ -24,14 +24,6 @@ from .tokenize import ConversationTokenizer
 
 CACHE_VERSION = "2"  # bump when the encoding itself changes
 COLUMNS = ("id", "input_ids", "labels", "length")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -172,7 +164,7 @@ def build_dataset(
         repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
     )
     key_src = json.dumps({
-        "version": CACHE_VERSION, "data": [_file_digest(Path(p)) if Path(p).exists() else str(p) for p in paths],
+        "version": CACHE_VERSION, "data": [sha256_file(Path(p)) if Path(p).exists() else str(p) for p in paths],
         "tokenizer": tokenizer_fingerprint(tok), "template": template_key, "max_length": max_length,
         "max_source_length": max_source_length, "max_target_length": max_target_length, "format": fmt, "train_on_inputs": train_on_inputs,
     }, sort_keys=True)  # fmt: skip

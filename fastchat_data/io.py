@@ -6,6 +6,7 @@ wrong: the command line prints it as one line, never a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,15 @@ from pathlib import Path
 from .schema import DataError
 
 BOM = b"\xef\xbb\xbf"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """A file's sha256, read in 16 MiB blocks (checkpoint shards run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def input_paths(data) -> list[str]:

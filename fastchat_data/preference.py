@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import _file_digest, copy_out, load_tokenizer, save_cached, tokenizer_fingerprint
+from .build import copy_out, load_tokenizer, save_cached, tokenizer_fingerprint
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -49,6 +49,7 @@ from .io import (
     check_outputs,
     input_paths,
     read_records,
+    sha256_file,
     write_records,
 )
 from .report import Report
@@ -488,7 +489,7 @@ def build_preference_dataset(
     )
     key_src = json.dumps({
         "kind": "preference", "version": PREFERENCE_CACHE_VERSION,
-        "data": [_file_digest(Path(p)) if Path(p).exists() else p for p in paths],
+        "data": [sha256_file(Path(p)) if Path(p).exists() else p for p in paths],
         "tokenizer": tokenizer_fingerprint(tok), "template": template_key, "max_length": max_length, "format": fmt,
     }, sort_keys=True)  # fmt: skip
     key = "pref-" + hashlib.sha256(key_src.encode()).hexdigest()[:20]

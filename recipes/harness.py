@@ -25,7 +25,7 @@ import string
 import tempfile
 from pathlib import Path
 
-from fastchat_data.io import replace_dir_atomic
+from fastchat_data.io import replace_dir_atomic, sha256_file
 from fastchat_data.tiny import default_cache_dir, shared_data_dir
 from recipes.core.config import ConfigError
 
@@ -92,15 +92,7 @@ def build_alpaca_mc(gpt4: list[dict], davinci: list[dict], answers: str = "gpt4"
     return items
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_SELF = _sha256(Path(__file__))  # the code that makes the items, as imported
+_SELF = sha256_file(Path(__file__))  # the code that makes the items, as imported
 
 
 def prepare_tasks(data_dir: str | os.PathLike | None = None,
@@ -116,7 +108,7 @@ def prepare_tasks(data_dir: str | os.PathLike | None = None,
                               "(set $CAMELID_SHARED_DATA to the shared data folder)")  # fmt: skip
     templates = {name: (TEMPLATES / f"{name}.yaml.template").read_text() for name in LOCAL_TASKS}
     key = hashlib.sha256(
-        json.dumps([VERSION, _SELF, [_sha256(p) for p in sources], templates]).encode()
+        json.dumps([VERSION, _SELF, [sha256_file(p) for p in sources], templates]).encode()
     ).hexdigest()[:16]
     out = Path(cache_dir or default_cache_dir()) / "lm_eval_tasks" / key
     if all((out / f"{name}.yaml").exists() for name in LOCAL_TASKS):

@@ -21,7 +21,6 @@ checkpoint from someone else cannot run code on resume.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import pickle
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastchat_data.io import sha256_file
 from fastchat_data.tiny import save_tokenizer
 
 from .config import ConfigError, TrainConfig
@@ -161,14 +161,6 @@ def load_json_state(path: Path) -> dict:
 # ---- verification: a manifest of sizes and checksums, and pickles scanned before loading
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checkpoint_files(folder: Path) -> list[str]:
     return sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE
@@ -176,7 +168,7 @@ def checkpoint_files(folder: Path) -> list[str]:
 
 
 def describe_files(folder: Path, names: list[str]) -> dict:
-    return {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
+    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
 
 
 # Globals a legitimate torch / DCP / DeepSpeed checkpoint pickle refers to: data containers
@@ -277,7 +269,7 @@ def _check_file(folder: Path, name: str, expected: dict) -> str | None:
     size = path.stat().st_size
     if size != expected["size"]:
         return f"{name} has {size:,} bytes, the manifest says {expected['size']:,}"
-    if _sha256(path) != expected["sha256"]:
+    if sha256_file(path) != expected["sha256"]:
         return f"{name} does not match its checksum (damaged)"
     try:
         scan_pickle(path)
