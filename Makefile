@@ -71,6 +71,8 @@ bench: setup
 	$(BIN)/python -m bench.loss_bench
 	$(BIN)/python -m bench.packing_bench
 	$(BIN)/python -m bench.fault_bench
+	$(BIN)/python -m bench.compile_bench
+	$(BIN)/python -m bench.dpo_bench
 
 lint: setup
 	$(BIN)/ruff check .
