@@ -177,9 +177,10 @@ def test_launcher_preflight_refuses_what_clearly_does_not_fit(tmp_path):
         "1",
     ]
 
-    def ask(strategy):
-        args = SimpleNamespace(config="vicuna_7b.yaml", strategy=strategy, ngpu=8, nnodes=1,
-                               model=str(model), recipe_args=recipe)  # fmt: skip
+    def ask(strategy, which="sft", data=None):
+        args = SimpleNamespace(config="vicuna_7b.yaml" if which == "sft" else "dpo_7b.yaml", strategy=strategy,
+                               ngpu=8, nnodes=1, recipe=which, data=data, model=str(model),
+                               recipe_args=recipe)  # fmt: skip
         return preflight(args, 80 * 2**30)
 
     refusal = ask("ddp")
@@ -190,3 +191,7 @@ def test_launcher_preflight_refuses_what_clearly_does_not_fit(tmp_path):
         and "--skip_preflight" in refusal
     )
     assert ask("fsdp_offload") is None
+    pairs = tmp_path / "pairs.json"  # DPO needs its data named to resolve its settings
+    pairs.write_text("[]")
+    dpo_refusal = ask("ddp", "dpo", str(pairs))
+    assert dpo_refusal and "ddp needs ~" in dpo_refusal
