@@ -115,6 +115,7 @@ def check_shared_data(template, llama_dir, conversations, tmp_path, rest, capsys
     theirs, _ = exported(llama_dir, template, tmp_path)
     ours = ConversationTokenizer(AutoTokenizer.from_pretrained(llama_dir), template)
     picked = {name: sample(convs, rest) for name, convs in conversations.items()}
+    picked = {name: convs for name, convs in picked.items() if convs}  # glaive's all have a system
     counts = {name: compare(convs, ours, theirs)["conversations"] for name, convs in picked.items()}
     assert counts == {name: len(c) for name, c in picked.items()}  # none spells a special token
     with capsys.disabled():
