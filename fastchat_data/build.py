@@ -62,14 +62,15 @@ def load_tokenizer(tokenizer):
         raise DataError(str(path), "--tokenizer", f"cannot be loaded: {first}") from None
 
 
-def nothing_trainable(paths: list[str], report: Report) -> DataError:
-    """The error for data of which no conversation survives: the skip reasons, counted."""
+def nothing_trainable(paths: list[str], report: Report,
+                      what: str = "no conversation is trainable") -> DataError:  # fmt: skip
+    """The error for data of which nothing survives: the skip reasons, counted."""
     reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
     example = next((shown[0] for shown in report.examples.values() if shown), "")
     detail = f"skipped {reasons}" if reasons else "the data holds no records"
     return DataError(
         ",".join(map(str, paths)), f"all {report.read} records",
-        f"no conversation is trainable ({detail})" + (f"; e.g. {example[:200]}" if example else ""),
+        f"{what} ({detail})" + (f"; e.g. {example[:200]}" if example else ""),
     )  # fmt: skip
 
 
@@ -104,6 +105,40 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer) -> dict:
         out["truncated"].append("" if skipped else enc.truncated)
         out["skip"].append(f"{enc.reason}\t{enc.detail}" if skipped else "")
     return out
+
+
+def cached_report(cached: Path, command: str) -> Report:
+    """The report a cached build was made with, marked as a cache hit."""
+    saved = json.loads((cached / "report.json").read_text())
+    report = Report(command)
+    report.read, report.written, report.truncated = (
+        saved["read"],
+        saved["written"],
+        saved["truncated"],
+    )
+    report.dropped.update(saved["dropped"])
+    report.examples = saved["examples"]
+    report.notes = {**saved["notes"], "cache": f"hit {cached}"}
+    return report
+
+
+def keep_encoded(encoded, report: Report, tmp: Path, unit: str):
+    """The encoded rows that were not skipped, without their bookkeeping columns; each skip
+    (naming its `unit` and id) and each cut is counted in `report`."""
+    for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
+        if skip:
+            reason, detail = skip.split("\t", 1)
+            report.skip("tokenize", f"{unit} {i} (id {rid})", SkipRecord(reason, detail))
+    cuts = Counter(c for t in encoded["truncated"] if t for c in t.split(","))
+    report.truncated = sum(bool(t) for t in encoded["truncated"])
+    if cuts:
+        report.notes["truncated_by"] = dict(sorted(cuts.items()))
+    ds = encoded.filter(
+        lambda s: not s, input_columns="skip", cache_file_name=str(tmp / "kept.arrow")
+    )
+    ds = ds.remove_columns(["truncated", "skip"])
+    report.written = len(ds)
+    return ds
 
 
 def save_cached(ds, report: Report, key_src: str, tmp: Path, cached: Path) -> None:
@@ -173,18 +208,7 @@ def build_dataset(
     cached = root / key
     if (cached / "report.json").exists() and not strict:
         ds = datasets.load_from_disk(str(cached))
-        report = Report("build")
-        saved = json.loads((cached / "report.json").read_text())
-        report.read, report.written, report.truncated = (
-            saved["read"],
-            saved["written"],
-            saved["truncated"],
-        )
-        report.dropped.update(saved["dropped"])
-        report.examples, report.notes = (
-            saved["examples"],
-            {**saved["notes"], "cache": f"hit {cached}"},
-        )
+        report = cached_report(cached, "build")
     else:
         report = Report("build", strict=strict)
         rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
@@ -208,21 +232,7 @@ def build_dataset(
                 remove_columns=raw.column_names, cache_file_name=str(Path(tmp) / "encoded.arrow"),
                 new_fingerprint=key, desc="tokenizing",
             )  # fmt: skip
-            for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
-                if skip:
-                    reason, detail = skip.split("\t", 1)
-                    report.skip(
-                        "tokenize", f"conversation {i} (id {rid})", SkipRecord(reason, detail)
-                    )
-            cuts = Counter(c for t in encoded["truncated"] if t for c in t.split(","))
-            report.truncated = sum(bool(t) for t in encoded["truncated"])
-            if cuts:
-                report.notes["truncated_by"] = dict(sorted(cuts.items()))
-            ds = encoded.filter(
-                lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow")
-            )
-            ds = ds.remove_columns(["truncated", "skip"])
-            report.written = len(ds)
+            ds = keep_encoded(encoded, report, Path(tmp), "conversation")
             if not report.written:
                 raise nothing_trainable(paths, report)
             lengths = ds["length"]

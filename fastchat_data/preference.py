@@ -34,7 +34,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import copy_out, load_tokenizer, save_cached, tokenizer_fingerprint
+from .build import (
+    cached_report,
+    copy_out,
+    keep_encoded,
+    load_tokenizer,
+    nothing_trainable,
+    save_cached,
+    tokenizer_fingerprint,
+)
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -399,6 +407,9 @@ def encode_pairs(
     return rows
 
 
+NO_PAIRS = "no preference pair is usable"
+
+
 def _raw_row(pair: PreferencePair) -> dict:
     return {"id": pair.id, "system": pair.system, "roles": [m.role for m in pair.prompt],
             "contents": [m.content for m in pair.prompt], "chosen": pair.chosen, "rejected": pair.rejected}  # fmt: skip
@@ -433,30 +444,6 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer, max_length: int) -
         for k in out:
             out[k].append(row[k])
     return out
-
-
-def _no_pairs(paths: list[str], report: Report) -> DataError:
-    reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
-    example = next((shown[0] for shown in report.examples.values() if shown), "")
-    detail = f"skipped {reasons}" if reasons else "the data holds no records"
-    return DataError(
-        ",".join(map(str, paths)), f"all {report.read} records",
-        f"no preference pair is usable ({detail})" + (f"; e.g. {example[:200]}" if example else ""),
-    )  # fmt: skip
-
-
-def _cached_report(cached: Path, command: str) -> Report:
-    saved = json.loads((cached / "report.json").read_text())
-    report = Report(command)
-    report.read, report.written, report.truncated = (
-        saved["read"],
-        saved["written"],
-        saved["truncated"],
-    )
-    report.dropped.update(saved["dropped"])
-    report.examples = saved["examples"]
-    report.notes = {**saved["notes"], "cache": f"hit {cached}"}
-    return report
 
 
 def build_preference_dataset(
@@ -497,12 +484,12 @@ def build_preference_dataset(
     cached = root / key
     if (cached / "report.json").exists() and not strict:
         ds = datasets.load_from_disk(str(cached))
-        report = _cached_report(cached, "build_pairs")
+        report = cached_report(cached, "build_pairs")
     else:
         report = Report("build_pairs", strict=strict)
         rows = [_raw_row(p) for p in read_pairs(paths, report, fmt)]
         if not rows:
-            raise _no_pairs(paths, report)
+            raise nothing_trainable(paths, report, NO_PAIRS)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -515,21 +502,9 @@ def build_preference_dataset(
                 num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
                 cache_file_name=str(Path(tmp) / "encoded.arrow"), new_fingerprint=key, desc="tokenizing pairs",
             )  # fmt: skip
-            for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
-                if skip:
-                    reason, detail = skip.split("\t", 1)
-                    report.skip("tokenize", f"pair {i} (id {rid})", SkipRecord(reason, detail))
-            cuts = Counter(c for t in encoded["truncated"] if t for c in t.split(","))
-            report.truncated = sum(bool(t) for t in encoded["truncated"])
-            if cuts:
-                report.notes["truncated_by"] = dict(sorted(cuts.items()))
-            ds = encoded.filter(
-                lambda s: not s, input_columns="skip", cache_file_name=str(Path(tmp) / "kept.arrow")
-            )
-            ds = ds.remove_columns(["truncated", "skip"])
-            report.written = len(ds)
+            ds = keep_encoded(encoded, report, Path(tmp), "pair")
             if not report.written:
-                raise _no_pairs(paths, report)
+                raise nothing_trainable(paths, report, NO_PAIRS)
             report.notes.update({
                 "template": getattr(encoder.template, "name", str(template)), "max_length": max_length,
                 "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
