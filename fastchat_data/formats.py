@@ -182,32 +182,37 @@ def detect_format(rec) -> str | None:
     return None
 
 
-def iter_conversations(
-    path: str | os.PathLike, report: Report, fmt: str | None = None
-) -> Iterator[tuple[str, Conversation]]:
-    """Yield (where, Conversation) for each readable record of `path`; count the rest in `report`."""
-    path = str(path)
-    check_format(fmt)
+def iter_parsed(
+    path: str, report: Report, parsers: dict, fmt: str | None, detect, unknown
+) -> Iterator:
+    """Yield (where, parsed) for each readable record of `path`, parsed by `parsers[fmt]`, or by
+    the parser `detect(first record)` names; count the rest in `report`. `unknown(record)` is
+    the message for a first record no parser fits."""
     stem = Path(path).stem
-    parser = PARSERS.get(fmt) if fmt else None
+    parser = parsers.get(fmt) if fmt else None
     for index, (where, rec) in enumerate(read_records(path)):
         report.read += 1
         try:
             if not isinstance(rec, dict):
                 raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
             if parser is None:
-                detected = detect_format(rec)
+                detected = detect(rec)
                 if detected is None:
-                    raise DataError(
-                        path,
-                        where,
-                        f"cannot tell the format from keys {sorted(rec)}; name it with --fmt",
-                    )
-                parser = PARSERS[detected]
+                    raise DataError(path, where, unknown(rec))
+                parser = parsers[detected]
                 report.notes.setdefault("format", detected)
             yield where, parser(rec, f"{stem}_{index}")
         except SkipRecord as e:
             report.skip(path, where, e)
+
+
+def iter_conversations(
+    path: str | os.PathLike, report: Report, fmt: str | None = None
+) -> Iterator[tuple[str, Conversation]]:
+    """Yield (where, Conversation) for each readable record of `path`; count the rest in `report`."""
+    check_format(fmt)
+    yield from iter_parsed(str(path), report, PARSERS, fmt, detect_format,
+                           lambda rec: f"cannot tell the format from keys {sorted(rec)}; name it with --fmt")  # fmt: skip
 
 
 SHAREGPT_NAMES = {USER: "human", ASSISTANT: "gpt", TOOL: "observation"}

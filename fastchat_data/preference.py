@@ -49,6 +49,7 @@ from .formats import (
     _role,
     _text,
     alpaca_prompt,
+    iter_parsed,
     parse_alpaca,
     parse_sharegpt,
 )
@@ -239,28 +240,10 @@ def iter_pairs(
     path: str | os.PathLike, report: Report, fmt: str | None = None
 ) -> Iterator[tuple[str, PreferencePair]]:
     """Yield (where, PreferencePair) for each readable record of `path`; count the rest."""
-    path = str(path)
     check_shape(fmt)
-    stem = Path(path).stem
-    parser = PAIR_PARSERS.get(fmt) if fmt else None
-    for index, (where, rec) in enumerate(read_records(path)):
-        report.read += 1
-        try:
-            if not isinstance(rec, dict):
-                raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
-            if parser is None:
-                shape = detect_shape(rec)
-                if shape is None:
-                    raise DataError(
-                        path, where,
-                        f"not a preference record (keys {sorted(rec)}): expected prompt/chosen/rejected, "
-                        "chosen/rejected message lists, or conversations with chosen/rejected; name the shape with --fmt",
-                    )  # fmt: skip
-                parser = PAIR_PARSERS[shape]
-                report.notes.setdefault("format", shape)
-            yield where, parser(rec, f"{stem}_{index}")
-        except SkipRecord as e:
-            report.skip(path, where, e)
+    yield from iter_parsed(str(path), report, PAIR_PARSERS, fmt, detect_shape, lambda rec: (
+        f"not a preference record (keys {sorted(rec)}): expected prompt/chosen/rejected, "
+        "chosen/rejected message lists, or conversations with chosen/rejected; name the shape with --fmt"))  # fmt: skip
 
 
 def validate_pair(pair: PreferencePair) -> PreferencePair:
