@@ -31,8 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+from bench import write_json
 from bench.packing_bench import REPO
 
 VARIANTS = ("eager", "compiled")
@@ -196,10 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"compiled during the measured steps, {summary['graph_breaks']} graph break(s); "
           f"max |loss eager - compiled| {loss_diff:.2e}")  # fmt: skip
     print(summary["compile_note"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": p, "rounds": rounds, "summary": summary}, indent=2))
-    print(f"written: {out}")
+    write_json(args.out, {"settings": p, "rounds": rounds, "summary": summary})
     return summary
 
 

@@ -11,13 +11,13 @@ real tokens per batch when padding to 2,048 (FastChat) vs per micro-batch (camel
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
 
+from bench import write_json
 from bench.fastchat_ref import fastchat_accepts, fastchat_preprocess
 from fastchat_data.build import read_trainable
 from fastchat_data.report import Report
@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("vs floor: camelid's time / plain batch tokenization of the same rendered text (target <= 1.5x); "
           "FastChat timed on its first 'FastChat conversations timed' (JSON); real@2048: real-token share when "
           "padding to 2,048 as FastChat does; dyn / grp: per micro-batch of 8, random / length-grouped.")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"written: {out}")
+    write_json(args.out, rows)
     return rows
 
 

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "dpo", "dpo_live_reference")
 
@@ -36,7 +38,11 @@ def prepare_inputs(n_pairs: int, cache: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     all_pairs = folder / "all_pairs.json"
     if not all_pairs.exists():
-        pair(str(data / "alpaca_gpt4_data_en_1k.json"), str(data / "alpaca_data.json"), str(all_pairs))
+        pair(
+            str(data / "alpaca_gpt4_data_en_1k.json"),
+            str(data / "alpaca_data.json"),
+            str(all_pairs),
+        )
     records = json.loads(all_pairs.read_text())[:n_pairs]
     pairs = folder / f"pairs_{n_pairs}.json"
     pairs.write_text(json.dumps(records))
@@ -126,18 +132,24 @@ def main(argv: list[str] | None = None) -> dict:
         "dpo_step_vs_sft": pre["step_s"] / sft["step_s"],
         "live_reference_step_vs_precomputed": live["step_s"] / pre["step_s"],
         "memory_saved_mb": live["train_peak_rss_mb"] - pre["train_peak_rss_mb"],
-        "settings": {"pairs": a.pairs, "steps": a.steps, "model": "tiny llama small (~17M)",
-                     "micro_batch": "2 pairs = 4 rows", "accumulation": 2, "max_length": 512},  # fmt: skip
+        "settings": {
+            "pairs": a.pairs,
+            "steps": a.steps,
+            "model": "tiny llama small (~17M)",
+            "micro_batch": "2 pairs = 4 rows",
+            "accumulation": 2,
+            "max_length": 512,
+        },  # fmt: skip
     }
     print(f"{'variant':<22}{'step s':>9}{'tok/s':>9}{'train peak RSS MB':>19}")
     for r in result["rows"]:
-        print(f"{r['variant']:<22}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['train_peak_rss_mb']:>19,.0f}")
+        print(
+            f"{r['variant']:<22}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['train_peak_rss_mb']:>19,.0f}"
+        )
     print(f"DPO step / SFT step on the same rows: {result['dpo_step_vs_sft']:.2f}x; live reference "
           f"step / precomputed: {result['live_reference_step_vs_precomputed']:.2f}x; precomputing "
           f"saves {result['memory_saved_mb']:,.0f} MB of peak RSS in training")  # fmt: skip
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
-    print(f"written: {a.out}")
+    write_json(a.out, result)
     return result
 
 

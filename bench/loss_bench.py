@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
 
@@ -127,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             name = "transformers" if chunk == 0 else f"chunked, {chunk} rows"
             print(f"{what:8}{name:26}{r['peak_increase_mb']:>10,.0f}{r['vs_transformers']:>7.2f}x"
                   f"{r['seconds']:>9.3f}{r['loss']:>10.5f}")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written: {out}")
+    write_json(args.out, results)
     return results
 
 

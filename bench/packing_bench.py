@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import time
 from pathlib import Path
+
+from bench import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,10 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "units": first["units"]}  # fmt: skip
         cap = first["row_tokens"] or "-"
         print(f"{name:44}{cap:>8}{first['units']:>6}{tps:>12,.0f}{tps / base:>9.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": p, "rounds": rounds, "summary": summary}, indent=2))
-    print(f"written: {out}")
+    write_json(args.out, {"settings": p, "rounds": rounds, "summary": summary})
     return summary
 
 

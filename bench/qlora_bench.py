@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = "alpaca_gpt4_data_en_1k.json"
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
@@ -186,9 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           [*extra, "--gradient_checkpointing", "False"]), "steps": n_steps})  # fmt: skip
     table = report(results)
     print("\n" + table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"written: {args.out}")
+    write_json(args.out, results)
     return results
 
 
