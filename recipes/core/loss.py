@@ -70,14 +70,15 @@ def _chunk_token_logps(head, hidden: torch.Tensor, target: torch.Tensor) -> torc
     return _TokenLogProbs.apply(head(hidden).float(), target)
 
 
-def chunk_count(rows: int, chunk_size: int, device) -> int:
+def chunk_count(rows: int, chunk_size: int, head: torch.nn.Module) -> int:
     """Chunks of labelled rows to project: at least one (a batch with nothing to train still
-    has a graph), and as many on every rank, since each call of the output embedding is a
-    collective under ZeRO-3 (it gathers the weight): ranks calling it a different number of
-    times would wait on each other forever."""
+    has a graph). Under ZeRO-3 every call of the output embedding gathers its weight, a
+    collective: ranks calling it a different number of times would wait on each other
+    forever, so the ranks agree on the most (only there: elsewhere a call is local)."""
     count = max(1, -(-rows // chunk_size))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        most = torch.tensor([count], device=device)
+    partitioned = getattr(head.weight, "ds_id", None) is not None  # a ZeRO-3 parameter
+    if partitioned and torch.distributed.is_initialized():
+        most = torch.tensor([count], device=head.weight.device)
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         count = int(most.item())
     return count
@@ -107,9 +108,7 @@ def chunked_causal_lm_loss(
     target = target[keep]
     total = None
     # at least one (possibly empty) chunk: a batch with nothing to train still has a graph
-    for start in range(
-        0, chunk_count(len(target), chunk_size, hidden.device) * chunk_size, chunk_size
-    ):
+    for start in range(0, chunk_count(len(target), chunk_size, head) * chunk_size, chunk_size):
         end = start + chunk_size
         part = checkpoint(
             _chunk_loss, head, rows[start:end], target[start:end], use_reentrant=False
@@ -145,9 +144,7 @@ def chunked_sequence_logps(
             target[s : s + chunk_size],
             use_reentrant=False,
         )  # fmt: skip
-        for s in range(
-            0, chunk_count(len(target), chunk_size, hidden.device) * chunk_size, chunk_size
-        )
+        for s in range(0, chunk_count(len(target), chunk_size, head) * chunk_size, chunk_size)
     ]
     per_token = torch.cat(parts)
     # summed in float64: a reply's log-likelihood runs to -1e3 and more, where float32 sums of
