@@ -162,7 +162,7 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     for name in ("forward", "backward", "step"):
         setattr(run.engine, name, timed(getattr(run.engine, name), name))
     run.data.batch = timed(run.data.batch, "collate")
-    run.world.all_sum = timed(run.world.all_sum, "all_sum")
+    run.world.all_sums = timed(run.world.all_sums, "all_sum")  # all_sum goes through it too
     run.log.step = timed(run.log.step, "log")
     ff.checkpoint.save_checkpoint = timed(
         ff.checkpoint.save_checkpoint, "checkpoint"

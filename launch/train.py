@@ -167,7 +167,7 @@ def preflight(args, gpu_bytes: int) -> str | None:
         return None  # the recipe prints and exits; load_config here would print and exit too
     argv = ["--config", args.config, "--strategy", args.strategy, *args.recipe_args]
     argv += ["--model_name_or_path", args.model] if args.model else []
-    argv += ["--data_path", args.data] if getattr(args, "data", None) else []  # DPO requires it
+    argv += ["--data_path", args.data] if args.data else []  # DPO requires it
     if args.recipe == "dpo":
         from recipes.dpo import DPOConfig as config_cls
     else:

@@ -48,11 +48,15 @@ class World:
             dist.barrier()
 
     def all_sum(self, value: float | int) -> float:
+        return self.all_sums([value])[0]
+
+    def all_sums(self, values: list[float | int]) -> list:
+        """Each value summed over the ranks, in one all-reduce."""
         if self.size == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         dist.all_reduce(t)
-        return t.item()
+        return t.tolist()
 
     def main_first(self, fn):
         """fn() on rank 0 while the others wait; all ranks learn whether it failed, so a bad

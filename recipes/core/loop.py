@@ -194,11 +194,15 @@ def train_step(run: Run) -> dict:
             engine.step(False)
     loss_finite = world.all_sum(len(bad_ids)) == 0  # every rank agrees before the update
     grad_norm, applied = engine.step(True, loss_finite)
+    names = sorted(stats)
+    loss, tokens, padded, *summed = world.all_sums(
+        [loss_sum, tokens, padded, *(stats[k] for k in names)]
+    )
     return {
-        "stats": {k: world.all_sum(v) for k, v in sorted(stats.items())},
-        "loss": world.all_sum(loss_sum),
-        "tokens": int(world.all_sum(tokens)),
-        "real_token_share": world.all_sum(tokens) / world.all_sum(padded),
+        "stats": dict(zip(names, summed)),
+        "loss": loss,
+        "tokens": int(tokens),
+        "real_token_share": tokens / padded,
         "grad_norm": grad_norm,
         "applied": applied,
         "bad_samples": sorted(i for part in world.gather_objects(bad_ids) for i in part)
