@@ -20,17 +20,10 @@ import torch.nn.functional as F
 
 from fastchat_data.tokenize import IGNORE_INDEX
 
-from .data import pad_token_id
+from .data import collate, pad_token_id
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
 REFERENCE = "reference-{key}.safetensors"  # beside the cached, tokenized pairs
-
-
-def _pad(rows: list, width: int, fill: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r)
-    return out
 
 
 class PairData:
@@ -49,13 +42,9 @@ class PairData:
         self.reference: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
 
     def batch(self, unit_ids, with_reference: bool = True) -> dict[str, torch.Tensor]:
-        rows = [self.ds[int(u)] for u in unit_ids]
-        ids = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-        labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-        width = max(len(x) for x in ids)
-        mask = _pad([[1] * len(x) for x in ids], width, 0)
-        out = {"input_ids": _pad(ids, width, self.pad_id), "labels": _pad(labels, width, IGNORE_INDEX),
-               "attention_mask": mask}  # fmt: skip
+        pairs = [self.ds[int(u)] for u in unit_ids]
+        out = collate([{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
+                       for side in ("chosen", "rejected") for p in pairs], self.pad_id)  # fmt: skip
         if with_reference:
             if self.reference is None:
                 raise RuntimeError("reference log-probabilities are not computed yet")
