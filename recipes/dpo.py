@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 from recipes.core import checkpoint, loop
 from recipes.core.compile import check_speed_options
 from recipes.core.config import ConfigError, TrainConfig, option
-from recipes.core.data import pad_token_id
+from recipes.core.data import built_by_rank0_first, pad_token_id
 from recipes.core.loop import Run, finish, prepare, run_info, start
 from recipes.core.lora import (
     QLoraConfig,
@@ -92,8 +92,7 @@ def pair_data(cfg: DPOConfig, data_path: str, tokenizer, world) -> PairData:
 
     paths = input_paths(data_path)
     args = dict(template=cfg.template, max_length=cfg.model_max_length, cache_dir=cfg.cache_dir)
-    built = world.main_first(lambda: build_preference_dataset(paths, tokenizer, **args))
-    ds, _ = built if world.main else build_preference_dataset(paths, tokenizer, quiet=True, **args)
+    ds, _ = built_by_rank0_first(world, build_preference_dataset, paths, tokenizer, **args)
     return PairData(ds.with_format("numpy"), pad_token_id(tokenizer))
 
 

@@ -51,9 +51,15 @@ def load_train_set(cfg: TrainConfig, data_path: str, tokenizer, world):
                 num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
                 max_target_length=cfg.max_target_length)  # fmt: skip
     paths = input_paths(data_path)  # comma-separated files
-    built = world.main_first(lambda: build_dataset(paths, tokenizer, **args))
-    ds, report = built if world.main else build_dataset(paths, tokenizer, quiet=True, **args)
+    ds, report = built_by_rank0_first(world, build_dataset, paths, tokenizer, **args)
     return ds.with_format("numpy"), report
+
+
+def built_by_rank0_first(world, build, *args, **kwargs):
+    """`build(...)` on rank 0 (which tokenizes, or finds it cached, and reports); then the
+    other ranks, which find it in the cache, quietly."""
+    built = world.main_first(lambda: build(*args, **kwargs))
+    return built if world.main else build(*args, quiet=True, **kwargs)
 
 
 def pad_token_id(tokenizer) -> int:
