@@ -33,7 +33,7 @@ import tempfile
 import time
 
 from bench import write_json
-from bench.packing_bench import REPO
+from bench.packing_bench import REPO, model_and_data
 
 VARIANTS = ("eager", "compiled")
 
@@ -41,28 +41,6 @@ VARIANTS = ("eager", "compiled")
 def settings(args) -> dict:
     return {"max_length": 2048, "batch": 2, "accum": 2, "warmup": args.warmup, "steps": args.steps,
             "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))}  # fmt: skip
-
-
-def model_and_data(p: dict):
-    """The ~17M model and the cleaned alpaca sample, tokenized (cached after the first call),
-    as bench.packing_bench builds them."""
-    from transformers import AutoTokenizer
-
-    from fastchat_data.build import build_dataset
-    from fastchat_data.commands import clean, convert
-    from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
-
-    cache = REPO / ".cache"
-    model = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
-        convert(str(shared_data_dir() / "alpaca_gpt4_data_en_1k.json"), f"{tmp}/s.json")
-        clean(f"{tmp}/s.json", f"{tmp}/c.json")
-        ds, _ = build_dataset(f"{tmp}/c.json", str(model), "vicuna_v1.1", p["max_length"],
-                              cache_dir=str(cache), quiet=True)  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return model, ds.with_format("numpy"), pad
 
 
 def worker(variant: str, p: dict) -> dict:
@@ -78,7 +56,7 @@ def worker(variant: str, p: dict) -> dict:
     from recipes.core.loop import Run, train_step
 
     torch.set_num_threads(p["threads"])
-    model_dir, ds, pad = model_and_data(p)
+    model_dir, ds, pad = model_and_data(p["max_length"])
     total = p["warmup"] + p["steps"]
     cfg = TrainConfig(model_max_length=p["max_length"], per_device_train_batch_size=p["batch"],
                       gradient_accumulation_steps=p["accum"], strategy="single", learning_rate=2e-5,
@@ -151,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(worker(variant, p)))
         return {}
     p = settings(args)
-    model_and_data(p)  # build (or find) the model and the tokenized data once, untimed
+    # build (or find) the model and the tokenized data once, untimed
+    model_and_data(p["max_length"])
     rounds: list[dict] = []
     for r in range(args.rounds):
         row = {}

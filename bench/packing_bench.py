@@ -28,6 +28,30 @@ from bench import write_json
 REPO = Path(__file__).resolve().parents[1]
 
 
+def model_and_data(max_length: int):
+    """The ~17M model and the cleaned alpaca_gpt4_data_en_1k sample, tokenized (cached after
+    the first call): (model folder, dataset in numpy format, pad id)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from fastchat_data.build import build_dataset
+    from fastchat_data.commands import clean, convert
+    from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
+
+    cache = REPO / ".cache"
+    model = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
+        convert(str(shared_data_dir() / "alpaca_gpt4_data_en_1k.json"), f"{tmp}/s.json")
+        clean(f"{tmp}/s.json", f"{tmp}/c.json")
+        ds, _ = build_dataset(f"{tmp}/c.json", str(model), "vicuna_v1.1", max_length,
+                              cache_dir=str(cache), quiet=True)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model, ds.with_format("numpy"), pad
+
+
 def variants() -> dict[str, dict]:
     """name -> packing, attention implementation, loss chunk size, per-row token cap."""
     return {
@@ -92,28 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "packing_bench.json"))
     args = ap.parse_args(argv)
-    import tempfile
-
     import torch
-    from transformers import AutoTokenizer
-
-    from fastchat_data.build import build_dataset
-    from fastchat_data.commands import clean, convert
-    from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     p = {"max_length": 2048, "batch": 2, "accum": 2, "steps": args.steps}
-    cache = REPO / ".cache"
-    model = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
-        convert(str(shared_data_dir() / "alpaca_gpt4_data_en_1k.json"), f"{tmp}/s.json")
-        clean(f"{tmp}/s.json", f"{tmp}/c.json")
-        ds, _ = build_dataset(f"{tmp}/c.json", str(model), "vicuna_v1.1", p["max_length"],
-                              cache_dir=str(cache), quiet=True)  # fmt: skip
-    ds = ds.with_format("numpy")
-    tok = AutoTokenizer.from_pretrained(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model, ds, pad = model_and_data(p["max_length"])
     names = list(variants())
     rounds: list[dict] = []
     for r in range(args.rounds):
