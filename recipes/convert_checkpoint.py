@@ -34,12 +34,11 @@ def parse_size(text: str) -> int:
 
 
 def _write_dcp(dcp_dir: Path, out: Path, max_shard_bytes: int) -> None:
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    from recipes.core.distributed import SafeLoadPlanner
+    from recipes.core.safe_load import SafeFileSystemReader, dcp_load
 
-    meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    meta = SafeFileSystemReader(dcp_dir).read_metadata().state_dict_metadata
     names = [k.removeprefix("model.") for k in meta if k.startswith("model.")]
     shard_keys: list[list[str]] = []  # names only: written shards leave memory
     current, size, total = {}, 0, 0
@@ -58,8 +57,7 @@ def _write_dcp(dcp_dir: Path, out: Path, max_shard_bytes: int) -> None:
     for name in names:
         info = meta[f"model.{name}"]
         tensor = torch.empty(info.size, dtype=info.properties.dtype)
-        dcp.load({"model": {name: tensor}}, checkpoint_id=str(dcp_dir), no_dist=True,
-                 planner=SafeLoadPlanner())  # fmt: skip
+        dcp_load({"model": {name: tensor}}, dcp_dir, no_dist=True)
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
@@ -117,8 +115,16 @@ def convert(
     elif (checkpoint / "deepspeed").exists():
         from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
 
-        convert_zero_checkpoint_to_state_dict(str(checkpoint / "deepspeed"), str(tmp), max_shard_size=max_shard_size,
-                                              safe_serialization=True, tag="state")  # fmt: skip
+        from recipes.core.safe_load import deepspeed_loads_weights_only
+
+        with deepspeed_loads_weights_only():  # zero_to_fp32 loads with weights_only=False
+            convert_zero_checkpoint_to_state_dict(
+                str(checkpoint / "deepspeed"),
+                str(tmp),
+                max_shard_size=max_shard_size,
+                safe_serialization=True,
+                tag="state",
+            )
     else:
         raise ConvertError(f"{checkpoint} holds neither DCP nor DeepSpeed shards")
     AutoConfig.from_pretrained(model).save_pretrained(tmp)

@@ -13,9 +13,9 @@ Layout under output_dir:
   model/                       the exported model: config, tokenizer, sharded safetensors
 
 Safety: camelid's own state is JSON or safetensors. The pickles that torch DCP and DeepSpeed
-write (DCP's .metadata, DeepSpeed's *.pt) are scanned before loading by an unpickler that
-calls nothing and refuses any global outside an allowlist of data-only classes, so a
-checkpoint from someone else cannot run code on resume.
+write (DCP's .metadata, DeepSpeed's *.pt) are only ever read through restricted unpicklers
+(recipes/core/safe_load.py), at verification and again at load, so a checkpoint from someone
+else cannot run code on resume.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import pickle
 import random
 import re
 import shutil
 import socket
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +38,11 @@ from fastchat_data.io import sha256_file
 from fastchat_data.tiny import save_tokenizer
 
 from .config import ConfigError, TrainConfig
+from .safe_load import UnsafeCheckpoint, check_pickle_file
 
 COMPLETE = "COMPLETE"  # the manifest; written last, so its presence means every file is there
 LOCK = "run.lock"
 STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted: damaged, incomplete, or holding unsafe pickles."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -168,98 +163,9 @@ def checkpoint_files(folder: Path) -> list[str]:
 
 
 def describe_files(folder: Path, names: list[str]) -> dict:
-    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
-
-
-# Globals a legitimate torch / DCP / DeepSpeed checkpoint pickle refers to: data containers
-# and tensor rebuilders only. Anything else (os.system, builtins.eval, ...) is refused.
-SAFE_GLOBALS = {
-    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("builtins", "slice"), ("torch", "Size"), ("torch", "device"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch.nn.parameter", "Parameter"), ("torch", "Tensor"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
-}  # fmt: skip
-SAFE_MODULES = {
-    "torch.distributed.checkpoint.metadata",  # DCP's .metadata: dataclasses of names and shapes
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-    "deepspeed.runtime.zero.config",  # ZeroStageEnum
-    "deepspeed.utils.tensor_fragment",  # fragment_address, a named tuple
-}
-# DeepSpeed's loss scaler: plain attributes, restored by pickle's default __dict__ update
-SAFE_GLOBALS.add(("deepspeed.runtime.fp16.loss_scaler", "LossScaler"))
-
-
-def _safe_global(module: str, name: str) -> bool:
-    if (module, name) in SAFE_GLOBALS or module in SAFE_MODULES:
-        return True
-    if module == "torch":  # storages and dtypes (torch.FloatStorage, torch.float32, ...)
-        return name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
-    return module.startswith("numpy.dtypes")
-
-
-class _Inert:
-    """What the scanner builds in place of every object: takes anything, runs nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Inert()
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _Scanner(pickle.Unpickler):
-    """Walks a pickle without executing it: every global must be on the allowlist."""
-
-    def find_class(self, module, name):
-        if not _safe_global(module, name):
-            raise CheckpointError(f"refuses to unpickle {module}.{name}")
-        return _Inert
-
-    def persistent_load(self, pid):  # torch's storages: not read
-        return None
-
-
-def scan_pickle(path: Path) -> None:
-    """Raise CheckpointError if `path` (a pickle, or a torch.save zip) refers to a global that
-    could run code. DCP's tensor shards (.distcp) are read by torch with weights_only=True."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK" and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            for member in z.namelist():
-                if member.endswith(".pkl"):
-                    _scan_bytes(z.read(member), f"{path.name}:{member}")
-    elif head[:1] == b"\x80" and path.suffix != ".distcp":
-        _scan_bytes(path.read_bytes(), path.name)
-
-
-def _scan_bytes(data: bytes, where: str) -> None:
-    import io
-
-    try:
-        _Scanner(io.BytesIO(data)).load()
-    except CheckpointError as e:
-        raise CheckpointError(f"{where} {e}") from None
-    except Exception as e:  # a truncated or garbled pickle
-        raise CheckpointError(
-            f"{where} is not a readable pickle ({type(e).__name__}: {e})"
-        ) from None
+    return {
+        n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names
+    }
 
 
 def _check_file(folder: Path, name: str, expected: dict) -> str | None:
@@ -272,8 +178,8 @@ def _check_file(folder: Path, name: str, expected: dict) -> str | None:
     if sha256_file(path) != expected["sha256"]:
         return f"{name} does not match its checksum (damaged)"
     try:
-        scan_pickle(path)
-    except CheckpointError as e:
+        check_pickle_file(path)  # the loaders a resume uses, on the file as it is now
+    except UnsafeCheckpoint as e:
         return str(e)
     return None
 

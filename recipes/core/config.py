@@ -259,7 +259,7 @@ class TrainConfig:
 
 
 # Fields a relaunch may change without making it another run.
-RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir",
+RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir", "output_dir",
                      "num_proc", "cache_dir", "peak_tflops", "max_steps", "num_train_epochs"}  # fmt: skip
 
 # FastChat / HF flags with another name or no meaning here: flag -> (field or None, why).

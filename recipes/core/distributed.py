@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from .checkpoint import load_json_state, save_json_state
 from .config import ZERO_AUTO_SIZES, ConfigError, TrainConfig, read_structured
 from .logging import PHASES
+from .safe_load import dcp_load, deepspeed_loads_weights_only
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -279,12 +279,11 @@ class TorchEngine:
             save_json_state(self.scheduler.state_dict(), path / "scheduler.json")
 
     def load(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"), planner=SafeLoadPlanner())
+        dcp_load(state, path / "dcp")  # the restricted reader (recipes/core/safe_load.py)
         set_state_dict(
             self.module,
             self.optimizer,
@@ -302,16 +301,6 @@ class TorchEngine:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.module, options=opts)
         return replicated_state_dict(self.module, self.world, trainable_only)
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP stores non-tensor values as torch.save bytes and reads them with weights_only=False:
-    each is first read with weights_only=True, which refuses anything but plain data."""
-
-    def load_bytes(self, read_item, value):
-        torch.load(value, weights_only=True)
-        value.seek(0)
-        super().load_bytes(read_item, value)
 
 
 def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
@@ -413,7 +402,8 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(path / "deepspeed"), tag="state")
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        with deepspeed_loads_weights_only():  # DeepSpeed's torch.load(weights_only=False) calls
+            load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path / 'deepspeed'}")
 
