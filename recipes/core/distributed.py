@@ -157,11 +157,12 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """transformers' schedule, with Trainer's warm-up: ratio x steps rounded up
+    (TrainingArguments.get_warmup_steps), so 0.03 of 100 steps warms up over 3, not 2."""
     from transformers import get_scheduler
 
-    return get_scheduler(
-        cfg.lr_scheduler_type, optimizer, int(cfg.warmup_ratio * total_steps), total_steps
-    )
+    warmup_steps = math.ceil(total_steps * cfg.warmup_ratio)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, warmup_steps, total_steps)
 
 
 class TorchEngine:

@@ -86,8 +86,11 @@ def prepare(cfg: TrainConfig, notes: list[str] | None = None, build_data=sft_dat
     run.tokenizer = AutoTokenizer.from_pretrained(model_path)
     run.data = build_data(cfg, data_path, run.tokenizer, world)
     run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
+    # as Trainer counts them: a fraction of an epoch's steps rounds up (1.5 x 3 steps -> 5)
     run.total_steps = (
-        cfg.max_steps if cfg.max_steps > 0 else int(cfg.num_train_epochs * run.plan.steps_per_epoch)
+        cfg.max_steps
+        if cfg.max_steps > 0
+        else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch)
     )
     return run
 
@@ -240,9 +243,10 @@ def train(run: Run) -> None:
     cfg = run.cfg
     while run.step < run.total_steps:
         time.sleep(STEP_DELAY)
+        lr = run.engine.lr  # the rate this step applies (as Trainer logs it), not the next one
         out = train_step(run)
         run.step += 1
-        run.log.step(run.step, out["loss"], run.engine.lr, out["grad_norm"], out["tokens"], out["real_token_share"],
+        run.log.step(run.step, out["loss"], lr, out["grad_norm"], out["tokens"], out["real_token_share"],
                      log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps, extra=out["stats"])  # fmt: skip
         check_finite(run, out)
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
