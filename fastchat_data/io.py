@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .outputs import OutputRefused, _same, guard_dir, guard_file, staged_file, swap_in, write_text
 from .schema import DataError
 
 BOM = b"\xef\xbb\xbf"
@@ -143,86 +142,35 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
         yield f"record {i}", rec
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:  # hard links, and paths that resolve() cannot tell apart
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_outputs(inputs: Iterable, outputs: dict, in_place: bool = False) -> None:
-    """Refuse an output that is one of the inputs (after symlinks and relative paths are
-    resolved) or that another output also names: writing it would replace the data being read.
-    `outputs` maps an option name (`--out`) to its path (None: not written). With `in_place`
-    an output may be an input; the atomic writers make that safe (the input is read whole, or
-    streamed from the old file, before the new one takes its name)."""
+    """The guard (fastchat_data.outputs) for each file output before anything is written, and
+    no two outputs naming the same file. `outputs` maps an option name (`--out`) to its path
+    (None: not written). With `in_place` an output may be an input; the atomic writer makes
+    that safe (the input is read, or streamed from the old file, before the new one takes its
+    name)."""
     given = [(flag, Path(p)) for flag, p in outputs.items() if p]
-    sources = [Path(p) for p in inputs]
+    sources = [] if in_place else [Path(p) for p in inputs]
     for k, (flag, out) in enumerate(given):
-        if not in_place:
-            for src in sources:
-                if _same_file(src, out):
-                    hint = "; add --in_place to replace it" if flag == "--out" else ""
-                    raise DataError(str(out), flag, f"is also an input file{hint}")
+        try:
+            guard_file(out, sources, flag)
+        except OutputRefused as e:
+            if "is also an input" in e.reason and flag == "--out":
+                raise OutputRefused(
+                    out, flag, e.reason + "; add --in_place to replace it"
+                ) from None
+            raise
         for other_flag, other in given[:k]:
-            if _same_file(other, out):
+            if _same(other, out):
                 raise DataError(str(out), flag, f"is also {other_flag}: each output needs its own")
 
 
 def check_output_dir(out: Path, inputs: Iterable, marker: str = "dataset_info.json") -> None:
-    """An output folder that would be replaced whole: it must not hold (or be) an input, and an
-    existing folder is replaced only when a previous run wrote it (it holds `marker`)."""
-    out = Path(out)
-    resolved = out.resolve()
-    for src in map(Path, inputs):
-        src_resolved = src.resolve()
-        if src_resolved == resolved or resolved in src_resolved.parents:
-            raise DataError(
-                str(out), "--out", f"holds the input {src}; replacing it would delete it"
-            )
-    if out.exists() and not out.is_dir():
-        raise DataError(str(out), "--out", "is a file; --out names a folder to write")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
-        raise DataError(
-            str(out), "--out", "is a folder that this command did not write; refusing to replace it"
-        )
-
-
-def _tmp_beside(path: Path) -> Path:
-    """An empty temporary file in `path`'s folder, or a DataError saying why it cannot be."""
-    if path.is_dir():
-        raise DataError(str(path), "output", "is a directory; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise DataError(str(path), "output", f"cannot be written: {e.strerror or e}") from None
-    os.close(fd)
-    # mkstemp makes the file private (0600); the output gets the mode a plain open() gives it
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return Path(tmp)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    try:
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DataError(str(path), "output", f"cannot be written: {e.strerror or e}") from None
+    """An output folder that will be replaced whole (see fastchat_data.outputs.guard_dir)."""
+    guard_dir(out, inputs, "--out", marker)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _commit(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, text, flag="output")
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -232,40 +180,23 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     half-way) never leaves half a file, nor touches an existing one.
     """
     path = Path(path)
-    tmp = _tmp_beside(path)
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            lines = path.suffix == ".jsonl"
-            if not lines:
-                f.write("[\n")
-            for rec in records:
-                if lines:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                else:
-                    f.write((",\n" if n else "") + json.dumps(rec, ensure_ascii=False, indent=None))
-                n += 1
-            if not lines:
-                f.write("\n]\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
-    except OSError as e:  # e.g. the disk filled up while writing
-        raise DataError(str(path), "output", f"cannot be written: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with staged_file(path, flag="output") as f:
+        lines = path.suffix == ".jsonl"
+        if not lines:
+            f.write("[\n")
+        for rec in records:
+            if lines:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                f.write((",\n" if n else "") + json.dumps(rec, ensure_ascii=False, indent=None))
+            n += 1
+        if not lines:
+            f.write("\n]\n")
     return n
 
 
 def replace_dir_atomic(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing `dst` is replaced."""
-    dst = Path(dst)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+    """Move a finished directory into place; an existing `dst` is replaced (never a moment
+    with neither, see fastchat_data.outputs.swap_in)."""
+    swap_in(Path(src), Path(dst))

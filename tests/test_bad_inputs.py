@@ -152,13 +152,13 @@ ROWS = [
         DATA + ("merge", "--data", "{d}/a.json,{d}/z.json", "--out", "{o}/o.json"), "malformed JSON", "z.json"),
     # outputs that cannot be written
     row("out_is_a_directory", {"a.json": GOOD_JSON, "o": ("dir", {})},
-        DATA + ("convert", "--data", "{d}/a.json", "--out", "{d}/o"), "output: is a directory; give a file name", "/o"),
+        DATA + ("convert", "--data", "{d}/a.json", "--out", "{d}/o"), "--out: is a folder; give a file name", "/o"),
     row("out_in_read_only_dir", {"a.json": GOOD_JSON},
         DATA + ("convert", "--data", "{d}/a.json", "--out", "{ro}/o.json"), "output: cannot be written", "o.json"),
     row("out_under_a_file", {"a.json": GOOD_JSON},
-        DATA + ("clean", "--data", "{d}/a.json", "--out", "{d}/a.json/o.json"), "output: cannot be written", "a.json/o.json"),
+        DATA + ("clean", "--data", "{d}/a.json", "--out", "{d}/a.json/o.json"), "--out: cannot be written", "a.json/o.json"),
     row("identity_out_is_a_directory", {"o": ("dir", {})}, DATA + ("identity", "--out", "{d}/o"),
-        "is a directory; give a file name", "/o"),
+        "is a folder; give a file name", "/o"),
     row("report_in_read_only_dir", {"a.json": GOOD_JSON},
         DATA + ("stats", "--data", "{d}/a.json", "--report", "{ro}/r.json"), "output: cannot be written", "r.json"),
     # options
