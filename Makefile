@@ -15,7 +15,8 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: setup demo qlora-demo dpo-demo test test-fast bench bench-peers lint clean train-vicuna train-dpo
+.PHONY: setup demo qlora-demo dpo-demo test test-fast bench bench-peers lint clean train-vicuna train-dpo \
+        gpu-wheels gpu-check gpu-dry-run
 
 setup: $(STAMP)
 
@@ -73,6 +74,22 @@ bench: setup
 	$(BIN)/python -m bench.fault_bench
 	$(BIN)/python -m bench.compile_bench
 	$(BIN)/python -m bench.dpo_bench
+
+# The GPU proof kit (README "On a GPU"). Here: the wheels the bare GPU image lacks, into .whl/
+# (ignored), the total printed against the device tool's 64 MiB.
+gpu-wheels: setup
+	$(BIN)/python -m bench.gpu_wheels
+
+# There, on the GPU machine: no `setup` (its python3 holds torch; nothing can be downloaded),
+# the carried wheels go into /tmp/site, then the check, under 8 minutes.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 python3 -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+# The same check on this CPU, tiny shapes (what tests/test_gpu_check.py runs, with more rows).
+gpu-dry-run: setup
+	$(BIN)/python -m bench.gpu_check --dry_run
 
 lint: setup
 	$(BIN)/ruff check .
