@@ -1268,10 +1268,13 @@ def table(rows: list[Row], shape: Shape, setup: dict) -> str:
                 "longer rows need RoPE scaling or a long-context model"
             )
     if rows and rows[0].fits is not None and not any(r.fits for r in rows):
-        fixes = "more GPUs or nodes, --gradient_checkpointing, a shorter --model_max_length, "
-        fixes += "--sequence_parallel_size, or --peft"
-        if any("host" in r.fails for r in rows):
-            fixes += "; for the host: more host memory, or a strategy that does not offload"
+        fixes = "--gradient_checkpointing, a shorter --model_max_length, --sequence_parallel_size"
+        if cpu:
+            fixes = f"more host memory or nodes, {fixes}, or --peft"
+        else:
+            fixes = f"more GPUs or nodes, {fixes}, or --peft"
+            if any("host" in r.fails for r in rows):
+                fixes += "; for the host: more host memory, or a row whose host column fits"
         lines.append(f"nothing fits: {fixes}")
     return "\n".join(lines)
 
