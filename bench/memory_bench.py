@@ -38,11 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from recipes.core import parallel
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MB = 2**20
 SEQ, STEPS = 128, 2
-STRATEGIES = ("ddp", "fsdp", "fsdp_offload", "zero2", "zero3")
+STRATEGIES = ("ddp", "fsdp", "fsdp_offload", "zero2", "zero3")  # the default selection
 LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=36, num_attention_heads=16)
 MODELS = {"small": "small", "base": "base", "large": LARGE}
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -57,15 +59,9 @@ def _free_port() -> int:
 
 def command(strategy: str, nproc: int, args: list[str]) -> list[str]:
     recipe = [str(REPO / "recipes" / "full_finetune.py"), "--strategy", strategy, *args]
-    if strategy.startswith("zero"):
+    if parallel.get(strategy).launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()), *recipe]  # fmt: skip
     return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *recipe]
-
-
-def implemented(strategy: str) -> bool:
-    """A strategy the engines build (config.py may list one before distributed.py has it)."""
-    src = (REPO / "recipes" / "core" / "distributed.py").read_text()
-    return strategy in ("ddp", "fsdp", "zero2", "zero3") or f'"{strategy}"' in src
 
 
 def mem_available() -> float:
@@ -156,12 +152,12 @@ def check_targets(rows: list[dict]) -> dict:
     ok = [r for r in rows if "ranks" in r]
     train = [abs(x["train"] / x["pred_train"] - 1) for r in ok for x in r["ranks"]]
     # the sharded loaders; DDP and ZeRO-2 keep a full copy per rank by design
-    load = [r["load_sum_copies"] for r in ok if r["strategy"].startswith(("fsdp", "zero3"))]
+    load = [r["load_sum_copies"] for r in ok if parallel.get(r["strategy"]).sharded_load]
     z3 = {}
     for r in ok:
-        if r["strategy"] == "zero3":
-            f = next((x for x in ok if x["strategy"] == "fsdp" and x["model"] == r["model"]
-                      and x["nproc"] == r["nproc"]), None)  # fmt: skip
+        if parallel.get(r["strategy"]) is parallel.ZERO3:
+            same = [x for x in ok if (x["model"], x["nproc"]) == (r["model"], r["nproc"])]
+            f = next((x for x in same if parallel.get(x["strategy"]) is parallel.FSDP), None)
             if f:
                 peak = lambda run: max(max(x[k] for k in PHASES) for x in run["ranks"])  # noqa: E731
                 z3[f"{r['model']} x{r['nproc']}"] = peak(r) / peak(f)
@@ -266,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
     names = a.models.split(",") if a.models else (["small"] if a.quick else list(MODELS))
     runs = [(m, n) for m in names for n in ((2, 4) if m == "small" else (2,))]
     strategies = a.strategies.split(",")
+    try:  # the registry's names (recipes/core/parallel.py)
+        for strategy in strategies:
+            parallel.get(strategy)
+    except parallel.UnknownStrategy as e:
+        ap.error(f"--strategies: {e}")
     cache = REPO / ".cache"
     t_start = time.perf_counter()
     models = build_models(names, cache)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "deepspeed": runtimes[name][True] / MB}  # fmt: skip
         for model_name, nproc in runs:
             for strategy in strategies:
-                runtime = runtimes[model_name][strategy.startswith("zero")]
+                runtime = runtimes[model_name][parallel.get(strategy).engine == "deepspeed"]
                 pred = predict(models[model_name], strategy, nproc, runtime, loading)
                 row = {"model": model_name, "params": pred["params"], "strategy": strategy, "nproc": nproc,
                        "model_fp32_mb": 4 * pred["params"] / MB, "runtime_mb": runtime / MB,
@@ -300,9 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
                 need = MB * max(ph["load"] * nproc, ph["train"] * nproc,
                                 ph["export"] + pred["export_other_mb"] * (nproc - 1))  # fmt: skip
                 print(f"{model_name} {strategy} x{nproc}: predicted {need / MB:,.0f} MiB over ranks ...", end=" ", flush=True)  # fmt: skip
-                if not implemented(strategy):
-                    row["skipped"] = "skipped: not built by recipes/core/distributed.py yet"
-                elif need > 0.8 * mem_available():  # others share this machine: keep a margin
+                if need > 0.8 * mem_available():  # others share this machine: keep a margin
                     avail = mem_available() / 2**30
                     row["skipped"] = (
                         f"skipped: predicted {need / 2**30:.1f} GiB > 80% of available {avail:.1f} GiB"
@@ -330,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["settings"]["wall_s"] += old["settings"].get("wall_s", 0)
         res["settings"]["quick"] = old["settings"]["quick"] and a.quick
     order = {m: i for i, m in enumerate(MODELS)}
-    rank_of = {s: i for i, s in enumerate(STRATEGIES)}
-    res["rows"].sort(key=lambda r: (order[r["model"]], r["nproc"], rank_of.get(r["strategy"], 99)))
+    res["rows"].sort(
+        key=lambda r: (order[r["model"]], r["nproc"], parallel.get(r["strategy"]).cost_rank)
+    )
     res["targets"] = check_targets(res["rows"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -2,9 +2,14 @@
 model's config.json alone (no weights).
 
     python -m recipes.plan --model llama-2-70b/config.json --ngpu 8 --bf16 --gradient_checkpointing
+    python -m recipes.plan --model llama-2-7b --ngpu 8 --bf16 --gradient_checkpointing \\
+        --sequence_parallel_size 4 --model_max_length auto      # the longest row that fits
     python -m recipes.plan --model DIR --ngpu 2 --device cpu --json     # peak RSS of a CPU run
 
 Method (bytes per rank; N = ngpu x nnodes ranks, n = ngpu ranks per node, Psi parameters):
+- Strategies are recipes/core/parallel.py's registry: what a strategy shards, offloads and
+  loads, its engine and its ZeRO stage decide its row, never its name; rows run cheapest
+  first (Strategy.cost_rank: less communication, fewer moving parts, no host round trips).
 - Parameters are counted exactly from the config (embeddings, q/k/v/o with GQA, SwiGLU MLP,
   RMSNorms, untied head), as LlamaForCausalLM(config).num_parameters() counts them.
 - Model states. DeepSpeed with bf16 keeps 16-bit params (2) and grads (2) plus K = 12 bytes of
@@ -24,73 +29,174 @@ Method (bytes per rank; N = ngpu x nnodes ranks, n = ngpu ranks per node, Psi pa
   Korthikanti's full recomputation) and one layer is live again during its recomputation.
   Logits: HF's loss upcasts them to fp32, p + 4 + 4 bytes per row x vocab (logits, fp32
   log-probs, their gradient), over `--loss_chunk_size` rows at a time (camelid's chunked loss).
+- Sequence parallelism (Ulysses, --sequence_parallel_size sp): each sequence is split over sp
+  ranks, s/sp tokens each (rounded up: the recipe pads a row to a multiple of sp). Everything
+  outside attention runs on the local tokens, so every activation above, the checkpointed
+  layer inputs, RoPE's cos/sin and the logits rows are those of s/sp tokens. Attention runs on
+  the whole sequence for H/sp heads (and kv/sp key/value heads) between two all-to-alls: the
+  kernel's saved q, k, v, output and logsumexp hold s x H/sp heads, the same bytes as s/sp x H.
+  One tensor more per layer: the kernel keeps its own output (head-sharded) for backward while
+  o_proj keeps the output received back in the sequence layout, p (s/sp) b q_dim (without sp
+  they are one tensor). All-to-all buffers ("a2a"): each exchange makes its input contiguous in
+  the collective's layout (a send buffer) and receives into a new tensor, which is the next
+  op's saved input (counted above). Layers run one at a time, so one layer's buffers are live:
+  q, k and v go out together (the kernel needs all three; in backward the kernel returns dq,
+  dk, dv together and they go back together), the attention output alone and later (q_dim,
+  less than q + k + v), so the peak is p (s/sp) b (q_dim + 2 kv_dim), in the activation dtype.
+  Model states are sharded over all N ranks as without sp (the sp ranks are data-parallel
+  ranks for FSDP/ZeRO sharding: DeepSpeed's ALST, torchtitan's dp_shard_cp); the data-parallel
+  size (batches dealt) becomes N / sp. sp must divide N, the attention heads and the key/value
+  heads.
 - Buffers: DDP's gradient buckets (a second copy of the grads: gradient_as_bucket_view is off);
   autocast's bf16 weight copies (2 Psi) under single/DDP; FSDP2: the root unit (embeddings,
   head, final norm; its grads are reduced last) and two decoder layers unsharded (current and
   prefetched), one layer's unsharded grads and, with bf16, their fp32 copy to reduce-scatter;
-  fsdp_grad_op: every layer unsharded from forward to backward; ZeRO: the reduce buckets
-  (reduce_bucket_size elements, twice under stage 2 with overlap_comm), stage 3's prefetch
-  bucket and gathered params (kept for reuse up to stage3_max_live_parameters), the fp32 grad
+  FSDP2 without resharding after forward (fsdp_grad_op): every layer unsharded from forward to
+  backward; ZeRO: the reduce buckets (reduce_bucket_size elements, twice under stage 2 with
+  overlap_comm), stage 3's prefetch bucket and gathered params (kept for reuse up to
+  stage3_max_live_parameters; frozen adapter bases are gathered the same way), the fp32 grad
   partition (stage 2: a copy, 4/N; stage 3: accumulated in fp32, 2/N over the paper, as
   DeepSpeed's own estimator counts 18 Psi/N); a CUDA context per GPU (1 GB). "auto" sizes
   are HF's: hidden^2, 0.9 hidden^2. On a CPU, torch.empty'd buckets count once touched.
-- Host memory per node: each process's runtime, offloaded states (fsdp_offload,
-  zero3_offload), the loading phase (sharded streaming: an FSDP2 rank reads its own rows, a
-  ZeRO-3 rank its partition, straight into its shard; DDP and ZeRO-2 one fp32 copy per rank,
-  through the mapped checkpoint file) and the export
-  (rank 0 gathers one full copy in the export dtype).
+- Host memory per node: each process's runtime, offloaded states (strategies that offload),
+  the loading phase (sharded streaming: an FSDP2 rank reads its own rows, a ZeRO-3 rank its
+  partition, straight into its shard; DDP and ZeRO-2 one fp32 copy per rank, through the
+  mapped checkpoint file) and the export (rank 0 gathers one full copy in the export dtype).
 - With --device cpu (a CPU run) every component is host memory: each process's peak RSS per
   phase is predicted, with the runtime measured (imports, gloo, one tiny step; Python API:
   also the run's tokenizer and training set).
 
-`plan(...)` returns the rows; `fits(row, gpu_memory)` is the launcher's pre-flight check.
+Fits: a row fits when each GPU's total is within --gpu_memory and, where --cpu_memory is given,
+the node's host peak (training, loading, export) is within it (with --device cpu only the host
+counts); a row that does not fit names the limit that fails. "Cheapest that fits": the first
+row that fits, rows being in order of communication, least first.
+
+--model_max_length auto: for each strategy, the longest row (tokens, at the given batch and sp)
+that fits, found by bisection over the length (a multiple of sp; memory never decreases with
+the length: activations and logits grow with it, everything else is constant), up to 2^30
+tokens; the row shows the memory at that length. It assumes what the rest of the plan does
+(attention without an s^2 term, i.e. flash / memory-efficient kernels; the loss chunked as
+given) and nothing of the model's position range: past max_position_embeddings a model needs
+RoPE scaling, which the table notes.
+
+Errors (a missing or malformed config.json, a config that is not Llama-shaped, an option out
+of range, an unknown strategy) are one line on stderr naming the option or file, exit status
+2. When the reader of stdout goes away (`... --json | head -1`) the planner stops quietly with
+exit status 141, as a tool killed by SIGPIPE (cat, grep) does.
+
+`plan(...)` returns the rows; `fits(row, gpu_memory)` is the launcher's pre-flight check; bad
+input raises PlanError (a ValueError) with the same one-line messages.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
+
+from recipes.core import parallel
+from recipes.core.config import option
+from recipes.core.parallel import Strategy
 
 GB = 1e9  # the ZeRO paper's and the GPU vendors' gigabyte
 MIB = 2**20
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
-# cheapest first: less communication, fewer moving parts, no host round trips
-STRATEGIES = (
-    "single",
-    "ddp",
-    "zero2",
-    "fsdp_grad_op",
-    "fsdp",
-    "zero3",
-    "fsdp_offload",
-    "zero3_offload",
-)
-PEFT_STRATEGIES = {"lora": ("single", "ddp", "zero2", "zero3"), "qlora": ("single", "ddp")}
 ADAM_K = 12  # fp32 master + momentum + variance, bytes per parameter (ZeRO paper, sec. 3.1)
 # CUDA context, cuBLAS workspace and NCCL buffers per GPU process (typical for CUDA 12)
 CUDA_CONTEXT = 1.0 * GB
 # DeepSpeed's defaults where its JSON is silent (deepspeed.runtime.zero.config)
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
-               "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
-               "overlap_comm": False}  # fmt: skip
+DS_DEFAULTS = {
+    "reduce_bucket_size": 5e8,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_max_live_parameters": 1e9,
+    "stage3_max_reuse_distance": 1e9,
+    "overlap_comm": False,
+}
 # Llama-2's published config.json values (meta-llama/Llama-2-*-hf), for --model llama-2-7b
+_LLAMA2 = dict(
+    vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16"
+)
 PRESETS = {
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, torch_dtype="float16"),
-    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False, torch_dtype="float16"),
-    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False, torch_dtype="float16"),
-}  # fmt: skip
+    "llama-2-7b": dict(
+        _LLAMA2,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "llama-2-13b": dict(
+        _LLAMA2,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+    ),
+    "llama-2-70b": dict(
+        _LLAMA2,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-COMPONENTS = ("params", "grads", "optim", "activations", "logits", "buffers", "runtime")
+# per rank: model states, what backward needs, sequence-parallel exchanges, the rest
+COMPONENTS = ("params", "grads", "optim", "activations", "logits", "a2a", "buffers", "runtime")
+
+# what a config.json must say, and what the planner cannot count
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+LLAMA_TYPES = ("llama", "mistral")  # decoders with Llama's parameter layout
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+# bounds beyond which a value is a typo, not a machine or a model
+MAX_DIM = 2**24  # any one size in a config.json
+CONFIG_MAX_BYTES = 16 * MIB  # a config.json is a few KB
+MAX_TOKENS = 2**30  # tokens per row (also where --model_max_length auto stops looking)
+MAX_BYTES = 1e15  # 1 PB: memory of a GPU or of a node
+MAX_GPUS_PER_NODE = 1024
+MAX_NODES = 100_000
+MAX_BATCH = 2**20
+MAX_LORA_R = 2**16
+EXIT_ERROR = 2  # argparse's status for a bad command line
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a tool killed by SIGPIPE
+
+
+class PlanError(ValueError):
+    """Bad input to the planner: one line naming the option or the file and what is wrong."""
+
+
+def _short(value, width: int = 60) -> str:
+    """repr(value), cut to `width` characters: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _kind(value) -> str:
+    """A JSON value's kind, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {_short(value)}"
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 # ---------------------------------------------------------------- the model
@@ -109,24 +215,85 @@ class Shape:
     attention_bias: bool = False
     mlp_bias: bool = False
     file_bytes: int = 4  # per parameter in the checkpoint files (config's torch_dtype)
+    positions: int | None = None  # max_position_embeddings, where the config says
 
     @classmethod
     def from_config(cls, config: dict | str | Path) -> Shape:
-        """A Llama-family config.json (a dict, the file, or the folder holding it)."""
+        """A Llama-family config.json (a dict, the file, or the folder holding it), or one of
+        PRESETS; PlanError naming the file and the problem when it is not one."""
         if isinstance(config, str) and config in PRESETS:
-            config = PRESETS[config]
-        if not isinstance(config, dict):
-            path = Path(config)
-            path = path / "config.json" if path.is_dir() else path
-            config = json.loads(path.read_text())
-        c = config.get("text_config", config)  # multimodal wrappers nest the language model
-        heads = c["num_attention_heads"]
-        return cls(vocab=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-                   layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-                   head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-                   tied=bool(c.get("tie_word_embeddings", False)), attention_bias=bool(c.get("attention_bias")),
-                   mlp_bias=bool(c.get("mlp_bias")),
-                   file_bytes=DTYPE_BYTES.get(c.get("torch_dtype") or c.get("dtype"), 4))  # fmt: skip
+            return cls.from_dict(PRESETS[config], config)
+        if isinstance(config, dict):
+            return cls.from_dict(config, "config")
+        if isinstance(config, (str, Path)):
+            return cls.from_dict(*read_config(config))
+        raise PlanError(f"model: {config!r} is not a config dict, a config.json or a model folder")
+
+    @classmethod
+    def from_dict(cls, config: dict, where: str) -> Shape:
+        c = config
+        if config.get("text_config") is not None:  # multimodal wrappers nest the language model
+            c, where = config["text_config"], f"{where} (text_config)"
+            if not isinstance(c, dict):
+                raise PlanError(f"{where}: is {_kind(c)}, not an object of config keys")
+        kind = c.get("model_type")
+        if kind is not None and kind not in LLAMA_TYPES:
+            raise PlanError(
+                f"{where}: model_type {_short(kind)} is not Llama-shaped (the planner counts "
+                f"{' and '.join(LLAMA_TYPES)} decoders)"
+            )
+        moe = [k for k in MOE_KEYS if c.get(k)]
+        if moe:
+            raise PlanError(
+                f"{where}: {moe[0]} says a mixture of experts; the planner "
+                "counts dense Llama layers only"
+            )
+        missing = [k for k in REQUIRED_KEYS if c.get(k) is None]
+        if missing:
+            raise PlanError(
+                f"{where}: not a Llama-shaped config: no {', '.join(missing)} (it needs "
+                f"{', '.join(REQUIRED_KEYS)})"
+            )
+
+        def size(key: str):
+            v = c.get(key)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM
+            ):
+                raise PlanError(
+                    f"{where}: {key} is {_kind(v)}; it must be a whole number from 1 to {MAX_DIM:,}"
+                )
+            return v
+
+        heads = size("num_attention_heads")
+        kv_heads = size("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise PlanError(
+                f"{where}: num_attention_heads {heads} is not a multiple of "
+                f"num_key_value_heads {kv_heads}"
+            )
+        hidden = size("hidden_size")
+        head_dim = size("head_dim") or hidden // heads
+        if not head_dim:
+            raise PlanError(
+                f"{where}: hidden_size {hidden} is smaller than num_attention_heads "
+                f"{heads} (no head_dim)"
+            )
+        dtype = c.get("torch_dtype") or c.get("dtype")
+        return cls(
+            vocab=size("vocab_size"),
+            hidden=hidden,
+            intermediate=size("intermediate_size"),
+            layers=size("num_hidden_layers"),
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            tied=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias")),
+            mlp_bias=bool(c.get("mlp_bias")),
+            file_bytes=DTYPE_BYTES.get(dtype, 4) if isinstance(dtype, str) else 4,
+            positions=size("max_position_embeddings"),
+        )
 
     @property
     def q_dim(self) -> int:
@@ -139,8 +306,15 @@ class Shape:
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of one decoder layer's linear layers."""
         h, i = self.hidden, self.intermediate
-        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),
-                (h, i), (h, i), (i, h)]  # fmt: skip
+        return [
+            (h, self.q_dim),
+            (h, self.kv_dim),
+            (h, self.kv_dim),
+            (self.q_dim, h),
+            (h, i),
+            (h, i),
+            (i, h),
+        ]
 
     @property
     def layer_params(self) -> int:
@@ -167,6 +341,51 @@ class Shape:
         return self.layers * sum(a * b for a, b in self.linears())
 
 
+def read_config(model: str | Path) -> tuple[dict, str]:
+    """The JSON object of a config.json (the file, or the folder holding it) and its path, or
+    PlanError: what a file must be is checked before it is read (a regular file, at most 16
+    MiB: never a device, a pipe or a folder), then that it is one JSON object."""
+    presets = ", ".join(PRESETS)
+    try:
+        path = Path(model)
+        if not path.exists():
+            raise PlanError(
+                f"--model {str(model)!r}: no such file or folder (a model folder with "
+                f"config.json, its config.json, or one of {presets})"
+            )
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.exists():
+                raise PlanError(f"--model {str(model)!r}: no config.json in this folder")
+        if path.is_dir():
+            raise PlanError(f"{path}: a folder, not a config.json file")
+        if not path.is_file():
+            raise PlanError(f"{path}: not a regular file (a device, a pipe or a socket)")
+        with path.open("rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(
+            f"--model {str(model)!r}: cannot read it ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise PlanError(f"{path}: over {CONFIG_MAX_BYTES // MIB} MiB, not a config.json")
+    try:
+        config = json.loads(data)
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not text (a config.json is UTF-8 JSON)") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    except RecursionError:
+        raise PlanError(f"{path}: JSON nested too deeply to be a config.json") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"{path}: holds {_kind(config)}, not an object of config keys")
+    return config, str(path)
+
+
 def lora_params(shape: Shape, r: int) -> int:
     """LoRA A (r x in) and B (out x r) on every linear layer of every decoder layer."""
     return shape.layers * sum(r * (a + b) for a, b in shape.linears())
@@ -182,37 +401,56 @@ def nf4_bytes_per_param(blocksize: int = 64, double_quant: bool = True) -> float
 # ---------------------------------------------------------------- activations
 
 
-def layer_activation_bytes(shape: Shape, seq: int, batch: int, p: int) -> float:
-    """What autograd keeps for one Llama decoder layer's backward (see the module docstring);
-    checked tensor by tensor against saved_tensors_hooks in tests/test_plan.py."""
-    sb, h = seq * batch, shape.hidden
+def local_tokens(seq: int, sp: int = 1) -> int:
+    """Tokens of a row on each of its sp ranks (the recipe pads a row to a multiple of sp)."""
+    return -(-seq // sp)
+
+
+def layer_activation_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int = 1) -> float:
+    """What autograd keeps for one Llama decoder layer's backward on one rank (see the module
+    docstring); checked tensor by tensor against saved_tensors_hooks in tests/test_plan.py."""
+    sb, h = local_tokens(seq, sp) * batch, shape.hidden
     kv = shape.kv_dim if batch == 1 else shape.q_dim  # a padding mask makes HF repeat k and v
     # per RMSNorm: fp32 input, normalised and scaled outputs, fp32 1/rms per token
     norms = 2 * ((4 + 2 * p) * h + 4)
     # q, k, v, and the fused kernel's output (already in o_proj's layout), fp32 logsumexp
     attention = p * (2 * shape.q_dim + 2 * kv) + 4 * shape.heads
+    if sp > 1:  # the kernel's output (head-sharded) and o_proj's input (sequence-sharded) differ
+        attention += p * shape.q_dim
     mlp = 4 * p * shape.intermediate  # gate, SiLU(gate), up, their product
     return sb * (norms + attention + mlp)
 
 
-def rope_bytes(shape: Shape, seq: int, batch: int, p: int) -> float:
+def rope_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int = 1) -> float:
     """cos and sin, computed once per forward and saved by every layer."""
-    return 2 * p * seq * batch * shape.head_dim
+    return 2 * p * local_tokens(seq, sp) * batch * shape.head_dim
 
 
-def activation_bytes(shape: Shape, seq: int, batch: int, p: int, checkpointing: bool) -> float:
-    layer = layer_activation_bytes(shape, seq, batch, p)
-    outside = seq * batch * ((4 + 2 * p) * shape.hidden + 4) + rope_bytes(shape, seq, batch, p)
+def activation_bytes(
+    shape: Shape, seq: int, batch: int, p: int, checkpointing: bool, sp: int = 1
+) -> float:
+    layer = layer_activation_bytes(shape, seq, batch, p, sp)
+    sb = local_tokens(seq, sp) * batch
+    outside = sb * ((4 + 2 * p) * shape.hidden + 4) + rope_bytes(shape, seq, batch, p, sp)
     if checkpointing:  # layer inputs kept, one layer's activations live again during recompute
-        return shape.layers * p * seq * batch * shape.hidden + layer + outside
+        return shape.layers * p * sb * shape.hidden + layer + outside
     return shape.layers * layer + outside
 
 
-def logits_bytes(shape: Shape, seq: int, batch: int, p: int, chunk: int = 0) -> float:
+def logits_bytes(shape: Shape, seq: int, batch: int, p: int, chunk: int = 0, sp: int = 1) -> float:
     """Logits (compute dtype), their fp32 log-softmax and its gradient; camelid's chunked loss
     (recipes/core/loss.py) holds `chunk` rows of them at a time."""
-    rows = batch * seq if chunk <= 0 else min(batch * seq, chunk)
+    rows = batch * local_tokens(seq, sp)
+    rows = rows if chunk <= 0 else min(rows, chunk)
     return rows * shape.vocab * (p + 4 + 4)
+
+
+def all_to_all_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int) -> float:
+    """Ulysses' send buffers of one layer's q, k and v (the attention output's, q_dim, goes
+    alone and later); none without sequence parallelism. See the module docstring."""
+    if sp <= 1:
+        return 0.0
+    return p * local_tokens(seq, sp) * batch * (shape.q_dim + 2 * shape.kv_dim)
 
 
 # ---------------------------------------------------------------- model states (ZeRO paper)
@@ -221,8 +459,11 @@ def logits_bytes(shape: Shape, seq: int, batch: int, p: int, chunk: int = 0) -> 
 def model_states_bytes(psi: float, stage: int, n: int, k: float = ADAM_K) -> dict[str, float]:
     """Mixed-precision model states per rank, ZeRO paper sec. 5 / Figure 1: 2 Psi params, 2 Psi
     grads, K Psi optimizer; stage 1 shards the optimizer, 2 also grads, 3 also params."""
-    return {"params": 2 * psi / (n if stage >= 3 else 1), "grads": 2 * psi / (n if stage >= 2 else 1),
-            "optim": k * psi / (n if stage >= 1 else 1)}  # fmt: skip
+    return {
+        "params": 2 * psi / (n if stage >= 3 else 1),
+        "grads": 2 * psi / (n if stage >= 2 else 1),
+        "optim": k * psi / (n if stage >= 1 else 1),
+    }
 
 
 # ---------------------------------------------------------------- the plan
@@ -245,10 +486,72 @@ class Setup:
     loading: str = "streaming"
     runtime: float = 0.0  # bytes per process before any model (python, torch, libraries)
     cpu_runtime: float = 3.0 * GB  # per GPU process's host memory (CUDA, libraries, pinned pools)
+    sp: int = 1  # --sequence_parallel_size: ranks sharing each sequence (Ulysses)
 
     @property
     def ranks(self) -> int:
         return self.ngpu * self.nnodes
+
+    def check(self, shape: Shape) -> Setup:
+        """PlanError naming the option when a value is out of range (the command line's flags
+        name them, also for the Python API: `seq` is --model_max_length)."""
+        for flag, value, low, high in (
+            ("--ngpu", self.ngpu, 1, MAX_GPUS_PER_NODE),
+            ("--nnodes", self.nnodes, 1, MAX_NODES),
+            ("--model_max_length", self.seq, 1, MAX_TOKENS),
+            ("--per_device_train_batch_size", self.batch, 1, MAX_BATCH),
+            ("--lora_r", self.lora_r, 1, MAX_LORA_R),
+            ("--loss_chunk_size", self.loss_chunk, 0, MAX_TOKENS),
+        ):
+            whole_number(flag, value, low, high)
+        whole_number("--sequence_parallel_size", self.sp, 1, self.ranks)
+        for flag, value, choices in (
+            ("--device", self.device, ("gpu", "cpu")),
+            ("--loading", self.loading, ("streaming", "full")),
+            ("--peft", self.peft, (None, "lora", "qlora")),
+        ):
+            if value not in choices:
+                names = ", ".join(str(c) for c in choices if c is not None)
+                raise PlanError(f"{flag} {_short(value)}: not one of {names}")
+        for flag, value in (("runtime", self.runtime), ("cpu_runtime", self.cpu_runtime)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value <= MAX_BYTES
+            ):
+                raise PlanError(f"{flag} {_short(value)}: must be bytes from 0 to 1 PB")
+        sp = self.sp
+        if self.ranks % sp:
+            raise PlanError(
+                f"--sequence_parallel_size {sp} does not divide the {self.ranks} ranks "
+                f"(--ngpu {self.ngpu} x --nnodes {self.nnodes})"
+            )
+        for what, heads in (("attention heads", shape.heads), ("key/value heads", shape.kv_heads)):
+            if heads % sp:
+                raise PlanError(
+                    f"--sequence_parallel_size {sp} does not divide the model's {heads} "
+                    f"{what} (each rank attends with 1/{sp} of them)"
+                )
+        return self
+
+
+def whole_number(flag: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PlanError(f"{flag} {_short(value)}: must be a whole number from {low:,} to {high:,}")
+    return value
+
+
+def memory_size(flag: str, value) -> float | None:
+    """A memory budget in bytes: positive, finite, at most 1 PB (None: no budget)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise PlanError(f"{flag} {value!r}: not a size in bytes")
+    if not 0 < value <= MAX_BYTES:
+        raise PlanError(
+            f"{flag}: {value / GB:,.6g} GB is not a memory size (more than 0, at most 1 PB)"
+        )
+    return float(value)
 
 
 @dataclass
@@ -264,8 +567,13 @@ class Row:
     # device cpu: each process's predicted peak RSS per phase (export: rank 0, which gathers)
     process_phases: dict[str, float] = field(default_factory=dict)
     process_export_other: float = 0.0
-    fits: bool | None = None
+    fits: bool | None = None  # None: no memory budget to judge by
+    fails: list[str] = field(default_factory=list)  # the limits it exceeds: "gpu", "host"
     cheapest: bool = False
+    seq: int = 0  # tokens per row this row is planned at
+    sp: int = 1
+    data_parallel: int = 1  # ranks / sp: the ranks batches are dealt to
+    max_length: int | None = None  # --model_max_length auto: the longest that fits (None: none)
 
     @property
     def total(self) -> float:
@@ -276,180 +584,219 @@ class Row:
         return max(self.per_node_cpu.values())
 
 
-def ds_zero_config(strategy: str, shape: Shape) -> dict:
-    """The bucket sizes of ds_configs/<strategy>.json; "auto" as HF's integration fills it."""
+def ds_zero_config(strategy: Strategy | str, shape: Shape) -> dict:
+    """The bucket sizes of the strategy's DeepSpeed JSON; "auto" as HF's integration fills it."""
     from recipes.core.config import ZERO_AUTO_SIZES  # the engine's own fill rule
 
-    z = json.loads((DS_CONFIG_DIR / f"{strategy}.json").read_text()).get("zero_optimization", {})
+    z = _ds_json(parallel.get(strategy).ds_config_name)
     out = {}
     for key, default in DS_DEFAULTS.items():
         v = z.get(key, default)
-        out[key] = (
-            (ZERO_AUTO_SIZES[key](shape.hidden) if key in ZERO_AUTO_SIZES else default)
-            if v == "auto"
-            else v
-        )
+        if v == "auto":
+            v = ZERO_AUTO_SIZES[key](shape.hidden) if key in ZERO_AUTO_SIZES else default
+        out[key] = v
     return out
 
 
-def plan_row(shape: Shape, strategy: str, s: Setup) -> Row:
+_DS_JSON: dict[str, dict] = {}
+
+
+def _ds_json(name: str) -> dict:
+    """ds_configs/<name>'s zero_optimization, read once (the length search plans many rows)."""
+    if name not in _DS_JSON:
+        text = (DS_CONFIG_DIR / name).read_text()
+        _DS_JSON[name] = json.loads(text).get("zero_optimization", {})
+    return _DS_JSON[name]
+
+
+def _buckets_gradients(st: Strategy) -> bool:
+    """DDP: a replicated model over several processes all-reduces its grads through buckets."""
+    return st.engine == "torch" and st.multi_process and not st.shards_grads
+
+
+def plan_row(shape: Shape, strategy: Strategy | str, s: Setup) -> Row:
+    st = parallel.get(strategy)
     N, n = s.ranks, s.ngpu
-    if strategy == "single" and N != 1:
+    if not st.multi_process:
         N = n = 1
+    sp = s.sp if st.multi_process else 1
     cpu = s.device == "cpu"
     p = 2 if s.bf16 else 4  # compute dtype bytes
     psi = shape.params
     layer, root = shape.layer_params, shape.root_params
-    act_ckpt = activation_bytes(shape, s.seq, s.batch, p, True)
-    act_full = activation_bytes(shape, s.seq, s.batch, p, False)
-    r = {c: 0.0 for c in COMPONENTS}
+    deepspeed = st.engine == "deepspeed"
+    act_ckpt = activation_bytes(shape, s.seq, s.batch, p, True, sp)
+    act_full = activation_bytes(shape, s.seq, s.batch, p, False, sp)
+    r = dict.fromkeys(COMPONENTS, 0.0)
     r["activations"] = act_ckpt if s.checkpointing else act_full
-    r["logits"] = logits_bytes(shape, s.seq, s.batch, p, s.loss_chunk)
+    r["logits"] = logits_bytes(shape, s.seq, s.batch, p, s.loss_chunk, sp)
+    r["a2a"] = all_to_all_bytes(shape, s.seq, s.batch, p, sp)
     notes: list[str] = []
-    host = {"offloaded": 0.0}
-    zero = strategy.startswith("zero")
+    offloaded = 0.0  # bytes per rank kept in host memory
     released = 0.0  # ZeRO-3's gathered params, partitioned again after each step
-    sharded = strategy in ("fsdp", "fsdp_grad_op", "fsdp_offload", "zero3", "zero3_offload")
 
     def touched(elements: float) -> float:
         """A torch.empty'd bucket: on a GPU all of it, on a CPU only the pages written."""
         return min(elements, psi) if cpu else elements
 
+    def gathered_params(ds: dict) -> float:
+        """ZeRO-3's gathered parameters: kept for reuse (stage3_max_reuse_distance, 1e9 by
+        default) up to stage3_max_live_parameters, and the prefetch bucket."""
+        reuse = ds["stage3_max_reuse_distance"] >= ds["stage3_max_live_parameters"]
+        live = min(ds["stage3_max_live_parameters"], psi if reuse else 2 * layer + root)
+        return p * (live + min(ds["stage3_prefetch_bucket_size"], layer))
+
     if s.peft:
-        # frozen base, replicated or (ZeRO-3) sharded; adapter with fp32 weights, grads, Adam
-        base_b = nf4_bytes_per_param() * shape.linear_params + 2 * (psi - shape.linear_params) \
-            if s.peft == "qlora" else 2 * psi  # fmt: skip
-        if not s.bf16 and s.peft == "lora":
-            base_b = 4 * psi
+        # frozen base, replicated or sharded; adapter with fp32 weights, grads, Adam
+        if s.peft == "qlora":
+            base_b = nf4_bytes_per_param() * shape.linear_params + 2 * (psi - shape.linear_params)
+        else:
+            base_b = 2 * psi if s.bf16 else 4 * psi
         ad = lora_params(shape, s.lora_r)
-        r["params"] = base_b / (N if strategy == "zero3" else 1) + 4 * ad
+        r["params"] = base_b / (N if st.shards_params else 1) + 4 * ad
         r["grads"] = 4 * ad
         r["optim"] = 8 * ad
         biggest = max(a * b for a, b in shape.linears())
         if s.peft == "qlora":
             r["buffers"] += 2 * biggest  # one weight dequantized to bf16 at a time
-        if strategy == "ddp":
+        if _buckets_gradients(st):
             r["buffers"] += 4 * ad  # DDP's buckets
+        if deepspeed and st.zero_stage == 3:  # the frozen base is gathered like any parameter
+            released = gathered_params(ds_zero_config(st, shape))
+            r["buffers"] += released
         notes.append(f"adapter r={s.lora_r}: {ad / 1e6:.1f}M trainable")
-    elif zero:
-        stage = 3 if strategy.startswith("zero3") else 2
-        ds = ds_zero_config(strategy, shape)
+        if st.offload and not cpu:
+            offloaded = r["params"] + r["grads"] + r["optim"]
+            r["params"] = r["grads"] = r["optim"] = 0.0
+            notes.append("base partition and adapter states in host memory")
+    elif deepspeed:
+        stage = st.zero_stage
+        ds = ds_zero_config(st, shape)
         if s.bf16:
-            st = model_states_bytes(psi, stage, N)
+            states = model_states_bytes(psi, stage, N)
         else:  # fp32 module; ZeRO still clones an fp32 partition: master 4 + Adam 8
-            st = {k: v * 2 for k, v in model_states_bytes(psi, stage, N, k=6).items()}
-        r.update(st)
+            states = {k: v * 2 for k, v in model_states_bytes(psi, stage, N, k=6).items()}
+        r.update(states)
         bucket = ds["reduce_bucket_size"] * (2 if stage == 2 and ds["overlap_comm"] else 1)
         r["buffers"] += touched(bucket) * p
-        if stage == 2:  # the fp32 grad partition the optimizer steps on (a copy)
+        if stage < 3:  # the fp32 grad partition the optimizer steps on (a copy)
             r["buffers"] += 4 * psi / N
         elif s.bf16:  # stage 3 accumulates the grad partition in fp32: 2 bytes over the paper's
             r["buffers"] += 2 * psi / N
         if stage == 3:
-            # gathered params are kept for reuse (stage3_max_reuse_distance, 1e9 by default)
-            # up to stage3_max_live_parameters
-            reuse = ds["stage3_max_reuse_distance"] >= ds["stage3_max_live_parameters"]
-            live = min(ds["stage3_max_live_parameters"], psi if reuse else 2 * layer + root)
-            released = p * (live + min(ds["stage3_prefetch_bucket_size"], layer))
+            released = gathered_params(ds)
             r["buffers"] += released
-        if (
-            strategy == "zero3_offload" and not cpu
-        ):  # param and grad partitions, optimizer: all on the host
-            fp32_grads = 2 * psi / N if s.bf16 else 0.0
-            host["offloaded"] = (r["params"] + r["grads"] + r["optim"] + fp32_grads) * n
+        if st.offload and not cpu:  # param and grad partitions, optimizer: all on the host
+            fp32_grads = 2 * psi / N if s.bf16 and stage == 3 else 0.0
+            offloaded = r["params"] + r["grads"] + r["optim"] + fp32_grads
             r["buffers"] -= fp32_grads
             r["params"] = r["grads"] = r["optim"] = 0.0
             notes.append("params, grads, optimizer in host memory; the GPU holds gathered layers")
-    elif strategy in ("single", "ddp"):
-        r.update(params=4 * psi, grads=4 * psi, optim=8 * psi)
-        if s.bf16:
-            r["buffers"] += 2 * psi  # autocast's bf16 weight copies, kept for backward
-        if strategy == "ddp":
-            r["buffers"] += 4 * psi  # gradient buckets: a second copy of the fp32 grads
-    else:  # FSDP2
+    elif st.shards_params:  # FSDP2
         r.update(params=4 * psi / N, grads=4 * psi / N, optim=8 * psi / N)
-        gathered = 2 * layer if strategy != "fsdp_grad_op" else shape.layers * layer
+        gathered = 2 * layer if st.reshard_after_forward else shape.layers * layer
         # unsharded grads: the root's live through the whole backward (its reduce-scatter runs
         # last), one layer's at a time; with bf16 each is cast to fp32 to reduce-scatter
         grads = p * (root + layer) + (4 * max(root, layer) if p != 4 else 0)
         r["buffers"] += p * (root + gathered) + grads
-        if strategy == "fsdp_grad_op":
+        if not st.reshard_after_forward:
             notes.append("every layer stays unsharded between forward and backward")
-        if strategy == "fsdp_offload" and not cpu:  # on a CPU the states stay in the process
-            host["offloaded"] = (r["params"] + r["grads"] + r["optim"]) * n
+        if st.offload and not cpu:  # on a CPU the states stay in the process
+            offloaded = r["params"] + r["grads"] + r["optim"]
             r["params"] = r["grads"] = r["optim"] = 0.0
             notes.append("params, grads, optimizer in host memory (CPUOffloadPolicy)")
+    else:  # a replicated torch model: one process, or DDP
+        r.update(params=4 * psi, grads=4 * psi, optim=8 * psi)
+        if s.bf16:
+            r["buffers"] += 2 * psi  # autocast's bf16 weight copies, kept for backward
+        if _buckets_gradients(st):
+            r["buffers"] += 4 * psi  # gradient buckets: a second copy of the fp32 grads
     if cpu:
         r["runtime"] = s.runtime
-        host["offloaded"] = 0.0  # on a CPU the "device" is the host: counted per process above
+        offloaded = 0.0  # on a CPU the "device" is the host: counted per process above
     elif s.device == "gpu":
         r["buffers"] += CUDA_CONTEXT
 
     # loading: sharded streaming (FSDP2 / ZeRO-3) vs one fp32 copy per rank
-    streams = s.loading == "streaming" and (sharded or (s.peft and strategy == "zero3"))
+    streams = s.loading == "streaming" and st.sharded_load
     copies_per_node = n / N if streams else n
     # checkpoint pages a rank maps while loading (in its RSS; in the page cache once per node):
     # sharded loading reads its rows / partition with plain file reads (nothing mapped);
     # from_pretrained maps the whole file
-    file = shape.file_bytes * psi
-    mapped = 0.0 if streams else file
-    node_mapped = mapped  # shared pages count once per node
-    load_bytes = 4 * psi * copies_per_node + node_mapped
+    mapped = 0.0 if streams else shape.file_bytes * psi
+    load_bytes = 4 * psi * copies_per_node + mapped  # shared pages count once per node
     # export: rank 0 gathers one full copy; DeepSpeed gathers in the module dtype
-    export_dtype = p if zero and s.bf16 else 4
+    export_dtype = p if deepspeed and s.bf16 else 4
     if s.peft:
         export_dtype, export_n = 4, lora_params(shape, s.lora_r)
     else:
         export_n = psi
     runtime_node = (s.runtime if cpu else s.cpu_runtime) * n
-    steady = runtime_node + host["offloaded"] + (sum(r.values()) - r["runtime"]) * n * cpu
-    per_node_cpu = {"train": steady, "load": runtime_node + load_bytes + host["offloaded"],
-                    "export": steady + export_dtype * export_n}  # fmt: skip
-    row = Row(strategy, N, r, act_full, act_ckpt, per_node_cpu, copies_per_node, notes)
+    steady = runtime_node + offloaded * n + (sum(r.values()) - r["runtime"]) * n * cpu
+    per_node_cpu = {
+        "train": steady,
+        "load": runtime_node + load_bytes + offloaded * n,
+        "export": steady + export_dtype * export_n,
+    }
+    row = Row(
+        st.name,
+        N,
+        r,
+        act_full,
+        act_ckpt,
+        per_node_cpu,
+        copies_per_node,
+        notes,
+        seq=s.seq,
+        sp=sp,
+        data_parallel=N // sp,
+    )
     if cpu:
         # load: until the model is in its training layout with its weights (the engine's
         # optimizer states come after, in the "setup" phase)
         load = r["runtime"] + 4 * psi * copies_per_node / n + mapped
         # after training: grads freed (set_to_none), persistent buffers stay (DDP's buckets,
         # ZeRO's buckets and grad partitions); FSDP frees its unsharded layers
-        kept = r["buffers"] - released if strategy == "ddp" or zero else 0.0
-        after = r["runtime"] + r["params"] + r["optim"] + kept + (r["grads"] if zero else 0.0)
+        kept = r["buffers"] - released if _buckets_gradients(st) or deepspeed else 0.0
+        after = r["runtime"] + r["params"] + r["optim"] + kept + (r["grads"] if deepspeed else 0.0)
         # rank 0: the gathered state dict (save_pretrained writes it without another copy:
         # measured by bench/memory_bench.py)
         gathered = export_dtype * export_n
         # a replicated model's state dict on a CPU: .cpu() returns the live tensors, no copy
-        copied = 0.0 if strategy in ("single", "ddp", "zero2") else gathered
-        row.process_phases = {"load": load, "train": row.total,
-                              "export": after + copied}  # fmt: skip
+        copied = 0.0 if st.replicated else gathered
+        row.process_phases = {"load": load, "train": row.total, "export": after + copied}
         row.process_export_other = after
     return row
 
 
-def plan(model, ngpu: int = 1, nnodes: int = 1, strategies=None, seq: int = 2048, batch: int = 1,
-         bf16: bool = False, checkpointing: bool = False, gpu_memory: float | None = None,
-         peft: str | None = None, device: str = "gpu", runtime: float | None = None,
-         lora_r: int = 64, loss_chunk: int = 512, loading: str = "streaming") -> list[Row]:  # fmt: skip
-    """The rows of the plan; `model` is a config dict, a config.json, or a model folder."""
-    shape = model if isinstance(model, Shape) else Shape.from_config(model)
-    if device == "cpu" and runtime is None:
-        runtime = measure_runtime()
-    s = Setup(ngpu, nnodes, seq, batch, bf16, checkpointing, device, peft, lora_r, loss_chunk,
-              loading, runtime or 0.0)  # fmt: skip
-    names = list(strategies or STRATEGIES)
-    if peft:
-        names = [x for x in names if x in PEFT_STRATEGIES[peft]]
-    if s.ranks > 1:
-        names = [x for x in names if x != "single"]
-    else:  # one process: camelid's torch engine runs it as single; DeepSpeed still offloads
-        names = [x for x in names if x == "single" or x.startswith("zero")]
-    rows = [plan_row(shape, x, s) for x in names]
-    if gpu_memory:
-        for row in rows:
-            row.fits = fits(row, gpu_memory)
-        fitting = [row for row in rows if row.fits]
-        if fitting:  # STRATEGIES is ordered cheapest first
-            fitting[0].cheapest = True
-    return rows
+def why_not(st: Strategy, s: Setup) -> str | None:
+    """Why `st` has no row for this setup (None: it has one)."""
+    if s.peft == "qlora" and not st.quantized_base:
+        return "does not train an adapter on a quantized base (--peft qlora)"
+    if s.peft == "lora" and not st.adapters:
+        return "does not train adapters (--peft lora)"
+    if s.ranks > 1 and not st.multi_process:
+        return f"runs one process, and --ngpu {s.ngpu} x --nnodes {s.nnodes} is {s.ranks}"
+    if s.ranks == 1 and st.multi_process and st.engine == "torch":
+        return "with one process, camelid's torch engine runs it as single"
+    return None
+
+
+def limits_failed(
+    row: Row, device: str, gpu_memory: float | None, cpu_memory: float | None
+) -> list[str] | None:
+    """The limits a row exceeds ("gpu", "host"; none: it fits), or None without any budget.
+    With device cpu only the host counts: every component is host memory."""
+    if device == "cpu":
+        gpu_memory = None
+    if gpu_memory is None and cpu_memory is None:
+        return None
+    fails = []
+    if gpu_memory is not None and row.total > gpu_memory:
+        fails.append("gpu")
+    if cpu_memory is not None and row.cpu_peak > cpu_memory:
+        fails.append("host")
+    return fails
 
 
 def fits(row: Row, gpu_memory: float, cpu_memory: float | None = None) -> bool:
@@ -458,10 +805,134 @@ def fits(row: Row, gpu_memory: float, cpu_memory: float | None = None) -> bool:
     return row.total <= gpu_memory and (cpu_memory is None or row.cpu_peak <= cpu_memory)
 
 
+def longest_row(
+    shape: Shape, st: Strategy, s: Setup, gpu_memory: float | None, cpu_memory: float | None
+) -> Row:
+    """The row at the longest length (a multiple of sp, at most MAX_TOKENS) that fits, by
+    doubling then bisection: memory never decreases with the length. None fits: the row at
+    the shortest length, max_length None."""
+
+    def at(k: int) -> Row:
+        return plan_row(shape, st, replace(s, seq=k * s.sp))
+
+    def ok(row: Row) -> bool:
+        return not limits_failed(row, s.device, gpu_memory, cpu_memory)
+
+    best = at(1)
+    if not ok(best):
+        best.notes.append(f"no length fits, not even {s.sp} token(s) per row")
+        return best
+    lo, hi, cap = 1, 2, MAX_TOKENS // s.sp
+    while hi <= cap:
+        row = at(hi)
+        if not ok(row):
+            break
+        lo, best, hi = hi, row, hi * 2
+    hi = min(hi, cap + 1)  # the first multiple known not to fit (cap + 1: beyond the search)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        row = at(mid)
+        if ok(row):
+            lo, best = mid, row
+        else:
+            hi = mid
+    best.max_length = lo * s.sp
+    if lo == cap:
+        best.notes.append(f"fits at {MAX_TOKENS:,} tokens, where the search stops")
+    if shape.positions and best.max_length > shape.positions:
+        best.notes.append(f"beyond the model's {shape.positions:,} positions: RoPE scaling needed")
+    return best
+
+
+def plan(
+    model,
+    ngpu: int = 1,
+    nnodes: int = 1,
+    strategies=None,
+    seq: int | str = 2048,
+    batch: int = 1,
+    bf16: bool = False,
+    checkpointing: bool = False,
+    gpu_memory: float | None = None,
+    peft: str | None = None,
+    device: str = "gpu",
+    runtime: float | None = None,
+    lora_r: int = 64,
+    loss_chunk: int = 512,
+    loading: str = "streaming",
+    cpu_memory: float | None = None,
+    sp: int = 1,
+) -> list[Row]:
+    """The rows of the plan, cheapest first; `model` is a config dict, a config.json, a model
+    folder, a PRESETS name or a Shape. `strategies`: names or Strategy objects (default: the
+    registry's); `seq="auto"`: each row at its longest length that fits (needs a budget);
+    `gpu_memory`, `cpu_memory` (bytes, per GPU and per node): judge each row's fit, and mark
+    the cheapest that fits both. `sp`: --sequence_parallel_size. PlanError on bad input."""
+    shape = model if isinstance(model, Shape) else Shape.from_config(model)
+    auto = seq == "auto"
+    s = Setup(
+        ngpu=ngpu,
+        nnodes=nnodes,
+        seq=1 if auto else seq,
+        batch=batch,
+        bf16=bf16,
+        checkpointing=checkpointing,
+        device=device,
+        peft=peft,
+        lora_r=lora_r,
+        loss_chunk=loss_chunk,
+        loading=loading,
+        runtime=runtime or 0.0,
+        sp=sp,
+    ).check(shape)
+    gpu_memory = memory_size("--gpu_memory", gpu_memory)
+    cpu_memory = memory_size("--cpu_memory", cpu_memory)
+    if auto and (cpu_memory if device == "cpu" else gpu_memory) is None:
+        need = "--cpu_memory" if device == "cpu" else "--gpu_memory"
+        raise PlanError(f"--model_max_length auto: the longest length needs a budget ({need})")
+    if isinstance(strategies, (str, Strategy)):
+        strategies = [strategies]
+    try:
+        chosen = [parallel.get(x) for x in strategies] if strategies else parallel.by_cost()
+    except parallel.UnknownStrategy:
+        unknown = next(x for x in strategies if x not in parallel.STRATEGIES)
+        raise PlanError(
+            f"--strategy {_short(unknown)}: not one of {', '.join(parallel.names())}, or all"
+        ) from None
+    for st in chosen if strategies else ():
+        reason = why_not(st, s)
+        if reason:
+            able = [x.name for x in parallel.by_cost() if not why_not(x, s)]
+            raise PlanError(
+                f"--strategy {st.name}: {reason}; strategies for this setup: {', '.join(able) or 'none'}"
+            )
+    if device == "cpu" and runtime is None:
+        s.runtime = measured_runtime()
+    rows = []
+    for st in sorted(chosen, key=lambda x: x.cost_rank):
+        if why_not(st, s):
+            continue
+        row = longest_row(shape, st, s, gpu_memory, cpu_memory) if auto else plan_row(shape, st, s)
+        failed = limits_failed(row, device, gpu_memory, cpu_memory)
+        if failed is not None:
+            row.fits, row.fails = not failed, failed
+        rows.append(row)
+    fitting = [row for row in rows if row.fits]
+    if fitting:  # rows run cheapest first
+        fitting[0].cheapest = True
+    return rows
+
+
 # ---------------------------------------------------------------- the process runtime
 
-RUNTIME_IMPORTS = ("torch", "torch.distributed.fsdp", "transformers", "datasets",
-                   "transformers.models.llama.modeling_llama", "recipes.full_finetune")  # fmt: skip
+RUNTIME_IMPORTS = (
+    "torch",
+    "torch.distributed.fsdp",
+    "transformers",
+    "datasets",
+    "transformers.models.llama.modeling_llama",
+    "recipes.full_finetune",
+)
 
 
 def measure_runtime(deepspeed: bool = True, recipe_argv: list[str] | None = None) -> float:
@@ -505,26 +976,205 @@ print(int(re.search(r"VmRSS:\\s+(\\d+)", t).group(1)) * 1024)
     for key in ("MALLOC_MMAP_THRESHOLD_", "HOME", "CAMELID_CACHE", "CAMELID_SHARED_DATA"):
         if key in os.environ:  # the same allocator settings and caches as the run measured
             env[key] = os.environ[key]
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
-                         env=env, check=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, env=env, check=True
+    )
     return float(res.stdout.strip().splitlines()[-1])
+
+
+def measured_runtime() -> float:
+    """measure_runtime() for --device cpu, a failure as one PlanError line."""
+    try:
+        return measure_runtime()
+    except subprocess.CalledProcessError as e:
+        last = (e.stderr or "").strip().splitlines()[-1:] or [f"exit status {e.returncode}"]
+        raise PlanError(
+            f"--device cpu: measuring the process runtime failed ({last[0]}); give --runtime_mb"
+        ) from None
+    except (OSError, ValueError, IndexError) as e:
+        raise PlanError(
+            f"--device cpu: measuring the process runtime failed ({e}); give --runtime_mb"
+        ) from None
 
 
 # ---------------------------------------------------------------- command line
 
 
-def parse_size(text: str) -> float:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", text, re.I)
+@dataclass
+class PlanOptions:
+    """What `python -m recipes.plan` reads: one field per option, its help in metadata, parsed by
+    transformers' HfArgumentParser (the flags as FastChat and the recipes spell them)."""
+
+    model: str = field(
+        metadata={
+            "help": "a model folder with config.json, the config.json, or "
+            f"one of {', '.join(PRESETS)}"
+        }
+    )
+    ngpu: int = option(1, "GPUs (processes) per node")
+    nnodes: int = option(1, "nodes (--ngpu each)")
+    strategy: str = option("all", "a strategy of recipes/core/parallel.py, or all")
+    model_max_length: str = option(
+        "2048", "tokens per training row, or auto: per strategy, the longest that fits"
+    )
+    per_device_train_batch_size: int = option(1, "rows per GPU in each step", aliases=["--batch"])
+    bf16: bool = option(False, "bf16 mixed precision (else fp32)")
+    gradient_checkpointing: bool = option(False, "activation checkpointing per decoder layer")
+    sequence_parallel_size: int = option(
+        1,
+        "Ulysses sequence parallelism: ranks sharing each row (it divides the ranks, the "
+        "attention heads and the key/value heads)",
+    )
+    gpu_memory: str = option("80GB", "memory of each GPU: 80GB, 141GiB, 1.5TB; a bare number is GB")
+    cpu_memory: str | None = option(
+        None, "host memory per node, as --gpu_memory; none: the host is not judged"
+    )
+    loss_chunk_size: int = option(
+        512, "camelid's chunked loss rows (0: transformers' loss over all logits)"
+    )
+    loading: Literal["streaming", "full"] = option(
+        "streaming", "streaming: sharded loading; full: every rank loads the whole model"
+    )
+    peft: Literal["lora", "qlora"] | None = option(
+        None, "an adapter on a frozen base (qlora: on a 4-bit base); none: the full model"
+    )
+    lora_r: int = option(64, "LoRA rank, with --peft")
+    device: Literal["gpu", "cpu"] = option(
+        "gpu", "gpu: memory per GPU; cpu: each process's peak RSS of a CPU run (runtime measured)"
+    )
+    runtime_mb: float | None = option(
+        None, "with --device cpu, each process's runtime in MiB; none: measured"
+    )
+    json: bool = option(False, "print the plan as JSON instead of the table")
+
+
+SIZE = re.compile(r"\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([KMGTP]i?B?|B)?\s*", re.I)
+
+
+def parse_size(text: str, flag: str = "--gpu_memory") -> float:
+    """80GB, 141GiB, 1.5T, 2e11B (a bare number is GB) in bytes: more than 0, at most 1 PB."""
+    m = SIZE.fullmatch(text)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 80GB, 141GiB)")
-    unit = (m.group(2) or "GB").upper().rstrip("B") or "B"
-    scale = {"B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]  # fmt: skip
-    return float(m.group(1)) * scale
+        raise PlanError(
+            f"{flag} {text!r}: not a size (e.g. 80GB, 141GiB, 1.5TB; a bare number is GB)"
+        )
+    unit = (m[2] or "GB").upper().rstrip("B") or "B"
+    scale = {
+        "B": 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+        "PI": 2**50,
+    }[unit]
+    value = float(m[1]) * scale
+    if not 0 < value <= MAX_BYTES:  # inf (1e999) and 0 alike
+        raise PlanError(f"{flag} {text!r}: a memory size is more than 0 and at most 1 PB")
+    return value
 
 
-def to_json(rows: list[Row], shape: Shape, s: dict) -> dict:
-    out = {"model": {**asdict(shape), "params": shape.params}, "setup": s, "rows": []}
+def parse_length(text: str) -> int | str:
+    """--model_max_length: tokens, or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not re.fullmatch(r"\s*\d{1,18}\s*", text):
+        raise PlanError(
+            f"--model_max_length {text!r}: a whole number of tokens from 1 to "
+            f"{MAX_TOKENS:,}, or auto"
+        )
+    return int(text)
+
+
+def option_parser():
+    """HfArgumentParser over PlanOptions: every flag with its help and default; a bad command
+    line is one PlanError, not usage and exit."""
+    from transformers import HfArgumentParser
+
+    from recipes.core.config import HelpFormatter
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            m = re.match(r"argument ([-\w]+)[^:]*: (.*)", message, re.S)
+            raise PlanError(f"{m[1]}: {m[2]}" if m else message)
+
+    parser = Parser(
+        PlanOptions,
+        prog="python -m recipes.plan",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+    for action in parser._actions:  # one spelling: --key_name (as the recipes' --help)
+        for alias in [o for o in action.option_strings if "-" in o[2:]]:
+            action.option_strings.remove(alias)
+            del parser._option_string_actions[alias]
+    actions = parser._option_string_actions
+    actions["--strategy"].help = f"one of {', '.join(parallel.names())}, or all"
+    for flag, metavar in (
+        ("--model", "PATH"),
+        ("--strategy", "NAME"),
+        ("--gpu_memory", "SIZE"),
+        ("--cpu_memory", "SIZE"),
+        ("--model_max_length", "INT|auto"),
+        ("--bf16", "BOOL"),
+        ("--gradient_checkpointing", "BOOL"),
+        ("--json", "BOOL"),
+    ):
+        actions[flag].metavar = metavar
+    return parser
+
+
+def parse_options(argv: list[str] | None = None) -> PlanOptions:
+    parser = option_parser()
+    options, rest = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if rest:
+        import difflib
+
+        known = [o for o in parser._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(rest[0].partition("=")[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else " (--help lists the options)"
+        raise PlanError(f"unrecognized argument {rest[0]!r}{hint}")
+    return options
+
+
+def plan_arguments(o: PlanOptions) -> dict:
+    """plan()'s keywords from the command line (sizes and lengths parsed, ranges checked)."""
+    gpu_memory = parse_size(o.gpu_memory, "--gpu_memory")
+    runtime = None
+    if o.runtime_mb is not None:
+        if not 0 <= o.runtime_mb <= MAX_BYTES / MIB:  # NaN too
+            raise PlanError(f"--runtime_mb {o.runtime_mb!r}: MiB from 0 to {MAX_BYTES / MIB:,.0f}")
+        runtime = o.runtime_mb * MIB
+    return dict(
+        model=o.model,
+        ngpu=o.ngpu,
+        nnodes=o.nnodes,
+        strategies=None if o.strategy == "all" else [o.strategy],
+        seq=parse_length(o.model_max_length),
+        batch=o.per_device_train_batch_size,
+        bf16=o.bf16,
+        checkpointing=o.gradient_checkpointing,
+        gpu_memory=None if o.device == "cpu" else gpu_memory,
+        cpu_memory=None if o.cpu_memory is None else parse_size(o.cpu_memory, "--cpu_memory"),
+        peft=o.peft,
+        device=o.device,
+        runtime=runtime,
+        lora_r=o.lora_r,
+        loss_chunk=o.loss_chunk_size,
+        loading=o.loading,
+        sp=o.sequence_parallel_size,
+    )
+
+
+def to_json(rows: list[Row], shape: Shape, setup: dict) -> dict:
+    out = {"model": {**asdict(shape), "params": shape.params}, "setup": setup, "rows": []}
     for row in rows:
         d = asdict(row)
         d["total"], d["cpu_peak"] = row.total, row.cpu_peak
@@ -532,81 +1182,141 @@ def to_json(rows: list[Row], shape: Shape, s: dict) -> dict:
     return out
 
 
-def table(rows: list[Row], shape: Shape, device: str, unit: float, uname: str) -> str:
-    head = "rank RSS" if device == "cpu" else "per GPU"
-    cols = ("params", "grads", "optim", "activations", "logits", "buffers") + (
-        ("runtime",) if device == "cpu" else ()
-    )
-    lines = [f"{shape.params / 1e9:.3f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
-             f"{shape.heads} heads / {shape.kv_heads} kv, vocab {shape.vocab}); {head} and per node host, {uname}",
-             f"{'strategy':14}" + "".join(f"{c[:7]:>9}" for c in cols) + f"{'total':>9}{'act/ckpt':>9}"
-             f"{'act full':>9}{'host':>9}{'load':>9}{'copies':>7}  fits"]  # fmt: skip
+def _grid(head: list[str], body: list[list[str]], left: tuple[int, ...]) -> list[str]:
+    """Columns as wide as their widest value; the columns in `left` flush left."""
+    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
+    return [
+        "  ".join(
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths))
+        ).rstrip()
+        for x in (head, *body)
+    ]
+
+
+def table(rows: list[Row], shape: Shape, setup: dict) -> str:
+    """The plan as text: one row per strategy, columns as wide as their values, then what the
+    columns mean, what "cheapest" means, and what to change when nothing fits."""
+    cpu, sp, auto = setup["device"] == "cpu", setup["sp"], setup["seq"] == "auto"
+    unit, uname = (MIB, "MiB") if cpu else (GB, "GB (1e9 bytes)")
+    comps = [c for c in COMPONENTS if (c != "runtime" or cpu) and (c != "a2a" or sp > 1)]
+    head = ["strategy", *comps, "total", "act/ckpt", "act full", "host", "load", "copies"]
+    head += ["max len"] * auto + ["fits"]
+    body = []
     for row in rows:
-        mark = "" if row.fits is None else ("yes" if row.fits else "no")
+        mark = (
+            ""
+            if row.fits is None
+            else "yes"
+            if row.fits
+            else "no: " + " and ".join({"gpu": "GPU", "host": "host"}[f] for f in row.fails)
+        )
         if row.cheapest:
             mark += "  <- cheapest that fits"
-        pr = row.per_rank
-        lines.append(f"{row.strategy:14}" + "".join(f"{pr[c] / unit:>9,.1f}" for c in cols)
-                     + f"{row.total / unit:>9,.1f}{row.activations_ckpt / unit:>9,.1f}"
-                     f"{row.activations_no_ckpt / unit:>9,.1f}{row.cpu_peak / unit:>9,.1f}"
-                     f"{row.per_node_cpu['load'] / unit:>9,.1f}{row.load_model_copies_per_node:>7.2f}  {mark}")  # fmt: skip
+        values = [
+            *(row.per_rank[c] for c in comps),
+            row.total,
+            row.activations_ckpt,
+            row.activations_no_ckpt,
+            row.cpu_peak,
+            row.per_node_cpu["load"],
+        ]
+        cells = [row.strategy, *(f"{v / unit:,.1f}" for v in values)]
+        cells.append(f"{row.load_model_copies_per_node:.2f}")
+        if auto:
+            cells.append("none" if row.max_length is None else f"{row.max_length:,}")
+        body.append([*cells, mark])
+    who = "rank RSS" if cpu else "per GPU"
+    tokens = "the longest length that fits" if auto else f"{setup['seq']:,} tokens"
+    lines = [
+        f"{shape.params / 1e9:.3f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
+        f"{shape.heads} heads / {shape.kv_heads} kv, vocab {shape.vocab}); {tokens} x "
+        f"{setup['batch']} row(s), {'bf16' if setup['bf16'] else 'fp32'}"
+        f"{', checkpointing' if setup['checkpointing'] else ''}; {who} and per node host, {uname}",
+        *_grid(head, body, left=(0, len(head) - 1)),
+    ]
+    gpu, host = setup["gpu_memory"], setup["cpu_memory"]
+    judged = [f"each node's host peak <= --cpu_memory {host / GB:,.1f} GB"] if host else []
+    if not cpu:
+        judged.insert(0, f"per-GPU total <= --gpu_memory {gpu / GB:,.1f} GB")
+    if judged:
+        lines.append(f"fits: {' and '.join(judged)} (no: the limit exceeded)")
+    if not cpu:
+        lines.append(
+            "host = the node's peak (train, load, export); load = the node's host bytes "
+            "while loading; copies = fp32 model copies a node holds while loading"
+        )
+    lines.append(
+        "rows run from least communication to most (replicas all-reduce gradients; "
+        "sharding adds parameter gathers; offloading adds host round trips): "
+        '"cheapest that fits" is the first row that fits'
+    )
+    if sp > 1:
+        lines.append(
+            f"sequence parallel {sp} (Ulysses): each row split over {sp} ranks; "
+            f"activations and logits per rank for 1/{sp} of its tokens; data parallel "
+            f"over {rows[0].data_parallel if rows else '?'} ranks; a2a = one layer's "
+            "all-to-all send buffers (q, k, v)"
+        )
+    if auto:
+        lines.append(
+            f"max len: the longest --model_max_length (a multiple of {sp}) that fits; "
+            "each row's memory is at that length"
+        )
+        if shape.positions and any((r.max_length or 0) > shape.positions for r in rows):
+            lines.append(
+                f"the model has {shape.positions:,} positions (max_position_embeddings): "
+                "longer rows need RoPE scaling or a long-context model"
+            )
+    if rows and rows[0].fits is not None and not any(r.fits for r in rows):
+        fixes = "--gradient_checkpointing, a shorter --model_max_length, --sequence_parallel_size"
+        if cpu:
+            fixes = f"more host memory or nodes, {fixes}, or --peft"
+        else:
+            fixes = f"more GPUs or nodes, {fixes}, or --peft"
+            if any("host" in r.fails for r in rows):
+                fixes += "; for the host: more host memory, or a row whose host column fits"
+        lines.append(f"nothing fits: {fixes}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
-    from recipes.core.config import HelpFormatter
+def _printable(text: str) -> str:
+    """One line with no control characters (a file name may hold any)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
-    ap = argparse.ArgumentParser(prog="python -m recipes.plan", description=__doc__,
-                                 formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
-    ap.add_argument("--model", required=True, help="a model folder with config.json, or the file")
-    ap.add_argument("--ngpu", type=int, default=1, help="GPUs (processes) per node")
-    ap.add_argument("--nnodes", type=int, default=1)
-    ap.add_argument("--strategy", default="all", help=f"one of {', '.join(STRATEGIES)}, or all")
-    ap.add_argument("--model_max_length", type=int, default=2048)
-    ap.add_argument("--per_device_train_batch_size", type=int, default=1)
-    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (else fp32)")
-    ap.add_argument("--gradient_checkpointing", action="store_true")
-    ap.add_argument("--gpu_memory", type=parse_size, default=parse_size("80GB"))
-    ap.add_argument("--cpu_memory", type=parse_size, default=None, help="host memory per node")
-    ap.add_argument("--loss_chunk_size", type=int, default=512,
-                    help="camelid's chunked loss rows (0: transformers' loss over all logits)")  # fmt: skip
-    ap.add_argument("--loading", choices=("streaming", "full"), default="streaming",
-                    help="streaming: sharded loading; full: every rank loads the whole model")  # fmt: skip
-    ap.add_argument("--peft", choices=("lora", "qlora"), default=None)
-    ap.add_argument("--lora_r", type=int, default=64)
-    ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                    help="cpu: predict each process's peak RSS of a CPU run (runtime measured)")  # fmt: skip
-    ap.add_argument("--runtime_mb", type=float, default=None, help="skip measuring the runtime")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
-    if a.strategy != "all" and a.strategy not in STRATEGIES:
-        ap.error(f"--strategy {a.strategy!r}: choose from {', '.join(STRATEGIES)} or all")
-    shape = Shape.from_config(a.model)
-    runtime = a.runtime_mb * MIB if a.runtime_mb is not None else None
-    memory = None if a.device == "cpu" else a.gpu_memory
-    rows = plan(shape, a.ngpu, a.nnodes, None if a.strategy == "all" else [a.strategy], a.model_max_length,
-                a.per_device_train_batch_size, a.bf16, a.gradient_checkpointing, memory, a.peft, a.device,
-                runtime, a.lora_r, a.loss_chunk_size, a.loading)  # fmt: skip
-    if a.device == "cpu" and a.cpu_memory:
-        for row in rows:
-            row.fits = row.total * row.ranks <= a.cpu_memory
-    elif a.cpu_memory:
-        for row in rows:
-            row.fits = fits(row, a.gpu_memory, a.cpu_memory)
-    if a.json:
-        setup = {k: v for k, v in vars(a).items() if k != "json"}
-        print(json.dumps(to_json(rows, shape, setup), indent=2))
-        return rows
-    unit, uname = (MIB, "MiB") if a.device == "cpu" else (GB, "GB (1e9 bytes)")
-    print(table(rows, shape, a.device, unit, uname))
-    if a.device != "cpu":
-        print(f"fits: per-GPU total <= --gpu_memory {a.gpu_memory / GB:,.1f} GB; host = the node's peak "
-              f"(train, load, export), load = the node's host bytes while loading, copies = fp32 model "
-              f"copies a node holds while loading")  # fmt: skip
-        if not any(r.fits for r in rows):
-            print(
-                "nothing fits: more GPUs, --gradient_checkpointing, a shorter --model_max_length, or --peft"
-            )
+
+def write(text: str) -> None:
+    """stdout, or a quiet exit 141 (as SIGPIPE's) when its reader went away (`| head -1`)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that nothing more fails
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    try:
+        options = parse_options(argv)
+        arguments = plan_arguments(options)
+        shape = Shape.from_config(arguments.pop("model"))
+        rows = plan(shape, **arguments)
+    except PlanError as e:
+        print(f"python -m recipes.plan: error: {_printable(str(e))}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    if options.json:
+        setup = {k: v for k, v in asdict(options).items() if k != "json"}
+        setup.update(
+            {
+                "gpu_memory": arguments["gpu_memory"],
+                "cpu_memory": arguments["cpu_memory"],
+                "model_max_length": arguments["seq"],
+            }
+        )
+        write(json.dumps(to_json(rows, shape, setup), indent=2) + "\n")
+    else:
+        write(table(rows, shape, arguments) + "\n")
     return rows
 
 

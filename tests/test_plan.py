@@ -4,7 +4,9 @@ and its command line on a hand-written Llama-2-70B config."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -12,13 +14,22 @@ import pytest
 import torch
 
 from recipes import plan as P
+from recipes.core import parallel
 
 LLAMA2_70B = {  # meta-llama/Llama-2-70b-hf config.json, the fields the planner reads
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
-    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "float16",
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "float16",
+}
 
 
 def test_model_states_reproduce_the_zero_paper_table():
@@ -57,8 +68,14 @@ def test_plan_rows_use_the_zero_model_states():
 def test_parameter_count_equals_transformers(overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344,
-                      num_hidden_layers=3, num_attention_heads=4, **overrides)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        **overrides,
+    )
     with torch.device("meta"):
         want = LlamaForCausalLM(cfg).num_parameters()
     assert P.Shape.from_config(cfg.to_dict()).params == want
@@ -77,8 +94,14 @@ def test_layer_activations_equal_what_autograd_saves(kv, dtype):
     storage, against the formula."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=500, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=500,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -118,7 +141,7 @@ def test_fits_and_cheapest():
     assert by["fsdp"].fits and by["zero3"].fits
     cheapest = [r for r in rows if r.cheapest]
     assert len(cheapest) == 1 and cheapest[0].fits
-    # cheapest: the first fitting row in STRATEGIES' order
+    # cheapest: the first fitting row, rows in the registry's cost order
     assert cheapest[0] is next(r for r in rows if r.fits)
     row = by["fsdp"]
     assert P.fits(row, row.total) and not P.fits(row, row.total - 1)
@@ -138,24 +161,49 @@ def test_qlora_base_is_about_a_quarter_of_bf16():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "recipes.plan", *args], capture_output=True,
-                          text=True, check=True, cwd=P.DS_CONFIG_DIR.parent).stdout  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.plan", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=P.DS_CONFIG_DIR.parent,
+    ).stdout
 
 
 def test_cli_on_a_70b_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_70B))
-    out = _cli("--model", str(tmp_path), "--ngpu", "8", "--bf16", "--gradient_checkpointing",
-               "--gpu_memory", "80GB")  # fmt: skip
+    out = _cli(
+        "--model",
+        str(tmp_path),
+        "--ngpu",
+        "8",
+        "--bf16",
+        "--gradient_checkpointing",
+        "--gpu_memory",
+        "80GB",
+    )
     assert "68.977B parameters" in out
     marked = [line for line in out.splitlines() if "<- cheapest that fits" in line]
-    assert len(marked) == 1 and marked[0].split()[0] in P.STRATEGIES
+    assert len(marked) == 1 and marked[0].split()[0] in parallel.names()
     assert marked[0].split()[0] not in ("ddp", "zero2", "fsdp", "zero3")  # 16 Psi / 8 > 80 GB
+    assert "least communication" in out  # what "cheapest" means
 
-    data = json.loads(_cli("--model", str(tmp_path / "config.json"), "--ngpu", "8", "--nnodes",
-                           "4", "--bf16", "--gradient_checkpointing", "--json"))  # fmt: skip
+    data = json.loads(
+        _cli(
+            "--model",
+            str(tmp_path / "config.json"),
+            "--ngpu",
+            "8",
+            "--nnodes",
+            "4",
+            "--bf16",
+            "--gradient_checkpointing",
+            "--json",
+        )
+    )
     assert data["model"]["params"] == 68_976_648_192
     rows = {r["strategy"]: r for r in data["rows"]}
-    assert set(rows) == set(P.STRATEGIES) - {"single"}
+    assert set(rows) == {s.name for s in parallel.by_cost() if s.multi_process}
     for r in rows.values():
         assert r["total"] == pytest.approx(sum(r["per_rank"].values()))
         assert r["fits"] == (r["total"] <= 80e9)
@@ -168,3 +216,378 @@ def test_cpu_mode_measures_the_runtime():
     rt = rows[0].per_rank["runtime"]
     assert 100 * P.MIB < rt < 4096 * P.MIB  # python + torch + transformers + deepspeed
     assert rows[0].per_rank["buffers"] > 0 and rows[0].total > rt + 16 * 6.7e9 / 2
+
+
+# -- the strategy registry -------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy():
+    """A strategy registered from outside the planner: ddp's attributes under another name."""
+    strategy = parallel.register(
+        dataclasses.replace(
+            parallel.DDP,
+            name="toy",
+            cost_rank=99,
+            description="a copy of ddp",
+            fastchat_fsdp=frozenset(),
+        )
+    )
+    yield strategy
+    del parallel.STRATEGIES["toy"]
+
+
+def test_a_registered_strategy_gets_a_row_without_a_planner_edit(toy):
+    rows = {r.strategy: r for r in P.plan("llama-2-7b", ngpu=8, bf16=True, gpu_memory=80e9)}
+    assert list(rows)[-1] == "toy"  # cost_rank 99: last
+    for attr in ("per_rank", "per_node_cpu", "load_model_copies_per_node", "fits", "fails"):
+        assert getattr(rows["toy"], attr) == getattr(rows["ddp"], attr), attr
+    # one process: a torch strategy runs as single, as ddp does
+    assert "toy" not in {r.strategy for r in P.plan("llama-2-7b", ngpu=1)}
+    assert "toy" in P.option_parser()._option_string_actions["--strategy"].help
+
+
+def test_the_planner_reads_attributes_not_names():
+    """Strategy names appear in recipes/plan.py only in documentation and presets: decisions
+    come from recipes/core/parallel.py's Strategy attributes."""
+    src = (P.DS_CONFIG_DIR.parent / "recipes" / "plan.py").read_text()
+    names = "|".join(parallel.names())
+    assert not re.findall(rf'"({names})"', src)
+    assert "startswith(" not in src.replace('o.startswith("--")', "")
+
+
+def test_adapters_follow_the_registry():
+    lora = [r.strategy for r in P.plan("llama-2-7b", ngpu=8, peft="lora", bf16=True)]
+    assert lora == [s.name for s in parallel.by_cost() if s.adapters and s.multi_process]
+    qlora = [r.strategy for r in P.plan("llama-2-7b", ngpu=8, peft="qlora", bf16=True)]
+    assert qlora == [s.name for s in parallel.by_cost() if s.quantized_base and s.multi_process]
+    rows = {r.strategy: r for r in P.plan("llama-2-7b", ngpu=8, peft="lora", bf16=True)}
+    # ZeRO-3 with offload: the base partition and the adapter's states live on the host
+    off, z3 = rows["zero3_offload"], rows["zero3"]
+    assert off.per_rank["params"] == 0 and off.cpu_peak > z3.cpu_peak
+    assert off.total < z3.total
+
+
+# -- fits: GPU and host ----------------------------------------------------------------------
+
+
+def test_fits_means_gpu_and_host_memory():
+    """The cheapest row must fit the host too (issue 17): 7B on 8 GPUs with 200 GB of host
+    memory, where ZeRO-2 fits the GPUs but loads one fp32 copy per rank (253 GB)."""
+    rows = P.plan(
+        "llama-2-7b", ngpu=8, bf16=True, checkpointing=True, gpu_memory=80e9, cpu_memory=200e9
+    )
+    by = {r.strategy: r for r in rows}
+    assert by["zero2"].total <= 80e9 and by["zero2"].fails == ["host"] and not by["zero2"].fits
+    assert by["ddp"].fails == ["gpu", "host"]
+    cheapest = next(r for r in rows if r.cheapest)
+    assert cheapest.cpu_peak <= 200e9 and cheapest.total <= 80e9
+    assert cheapest is next(r for r in rows if r.fits)
+    # 70B on 8 GPUs with 1 TB: the offloading rows fit the GPUs, not the host: nothing fits
+    rows = P.plan(
+        LLAMA2_70B, ngpu=8, bf16=True, checkpointing=True, gpu_memory=80e9, cpu_memory=1e12
+    )
+    assert not any(r.fits or r.cheapest for r in rows)
+    assert {r.strategy: r.fails for r in rows}["fsdp_offload"] == ["host"]
+
+
+def test_cli_names_the_limit_that_fails(capsys):
+    P.main("--model llama-2-70b --ngpu 8 --bf16 --gradient_checkpointing --cpu_memory 1TB".split())
+    out = capsys.readouterr().out
+    assert "cheapest that fits" not in out.replace('"cheapest that fits" is', "")
+    lines = {line.split()[0]: line for line in out.splitlines()[2:9]}
+    assert lines["fsdp_offload"].endswith("no: host") and lines["fsdp"].endswith("no: GPU")
+    assert lines["ddp"].endswith("no: GPU and host")
+    assert "nothing fits" in out and "for the host" in out
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_columns_follow_the_values(capsys):
+    """70B in MiB with --device cpu: values past 100,000 keep their columns apart (issue 19)."""
+    P.main("--model llama-2-70b --ngpu 8 --device cpu --runtime_mb 900 --cpu_memory 2TB".split())
+    lines = capsys.readouterr().out.splitlines()
+    head = lines[1]
+    fits_at = head.index("fits")
+    n = len(re.split(r"\s{2,}", head[:fits_at].strip()))  # names with a space: "act full"
+    for line in lines[2:9]:
+        cells = line[:fits_at].split()
+        assert len(cells) == n, line  # no two values run together
+        assert all(c.replace(",", "").replace(".", "").isdigit() for c in cells[1:]), line
+    assert any(len(c) > 9 for line in lines[2:9] for c in line.split()), "no wide value tested"
+
+
+def test_every_option_has_help():
+    parser = P.option_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    flags = set(parser._option_string_actions)
+    for flag in (
+        "--model",
+        "--ngpu",
+        "--nnodes",
+        "--strategy",
+        "--model_max_length",
+        "--per_device_train_batch_size",
+        "--bf16",
+        "--gradient_checkpointing",
+        "--gpu_memory",
+        "--cpu_memory",
+        "--loss_chunk_size",
+        "--loading",
+        "--peft",
+        "--lora_r",
+        "--device",
+        "--runtime_mb",
+        "--json",
+        "--sequence_parallel_size",
+    ):
+        assert flag in flags  # the flags users type today, and the new one
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`... --json | head -1`: the reader goes away; no BrokenPipe traceback, status 141."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recipes.plan", "--model", "llama-2-70b", "--ngpu", "8", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=P.DS_CONFIG_DIR.parent,
+    )
+    proc.stdout.close()  # before it writes: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == P.EXIT_BROKEN_PIPE and err == ""
+
+
+def _config(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+    return str(path)
+
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 1000,
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--model", "{tmp}/absent"], "--model '{tmp}/absent': no such file or folder"),
+        (["--model", "{tmp}"], "no config.json in this folder"),
+        (["--model", "{tmp}/folder"], "{tmp}/folder/config.json: a folder, not a config.json"),
+        (["--model", "{tmp}/broken.json"], "{tmp}/broken.json: not valid JSON"),
+        (["--model", "{tmp}/null.json"], "{tmp}/null.json: holds null, not an object"),
+        (["--model", "{tmp}/42.json"], "holds the number 42, not an object"),
+        (["--model", "{tmp}/list.json"], "holds a list, not an object"),
+        (["--model", "{tmp}/deep.json"], "nested too deeply"),
+        (["--model", "{tmp}/binary.json"], "{tmp}/binary.json: not"),
+        (["--model", "/dev/zero"], "/dev/zero: not a regular file"),
+        (
+            ["--model", "{tmp}/keys.json"],
+            "not a Llama-shaped config: no vocab_size, intermediate_size",
+        ),
+        (["--model", "{tmp}/gpt2.json"], "model_type 'gpt2' is not Llama-shaped"),
+        (["--model", "{tmp}/moe.json"], "num_local_experts says a mixture of experts"),
+        (
+            ["--model", "{tmp}/huge.json"],
+            "hidden_size is the number 1000000000000000000000000000000",
+        ),
+        (["--model", "{tmp}/nan.json"], "vocab_size is the number nan"),
+        (
+            ["--model", "{tmp}/gqa.json"],
+            "num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+        ),
+        (["--ngpu", "0"], "--ngpu 0: must be a whole number from 1"),
+        (["--ngpu", "abc"], "--ngpu: invalid int value: 'abc'"),
+        (["--nnodes", "0"], "--nnodes 0: must be a whole number from 1"),
+        (["--gpu_memory", "0"], "--gpu_memory '0': a memory size is more than 0"),
+        (["--gpu_memory", "abc"], "--gpu_memory 'abc': not a size"),
+        (["--gpu_memory", "nan"], "--gpu_memory 'nan': not a size"),
+        (
+            ["--gpu_memory", "1e30"],
+            "--gpu_memory '1e30': a memory size is more than 0 and at most 1 PB",
+        ),
+        (["--cpu_memory", "1e999"], "--cpu_memory '1e999': a memory size"),
+        (["--model_max_length", "0"], "--model_max_length 0: must be a whole number from 1"),
+        (["--model_max_length", "1" * 40], "--model_max_length '1111"),
+        (["--batch", "-1"], "--per_device_train_batch_size -1: must be a whole number from 1"),
+        (["--loss_chunk_size", "-1"], "--loss_chunk_size -1"),
+        (["--runtime_mb", "nan", "--device", "cpu"], "--runtime_mb nan"),
+        (["--strategy", "foo"], "--strategy 'foo': not one of single, ddp"),
+        (["--strategy", "fsdp", "--peft", "lora"], "--strategy fsdp: does not train adapters"),
+        (["--strategy", "ddp"], "--strategy ddp: with one process"),
+        (["--peft", "dora"], "--peft: invalid choice: 'dora'"),
+        (["--gpu_mem", "80"], "unrecognized argument '--gpu_mem' (did you mean --gpu_memory?)"),
+        (
+            ["--ngpu", "8", "--sequence_parallel_size", "3"],
+            "--sequence_parallel_size 3 does not divide the 8 ranks",
+        ),
+        (
+            ["--ngpu", "8", "--sequence_parallel_size", "8"],
+            "does not divide the model's 4 attention heads",
+        ),
+        (
+            ["--model_max_length", "auto", "--device", "cpu"],
+            "--model_max_length auto: the longest length needs a budget (--cpu_memory)",
+        ),
+    ],
+)
+def test_bad_input_is_one_line(args, says, tmp_path, capsys):
+    (tmp_path / "folder" / "config.json").mkdir(parents=True)
+    for name, text in (
+        ("broken.json", "{not json"),
+        ("null.json", "null"),
+        ("42.json", "42"),
+        ("list.json", "[]"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000),
+        ("binary.json", b"\xff\xfe\x00\x01\x80"),
+        ("keys.json", '{"hidden_size": 64}'),
+        ("gpt2.json", '{"model_type": "gpt2", "n_embd": 768}'),
+        ("moe.json", json.dumps({**LLAMA, "num_local_experts": 8})),
+        ("huge.json", json.dumps({**LLAMA, "hidden_size": 10**30})),
+        ("nan.json", json.dumps({**LLAMA, "vocab_size": float("nan")})),
+        ("gqa.json", json.dumps({**LLAMA, "num_key_value_heads": 3})),
+    ):
+        _config(tmp_path, name, text)
+    model = (
+        [] if args[0] == "--model" else ["--model", _config(tmp_path, "ok.json", json.dumps(LLAMA))]
+    )
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in model + args]
+    with pytest.raises(SystemExit) as stop:
+        P.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == P.EXIT_ERROR
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert says.replace("{tmp}", str(tmp_path)) in err, err
+
+
+def test_errors_leave_no_traceback_from_the_shell(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    res = subprocess.run(
+        [sys.executable, "-m", "recipes.plan", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=P.DS_CONFIG_DIR.parent,
+    )
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "holds a list" in res.stderr, res.stderr
+
+
+def test_the_python_api_raises_plan_error():
+    with pytest.raises(P.PlanError, match="--ngpu 0"):
+        P.plan("llama-2-7b", ngpu=0)
+    with pytest.raises(ValueError, match="--gpu_memory"):
+        P.plan("llama-2-7b", gpu_memory=float("nan"))
+    with pytest.raises(P.PlanError, match="hidden_size"):
+        P.plan({"vocab_size": 10})
+    # the launcher's pre-flight call, keywords as launch/train.py passes them
+    rows = P.plan(
+        "llama-2-7b",
+        8,
+        1,
+        seq=2048,
+        batch=1,
+        bf16=True,
+        checkpointing=True,
+        gpu_memory=80 * 2**30,
+        loss_chunk=512,
+    )
+    assert all(
+        isinstance(r.strategy, str) and r.total > 0 and r.fits in (True, False) for r in rows
+    )
+
+
+# -- sequence parallelism --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sequence_parallel_splits_the_activations(checkpointing, batch):
+    """sp=2: each rank holds the activations of half the tokens, plus, per layer kept, the
+    attention output's second copy (the kernel's, head-sharded, and o_proj's, sequence-sharded)."""
+    shape = P.Shape.from_config("llama-2-7b")
+    seq, p = 32768, 2
+    whole = P.activation_bytes(shape, seq, batch, p, checkpointing)
+    half = P.activation_bytes(shape, seq // 2, batch, p, checkpointing)
+    kept = 1 if checkpointing else shape.layers  # layers whose attention output is saved
+    sp2 = P.activation_bytes(shape, seq, batch, p, checkpointing, sp=2)
+    assert sp2 == half + kept * p * (seq // 2) * batch * shape.q_dim
+    assert 0.5 < sp2 / whole < 0.53
+    # and every further doubling halves exactly
+    assert P.activation_bytes(shape, seq, batch, p, checkpointing, sp=4) == sp2 / 2
+    # logits rows: the local ones (here all of them: no chunking)
+    assert P.logits_bytes(shape, seq, batch, p, 0, sp=2) == P.logits_bytes(shape, seq, batch, p) / 2
+    # all-to-all: one layer's q, k, v send buffers, in the activation dtype
+    assert P.all_to_all_bytes(shape, seq, batch, p, 1) == 0
+    assert P.all_to_all_bytes(shape, seq, batch, p, 2) == p * seq // 2 * batch * (
+        shape.q_dim + 2 * shape.kv_dim
+    )
+
+
+def test_sequence_parallel_rows_keep_model_states_sharded_over_all_ranks():
+    one, two = (
+        P.plan(
+            "llama-2-7b",
+            ngpu=8,
+            bf16=True,
+            checkpointing=True,
+            seq=32768,
+            sp=sp,
+            strategies=["fsdp"],
+        )[0]
+        for sp in (1, 2)
+    )
+    for key in ("params", "grads", "optim", "buffers"):
+        assert one.per_rank[key] == two.per_rank[key]
+    assert two.data_parallel == 4 and two.ranks == 8
+    assert two.per_rank["a2a"] > 0 and two.per_rank["activations"] < one.per_rank["activations"]
+
+
+def test_sequence_parallel_refusals():
+    with pytest.raises(P.PlanError, match="--sequence_parallel_size 3 does not divide the 8 ranks"):
+        P.plan("llama-2-7b", ngpu=8, sp=3)
+    with pytest.raises(P.PlanError, match="the model's 8 key/value heads"):
+        P.plan(LLAMA2_70B, ngpu=8, nnodes=2, sp=16)
+    with pytest.raises(P.PlanError, match="the model's 40 attention heads"):
+        P.plan("llama-2-13b", ngpu=16, sp=16)
+    with pytest.raises(
+        P.PlanError, match="--sequence_parallel_size 16: must be a whole number from 1 to 8"
+    ):
+        P.plan("llama-2-7b", ngpu=8, sp=16)
+
+
+def test_auto_length_is_the_longest_that_fits():
+    kw = dict(ngpu=8, bf16=True, checkpointing=True, gpu_memory=80e9, strategies=["fsdp"])
+    best = {sp: P.plan("llama-2-7b", seq="auto", sp=sp, **kw)[0] for sp in (1, 2, 4)}
+    for sp, row in best.items():
+        n = row.max_length
+        assert n % sp == 0 and row.seq == n and row.fits
+        assert P.plan("llama-2-7b", seq=n, sp=sp, **kw)[0].fits
+        assert not P.plan("llama-2-7b", seq=n + sp, sp=sp, **kw)[0].fits
+    # activations dominate: the length grows almost as sp (the a2a buffers and the second
+    # attention-output copy take the rest)
+    assert best[2].max_length >= 1.8 * best[1].max_length
+    assert best[4].max_length >= 3.4 * best[1].max_length
+    # nothing fits: no length, and the row says so
+    ddp = P.plan("llama-2-7b", seq="auto", **{**kw, "strategies": ["ddp"]})[0]
+    assert ddp.max_length is None and not ddp.fits
+
+
+def test_auto_length_in_the_table_and_json(capsys):
+    argv = "--model llama-2-7b --ngpu 8 --bf16 --gradient_checkpointing --model_max_length auto"
+    argv = [*argv.split(), "--sequence_parallel_size", "4"]
+    P.main([*argv, "--json"])
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert data["setup"]["model_max_length"] == "auto" and rows["ddp"]["max_length"] is None
+    assert rows["fsdp"]["max_length"] > 400_000 and rows["fsdp"]["sp"] == 4
+    P.main(argv)
+    out = capsys.readouterr().out
+    assert "max len" in out and f"{rows['fsdp']['max_length']:,}" in out
+    assert "4,096 positions" in out and "a2a" in out
