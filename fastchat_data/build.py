@@ -15,11 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 from .formats import iter_conversations
-from .io import check_output_dir, check_outputs, replace_dir_atomic, sha256_file
+from .io import check_output_dir, check_outputs, default_cache_dir, replace_dir_atomic, sha256_file
 from .report import Report
 from .schema import Conversation, DataError, Message, SkipRecord, check_count, validate
 from .templates import SeparatorTemplate, check_template_name
-from .tiny import default_cache_dir
 from .tokenize import ConversationTokenizer
 
 CACHE_VERSION = "2"  # bump when the encoding itself changes

@@ -27,6 +27,23 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    """Where tokenized sets and other derived files are cached: $CAMELID_CACHE, else
+    ~/.cache/camelid."""
+    return Path(os.environ.get("CAMELID_CACHE", Path.home() / ".cache" / "camelid"))
+
+
+def save_tokenizer(tok, out_dir) -> None:
+    """`save_pretrained`, keeping a Llama tokenizer's `legacy` flag: transformers 5 does not
+    save it and reloads as legacy=False, which changes how text after `</s>` tokenizes."""
+    tok.save_pretrained(out_dir)
+    if getattr(tok, "legacy", None) is not None:
+        cfg_path = Path(out_dir) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["legacy"] = tok.legacy
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def input_paths(data) -> list[str]:
     """`data` as commands take it: a path, comma-separated paths, or a list of paths."""
     if isinstance(data, list | tuple):

@@ -56,6 +56,7 @@ from .formats import (
 from .io import (
     check_output_dir,
     check_outputs,
+    default_cache_dir,
     input_paths,
     read_records,
     sha256_file,
@@ -75,7 +76,6 @@ from .schema import (
     validate,
 )
 from .templates import SeparatorTemplate, check_template_name
-from .tiny import default_cache_dir
 from .tokenize import IGNORE_INDEX, ConversationTokenizer
 
 PREFERENCE_CACHE_VERSION = "1"  # bump when the preference encoding changes

@@ -1,4 +1,5 @@
-"""Tiny tokenizers and Llama models built locally (no hub is reachable), for demos and tests.
+"""Tiny tokenizers and Llama models built locally (no hub is reachable), for demos, tests and
+benchmarks only: no training or data code imports this module.
 
 Two tokenizer flavours, because masking bugs hide in their difference:
 - "llama": SentencePiece BPE with byte fallback and <unk>/<s>/</s>, loaded as transformers'
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .io import replace_dir_atomic
+from .io import default_cache_dir, replace_dir_atomic, save_tokenizer
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -42,25 +43,10 @@ SIZES = {
 FLAVOURS = ("llama", "llama-nonlegacy", "chatml")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CAMELID_CACHE", Path.home() / ".cache" / "camelid"))
-
-
 def _shuffled(texts: Iterable[str], seed: int) -> list[str]:
     texts = [t for t in texts if t and t.strip()]
     random.Random(seed).shuffle(texts)
     return texts
-
-
-def save_tokenizer(tok, out_dir) -> None:
-    """`save_pretrained`, keeping a Llama tokenizer's `legacy` flag: transformers 5 does not
-    save it and reloads as legacy=False, which changes how text after `</s>` tokenizes."""
-    tok.save_pretrained(out_dir)
-    if getattr(tok, "legacy", None) is not None:
-        cfg_path = Path(out_dir) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["legacy"] = tok.legacy
-        cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def train_llama_tokenizer(

@@ -87,7 +87,7 @@ def convert(
 ) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastchat_data.tiny import save_tokenizer
+    from fastchat_data.io import save_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     state_file = checkpoint / "trainer_state.json"

@@ -25,8 +25,8 @@ import string
 import tempfile
 from pathlib import Path
 
-from fastchat_data.io import replace_dir_atomic, sha256_file
-from fastchat_data.tiny import default_cache_dir, shared_data_dir
+from fastchat_data.io import default_cache_dir, replace_dir_atomic, sha256_file
+from fastchat_data.tiny import shared_data_dir
 from recipes.core.config import ConfigError
 
 TEMPLATES = Path(__file__).with_name("lm_eval_tasks")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastchat_data.tiny import save_tokenizer
+from fastchat_data.io import save_tokenizer
 from recipes.core.checkpoint import RUN_INFO
 from recipes.core.config import ConfigError, HelpFormatter
 from recipes.core.generate import save_for_inference, trained_template

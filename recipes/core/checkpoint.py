@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastchat_data.io import sha256_file
-from fastchat_data.tiny import save_tokenizer
+from fastchat_data.io import save_tokenizer, sha256_file
 
 from .config import ConfigError, TrainConfig
 from .safe_load import UnsafeCheckpoint, check_pickle_file

@@ -68,7 +68,7 @@ def save_for_inference(tokenizer, template, folder: Path) -> dict:
     (`stop.text`), which a server takes as a stop string."""
     from transformers import GenerationConfig
 
-    from fastchat_data.tiny import save_tokenizer
+    from fastchat_data.io import save_tokenizer
 
     try:
         if isinstance(template, str | dict):

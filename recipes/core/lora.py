@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastchat_data.tiny import save_tokenizer
+from fastchat_data.io import save_tokenizer
 
 from .checkpoint import RUN_INFO, load_json_state, save_json_state
 from .config import ConfigError, TrainConfig, option
