@@ -10,7 +10,7 @@ a LlamaConfig (no hub), ShareGPT conversations and DPO pairs of those words. Eve
 row is camelid's own command line (recipes/full_finetune.py, dpo.py, qlora.py; torchrun for
 fsdp and zero3) run through bench/gpu_row.py, which records the process's peak
 `max_memory_allocated` over all of camelid's phases and ends the run where the final
-checkpoint would start (all steps done and logged). Nothing of recipes/core is imported.
+checkpoint would start (all steps done and logged). Of recipes/core only the strategy registry (parallel.py, no torch) is imported.
 
 What runs, in this order. A row is skipped, with the reason, when its package or device is
 missing or when its estimated cost (Row.est_s, ~20 s for a 1B row: start-up, load, 7 steps;
@@ -88,6 +88,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from recipes.core import parallel
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu_check.json"
 WHEEL_MANIFEST = REPO / ".whl" / "MANIFEST.json"
@@ -164,7 +166,7 @@ class Row:
 
     @property
     def torchrun(self) -> bool:
-        return self.strategy != "single"
+        return parallel.get(self.strategy).multi_process
 
 
 def training_row(name: str, dry: bool = False) -> Row:
@@ -177,7 +179,7 @@ def training_row(name: str, dry: bool = False) -> Row:
     est = 20 + (5 if n > 2048 else 0) + (5 if "liger" in flags else 0) + (40 if compiled else 0)
     return Row(
         name,
-        "sft" if strategy == "single" else strategy,
+        strategy if parallel.get(strategy).multi_process else "sft",
         max_len=n,
         batch=TOKENS_PER_STEP // n,
         attn=KERNELS[kernel],
@@ -188,9 +190,9 @@ def training_row(name: str, dry: bool = False) -> Row:
         warmup=3 if compiled else 2,
         steps=8 if compiled else 7,
         strategy=strategy,
-        est_s=est + (25 if strategy == "zero3" else 0),
+        est_s=est + (25 if parallel.get(strategy).engine == "deepspeed" else 0),
         dry=dry,
-        group="grid" if packed and n == 2048 and strategy != "zero3" else "",
+        group="grid" if packed and n == 2048 and parallel.get(strategy).engine == "torch" else "",
         extra=("--loss_chunk_size", "0") if "fusedce" in flags else (),
     )
 
@@ -748,7 +750,7 @@ def row_note(row: Row, r: dict) -> str:
 # ---------------------------------------------------------------- skips
 
 
-def skip_reason(row: Row, cuda: bool, probe: dict, manifest: dict, plan_fsdp: bool) -> str | None:
+def skip_reason(row: Row, cuda: bool, probe: dict, manifest: dict) -> str | None:
     """Why this row cannot run here (a device or a package missing), or None."""
 
     def missing(pkg: str, dist: str) -> str | None:
@@ -761,11 +763,6 @@ def skip_reason(row: Row, cuda: bool, probe: dict, manifest: dict, plan_fsdp: bo
     why = missing("datasets", "datasets")
     if why:
         return why + " (every recipe tokenizes through datasets)"
-    if row.section == "fsdp" and not plan_fsdp:
-        return (
-            "camelid runs a 1-process --strategy fsdp as single (recipes.plan --ngpu 1 "
-            "plans no fsdp row): FSDP2 needs 2 or more GPUs, so no FSDP2 number on 1 GPU"
-        )
     if row.attn == "flash_attention_2":
         return (
             "flash_attention_2 needs a CUDA GPU"
@@ -783,7 +780,7 @@ def skip_reason(row: Row, cuda: bool, probe: dict, manifest: dict, plan_fsdp: bo
         return "compile rows run on the GPU only (inductor's CPU build takes minutes here)"
     if row.section == "qlora":
         return missing("bitsandbytes", "bitsandbytes") or missing("peft", "peft")
-    if row.section == "zero3":
+    if parallel.get(row.strategy).engine == "deepspeed":
         if not cuda:
             return "the ZeRO-3 row runs on the GPU only (DeepSpeed's CPU start-up is ~30 s a row)"
         return missing("deepspeed", "deepspeed")
@@ -1073,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.gpu_wheels import camelid_imports
 
-    audit, results, plan_fsdp = camelid_imports(), {}, None
+    audit, results = camelid_imports(), {}
     for row in rows:
         s = row_settings(row, dry)
         entry = {
@@ -1082,9 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
             "group": row.group,
             "config": {**asdict(row), **s},
         }
-        if row.section == "fsdp" and plan_fsdp is None:
-            plan_fsdp = "fsdp" in plan_prediction(row, s, assets).get("strategies", [])
-        why = skip_reason(row, cuda, probe, manifest, bool(plan_fsdp))
+        why = skip_reason(row, cuda, probe, manifest)
         if why is None and row.id not in selected:
             why = "not in this run's row set (--rows" + (", dry run)" if dry else ")")
         elapsed = time.perf_counter() - t0

@@ -27,6 +27,30 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def cached_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """A file's sha256, remembered by (path, size, modification time) under the cache folder,
+    so that a resume does not read gigabytes of data again to find them unchanged."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = Path(cache_dir or default_cache_dir()) / "sha256" / f"{key}.txt"
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs the next hash
+    return digest
+
+
 def default_cache_dir() -> Path:
     """Where tokenized sets and other derived files are cached: $CAMELID_CACHE, else
     ~/.cache/camelid."""

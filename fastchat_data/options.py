@@ -145,10 +145,10 @@ def type_hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def unknown_option(name: str, known, where: str = "command line") -> UsageError:
+def unknown_option(name: str, known, where: str = "command line", noun: str = "option") -> UsageError:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return UsageError(f"{where}: unknown option {name!r}{hint}")
+    return UsageError(f"{where}: unknown {noun} {name!r}{hint}")
 
 
 # --------------------------------------------------------------------------- the parser
@@ -165,10 +165,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             or action.required
             or action.default is argparse.SUPPRESS
             or not action.option_strings
-            or (action.default is None and "none:" in text)
+            or action.default is None
         ):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def _list_element(hint):
+    """The element type of a `list[X]` annotation (or None for anything else)."""
+    if typing.get_origin(hint) is list:
+        args = typing.get_args(hint)
+        return args[0] if args else str
+    return None
 
 
 def _metavar(hint) -> str:
@@ -243,28 +251,43 @@ def _hf_parser_class() -> type:
             self._sections = sections
             super().__init__(classes, allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
 
+        def _group(self, section: type):
+            title = (section.__doc__ or section.__name__).strip().split("\n")[0]
+            groups = self.__dict__.setdefault("_section_groups", {})
+            if title not in groups:
+                groups[title] = self.add_argument_group(title)
+            return groups[title]
+
         def _add_dataclass_arguments(self, dtype):
             hints = type_hints(dtype)
-            target = self
-            if self._sections:
-                title = (dtype.__doc__ or dtype.__name__).strip().split("\n")[0]
-                target = self.add_argument_group(title)
             for declared in fields(dtype):
                 if not declared.init:
                     continue
+                # a composed config's fields name their section: --help groups by it
+                section = declared.metadata.get("section") or (dtype if self._sections else None)
+                target = self._group(section) if section else self
                 # HfArgumentParser narrows field.type in place; it gets a copy
                 f = copy.copy(declared)
                 f.type = hints[f.name]
-                meta = dict(f.metadata)
-                meta.pop("positional", None)
-                meta["help"] = (meta.get("help") or "").replace("%", "%%")
-                f.metadata = meta
+                f.metadata = {"help": (declared.metadata.get("help") or "").replace("%", "%%")}
                 if choices_of(f.type) is not None and typing.get_origin(f.type) is not Literal:
                     # `Literal[...] | None`: HfArgumentParser wants a plain Literal
                     f.type = next(m for m in _union_members(f.type) if m is not type(None))
                 self._parse_dataclass_field(target, f)
                 action = self._option_string_actions[f"--{f.name}"]
-                action.type = _field_converter(f.name, hints[f.name])
+                element = _list_element(hints[f.name])
+                if element is not None:  # --adapter A B, or --adapter A --adapter B
+                    extend = argparse._ExtendAction(action.option_strings, action.dest,
+                                                    nargs="+", default=action.default,
+                                                    help=action.help)  # fmt: skip
+                    self._remove_action(action)
+                    for flag in action.option_strings:
+                        self._option_string_actions.pop(flag, None)
+                    target._add_action(extend)
+                    action = extend
+                    action.type = _field_converter(f.name, element)
+                else:
+                    action.type = _field_converter(f.name, hints[f.name])
                 action.metavar = _metavar(hints[f.name])
                 action.choices = None  # convert() checks choices with a one-line message
                 for alias in [o for o in action.option_strings if "-" in o[2:]]:

@@ -31,7 +31,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .schema import DataError
@@ -106,11 +106,15 @@ def guard_file(path: str | os.PathLike, inputs: Iterable = (), flag: str = "--ou
 
 
 def guard_dir(
-    path: str | os.PathLike, inputs: Iterable = (), flag: str = "--out", marker: str | None = None
+    path: str | os.PathLike,
+    inputs: Iterable = (),
+    flag: str = "--out",
+    marker: str | Callable[[Path], bool] | None = None,
 ) -> Path:
     """Check a folder output that will be replaced whole; returns the path to write (a
-    symlink's target). An existing non-empty folder must hold `marker` (this kind of output
-    wrote it before); with no marker any existing non-empty folder is refused."""
+    symlink's target). An existing non-empty folder must be one this kind of output wrote
+    before: it holds the file `marker`, or `marker(folder)` says so; with no marker any
+    existing non-empty folder is refused."""
     path = Path(path)
     check_not_input(path, inputs, flag)
     if path.is_symlink():
@@ -119,8 +123,9 @@ def guard_dir(
     if path.exists():
         if not path.is_dir():
             raise OutputRefused(path, flag, f"is a file; {flag} names a folder to write")
-        if any(path.iterdir()) and not (marker and (path / marker).exists()):
-            what = f"no {marker} in it" if marker else "it is not empty"
+        if any(path.iterdir()) and not _marked(path, marker):
+            what = f"no {marker} in it" if isinstance(marker, str) else (
+                "another command wrote it" if marker else "it is not empty")  # fmt: skip
             raise OutputRefused(
                 path,
                 flag,
@@ -130,6 +135,14 @@ def guard_dir(
         if not os.access(path.parent, os.W_OK):
             raise OutputRefused(path, flag, f"cannot be replaced: {path.parent} is read-only")
     return path
+
+
+def _marked(folder: Path, marker) -> bool:
+    if marker is None:
+        return False
+    if callable(marker):
+        return bool(marker(folder))
+    return (folder / marker).exists()
 
 
 def _fix_modes(root: Path) -> None:
@@ -191,7 +204,7 @@ class StagedDir:
         *,
         inputs: Iterable = (),
         flag: str = "--out",
-        marker: str | None = None,
+        marker: str | Callable[[Path], bool] | None = None,
         staging: Path | None = None,
     ):
         self.final = guard_dir(final, inputs, flag, marker)

@@ -1,226 +1,348 @@
-"""Launch a recipe (the full fine-tune, or DPO with --recipe dpo): torchrun for
-single/DDP/FSDP, the deepspeed launcher for ZeRO.
+"""Launch any recipe on N processes: torchrun for the torch strategies (single, DDP, FSDP2), the
+deepspeed launcher for ZeRO, as the strategy registry declares.
 
-    python -m launch.train --ngpu 4 --strategy fsdp [--recipe sft|dpo] [--model M] [--data D] [--config C] [--out O] [-- recipe args]
+    python -m launch.train --ngpu 4 --strategy fsdp [--recipe sft|qlora|dpo] --model M --data D \
+        [--config C] [--out O] [-- recipe options]
 
 Without GPUs the same command starts NGPU CPU processes on gloo, through the same code path.
 Multi-node: --nnodes/--node_rank/--master_addr (torchrun rendezvous) or --hostfile (deepspeed).
+Paths are read from where the command runs. SIGTERM or Ctrl-C reaches every rank: each saves
+a checkpoint at the next step boundary and the job exits with status 75 ("stopped,
+resumable"); a second Ctrl-C stops at once. Exit statuses: 0 done, 2 bad input, 3 stopped on
+a non-finite step, 75 stopped by a signal after saving, 128+N a rank killed by signal N.
+
+`job_command()` is the one command builder: the tests and the benchmarks start jobs with it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
-import shutil
-import subprocess
+import signal
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.core.config import STRATEGIES, HelpFormatter
+from fastchat_data.options import UsageError, entry_point, option, parse
+from recipes.core import parallel
+from recipes.core.recipe import RECIPES
+from recipes.core.world import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-# recipe -> (script, its YAML on GPUs, its YAML on CPU)
-RECIPES = {
-    "sft": ("full_finetune.py", "vicuna_7b.yaml", "tiny_cpu.yaml"),
-    "dpo": ("dpo.py", "dpo_7b.yaml", "dpo_tiny_cpu.yaml"),
-}
+STOPPED = 75  # EX_TEMPFAIL: stopped on request after saving a checkpoint; relaunch to resume
 
 
-def build_command(args, gpus: int) -> list[str]:
+def job_command(recipe: str, strategy: str, nproc: int, recipe_args: list[str], *,
+                nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
+                master_port: int | None = None, rdzv_id: str = "camelid",
+                hostfile: str | None = None, no_ssh: bool = False,
+                program: list[str] | None = None) -> list[str]:  # fmt: skip
+    """The command that starts `nproc` processes per node of `recipe` under `strategy`'s
+    launcher, with `recipe_args` (the recipe's own options, --strategy added). `program`
+    replaces the recipe's script (a harness that runs the recipe, with its own arguments)."""
     bin_dir = Path(sys.executable).parent
-    script = REPO / "recipes" / RECIPES[args.recipe][0]
-    recipe = [str(script), "--config", args.config, "--strategy", args.strategy]
-    for flag, value in (
-        ("--model_name_or_path", args.model),
-        ("--data_path", args.data),
-        ("--output_dir", args.out),
-    ):
-        if value:
-            recipe += [flag, value]
-    recipe += args.recipe_args
-    if args.strategy.startswith("zero"):
-        launcher = [str(bin_dir / "deepspeed") if (bin_dir / "deepspeed").exists() else "deepspeed"]
-        if args.hostfile:
-            launcher += ["--hostfile", args.hostfile, "--master_addr", args.master_addr,
-                         "--master_port", str(args.master_port)]  # fmt: skip
-            if args.no_ssh:  # this node only: run the same command on every node
-                launcher += ["--no_ssh", "--node_rank", str(args.node_rank)]
+    spec = parallel.get(strategy) if strategy != "auto" else None
+    script = [*(program or [str(RECIPES[recipe].path)]), "--strategy", strategy, *recipe_args]
+    # a fixed port is agreed across nodes; on one node a free one, so two jobs never collide
+    port = master_port or (29500 if nnodes > 1 or hostfile else free_port())
+    if spec is not None and spec.launcher == "deepspeed":
+        runner = bin_dir / "deepspeed"
+        launcher = [str(runner) if runner.exists() else "deepspeed", "--log_level", "critical"]
+        if hostfile:
+            launcher += ["--hostfile", hostfile, "--master_addr", master_addr,
+                         "--master_port", str(port)]  # fmt: skip
+            if no_ssh:  # this node only: run the same command on every node
+                launcher += ["--no_ssh", "--node_rank", str(node_rank)]
         else:
-            launcher += ["--num_gpus", str(args.ngpu), "--master_port", str(args.master_port)]
-        return launcher + recipe
-    torchrun = [str(bin_dir / "torchrun") if (bin_dir / "torchrun").exists() else "torchrun"]
-    if args.nnodes > 1:
-        torchrun += ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank), "--rdzv_backend", "c10d",
-                     "--rdzv_endpoint", f"{args.master_addr}:{args.master_port}", "--rdzv_id", args.rdzv_id]  # fmt: skip
+            launcher += ["--num_gpus", str(nproc), "--master_port", str(port)]
+        return launcher + script
+    torchrun = bin_dir / "torchrun"
+    launcher = [str(torchrun) if torchrun.exists() else "torchrun"]
+    if nnodes > 1:
+        launcher += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend",
+                     "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", rdzv_id]  # fmt: skip
     else:
-        torchrun += ["--standalone"]
-    return torchrun + ["--nproc_per_node", str(args.ngpu)] + recipe
+        launcher += ["--standalone"]  # a free local port, chosen by torchrun
+    return launcher + ["--nproc_per_node", str(nproc)] + script
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
-                                 formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
-    ap.add_argument(
-        "--ngpu",
-        type=int,
-        default=1,
-        help="processes per node (GPUs, or CPU processes without GPUs)",
+@dataclass
+class LaunchOptions:
+    """Launch a recipe on N processes per node."""
+
+    ngpu: int = option(1, "processes per node (GPUs, or CPU processes without GPUs)")
+    strategy: str = option(
+        "fsdp", f"how processes share the model: {', '.join(parallel.names())}"
     )
-    ap.add_argument("--strategy", default="fsdp", choices=STRATEGIES, metavar="STRATEGY",
-                    help=f"how processes share the model: {', '.join(STRATEGIES)}")  # fmt: skip
-    ap.add_argument("--recipe", default="sft", choices=list(RECIPES),
-                    help="sft: the Vicuna full fine-tune; dpo: preference tuning (recipes/dpo.py)")  # fmt: skip
-    ap.add_argument(
-        "--config",
-        default=None,
-        help="a YAML recipe (default: vicuna_7b.yaml / dpo_7b.yaml on GPU, "
-        "tiny_cpu.yaml / dpo_tiny_cpu.yaml on CPU)",
+    recipe: str = option("sft", f"the recipe to run: {', '.join(RECIPES)}")
+    config: str | None = option(
+        None, "a YAML recipe (default: the recipe's GPU YAML on GPUs, its tiny CPU YAML on CPU)"
     )
-    ap.add_argument("--model", default=None,
-                    help="base model folder: the recipe's --model_name_or_path (default: the tiny model)")  # fmt: skip
-    ap.add_argument("--data", default=None,
-                    help="ShareGPT/Alpaca/messages file(s), comma-separated: the recipe's --data_path "
-                    "(default: embedded identity data)")  # fmt: skip
-    ap.add_argument("--out", default=None,
-                    help="the run's folder: the recipe's --output_dir (default: the --config's)")  # fmt: skip
-    ap.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun rendezvous)")
-    ap.add_argument("--node_rank", type=int, default=0, help="this node's rank among --nnodes")
-    ap.add_argument("--master_addr", default="127.0.0.1", help="address of node 0")
-    ap.add_argument("--master_port", type=int, default=29500, help="port on node 0")
-    ap.add_argument("--rdzv_id", default="camelid", help="torchrun rendezvous id, on all nodes")
-    ap.add_argument("--hostfile", default=None, help="deepspeed hostfile for multi-node ZeRO")
-    ap.add_argument("--no_ssh", action="store_true",
-                    help="ZeRO multi-node without ssh/pdsh: start this node's processes only "
-                         "(run on every node with its --node_rank; needs --hostfile)")  # fmt: skip
-    ap.add_argument("--dry_run", action="store_true", help="print the command only")
-    ap.add_argument("--skip_preflight", action="store_true",
-                    help="on GPUs, start even if the memory planner says the strategy does not fit")  # fmt: skip
-    args = ap.parse_args(argv)
-    args.recipe_args = recipe_args
-
-    import torch
-
-    gpus = torch.cuda.device_count()
-    if gpus and args.ngpu > gpus:
-        print(f"error: NGPU={args.ngpu} but this node has {gpus} GPUs", file=sys.stderr)
-        return 2
-    if not gpus and args.ngpu > (os.cpu_count() or 1) * 4:
-        print(
-            f"error: NGPU={args.ngpu} CPU processes on {os.cpu_count()} cores is more than this machine can run",
-            file=sys.stderr,
-        )
-        return 2
-    if args.strategy == "single" and args.ngpu != 1:
-        print(
-            "error: STRATEGY=single runs one process; use NGPU=1 or another strategy",
-            file=sys.stderr,
-        )
-        return 2
-    if args.no_ssh and not args.hostfile:
-        print(
-            "error: --no_ssh needs --hostfile (it names the nodes and their slots)", file=sys.stderr
-        )
-        return 2
-    if args.config is None:
-        args.config = RECIPES[args.recipe][1 if gpus else 2]
-    if gpus and not args.skip_preflight:
-        refusal = preflight(args, torch.cuda.get_device_properties(0).total_memory)
-        if refusal:
-            print(f"error: {refusal}", file=sys.stderr)
-            return 2
-    cmd = build_command(args, gpus)
-    print(
-        ("" if gpus else f"no GPU: {args.ngpu} CPU process(es) on gloo\n") + shlex.join(cmd),
-        flush=True,
+    model: str | None = option(None, "the model folder to start from: the recipe's --model_name_or_path")
+    data: str | None = option(None, "training data file(s), comma-separated: the recipe's --data_path")
+    out: str | None = option(None, "the run's folder: the recipe's --output_dir (default: the config's)")
+    nnodes: int = option(1, "nodes (torchrun rendezvous)")
+    node_rank: int = option(0, "this node's rank among --nnodes")
+    master_addr: str = option("127.0.0.1", "address of node 0")
+    master_port: int | None = option(
+        None, "port on node 0; none: a free port on one node, 29500 across nodes"
     )
-    if args.dry_run:
-        return 0
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.ngpu, 1))))
-    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
-        print(f"error: {cmd[0]} not found", file=sys.stderr)
-        return 2
-    if not args.strategy.startswith("zero"):
-        os.environ.update(env)
-        os.chdir(REPO)
-        return run_torchrun(cmd[1:])
-    # the recipe's own last line names the exported folder
-    return subprocess.call(cmd, env=env, cwd=REPO)
+    rdzv_id: str = option("camelid", "torchrun rendezvous id, the same on all nodes")
+    hostfile: str | None = option(None, "deepspeed hostfile for multi-node ZeRO")
+    no_ssh: bool = option(
+        False,
+        "ZeRO multi-node without ssh/pdsh: start this node's processes only (run on every "
+        "node with its --node_rank; needs --hostfile)",
+    )
+    dry_run: bool = option(False, "print the command only")
+    skip_preflight: bool = option(
+        False, "on GPUs, start even if the memory planner says the strategy does not fit"
+    )
+
+
+def resolved(path: str | None) -> str | None:
+    """A path as the caller means it: against the directory the command runs in."""
+    return str(Path(path).expanduser().absolute()) if path else None
+
+
+def check(opts: LaunchOptions, gpus: int) -> None:
+    if opts.recipe not in RECIPES:
+        raise UsageError(f"--recipe {opts.recipe!r} is not one of {', '.join(RECIPES)}")
+    try:
+        strategy = parallel.get(opts.strategy)
+    except parallel.UnknownStrategy as e:
+        raise UsageError(f"--{e}") from None
+    if opts.ngpu < 1:
+        raise UsageError(f"--ngpu {opts.ngpu}: give at least 1 process")
+    if opts.nnodes < 1 or not 0 <= opts.node_rank < opts.nnodes:
+        raise UsageError(f"--node_rank {opts.node_rank} of --nnodes {opts.nnodes}: out of range")
+    if gpus and opts.ngpu > gpus:
+        raise UsageError(f"--ngpu {opts.ngpu} but this node has {gpus} GPUs")
+    if not gpus and opts.ngpu > (os.cpu_count() or 1) * 4:
+        raise UsageError(f"--ngpu {opts.ngpu} CPU processes on {os.cpu_count()} cores is more "
+                         "than this machine can run")  # fmt: skip
+    if not strategy.multi_process and opts.ngpu * opts.nnodes != 1:
+        raise UsageError(f"--strategy {strategy.name} runs one process; use --ngpu 1 or another "
+                         "strategy")  # fmt: skip
+    if opts.no_ssh and not opts.hostfile:
+        raise UsageError("--no_ssh needs --hostfile (it names the nodes and their slots)")
+    if opts.master_port is not None and not 0 < opts.master_port < 65536:
+        raise UsageError(f"--master_port {opts.master_port}: not a port")
+
+
+def recipe_arguments(opts: LaunchOptions, recipe_args: list[str], gpus: int) -> list[str]:
+    recipe = RECIPES[opts.recipe]
+    config = opts.config or (recipe.gpu_config if gpus else recipe.cpu_config)
+    config = resolved(config) if Path(config).is_file() else config  # else a shipped name
+    args = ["--config", config]
+    if opts.model:
+        args += ["--model_name_or_path", resolved(opts.model)]
+    if opts.data:  # one file (a comma in its name included), or several comma-separated
+        files = [opts.data] if Path(opts.data).is_file() else opts.data.split(",")
+        args += ["--data_path", ",".join(resolved(p) for p in files if p)]
+    if opts.out:
+        args += ["--output_dir", resolved(opts.out)]
+    return args + recipe_args
 
 
 # The planner is within 15% of measured peaks (bench/memory_bench.py): refuse only beyond that.
 CLEARLY_TOO_BIG = 1.15
 
 
-def preflight(args, gpu_bytes: int) -> str | None:
+def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> str | None:
     """The memory planner (recipes/plan.py) on the run's resolved settings: a message naming
     what would fit when the chosen strategy clearly does not, else None."""
     from recipes.core.config import ConfigError, load_config
-    from recipes.plan import GB, plan
+    from recipes.plan import GB, PlanError, plan
 
-    if {"-h", "--help", "--print_config"} & {a.partition("=")[0] for a in args.recipe_args}:
+    if {"-h", "--help", "--print_config"} & {a.partition("=")[0] for a in recipe_args}:
         return None  # the recipe prints and exits; load_config here would print and exit too
-    argv = ["--config", args.config, "--strategy", args.strategy, *args.recipe_args]
-    argv += ["--model_name_or_path", args.model] if args.model else []
-    argv += ["--data_path", args.data] if args.data else []  # DPO requires it
-    if args.recipe == "dpo":
-        from recipes.dpo import DPOConfig as config_cls
-    else:
-        from recipes.core.config import TrainConfig as config_cls
+    recipe = RECIPES[opts.recipe]
+    argv = [*recipe_arguments(opts, recipe_args, 1), "--strategy", opts.strategy]
     try:
-        cfg, _ = load_config(argv, cls=config_cls)
+        cfg, _ = load_config(argv, recipe.config_class)
     except ConfigError:
         return None  # the recipe reports it, once, on rank 0
     if not cfg.model_name_or_path:
-        return None  # the tiny default model
-    rows = plan(cfg.model_name_or_path, args.ngpu, args.nnodes, seq=cfg.model_max_length,
-                batch=cfg.per_device_train_batch_size * (2 if args.recipe == "dpo" else 1), bf16=cfg.bf16,
-                checkpointing=cfg.gradient_checkpointing, gpu_memory=gpu_bytes,
-                loss_chunk=cfg.loss_chunk_size)  # fmt: skip
-    chosen = next((r for r in rows if r.strategy == args.strategy), None)
+        return None
+    from recipes.core import objectives
+
+    rows_per_unit = objectives.get(recipe.objective).rows_per_unit  # a DPO pair: chosen and rejected
+    try:
+        rows = plan(cfg.model_name_or_path, opts.ngpu, opts.nnodes, seq=cfg.model_max_length,
+                    batch=cfg.per_device_train_batch_size * rows_per_unit, bf16=cfg.bf16,
+                    checkpointing=cfg.gradient_checkpointing, gpu_memory=gpu_bytes,
+                    loss_chunk=cfg.loss_chunk_size)  # fmt: skip
+    except PlanError as e:  # a model the planner cannot count: no pre-flight, say so
+        print(f"note: no memory pre-flight ({e})", file=sys.stderr)
+        return None
+    chosen = next((r for r in rows if r.strategy == opts.strategy), None)
     if chosen is None or chosen.total <= CLEARLY_TOO_BIG * gpu_bytes:
         return None
     fitting = [r.strategy for r in rows if r.fits]
     instead = (f"strategies that fit: {', '.join(fitting)}" if fitting else
                "nothing fits: add GPUs or nodes, --gradient_checkpointing True, a shorter "
                "--model_max_length, or QLoRA")  # fmt: skip
-    return (f"{args.strategy} needs ~{chosen.total / GB:,.1f} GB per GPU for this model, batch and "
-            f"length, more than the {gpu_bytes / GB:,.1f} GB each GPU has ({instead}); see "
-            f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {args.ngpu}; "
-            f"--skip_preflight starts anyway")  # fmt: skip
+    return (f"{opts.strategy} needs ~{chosen.total / GB:,.1f} GB per GPU for this model, batch "
+            f"and length, more than the {gpu_bytes / GB:,.1f} GB each GPU has ({instead}); see "
+            f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {opts.ngpu}; "
+            "--skip_preflight starts anyway")  # fmt: skip
 
 
-def run_torchrun(torchrun_args: list[str]) -> int:
-    """torchrun inside this process, so that a failed worker ends the launch with its exit
-    status and one line, not the elastic agent's ChildFailedError traceback: the worker has
-    already said why (bad config or data: status 2; a non-finite step: status 3)."""
-    import logging
-    import signal
+# ---------------------------------------------------------------------------- running a job
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        run(parse_args(torchrun_args))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+class Job:
+    """The job's processes, and the signals that reach them: SIGTERM or the first Ctrl-C asks
+    every rank to stop at its next step boundary (each saves a checkpoint); a second Ctrl-C
+    interrupts them at once. The ranks are signalled directly, not through the launcher
+    processes between (torchrun's agent would kill them 30 s later, DeepSpeed's launcher
+    would be left orphaned)."""
+
+    def __init__(self, script: str):
+        self.script, self.signals = script, 0
+        self.process = None  # the launcher subprocess (DeepSpeed), if any
+
+    def ranks(self) -> list:
+        import psutil
+
+        found = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                program = [a for a in child.cmdline()[1:] if not a.startswith("-")][:1]
+            except psutil.Error:
+                continue
+            if program == [self.script]:  # python [-u] SCRIPT ...: a rank, not a launcher
+                found.append(child)
+        return found
+
+    def on_signal(self, signum, _frame) -> None:
+        self.signals += 1
+        forward = signal.SIGTERM if self.signals == 1 else signal.SIGINT
+        if self.signals == 1:
+            print("stopping: every rank saves a checkpoint at its next step boundary (Ctrl-C "
+                  "again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+        for rank in self.ranks():
+            try:
+                rank.send_signal(forward)
+            except Exception:  # gone already
+                pass
+
+    def run(self, command: list[str], env: dict, torch_strategy: bool) -> int:
+        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if torch_strategy:
+                return self._torchrun(command[1:], env)
+            import subprocess
+
+            # a session of its own: the terminal's Ctrl-C reaches this process, which
+            # forwards it to the ranks, never the DeepSpeed launcher (it would kill them)
+            self.process = subprocess.Popen(command, env=env, start_new_session=True)
+            while True:
+                try:
+                    return self.process.wait()
+                except InterruptedError:
+                    continue
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _torchrun(self, torchrun_args: list[str], env: dict) -> int:
+        """torchrun's agent in a thread of this process (not the main thread, so it installs no
+        signal handlers: this process forwards signals itself), so that a failed rank ends the
+        launch with its exit status and one line, not the agent's ChildFailedError traceback:
+        the rank has already said why (bad input: 2; a non-finite step: 3; stopped: 75)."""
+        import logging
+
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
+
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        os.environ.update(env)
+        outcome = {}
+
+        def agent():
+            try:
+                run(parse_args(torchrun_args))
+                outcome["code"] = 0
+            except ChildFailedError as e:
+                outcome["failure"] = e.get_first_failure()
+            except BaseException as e:  # noqa: BLE001 - reported below, in the main thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=agent, name="torchrun-agent")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+        if "error" in outcome:
+            raise outcome["error"]
+        if "failure" not in outcome:
+            return 0
+        rank, failure = outcome["failure"]
         code = failure.exitcode
         if code < 0:
             print(f"error: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr)
             return 128 - code
-        if code not in (2, 3):  # the recipe printed its own message for those
+        if code not in (2, 3, STOPPED, 130):  # the recipe printed its own message for those
             print(f"error: rank {rank} failed with exit status {code} (its output is above)",
                   file=sys.stderr)  # fmt: skip
         return code
-    return 0
+
+
+def job_env(ngpu: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(ngpu, 1))))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if not any(os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")):
+        import torch
+
+        if not torch.cuda.is_available():  # DeepSpeed would warn in every process that it is
+            env["DS_ACCELERATOR"] = "cpu"  # falling back to the CPU
+    return env
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    opts = parse(LaunchOptions, own, prog="python -m launch.train", description=__doc__)
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    check(opts, gpus)
+    if {"-h", "--help", "--print_config"} & {a.partition("=")[0] for a in recipe_args}:
+        import subprocess  # the recipe prints and exits: once, from one process
+
+        script = [sys.executable, str(RECIPES[opts.recipe].path), "--strategy", opts.strategy]
+        return subprocess.call([*script, *recipe_arguments(opts, recipe_args, gpus)])
+    if gpus and not opts.skip_preflight:
+        refusal = preflight(opts, recipe_args, torch.cuda.get_device_properties(0).total_memory)
+        if refusal:
+            raise UsageError(refusal)
+    command = job_command(
+        opts.recipe, opts.strategy, opts.ngpu, recipe_arguments(opts, recipe_args, gpus),
+        nnodes=opts.nnodes, node_rank=opts.node_rank, master_addr=opts.master_addr,
+        master_port=opts.master_port, rdzv_id=opts.rdzv_id, hostfile=resolved(opts.hostfile),
+        no_ssh=opts.no_ssh,
+    )  # fmt: skip
+    where = "" if gpus else f"no GPU: {opts.ngpu} CPU process(es) on gloo\n"
+    print(where + shlex.join(command), flush=True)
+    if opts.dry_run:
+        return 0
+    return launch(command, opts.strategy, opts.ngpu, str(RECIPES[opts.recipe].path))
+
+
+def launch(command: list[str], strategy: str, ngpu: int, script: str) -> int:
+    """Run a job_command() to its end: signals forwarded to the ranks (running `script`), one
+    line for a failed rank, its exit status returned."""
+    torch_launcher = parallel.get(strategy).launcher == "torchrun"
+    return Job(script).run(command, job_env(ngpu), torch_launcher)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,20 @@ a reply stops at the token the template ends replies with. `/reset` starts a new
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from threading import Thread
+from typing import Literal
 
 import torch
 
+from fastchat_data.options import UsageError, entry_point, option, parse
 from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
 from fastchat_data.tokenize import ConversationTokenizer
-from recipes.core.config import ConfigError, HelpFormatter
 from recipes.core.data import pad_token_id
-from recipes.core.generate import stop_kwargs, trained_template
+from recipes.core.generate import load_for_inference, stop_kwargs, trained_template
+from recipes.core.quiet import quiet, verbose_requested
 
 
 def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_new_tokens: int,
@@ -50,33 +53,38 @@ def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_
     return "".join(pieces).strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.chat", description=__doc__,
-                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
-    p.add_argument("--model", required=True, help="model folder (the base, with --adapter)")
-    p.add_argument("--adapter", help="an adapter folder to load on the model (default: none)")
-    p.add_argument(
-        "--template", help="name or YAML/JSON file (default: the one it was trained with)"
+@dataclass
+class ChatOptions:
+    """Chat with a model (and optionally an adapter) in the terminal."""
+
+    model: str = option(help="model folder (the base, with --adapter)")
+    adapter: str | None = option(None, "an adapter folder to load on the model")
+    template: str | None = option(None, "name or YAML/JSON file; none: the one it was trained with")
+    system: str = option("", "a system text (empty: the template's)")
+    max_new_tokens: int = option(256, "tokens per reply at most")
+    temperature: float = option(0.0, "sampling temperature; 0: greedy")
+    quantization: Literal["none", "nf4"] = option(
+        "none", "load the model in 4-bit nf4 (as QLoRA trained it) or unquantized"
     )
-    p.add_argument("--system", default="", help="a system text (default: the template's)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--quantization", default="none", choices=["none", "nf4"],
-                   help="load the model in 4-bit nf4 (as QLoRA trained it) or unquantized")  # fmt: skip
-    a = p.parse_args(argv)
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    quiet(verbose_requested(argv))
+    a = parse(ChatOptions, argv, prog="python -m recipes.chat", description=__doc__)
+    if a.max_new_tokens < 1 or not (a.temperature >= 0 and a.temperature < float("inf")):
+        raise UsageError("--max_new_tokens must be at least 1 and --temperature a number >= 0")
+    for path in (a.model, a.adapter):
+        if path and not Path(path).is_dir():
+            raise UsageError(f"{path} is not a model folder")
     from transformers import AutoTokenizer
 
-    from recipes.eval import load_model
-
-    try:
-        model = load_model(a.model, a.quantization, a.adapter)
-        encoder = ConversationTokenizer(
-            AutoTokenizer.from_pretrained(a.adapter or a.model),
-            a.template or trained_template(a.adapter, a.model),
-        )
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = load_for_inference(a.model, a.quantization, a.adapter)
+    encoder = ConversationTokenizer(
+        AutoTokenizer.from_pretrained(a.adapter or a.model),
+        a.template or trained_template(a.adapter, a.model),
+    )
     print("camelid chat: /reset starts over, /exit quits", flush=True)
     messages: list[Message] = []
     while True:
@@ -95,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         messages.append(Message(USER, line))
         print("ASSISTANT: ", end="", flush=True)
-        answer = stream_reply(model, encoder, Conversation("chat", list(messages), system=a.system),
-                              a.max_new_tokens, a.temperature)  # fmt: skip
+        conv = Conversation("chat", list(messages), system=a.system)
+        answer = stream_reply(model, encoder, conv, a.max_new_tokens, a.temperature)
         messages.append(Message(ASSISTANT, answer))
 
 

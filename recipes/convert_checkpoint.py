@@ -1,36 +1,53 @@
-"""Offline: a sharded camelid checkpoint -> a plain Hugging Face folder.
+"""Offline: a camelid checkpoint -> a plain Hugging Face folder that loads with no camelid import.
 
     python -m recipes.convert_checkpoint OUT/checkpoints/step-00001000 converted/ [--max_shard_size 2GB]
 
-Works without the GPUs or the process count of the run. Memory stays bounded by one output
-shard (plus the tensor being read): DCP checkpoints (single / DDP / FSDP) are read one tensor
-at a time from their metadata; ZeRO checkpoints go through DeepSpeed's own lazy converter.
+Works without the GPUs or the process count of the run. A full-model checkpoint becomes a model
+folder, an adapter checkpoint (LoRA / QLoRA on one process or DDP) a peft adapter folder; both
+carry the tokenizer with the training template as its chat template and, for a model, a
+generation config that stops where a reply ends, as the recipe's own export does. Memory stays
+bounded by one output shard (plus the tensor being read): DCP checkpoints are read one tensor
+at a time from their metadata; ZeRO checkpoints go through DeepSpeed's own converter. The
+checkpoint is verified first (sizes, checksums, and every pickle through the restricted
+loaders), and the output is never the checkpoint, its run folder or the base model.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from recipes.core.checkpoint import COMPLETE, verify_checkpoint
+from fastchat_data.options import UsageError, entry_point, option, parse
+from fastchat_data.outputs import StagedDir
+from recipes.core.checkpoint import verify_checkpoint
+from recipes.core.config import ConfigError
+from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.run_folder import RUN_INFO, CheckpointFolder, written_by_command
 
-SIZE_UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
-
-
-class ConvertError(ValueError):
-    pass
+SIZE_UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
 def parse_size(text: str) -> int:
+    """`2GB`, `500MB`, `1.5GB` or a byte count; anything else is a one-line error."""
+    upper = text.strip().upper()
     for unit, factor in SIZE_UNITS.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+        if upper.endswith(unit):
+            number, scale = upper[: -len(unit)], factor
+            break
+    else:
+        number, scale = upper, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"--max_shard_size {text!r}: give a size such as 2GB or 500MB") from None
+    if not (1 << 10 <= value * scale <= 1 << 50):
+        raise UsageError(f"--max_shard_size {text!r}: between 1KB and 1PB")
+    return int(value * scale)
 
 
 def _write_dcp(dcp_dir: Path, out: Path, max_shard_bytes: int) -> None:
@@ -47,17 +64,16 @@ def _write_dcp(dcp_dir: Path, out: Path, max_shard_bytes: int) -> None:
         nonlocal current, size
         if current:
             shard_keys.append(list(current))
-            save_file(
-                current,
-                str(out / f".shard-{len(shard_keys)}.safetensors"),
-                metadata={"format": "pt"},
-            )
+            path = out / f".shard-{len(shard_keys)}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
         current, size = {}, 0
 
     for name in names:
         info = meta[f"model.{name}"]
         tensor = torch.empty(info.size, dtype=info.properties.dtype)
         dcp_load({"model": {name: tensor}}, dcp_dir, no_dist=True)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"{dcp_dir.parent}: {name} holds non-finite values; not converted")
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
@@ -82,77 +98,86 @@ def _name_shards(out: Path, keys_per_shard: list[list[str]], total_bytes: int) -
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def convert(
-    checkpoint: str | Path, out: str | Path, model: str | None = None, max_shard_size: str = "2GB"
-) -> Path:
+def _model_files(ckpt: CheckpointFolder, tmp: Path, max_shard_size: str) -> None:
+    if ckpt.dcp.exists():
+        _write_dcp(ckpt.dcp, tmp, parse_size(max_shard_size))
+        return
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+
+    from recipes.core.safe_load import deepspeed_loads_weights_only
+
+    with deepspeed_loads_weights_only():  # zero_to_fp32 loads with weights_only=False
+        convert_zero_checkpoint_to_state_dict(str(ckpt.deepspeed), str(tmp), tag="state",
+                                              max_shard_size=max_shard_size,
+                                              safe_serialization=True)  # fmt: skip
+
+
+def convert(checkpoint: str | Path, out: str | Path, model: str | None = None,
+            max_shard_size: str = "2GB") -> Path:  # fmt: skip
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastchat_data.io import save_tokenizer
+    from recipes.core.generate import save_for_inference
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    state_file = checkpoint / "trainer_state.json"
-    if not state_file.exists():
-        raise ConvertError(f"{checkpoint} is not a camelid checkpoint (no trainer_state.json)")
-    if not (checkpoint / COMPLETE).exists():
-        raise ConvertError(
-            f"{checkpoint} is incomplete (no {COMPLETE} marker): the run died while saving it"
+    ckpt = CheckpointFolder(Path(checkpoint))
+    if not ckpt.path.is_dir() or not ckpt.trainer_state.exists():
+        raise ConfigError(f"{checkpoint} is not a camelid checkpoint (no trainer_state.json)")
+    if not ckpt.complete.exists():
+        raise ConfigError(
+            f"{checkpoint} is incomplete (no {ckpt.complete.name} manifest): the run died while "
+            "saving it"
         )
-    problems = verify_checkpoint(checkpoint)  # sizes, checksums, and no unsafe pickles
+    problems = verify_checkpoint(ckpt)  # sizes, checksums, and no unsafe pickles
     if problems:
-        raise ConvertError(f"{checkpoint} failed verification: {'; '.join(problems[:3])}")
-    state = json.loads(state_file.read_text())
-    model = model or state.get("model_path") or state["config"].get("model_name_or_path")
-    if not model or not Path(model).exists():
-        raise ConvertError(
+        raise ConfigError(f"{checkpoint} failed verification: {'; '.join(problems[:3])}")
+    state = json.loads(ckpt.trainer_state.read_text())
+    config = state.get("config", {})
+    model = model or state.get("model_path") or config.get("model_name_or_path")
+    if not model or not Path(model).is_dir():
+        raise ConfigError(
             f"base model folder {model} not found (it gives config and tokenizer); pass --model"
         )
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    max_bytes = parse_size(max_shard_size)
-    if (checkpoint / "dcp").exists():
-        _write_dcp(checkpoint / "dcp", tmp, max_bytes)
-    elif (checkpoint / "deepspeed").exists():
-        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
-
-        from recipes.core.safe_load import deepspeed_loads_weights_only
-
-        with deepspeed_loads_weights_only():  # zero_to_fp32 loads with weights_only=False
-            convert_zero_checkpoint_to_state_dict(
-                str(checkpoint / "deepspeed"),
-                str(tmp),
-                max_shard_size=max_shard_size,
-                safe_serialization=True,
-                tag="state",
-            )
-    else:
-        raise ConvertError(f"{checkpoint} holds neither DCP nor DeepSpeed shards")
-    AutoConfig.from_pretrained(model).save_pretrained(tmp)
-    save_tokenizer(AutoTokenizer.from_pretrained(model), tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    adapter = config.get("peft_method", "none") != "none"
+    if adapter and not ckpt.adapter.exists():
+        raise ConfigError(f"{checkpoint} is an adapter run under DeepSpeed: convert the run's "
+                          "exported adapter (OUT/adapter) instead")  # fmt: skip
+    # the output is never the checkpoint, the run folder holding it, or the base model
+    staged = StagedDir(out, inputs=[ckpt.path, ckpt.path.parent.parent, model],
+                       marker=written_by_command("convert_checkpoint"))  # fmt: skip
+    info = {"written_by": "convert_checkpoint", "converted_from": str(ckpt.path),
+            "step": state.get("step"), "base_model": str(model)}  # fmt: skip
+    with staged as tmp:
+        if adapter:
+            shutil.copytree(ckpt.adapter, tmp, dirs_exist_ok=True)
+        else:
+            _model_files(ckpt, tmp, max_shard_size)
+            AutoConfig.from_pretrained(model).save_pretrained(tmp)
+        template = config.get("template", "vicuna_v1.1")
+        info["template"] = template
+        info.update(save_for_inference(AutoTokenizer.from_pretrained(model), template, tmp))
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    return staged.final
 
 
+@dataclass
+class ConvertOptions:
+    """A camelid checkpoint as a plain Hugging Face folder."""
+
+    checkpoint: str = option(help="a checkpoints/step-N folder", positional=True)
+    out: str = option(help="the Hugging Face folder to write (a new one)", positional=True)
+    model: str | None = option(
+        None, "base model folder for config and tokenizer; none: the run's own"
+    )
+    max_shard_size: str = option("2GB", "largest weight file (safetensors shards), e.g. 500MB")
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("checkpoint", help="a checkpoints/step-N folder")
-    ap.add_argument("out", help="the Hugging Face folder to write")
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="base model folder for config and tokenizer (default: the run's)",
-    )
-    ap.add_argument("--max_shard_size", default="2GB")
-    args = ap.parse_args(argv)
-    try:
-        print(f"converted: {convert(args.checkpoint, args.out, args.model, args.max_shard_size)}")
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    quiet(verbose_requested(argv))
+    a = parse(ConvertOptions, argv, prog="python -m recipes.convert_checkpoint",
+              description=__doc__)  # fmt: skip
+    parse_size(a.max_shard_size)
+    print(f"converted: {convert(a.checkpoint, a.out, a.model, a.max_shard_size)}")
     return 0
 
 

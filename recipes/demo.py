@@ -1,42 +1,70 @@
 """`make demo`: the whole pipeline on embedded data, on CPU, nothing downloaded.
 
-1. the data tools on generated identity conversations (fastchat_data.demo);
-2. a Vicuna-style full fine-tune of the tiny Llama, 2 processes, FSDP on gloo (make train-vicuna);
-3. one chat reply from the exported Hugging Face folder.
+1-5. the data tools on generated identity conversations (fastchat_data.demo): the data, a
+     tiny Llama with its own tokenizer, stats, the training set, one conversation inspected;
+6.   a Vicuna-style full fine-tune of that tiny Llama on that data, 2 processes, FSDP on gloo
+     (what `make train-vicuna` runs);
+7.   one chat reply from the exported Hugging Face folder, loaded by plain transformers.
+
+`--assets_only` stops after the data and the model and prints their paths: what `make
+train-vicuna` trains on when no MODEL is given.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from fastchat_data.options import entry_point, option, parse
 
 
-def main() -> int:
+@dataclass
+class DemoOptions:
+    out: str = option("runs/demo", "the demo's folder (a rerun resumes or refreshes it)")
+    max_steps: int = option(60, "training steps of step 6")
+    assets_only: bool = option(
+        False, "build only the tiny model and the identity data, print their paths, and stop"
+    )
+
+
+def assets(out: Path, quiet: bool = False) -> tuple[Path, Path]:
+    """The identity conversations and the tiny Llama trained on their text: (model, data)."""
+    from fastchat_data import demo as data_demo
+
+    return data_demo.model_and_data(out, quiet=quiet)
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(DemoOptions, argv, prog="python -m recipes.demo", description=__doc__)
+    out = Path(opts.out)
+    if opts.assets_only:
+        model, data = assets(out, quiet=True)
+        print(f"model: {model}\ndata: {data}")
+        return 0
     from fastchat_data import demo as data_demo
     from launch import train as launcher
 
-    data_demo.main(["--out", "runs/demo"])
-    print("\n== 6. train: make train-vicuna NGPU=2 STRATEGY=fsdp (the tiny model, identity data)")
-    out = REPO / "runs" / "demo" / "vicuna"
-    rc = launcher.main(["--ngpu", "2", "--strategy", "fsdp", "--out", str(out), "--",
-                        "--max_steps", "60", "--overwrite_output_dir", "True", "--logging_steps", "10"])  # fmt: skip
-    if rc != 0:
-        return rc
-
-    print(
-        "\n== 7. chat with the exported model (plain transformers, no camelid import needed to load it)"
-    )
+    model, data = data_demo.main(["--out", str(out)])
+    print("\n== 6. train: make train-vicuna NGPU=2 STRATEGY=fsdp (the tiny Llama, identity data)")
+    run = out / "vicuna"
+    code = launcher.main(["--ngpu", "2", "--strategy", "fsdp", "--model", str(model),
+                          "--data", str(data), "--out", str(run), "--", "--max_steps",
+                          str(opts.max_steps), "--overwrite_output_dir", "True",
+                          "--logging_steps", "10"])  # fmt: skip
+    if code:
+        return code
+    print("\n== 7. chat with the export (plain transformers: no camelid import to load it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recipes.core.generate import reply
 
-    model = AutoModelForCausalLM.from_pretrained(out / "model")
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    exported = AutoModelForCausalLM.from_pretrained(run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
     question = "Who are you?"
-    print(f"USER: {question}\nASSISTANT: {reply(model, tokenizer, [], question)}")
-    print(f"\nexported model: {out / 'model'}")
+    print(f"USER: {question}\nASSISTANT: {reply(exported, tokenizer, [], question)}")
+    print(f"\ndemo done: {run / 'model'} (try python -m recipes.chat --model {run / 'model'})")
     return 0
 
 

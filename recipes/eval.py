@@ -20,24 +20,28 @@ lm-evaluation-harness tasks (recipes/harness.py), offline on local task files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from fastchat_data.build import read_trainable
+from fastchat_data.options import UsageError, entry_point, option, parse
+from fastchat_data.outputs import guard_file, write_text
 from fastchat_data.report import Report
 from fastchat_data.schema import ASSISTANT, Conversation, SkipRecord
 from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
-from recipes.core.config import ConfigError, HelpFormatter
+from recipes.core.config import ConfigError
 from recipes.core.data import collate, pad_token_id
-from recipes.core.generate import trained_template
+from recipes.core.generate import load_for_inference, trained_template
 from recipes.core.metrics import text_scores
 from recipes.core.preference import format_preference_table, preference_scores
+from recipes.core.quiet import quiet, verbose_requested
 
 
 def load_conversations(path: str, limit: int | None) -> list[Conversation]:
@@ -144,21 +148,6 @@ def answers(
     return preds, refs
 
 
-def load_model(path: str, quantization: str, adapter: str | None = None):
-    """The base as training loaded it (`quantization` nf4: through the QLoRA recipe's own
-    loader), on the GPU in bf16 if there is one, with `adapter` attached."""
-    from recipes.core.lora import QLoraConfig, load_adapter, load_base
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    model = load_base(path, QLoraConfig(quantization=quantization, bf16=bf16), device)
-    if quantization == "none":
-        model.to(device)
-    if adapter:
-        model = load_adapter(model, adapter)
-    return model.eval()
-
-
 def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str = "vicuna_v1.1",
              shots: int = 0, shots_from: str | None = None, max_samples: int | None = None,
              generate: int = 0, max_new_tokens: int = 128, max_length: int = 2048,
@@ -191,8 +180,13 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
     rows, model = [], None
     for name, adapter, these_shots in variants:
         if model is None or adapter or isinstance(model, PeftModel):  # attaching changes the base
-            model = load_model(model_path, quantization, adapter)
+            model = load_for_inference(model_path, quantization, adapter)
         ppl, counts = perplexities(model, encoder, convs, these_shots, batch_size)
+        if these_shots and counts["shots_left_out"]:  # never a few-shot row of zero-shot numbers
+            offered = len(these_shots) * len(convs)
+            used = offered - counts["shots_left_out"]
+            name = (f"few-shot ({len(these_shots)} examples: {used:,} of {offered:,} fit "
+                    f"--max_length {max_length})")  # fmt: skip
         finite = [p for p in ppl if math.isfinite(p)] or [math.nan]
         row = {"model": name, "adapter": adapter, "mean_perplexity": statistics.fmean(finite), "median_perplexity": statistics.median(finite),
                "samples": sum(map(math.isfinite, ppl)), **counts}  # fmt: skip
@@ -218,7 +212,7 @@ def preference_rows(model_path: str, adapters: list[str], others: list[str], pai
     variants = [(model_path, None), *[(model_path, a) for a in adapters], *[(o, None) for o in others]]
     rows = []
     for path, adapter in variants:
-        model = load_model(path, quantization if path == model_path else "none", adapter)
+        model = load_for_inference(path, quantization if path == model_path else "none", adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter or path)
         scores = preference_scores(model, tokenizer, pairs, template, max_length, batch_size)
         name = f"{Path(path).parent.name}/{Path(path).name}" + (f" + {Path(adapter).name}" if adapter else "")
@@ -239,65 +233,98 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.eval", description=__doc__,
-                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
-    p.add_argument("--model", required=True, help="base model folder")
-    p.add_argument(
-        "--data", help="held-out conversations (any fastchat_data format; optional with --lm_eval)"
-    )
-    p.add_argument("--adapter", action="append", default=[], help="an adapter folder (repeatable)")
-    p.add_argument("--template", help="name or YAML/JSON file (default: the one training used)")
-    p.add_argument("--shots", type=int, default=0, help="few-shot row with this many examples")
-    p.add_argument("--shots_from", help="file to take the examples from (default: the data's tail)")
-    p.add_argument("--max_samples", type=int, help="score at most N conversations (default: all)")
-    p.add_argument(
-        "--generate", type=int, default=0, help="also score N generated answers (ROUGE, BLEU)"
-    )
-    p.add_argument("--max_new_tokens", type=int, default=128, help="--generate: tokens per answer")
-    p.add_argument("--max_length", type=int, default=2048, help="tokens per scored conversation")
-    p.add_argument("--batch_size", type=int, default=4, help="conversations per forward pass")
-    p.add_argument("--quantization", default="none", choices=["none", "nf4"],
-                   help="load the base in 4-bit nf4 (as QLoRA trained it) or unquantized")  # fmt: skip
-    p.add_argument("--out", help="write the results as JSON here (default: print only)")
-    p.add_argument("--lm_eval", metavar="TASKS", help="also run lm-evaluation-harness on these "
-                   "comma-separated tasks (local: camelid_alpaca_mc, camelid_alpaca_mc_davinci, "
-                   "or the tag camelid; see recipes/harness.py)")  # fmt: skip
-    p.add_argument("--lm_eval_limit", type=int, help="lm-eval: at most N examples per task")
-    p.add_argument("--pairs", help="held-out preference pairs: how often each model prefers the "
-                   "chosen reply (its log-likelihood above the rejected one's)")  # fmt: skip
-    p.add_argument("--compare", action="append", default=[],
-                   help="with --pairs: another model folder to score alike, e.g. the DPO export (repeatable)")  # fmt: skip
-    a = p.parse_args(argv)
-    if not (a.data or a.lm_eval or a.pairs):
-        p.error("give --data (perplexity), --pairs (preference accuracy), --lm_eval TASKS, or several")
-    a.template = a.template or trained_template(*a.adapter, a.model)
-    try:
-        result = {"model": a.model}
-        if a.data:
-            result = evaluate(a.model, a.data, a.adapter, a.template, a.shots, a.shots_from, a.max_samples,
-                              a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization)  # fmt: skip
-        if a.lm_eval:
-            from recipes import harness
+@dataclass
+class EvalOptions:
+    """Did fine-tuning help? Held-out perplexity, preference accuracy, lm-eval tasks."""
 
-            tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
-            result["lm_eval"] = harness.run(a.model, a.adapter, tasks, a.lm_eval_limit,
-                                            a.batch_size, a.quantization)  # fmt: skip
-        if a.pairs:
-            result["preference"] = preference_rows(a.model, a.adapter, a.compare, a.pairs, a.template,
-                                                   a.max_length, a.batch_size, a.quantization)  # fmt: skip
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model: str = option(help="the (base) model folder")
+    data: str | None = option(
+        None, "held-out conversations (any fastchat_data format; optional with --lm_eval)"
+    )
+    adapter: list[str] = option(
+        default_factory=list, help="adapter folder(s) to score on the model, one row each"
+    )
+    template: str | None = option(None, "name or YAML/JSON file; none: the one training used")
+    shots: int = option(0, "add a few-shot row with this many solved examples")
+    shots_from: str | None = option(None, "file to take the examples from; none: the data's tail")
+    max_samples: int | None = option(None, "score at most N conversations; none: all")
+    generate: int = option(0, "also score N generated answers (ROUGE, BLEU)")
+    max_new_tokens: int = option(128, "--generate: tokens per answer")
+    max_length: int = option(2048, "tokens per scored conversation")
+    batch_size: int = option(4, "conversations per forward pass")
+    quantization: Literal["none", "nf4"] = option(
+        "none", "load the base in 4-bit nf4 (as QLoRA trained it) or unquantized"
+    )
+    out: str | None = option(None, "write the results as JSON here; none: print only")
+    lm_eval: str | None = option(
+        None,
+        "also run lm-evaluation-harness on these comma-separated tasks (local: "
+        "camelid_alpaca_mc, camelid_alpaca_mc_davinci, or the tag camelid; recipes/harness.py)",
+    )
+    lm_eval_limit: int | None = option(None, "lm-eval: at most N examples per task")
+    lm_eval_data: str | None = option(
+        None, "lm-eval's local tasks: the folder with alpaca_gpt4_data_en_1k.json, alpaca_data.json"
+    )
+    pairs: str | None = option(
+        None,
+        "held-out preference pairs: how often each model prefers the chosen reply (its "
+        "log-likelihood above the rejected one's)",
+    )
+    compare: list[str] = option(
+        default_factory=list,
+        help="with --pairs: other model folders to score alike, e.g. the DPO export",
+    )
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+
+    def check(self) -> None:
+        if not (self.data or self.lm_eval or self.pairs):
+            raise UsageError(
+                "give --data (perplexity), --pairs (preference accuracy), --lm_eval TASKS, or "
+                "several"
+            )
+        for name in ("batch_size", "max_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("shots", "generate"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError(f"--max_samples must be at least 1, got {self.max_samples}")
+        inputs = [self.model, self.data, self.pairs, self.shots_from, *self.adapter,
+                  *self.compare]  # fmt: skip
+        for path in inputs:
+            if path and not Path(path).exists():
+                raise UsageError(f"{path} does not exist")
+        if self.out:  # before minutes of scoring: never an input, never a read-only file
+            guard_file(self.out, [p for p in inputs if p], "--out")
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    quiet(verbose_requested(argv))
+    a = parse(EvalOptions, argv, prog="python -m recipes.eval", description=__doc__)
+    a.check()
+    template = a.template or trained_template(*a.adapter, a.model)
+    result = {"model": a.model}
     if a.data:
+        result = evaluate(
+            a.model, a.data, a.adapter, template, a.shots, a.shots_from, a.max_samples,
+            a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization,
+        )  # fmt: skip
         print(format_table(result))
     if a.lm_eval:
+        from recipes import harness
+
+        tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
+        result["lm_eval"] = harness.run(a.model, a.adapter, tasks, a.lm_eval_limit, a.batch_size,
+                                        a.quantization, data_dir=a.lm_eval_data)  # fmt: skip
         print(harness.format_tables(result["lm_eval"]))
     if a.pairs:
+        result["preference"] = preference_rows(a.model, a.adapter, a.compare, a.pairs, template,
+                                               a.max_length, a.batch_size, a.quantization)  # fmt: skip
         print(format_preference_table(result["preference"]))
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        write_text(a.out, json.dumps(result, indent=2, ensure_ascii=False), flag="--out")
         print(f"written: {a.out}")
     return 0
 

@@ -8,7 +8,8 @@ on the model with each adapter (lm-eval's `peft=` model argument), and returns l
 results, one entry per row.
 
 Local tasks (`LOCAL_TASKS`, tag `camelid` for all of them) are multiple-choice tasks made
-from the shared data (fastchat_data.tiny.shared_data_dir(), or $CAMELID_SHARED_DATA):
+from two Alpaca files in the folder `--lm_eval_data` names (alpaca_gpt4_data_en_1k.json and
+Stanford Alpaca's alpaca_data.json):
 `build_alpaca_mc` makes the items, `prepare_tasks` writes them as JSON Lines beside the task
 YAML (filled in from recipes/lm_eval_tasks/*.yaml.template) into a cache folder keyed by the
 data's hash, and lm-eval reads them with its `json` dataset loader. Any other lm-eval task name
@@ -26,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 from fastchat_data.io import default_cache_dir, replace_dir_atomic, sha256_file
-from fastchat_data.tiny import shared_data_dir
 from recipes.core.config import ConfigError
 
 TEMPLATES = Path(__file__).with_name("lm_eval_tasks")
@@ -100,12 +100,14 @@ def prepare_tasks(data_dir: str | os.PathLike | None = None,
     """The folder holding the local tasks' YAML and JSON Lines files, for lm-eval's
     TaskManager(include_path=...); built from the shared data once and reused while the data,
     the templates and this module (which makes the items) stay the same."""
-    data_dir = Path(data_dir or shared_data_dir())
+    if data_dir is None:
+        raise ConfigError(f"--lm_eval_data: the local camelid tasks are made from {GPT4} and "
+                          f"{DAVINCI}; give the folder that holds them")  # fmt: skip
+    data_dir = Path(data_dir)
     sources = [data_dir / GPT4, data_dir / DAVINCI]
-    for p in sources:
-        if not p.is_file():
-            raise ConfigError(f"{p} not found: the local lm-eval tasks are made from it "
-                              "(set $CAMELID_SHARED_DATA to the shared data folder)")  # fmt: skip
+    for source in sources:
+        if not source.is_file():
+            raise ConfigError(f"--lm_eval_data: {source} does not exist")
     templates = {name: (TEMPLATES / f"{name}.yaml.template").read_text() for name in LOCAL_TASKS}
     key = hashlib.sha256(
         json.dumps([VERSION, _SELF, [sha256_file(p) for p in sources], templates]).encode()
@@ -151,8 +153,9 @@ def task_manager(tasks: list[str], data_dir=None, cache_dir=None):
     asked for is not local (indexing those takes seconds). Unknown names are a ConfigError."""
     TaskManager = _lm_eval().tasks.TaskManager
 
-    include = str(prepare_tasks(data_dir, cache_dir))
-    builtin = not all(map(_is_local, tasks))
+    local = [t for t in tasks if _is_local(t)]
+    include = str(prepare_tasks(data_dir, cache_dir)) if local else None
+    builtin = len(local) < len(tasks)
     tm = TaskManager(include_path=include, include_defaults=builtin)
     known = set(tm.all_tasks)
     missing = [t for t in tasks if t not in known and not tm.match_tasks([t])]

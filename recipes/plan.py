@@ -100,8 +100,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from fastchat_data.options import UsageError, build_parser, option, parse
 from recipes.core import parallel
-from recipes.core.config import option
 from recipes.core.parallel import Strategy
 
 GB = 1e9  # the ZeRO paper's and the GPU vendors' gigabyte
@@ -176,7 +176,7 @@ EXIT_ERROR = 2  # argparse's status for a bad command line
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a tool killed by SIGPIPE
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """Bad input to the planner: one line naming the option or the file and what is wrong."""
 
 
@@ -777,8 +777,6 @@ def why_not(st: Strategy, s: Setup) -> str | None:
         return "does not train adapters (--peft lora)"
     if s.ranks > 1 and not st.multi_process:
         return f"runs one process, and --ngpu {s.ngpu} x --nnodes {s.nnodes} is {s.ranks}"
-    if s.ranks == 1 and st.multi_process and st.engine == "torch":
-        return "with one process, camelid's torch engine runs it as single"
     return None
 
 
@@ -1091,28 +1089,8 @@ def parse_length(text: str) -> int | str:
 
 
 def option_parser():
-    """HfArgumentParser over PlanOptions: every flag with its help and default; a bad command
-    line is one PlanError, not usage and exit."""
-    from transformers import HfArgumentParser
-
-    from recipes.core.config import HelpFormatter
-
-    class Parser(HfArgumentParser):
-        def error(self, message: str):
-            m = re.match(r"argument ([-\w]+)[^:]*: (.*)", message, re.S)
-            raise PlanError(f"{m[1]}: {m[2]}" if m else message)
-
-    parser = Parser(
-        PlanOptions,
-        prog="python -m recipes.plan",
-        description=__doc__,
-        formatter_class=HelpFormatter,
-        allow_abbrev=False,
-    )
-    for action in parser._actions:  # one spelling: --key_name (as the recipes' --help)
-        for alias in [o for o in action.option_strings if "-" in o[2:]]:
-            action.option_strings.remove(alias)
-            del parser._option_string_actions[alias]
+    """The project's one command-line convention (fastchat_data/options.py) over PlanOptions."""
+    parser = build_parser(PlanOptions, prog="python -m recipes.plan", description=__doc__)
     actions = parser._option_string_actions
     actions["--strategy"].help = f"one of {', '.join(parallel.names())}, or all"
     for flag, metavar in (
@@ -1121,27 +1099,18 @@ def option_parser():
         ("--gpu_memory", "SIZE"),
         ("--cpu_memory", "SIZE"),
         ("--model_max_length", "INT|auto"),
-        ("--bf16", "BOOL"),
-        ("--gradient_checkpointing", "BOOL"),
-        ("--json", "BOOL"),
     ):
         actions[flag].metavar = metavar
     return parser
 
 
 def parse_options(argv: list[str] | None = None) -> PlanOptions:
-    parser = option_parser()
-    options, rest = parser.parse_args_into_dataclasses(
-        argv, return_remaining_strings=True, look_for_args_file=False
-    )
-    if rest:
-        import difflib
-
-        known = [o for o in parser._option_string_actions if o.startswith("--")]
-        close = difflib.get_close_matches(rest[0].partition("=")[0], known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else " (--help lists the options)"
-        raise PlanError(f"unrecognized argument {rest[0]!r}{hint}")
-    return options
+    argv = ["--per_device_train_batch_size" if a == "--batch" else a
+            for a in (sys.argv[1:] if argv is None else argv)]  # fmt: skip
+    try:
+        return parse(PlanOptions, argv, parser=option_parser())
+    except UsageError as e:
+        raise PlanError(str(e).removeprefix("command line: ")) from None
 
 
 def plan_arguments(o: PlanOptions) -> dict:

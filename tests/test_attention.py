@@ -8,8 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from recipes.core.attention import PACKED_SDPA, attention_kwargs, register, resolve, unavailable
-from recipes.core.config import ConfigError, TrainConfig, load_config
+from recipes.core.config import ConfigError, load_config
 from recipes.core.data import collate, collate_packed
+from recipes.core.recipe import TrainConfig
 
 VOCAB = 500
 LENGTHS = (37, 80, 21)  # one packed row of three conversations
@@ -135,10 +136,10 @@ def test_an_implementation_that_cannot_train_here_is_an_error(name):
 
 def test_unknown_implementation_is_a_config_error():
     with pytest.raises(ConfigError, match="attn_implementation 'flash3'"):
-        load_config(["--attn_implementation", "flash3"])
+        load_config(["--attn_implementation", "flash3"], TrainConfig)
     with pytest.raises(ConfigError, match="loss_chunk_size"):
-        load_config(["--loss_chunk_size", "-1"])
-    cfg, _ = load_config(["--attn_implementation", "eager", "--loss_chunk_size", "0"])
+        load_config(["--loss_chunk_size", "-1"], TrainConfig)
+    cfg, _ = load_config(["--attn_implementation", "eager", "--loss_chunk_size", "0"], TrainConfig)
     assert (cfg.attn_implementation, cfg.loss_chunk_size) == ("eager", 0)
 
 

@@ -57,7 +57,7 @@ GBK_JSONL = jsonl(GOOD[0]) + json.dumps(sharegpt("你好", "好"), ensure_ascii=
 BAD_TEMPLATE_YAML = b"system: Be brief.\nuser: USER\nassistent: ASSISTANT\n"
 
 TRAIN = (PY, str(REPO / "recipes" / "full_finetune.py"), "--strategy", "single", "--report_to",
-         "none", "--output_dir", "{o}/run", "--cache_dir", "{o}/cache")  # fmt: skip
+         "none", "--output_dir", "{o}/run", "--cache_dir", "{o}/cache", "--model_name_or_path", "{tok}")  # fmt: skip
 DATA = (PY, "-m", "fastchat_data")
 ZERO2 = TRAIN[:3] + ("zero2",) + TRAIN[4:]
 
@@ -213,11 +213,11 @@ ROWS = [
     row("train_config_unknown_key", {"c.yaml": b"learning_rat: 1.0e-5\n"}, TRAIN + ("--config", "{d}/c.yaml"),
         "unknown key 'learning_rat' (did you mean learning_rate?)", "c.yaml"),
     row("train_config_wrong_type", {"c.yaml": b"per_device_train_batch_size: two\n"}, TRAIN + ("--config", "{d}/c.yaml"),
-        "per_device_train_batch_size expects int, got 'two'", "per_device_train_batch_size"),
+        "per_device_train_batch_size expects an integer, got 'two'", "per_device_train_batch_size"),
     row("train_config_float_for_int", {"c.yaml": b"gradient_accumulation_steps: 2.5\n"}, TRAIN + ("--config", "{d}/c.yaml"),
-        "gradient_accumulation_steps expects int, got 2.5", "gradient_accumulation_steps"),
+        "gradient_accumulation_steps expects an integer, got 2.5", "gradient_accumulation_steps"),
     row("train_config_list_for_path", {"c.yaml": b"data_path: [a.json, b.json]\n"}, TRAIN + ("--config", "{d}/c.yaml"),
-        "data_path expects str, got ['a.json', 'b.json']", "data_path"),
+        "data_path expects text, got ['a.json', 'b.json']", "data_path"),
     row("train_config_bad_bool", {"c.yaml": b"bf16: maybe\n"}, TRAIN + ("--config", "{d}/c.yaml"),
         "bf16 expects True or False, got 'maybe'", "bf16"),
     row("train_config_missing", {}, TRAIN + ("--config", "{d}/nope.yaml"), "config file", "nope.yaml"),
@@ -419,11 +419,12 @@ def test_deepspeed_json_that_contradicts_the_command_line(tmp_path, ds, args, ex
     """In-process: a single-process ZeRO run reaches this check too (by hand, --strategy zero2
     --deepspeed FILE exits 2 with this line), but only after ~30 s of start-up."""
     from recipes.core.config import ConfigError, load_config
-    from recipes.core.distributed import deepspeed_config
+    from recipes.core.ds_config import deepspeed_config
+    from recipes.core.recipe import TrainConfig
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds}))
-    cfg, _ = load_config(["--deepspeed", str(path), *args])
+    cfg, _ = load_config(["--deepspeed", str(path), *args], TrainConfig)
     assert cfg.strategy == "zero2"
     with pytest.raises(ConfigError, match=expect):
         deepspeed_config(cfg)

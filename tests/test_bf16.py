@@ -58,27 +58,28 @@ PROBE = f"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {str(REPO)!r})
-from recipes import full_finetune as ff
+from recipes.core import recipe
+from recipes.core.loop import Hooks
 
-def setup(cfg, notes=None):
-    run = ff_setup(cfg, notes)
-    proj = run.engine.module.model.layers[0].self_attn.q_proj
-    seen = {{}}
 
-    def hook(module, args, out):
-        if not seen:
-            opt = run.engine.optimizer  # ZeRO-3 keeps its fp32 master partitions apart
-            flat = getattr(opt, "fp32_partitioned_groups_flat", None)
-            params = flat if flat is not None else [p for g in opt.param_groups for p in g["params"]]
-            seen.update(input=str(args[0].dtype), weight=str(module.weight.dtype),
-                        output=str(out.dtype), optimizer=",".join({{str(p.dtype) for p in params}}))
-            Path(cfg.output_dir, f"dtypes-rank{{run.world.rank}}.json").write_text(json.dumps(seen))
+class Probe(Hooks):
+    def started(self, run):
+        proj = run.engine.module.model.layers[0].self_attn.q_proj
+        seen = {{}}
 
-    proj.register_forward_hook(hook)
-    return run
+        def hook(module, args, out):
+            if not seen:
+                opt = run.engine.optimizer  # ZeRO-3 keeps its fp32 master partitions apart
+                flat = getattr(opt, "fp32_partitioned_groups_flat", None)
+                params = flat if flat is not None else [p for g in opt.param_groups for p in g["params"]]
+                seen.update(input=str(args[0].dtype), weight=str(module.weight.dtype),
+                            output=str(out.dtype), optimizer=",".join({{str(p.dtype) for p in params}}))
+                Path(run.cfg.output_dir, f"dtypes-rank{{run.world.rank}}.json").write_text(json.dumps(seen))
 
-ff_setup, ff.setup = ff.setup, setup
-ff.main()
+        proj.register_forward_hook(hook)
+
+
+sys.exit(recipe.main("sft", sys.argv[1:], hooks=Probe()))
 """
 
 

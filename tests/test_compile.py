@@ -19,8 +19,9 @@ from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
 from train_utils import losses, train
 
-from recipes.core.compile import check_speed_options, compile_layers
-from recipes.core.config import ConfigError, TrainConfig
+from recipes.core.compile import compile_layers
+from recipes.core.config import ConfigError
+from recipes.core.recipe import QLoraConfig, TrainConfig
 
 BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", "100"]
 TOL = 1e-4  # see the module docstring
@@ -96,17 +97,18 @@ def test_graph_breaks_are_counted_and_named(llama_dir, capsys):
 
 
 @pytest.mark.parametrize(
-    ("settings", "recipe", "message"),
+    ("settings", "cls", "message"),
     [
-        ({"strategy": "zero3"}, "full_finetune", "ZeRO-3 gathers each parameter in module hooks"),
-        ({"strategy": "zero3_offload"}, "full_finetune", "--strategy fsdp"),
-        ({"strategy": "single"}, "qlora", "supported by the full fine-tune"),
+        ({"strategy": "zero3"}, TrainConfig, "ZeRO-3 gathers each parameter in module hooks"),
+        ({"strategy": "zero3_offload"}, TrainConfig, "--strategy fsdp"),
+        ({"strategy": "single"}, QLoraConfig, "an adapter's quantized"),
     ],
+    ids=["zero3", "zero3_offload", "adapter"],
 )
-def test_compile_refused_where_it_cannot_work(settings, recipe, message):
+def test_compile_refused_where_it_cannot_work(settings, cls, message):
     with pytest.raises(ConfigError, match=message):
-        check_speed_options(TrainConfig(compile=True, **settings), recipe)
-    check_speed_options(TrainConfig(compile=False, **settings), recipe)  # without: fine
+        cls(compile=True, **settings).check()
+    cls(compile=False, **settings).check()  # without: fine
 
 
 def test_liger_kernel_refused_without_package_or_gpu(tmp_path):

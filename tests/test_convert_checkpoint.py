@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import REPO, env, train
+from train_utils import REPO, complete_checkpoints, env, train
 from transformers import AutoModelForCausalLM
-
-from recipes.core.checkpoint import complete_checkpoints
 
 ARGS = ["--config", "tiny_cpu.yaml", "--max_steps", 2, "--save_steps", 2, "--per_device_train_batch_size", 4,
         "--gradient_accumulation_steps", 1]  # fmt: skip

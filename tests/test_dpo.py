@@ -15,13 +15,8 @@ from fastchat_data.preference import build_preference_dataset, pair
 from fastchat_data.tiny import TEMPLATE_WORDS, shared_data_dir, tiny_model
 from recipes.core.data import pad_token_id
 from recipes.core.loss import sequence_logps_from_logits
-from recipes.core.preference import (
-    PairData,
-    PlainForward,
-    dpo_losses,
-    preference_scores,
-    sequence_logps,
-)
+from recipes.core.objectives.dpo import dpo_losses
+from recipes.core.preference import PairData, PlainForward, preference_scores, sequence_logps
 
 DPO = REPO / "recipes" / "dpo.py"
 N_PAIRS = 48
@@ -202,7 +197,8 @@ def test_lora_and_qlora_dpo_export_an_adapter(pairs, quantization, tmp_path):
     [
         (["--packing", "True"], "does not pack"),
         (["--loss_type", "kto"], "loss_type 'kto' is not one of"),
-        (["--beta", "0"], "beta must be positive"),
+        (["--beta", "0"], "beta must be a finite number in (0, 10000]"),
+        (["--beta", "inf"], "beta must be a finite number in (0, 10000]"),
         (["--quantization", "nf4"], "add --peft_method lora"),
     ],
 )

@@ -96,7 +96,7 @@ def test_rows_that_need_a_gpu_or_a_package_say_why(dry_run):
         or "GPU" in by["single-2048-packed-flex-liger"]["reason"]
     )
     assert "GPU" in by["zero3-2048-packed-flex"]["reason"]
-    assert "single" in by["fsdp-2048-packed-flex"]["reason"]  # 1-process FSDP is not FSDP2
+    assert "CUDA" in by["fsdp-2048-packed-flex"]["reason"]  # 1-process FSDP2 runs, on a GPU
     assert "row set" in by["single-2048-packed-sdpa"]["reason"]  # runnable here, not chosen
 
 

@@ -89,7 +89,8 @@ def test_cli_model_and_adapter(llama_dir, adapter, data_dir, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "recipes.eval", "--model", str(llama_dir), "--adapter", str(adapter),
          "--data", str(data_dir / "fastchat_dummy_conversation.json"), "--max_samples", "4",
-         "--lm_eval", "camelid_alpaca_mc", "--lm_eval_limit", str(LIMIT), "--out", str(out)],
+         "--lm_eval", "camelid_alpaca_mc", "--lm_eval_limit", str(LIMIT), "--out", str(out),
+         "--lm_eval_data", str(data_dir)],
         capture_output=True, text=True, cwd=REPO, env=offline_env(tmp_path / "cache"), timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -126,9 +127,10 @@ def test_adapter_changes_the_scores(llama_dir, adapter, data_dir, tmp_path):
 def test_usage_errors(llama_dir, data_dir, capsys):
     from recipes import eval as evaluation
 
-    with pytest.raises(SystemExit) as e:
-        evaluation.main(["--model", str(llama_dir)])  # neither --data nor --lm_eval
-    assert e.value.code == 2 and "--lm_eval" in capsys.readouterr().err
+    code = evaluation.main(["--model", str(llama_dir)])  # neither --data nor --lm_eval
+    assert code == 2 and "--lm_eval" in capsys.readouterr().err
+    code = evaluation.main(["--model", str(llama_dir), "--lm_eval", "camelid"])  # no task data
+    assert code == 2 and "--lm_eval_data" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="at least 1"):
         harness.run(str(llama_dir), [], ["camelid_alpaca_mc"], limit=0, data_dir=data_dir)
     with pytest.raises(ConfigError, match="not an adapter folder"):

@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from train_utils import QLORA, REPO, command, env, losses, ranks, train
 
 from recipes import eval as evaluation
-from recipes import qlora
+from recipes.core import recipe
 from recipes.core.config import ConfigError, load_config
 from recipes.core.data import collate
-from recipes.core.loop import train as train_loop
-from recipes.core.lora import QLoraConfig, load_adapter, load_base, verify_adapter
+from recipes.core.lora import load_adapter, load_base, verify_adapter
+from recipes.core.recipe import QLoraConfig
 
 QLORA_TINY = ["--config", "qlora_tiny_cpu.yaml", "--report_to", "none"]
 
@@ -55,11 +55,11 @@ def adapted(english_base, zh_split, tmp_path_factory):
     out = tmp_path_factory.mktemp("qlora")
     cfg, _ = load_config([*QLORA_TINY, "--model_name_or_path", str(english_base), "--data_path",
                           str(zh_split[0]), "--output_dir", str(out), "--max_steps", "40"], cls=QLoraConfig)  # fmt: skip
-    run = qlora.setup(cfg)
-    train_loop(run)
-    adapter = qlora.save(run)
+    run = recipe.setup(recipe.get("qlora"), cfg)
+    recipe.train(run)
+    adapter = recipe.save(run)
     yield run, adapter
-    qlora.cleanup(run)
+    recipe.cleanup(run)
 
 
 def batch_loss(model, tokenizer, heldout, n=8):
@@ -105,7 +105,9 @@ def test_reloaded_adapter_gives_the_same_loss(adapted, zh_split):
     trained = run.engine.module.train()
     before = batch_loss(trained, run.tokenizer, zh_split[1])
     reloaded = load_adapter(
-        load_base(run.model_path, run.cfg, torch.device("cpu")), adapter
+        load_base(run.model_path, torch.device("cpu"), quantization=run.cfg.quantization,
+                  double_quant=run.cfg.double_quant, bf16=run.cfg.bf16),
+        adapter,
     ).train()
     assert batch_loss(reloaded, run.tokenizer, zh_split[1]) == pytest.approx(before, abs=1e-6)
 
@@ -161,8 +163,8 @@ def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_
             "--max_steps", 16, "--save_steps", 4, "--logging_steps", 1]  # fmt: skip
     train("ddp", 1, tmp_path / "whole", *args, recipe=QLORA)
     out = tmp_path / "killed"
-    slowed = {**env(), "CAMELID_STEP_DELAY": "0.4"}
-    proc = subprocess.Popen(command("ddp", 1, out, *args, recipe=QLORA), env=slowed, cwd=REPO,
+    slowed = command("ddp", 1, out, *args, recipe=QLORA, faults={"step_delay": 0.4})
+    proc = subprocess.Popen(slowed, env=env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -247,8 +249,8 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
 
 
 def test_defaults_run_on_the_tiny_model_and_demo_data(tmp_path):
-    """`python recipes/qlora.py` with no model or data: the tiny model, the embedded data, the
-    reference recipe's settings (r 64, alpha 16, paged AdamW, 1 x 4 batches)."""
+    """`python recipes/qlora.py` on the tiny model and identity data with the reference
+    recipe's settings (r 64, alpha 16, paged AdamW, 1 x 4 batches)."""
     res = train("ddp", 1, tmp_path, "--max_steps", 3, recipe=QLORA)
     assert "4-bit nf4 base + lora" in res.stdout and "global batch 4" in res.stdout
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 64
@@ -302,8 +304,9 @@ def test_adapter_for_another_base_is_refused(adapted, corpus, tmp_path):
 
 def test_config_conflicts_are_refused():
     for argv, message in [
-        (["--strategy", "zero3"], "trains with strategy ddp"),
-        (["--strategy", "fsdp"], "adapters train with strategy ddp"),
+        (["--strategy", "zero3"], "paged_adamw_32bit is a bitsandbytes optimizer"),
+        (["--strategy", "zero3", "--optim", "adamw_torch"], "base trains with strategy single, ddp"),
+        (["--strategy", "fsdp"], "adapters train with strategy single, ddp"),
         (["--peft_method", "prompt_tuning", "--packing", "True"], "cannot pack"),
         (["--quantization", "int4"], "quantization 'int4'"),
         (["--lora_rank", "8"], "did you mean lora_r"),

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, env, losses, ranks, train
+from train_utils import REPO, env, losses, ranks, tiny_assets, train
 
-from recipes.core.config import ConfigError, TrainConfig, fsdp_strategy, load_config
-from recipes.core.distributed import deepspeed_config
+from recipes.core.config import ConfigError, fsdp_strategy, load_config
+from recipes.core.ds_config import deepspeed_config
+from recipes.core.recipe import TrainConfig
 
 TWO = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", "100", "--max_steps", 4,
        "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1]  # fmt: skip
@@ -94,10 +95,10 @@ def test_every_fastchat_fsdp_flag_maps_or_errors(flags, strategy):
         with pytest.raises(ConfigError, match="--fsdp"):
             fsdp_strategy(flags)
         with pytest.raises(ConfigError, match="--fsdp"):
-            load_config(["--fsdp", flags])
+            load_config(["--fsdp", flags], TrainConfig)
     else:
         assert fsdp_strategy(flags) == strategy
-        cfg, notes = load_config(["--fsdp", flags])
+        cfg, notes = load_config(["--fsdp", flags], TrainConfig)
         assert cfg.strategy == strategy and any(strategy in n for n in notes)
 
 
@@ -120,8 +121,10 @@ def test_two_launcher_invocations_as_two_nodes_match_one_node(strategy, full_loa
     else:
         nodes_args = ["--nnodes", "2", "--rdzv_id", f"test-{os.getpid()}"]
     recipe_args = ["--report_to", "none", *map(str, TWO)]
+    model, data = tiny_assets()
     nodes = [
         subprocess.Popen([sys.executable, "-m", "launch.train", "--ngpu", "1", "--strategy", strategy,
+                          "--model", model, "--data", data,
                           *nodes_args, "--node_rank", str(r), "--master_addr", "127.0.0.1",
                           "--master_port", str(port), "--out", str(out), "--", *recipe_args],
                          env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -158,9 +161,7 @@ def test_ds_configs_leave_buffer_sizes_to_the_model():
 
 def test_launcher_preflight_refuses_what_clearly_does_not_fit(tmp_path):
     """On GPUs `make train-vicuna` asks the planner first (here with 80 GB given by hand)."""
-    from types import SimpleNamespace
-
-    from launch.train import preflight
+    from launch.train import LaunchOptions, preflight
     from recipes.plan import PRESETS
 
     model = tmp_path / "llama-2-70b"
@@ -178,10 +179,9 @@ def test_launcher_preflight_refuses_what_clearly_does_not_fit(tmp_path):
     ]
 
     def ask(strategy, which="sft", data=None):
-        args = SimpleNamespace(config="vicuna_7b.yaml" if which == "sft" else "dpo_7b.yaml", strategy=strategy,
-                               ngpu=8, nnodes=1, recipe=which, data=data, model=str(model),
-                               recipe_args=recipe)  # fmt: skip
-        return preflight(args, 80 * 2**30)
+        opts = LaunchOptions(config="vicuna_7b.yaml" if which == "sft" else "dpo_7b.yaml",
+                             strategy=strategy, ngpu=8, recipe=which, data=data, model=str(model))  # fmt: skip
+        return preflight(opts, recipe, 80 * 2**30)
 
     refusal = ask("ddp")
     assert (

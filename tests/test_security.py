@@ -25,7 +25,7 @@ import pytest
 import torch
 from train_utils import REPO, env, train
 
-from recipes.core.checkpoint import COMPLETE, describe_files, verify_checkpoint
+from recipes.core.checkpoint import describe_files, verify_checkpoint
 from recipes.core.safe_load import (
     UnsafeCheckpoint,
     check_pickle_file,
@@ -37,6 +37,7 @@ FAST = ["--config", "tiny_cpu.yaml", "--max_steps", 2, "--save_steps", 1, "--sav
         "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1,
         "--model_max_length", 256]  # fmt: skip
 LORA = ["--quantization", "none", "--optim", "adamw_torch"]
+COMPLETE = "COMPLETE"
 
 
 # ---------------------------------------------------------------------------- the payloads

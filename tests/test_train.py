@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import command, env, losses, ranks, train
+from train_utils import command, complete_checkpoints, env, losses, ranks, train
 from transformers import AutoModelForCausalLM
-
-from recipes.core.checkpoint import complete_checkpoints
 
 # The tiny model on the embedded data; global batch 8 = 4 x 2 accumulation x 1 rank = 4 x 1 x 2 ranks.
 BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", "100"]
@@ -93,11 +91,11 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_when(cmd, metrics, step):
-    """Start `cmd`, kill -9 the launcher and every worker once `step` steps are logged."""
-    slowed = {**env(), "CAMELID_STEP_DELAY": "0.5"}  # tiny steps take ms: let the kill land mid-run
+    """Start `cmd` (with a step delay: tiny steps take ms, the kill must land mid-run), kill -9
+    the launcher and every worker once `step` steps are logged."""
     proc = subprocess.Popen(
         cmd,
-        env=slowed,
+        env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -126,9 +124,8 @@ def test_kill_9_then_relaunch_continues_the_same_loss_curve(strategy, tmp_path):
     args = [*two_ranks(8), "--save_steps", 2, "--save_total_limit", 2]
     train(strategy, 2, tmp_path / "straight", *args)
     out = tmp_path / "killed"
-    kill_when(
-        command(strategy, 2, out, *args), out / "metrics.jsonl", 5
-    )  # between saves (steps 4 and 6)
+    slowed = command(strategy, 2, out, *args, faults={"step_delay": 0.5})
+    kill_when(slowed, out / "metrics.jsonl", 5)  # between saves (steps 4 and 6)
     assert [p.name for p in complete_checkpoints(out)][-1] == "step-00000004"
     res = train(strategy, 2, out, *args)
     assert "resumed from" in res.stdout and "(step 4)" in res.stdout
@@ -153,8 +150,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stdout[-2000:]
-    assert "SIGTERM: saved a checkpoint" in stdout
+    assert proc.returncode == 75, stdout[-2000:]  # stopped, resumable
+    assert "stopped: a stop was requested (SIGTERM or Ctrl-C): checkpoint" in stdout
+    assert "Traceback" not in stdout
     step = int(complete_checkpoints(out)[-1].name.split("-")[1])
     assert step >= 3 and len(losses(out)) == step
 
@@ -174,7 +172,7 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path):
     [
         (["--model_name_or_path", "/nope"], "model_name_or_path: /nope does not exist"),
         (["--data_path", "/nope.json"], "data_path: /nope.json does not exist"),
-        (["--learning_rat", "1e-3"], "unknown key 'learning_rat' (did you mean learning_rate?)"),
+        (["--learning_rat", "1e-3"], "unknown option 'learning_rat' (did you mean learning_rate?)"),
         (["--strategy", "zero4"], "strategy 'zero4' is not one of"),
         (["--fp16", "True"], "fp16 is not supported"),
         (["--per_device_train_batch_size", "300"], "fewer than one global batch"),
@@ -192,8 +190,9 @@ def test_deepspeed_config_contradicting_the_command_line(tmp_path):
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    from recipes.core.config import TrainConfig
-    from recipes.core.distributed import ConfigError, deepspeed_config
+    from recipes.core.config import ConfigError
+    from recipes.core.ds_config import deepspeed_config
+    from recipes.core.recipe import TrainConfig
 
     with pytest.raises(
         ConfigError, match="bf16.enabled is True but the command line says --bf16 False"
@@ -216,8 +215,9 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
         res.returncode == 2
         and "holds checkpoints of another run (settings differ: learning_rate)" in res.stderr
     )
-    # overwriting starts afresh and leaves none of the old run's checkpoints to resume from
-    train(
+    assert "--overwrite_output_dir True (its checkpoints are kept in OUT/replaced/)" in res.stderr
+    # overwriting starts afresh: the old run's checkpoints move aside (kept, never resumed)
+    res = train(
         "single",
         1,
         out,
@@ -232,12 +232,16 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"] and len(
         losses(out)
     ) == 1
+    (aside,) = (out / "replaced").iterdir()
+    assert "moved to" in res.stdout and (aside / "checkpoints" / "step-00000002").is_dir()
 
 
 def test_fastchat_flags_are_mapped(tmp_path):
     from recipes.core.config import load_config
+    from recipes.core.recipe import TrainConfig
 
     cfg, notes = load_config(["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-                              "--lazy_preprocess", "True", "--bf16", "True", "--model_max_length", "1024"])  # fmt: skip
+                              "--lazy_preprocess", "True", "--bf16", "True", "--model_max_length", "1024"],
+                             TrainConfig)  # fmt: skip
     assert cfg.strategy == "fsdp" and cfg.bf16 and cfg.model_max_length == 1024
     assert any("decoder layer" in n for n in notes)

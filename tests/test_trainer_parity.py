@@ -34,6 +34,7 @@ from fastchat_data.build import build_dataset
 from recipes import full_finetune
 from recipes.core.config import load_config
 from recipes.core.data import BatchPlan, TrainData
+from recipes.core.recipe import TrainConfig
 
 pytestmark = requires_shared
 
@@ -80,11 +81,8 @@ def conversations(data_dir, tmp_path_factory):
 
 def camelid(argv: list[str], out) -> list[dict]:
     """The recipe as a user runs it (in this process): its metrics.jsonl rows."""
-    sigterm = signal.getsignal(signal.SIGTERM)  # the run sets its own (save and stop)
-    try:
-        full_finetune.main([*argv, "--output_dir", str(out)])
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
+    assert full_finetune.main([*argv, "--output_dir", str(out)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is not None  # the run put its handlers back
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -178,7 +176,7 @@ def test_losses_and_learning_rates_equal_trainer(name, llama_dir, conversations,
     ]
     ours = camelid(argv, tmp_path / "camelid")
 
-    cfg, _ = load_config(argv)
+    cfg, _ = load_config(argv, TrainConfig)
     ds, _ = build_dataset(
         str(conversations),
         str(llama_dir),

@@ -1,17 +1,23 @@
-"""Running the full fine-tune recipe from tests, as a user would (torchrun / deepspeed)."""
+"""Running recipes from tests as a user would (torchrun / the deepspeed launcher), through the
+launcher's one command builder (launch.train.job_command)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from launch.train import job_command
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "full_finetune.py"
 QLORA = REPO / "recipes" / "qlora.py"
-BIN = Path(sys.executable).parent
+DPO = REPO / "recipes" / "dpo.py"
+FAULTS = REPO / "tests" / "fault_recipe.py"
+BY_SCRIPT = {RECIPE: "sft", QLORA: "qlora", DPO: "dpo"}
 
 
 def env() -> dict:
@@ -22,42 +28,57 @@ def env() -> dict:
     return e
 
 
-def command(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE) -> list[str]:
-    recipe = [
-        str(recipe),
-        "--strategy",
-        strategy,
-        "--output_dir",
-        str(out),
-        "--report_to",
-        "none",
-        *map(str, args),
-    ]
+@functools.cache
+def tiny_assets() -> tuple[str, str]:
+    """The tiny Llama and the 400 identity conversations its tokenizer was trained on: what a
+    recipe trains on in these tests when they name no model or data (built once, cached)."""
+    from fastchat_data.identity import identity_conversations
+    from fastchat_data.io import write_records
+    from fastchat_data.tiny import TEMPLATE_WORDS, corpus_texts, tiny_model
+
+    cache = REPO / ".cache"
+    records = identity_conversations(n=400, seed=0)
+    data = cache / "demo" / "identity.json"
+    if not data.exists():
+        write_records(data, records)
+    texts = corpus_texts(records) + TEMPLATE_WORDS * 20
+    return str(tiny_model("llama", "tiny", texts=texts, cache_dir=cache)), str(data)
+
+
+def with_assets(args) -> list[str]:
+    args = [str(a) for a in args]
+    model, data = tiny_assets()
+    if "--model_name_or_path" not in args:
+        args += ["--model_name_or_path", model]
+    if "--data_path" not in args:
+        args += ["--data_path", data]
+    return args
+
+
+def command(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE,
+            faults: dict | None = None) -> list[str]:  # fmt: skip
+    """The recipe (or, with `faults`, tests/fault_recipe.py running it: {"nan_at": "3:1",
+    "step_delay": 0.2}) on `nproc` processes; one process runs as a plain python process.
+    Without a model or data in `args`: the tiny Llama on identity data (tiny_assets)."""
+    name = BY_SCRIPT.get(Path(recipe), "sft")  # another script: a harness that runs sft
+    recipe_args = ["--output_dir", str(out), "--report_to", "none", *with_assets(args)]
+    program = None if Path(recipe) in BY_SCRIPT else [str(recipe)]
+    if faults:
+        program = [str(FAULTS), "--recipe", name]
+        for key, value in faults.items():
+            program += [f"--{key}", str(value)]
+        program.append("--")
     if nproc == 1:
-        return [sys.executable, *recipe]
-    if strategy.startswith("zero"):
-        return [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            str(nproc),
-            "--master_port",
-            str(29500 + os.getpid() % 500),
-            *recipe,
-        ]
-    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *recipe]
+        script = program or [str(recipe)]
+        return [sys.executable, *script, "--strategy", strategy, *recipe_args]
+    return job_command(name, strategy, nproc, recipe_args, program=program)
 
 
-def train(
-    strategy: str, nproc: int, out: Path, *args, check: bool = True, recipe: Path = RECIPE
-) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        command(strategy, nproc, out, *args, recipe=recipe),
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
-        timeout=900,
-    )
+
+def train(strategy: str, nproc: int, out: Path, *args, check: bool = True, recipe: Path = RECIPE,
+          faults: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    res = subprocess.run(command(strategy, nproc, out, *args, recipe=recipe, faults=faults),
+                         capture_output=True, text=True, env=env(), cwd=REPO, timeout=900)  # fmt: skip
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
@@ -71,3 +92,21 @@ def losses(out: Path) -> list[float]:
 
 def ranks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    from recipes.core.run_folder import RunFolder
+
+    return [c.path for c in RunFolder(out).complete_checkpoints()]
+
+
+def launched(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE,
+             faults: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """As `train`, through launch.train's own job runner (signals, exit statuses, one line per
+    failure): what `python -m launch.train` does once it has built the command."""
+    cmd = command(strategy, nproc, out, *args, recipe=recipe, faults=faults)
+    script = str(FAULTS if faults else recipe)
+    code = ("import json, sys; from launch.train import launch; "
+            "sys.exit(launch(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]))")  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code, json.dumps(cmd), strategy, str(nproc), script],
+                          capture_output=True, text=True, env=env(), cwd=REPO, timeout=900)  # fmt: skip

@@ -128,11 +128,3 @@ def attention_kwargs(cfg) -> dict:
     if name == PACKED_SDPA:
         register()
     return {"attn_implementation": name}
-
-
-def set_attention(model, cfg) -> str:
-    """Switch a loaded model to `cfg`'s implementation through transformers'
-    set_attn_implementation (for a loader that did not splat attention_kwargs)."""
-    name = attention_kwargs(cfg)["attn_implementation"]
-    model.set_attn_implementation(name)
-    return name

@@ -1,30 +1,28 @@
-"""Checkpoints: sharded, atomic, verified, never unpickled blindly; and the final export.
+"""Checkpoints: sharded, atomic, verified, never unpickled blindly; the run's identity; the
+output directory's claim. Paths come from recipes/core/run_folder.py, writes go through the
+one writer (fastchat_data/outputs.py).
 
-Layout under output_dir:
-  run.lock                     held by the running job's rank 0: a second job into the same
-                               directory refuses, naming the first
-  checkpoints/step-00000010/   one complete checkpoint: engine shards, trainer_state.json,
-                               rng-rank*.safetensors, scheduler.json, and COMPLETE, a manifest
-                               of every file with its size and sha256. Written as .tmp-step-...
-                               and renamed once every rank is done, so a run killed mid-save
-                               leaves only a .tmp folder that is never resumed from
-  checkpoints/damaged-step-N/  a checkpoint that failed verification on resume, kept for
-                               inspection (never deleted silently)
-  model/                       the exported model: config, tokenizer, sharded safetensors
+A checkpoint is written by every rank into `checkpoints/.tmp-step-N`, then its COMPLETE
+manifest (every file with its size and sha256) is written and the folder swapped into
+`checkpoints/step-N`; a run killed mid-save leaves only the staging folder, never resumed
+from. On resume the newest checkpoint is verified (sizes, checksums, and every pickle through
+the restricted loaders of recipes/core/safe_load.py); a damaged one is kept as
+`damaged-step-N` and the previous one used. Nothing is ever deleted but by rotation
+(`--save_total_limit`), which counts complete checkpoints only.
 
 Safety: camelid's own state is JSON or safetensors. The pickles that torch DCP and DeepSpeed
-write (DCP's .metadata, DeepSpeed's *.pt) are only ever read through restricted unpicklers
-(recipes/core/safe_load.py), at verification and again at load, so a checkpoint from someone
-else cannot run code on resume.
+write (DCP's .metadata, DeepSpeed's *.pt) are only ever read through restricted unpicklers,
+at verification and again at load, so a checkpoint from someone else cannot run code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import sys
@@ -34,51 +32,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastchat_data.io import save_tokenizer, sha256_file
+from fastchat_data.io import cached_sha256
+from fastchat_data.outputs import StagedDir
 
-from .config import ConfigError, TrainConfig
+from .config import RESUMABLE_CHANGES, ConfigError, data_paths
+from .run_folder import CheckpointFolder, RunFolder
 from .safe_load import UnsafeCheckpoint, check_pickle_file
 
-COMPLETE = "COMPLETE"  # the manifest; written last, so its presence means every file is there
-LOCK = "run.lock"
-STEP_DIR = re.compile(r"step-(\d+)")
+# Settings that name where things are, not what is trained: a run's identity holds the
+# content they point to instead (the data's sha256, the model's config and files).
+PATH_SETTINGS = {"model_name_or_path", "data_path", "deepspeed", "cache_dir", "output_dir"}
 
 
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = checkpoints_dir(output_dir)
-    if not root.exists():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def acquire_run_lock(output_dir: str | Path):
+def acquire_run_lock(folder: RunFolder):
     """One job per output directory: an exclusive flock held by rank 0 for its lifetime (the
     kernel drops it when the process dies, even by kill -9, so a relaunch can resume)."""
-    path = Path(output_dir) / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held open until the process exits
+    folder.root.mkdir(parents=True, exist_ok=True)
+    handle = open(folder.lock, "a+")  # noqa: SIM115 - held open until the process exits
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         try:
             holder = json.loads(handle.read())
-            who = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+            who = (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: "
+                   f"{holder['command']}")  # fmt: skip
         except (ValueError, KeyError):
             who = "a process that holds its lock"
         handle.close()
         raise ConfigError(
-            f"{output_dir} is in use by another run ({who}); wait for it to end or choose another --output_dir"
+            f"{folder.root} is in use by another run ({who}); wait for it to end or choose "
+            "another --output_dir"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -89,31 +73,86 @@ def acquire_run_lock(output_dir: str | Path):
     return handle
 
 
-def check_output_dir(cfg: TrainConfig) -> None:
-    """An output directory holding another run's checkpoints is an error, not a silent resume;
-    with --overwrite_output_dir the old run's checkpoints and metrics go, so that a later
-    relaunch can never resume from them."""
-    if cfg.overwrite_output_dir:
-        shutil.rmtree(checkpoints_dir(cfg.output_dir), ignore_errors=True)
-        (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
-        return
-    ckpt = latest_checkpoint(cfg.output_dir)
-    if ckpt is None:
-        return
+# ---------------------------------------------------------------------------- identity
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """The weights a run starts from: config.json's content and the weight files by name and
+    size (hashing a 70B model's bytes would take minutes; a retrained model in the same folder
+    has new sizes or a new config only rarely, and then its content would be read)."""
+    folder = Path(path)
+    parts = [(folder / "config.json").read_text()] if (folder / "config.json").is_file() else []
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        parts.append(f"{f.name}:{f.stat().st_size}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def run_identity(cfg, model_path: str) -> dict:
+    """What makes two runs the same run: the settings (less where things are and what a
+    relaunch may change), the starting model, and the data's content."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in RESUMABLE_CHANGES | PATH_SETTINGS}  # fmt: skip
+    data = {Path(p).name: cached_sha256(p) for p in data_paths(cfg.data_path)}
+    return {"settings": settings, "model": model_fingerprint(model_path), "data": data}
+
+
+def identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two identities, in words."""
+    changes = sorted(k for k in {**saved.get("settings", {}), **now["settings"]}
+                     if saved.get("settings", {}).get(k) != now["settings"].get(k))  # fmt: skip
+    out = [f"settings differ: {', '.join(changes)}"] if changes else []
+    if saved.get("model") != now["model"]:
+        out.append("the starting model differs (its config.json or weight files)")
+    old, new = saved.get("data", {}), now["data"]
+    if old != new:
+        edited = [n for n in new if n in old and old[n] != new[n]]
+        if edited:
+            out.append(f"the data changed: {', '.join(edited)} (sha256 {old[edited[0]][:12]}... "
+                       f"-> {new[edited[0]][:12]}...)")  # fmt: skip
+        if set(old) != set(new):
+            out.append(f"the data files differ: {', '.join(sorted(old))} -> {', '.join(sorted(new))}")
+    return out
+
+
+def claim_output_dir(cfg, folder: RunFolder, identity: dict) -> str | None:
+    """Check that `folder` holds no checkpoint of another run. With --overwrite_output_dir the
+    other run's checkpoints and metrics move aside (never deleted) and a note says where.
+    Returns that note, or None. Called on rank 0 with the run lock held."""
+    for stale in folder.incomplete_checkpoints():
+        print(f"warning: {stale.path} has no {stale.complete.name} manifest (its save never "
+              "finished): it is not resumed from, and kept", file=sys.stderr)  # fmt: skip
+    latest = folder.latest_checkpoint()
+    if latest is None:
+        return None
     try:
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
-        fingerprint, config = saved["run_fingerprint"], saved["config"]
-    except (OSError, ValueError, KeyError):
-        return  # a damaged checkpoint: verification on resume reports it and falls back
-    if fingerprint != cfg.run_fingerprint():
-        changed = sorted(k for k, v in config.items() if getattr(cfg, k, None) != v)
-        raise ConfigError(
-            f"{cfg.output_dir} holds checkpoints of another run (settings differ: {', '.join(changed)}); "
-            "choose another --output_dir or pass --overwrite_output_dir True"
-        )
+        saved = json.loads(latest.trainer_state.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: verification on resume reports it and falls back
+    changes = identity_changes(saved, identity)
+    if not changes:
+        return None
+    only_data = all(c.startswith("the data") for c in changes)
+    if only_data and cfg.resume_with_changed_data:
+        return f"resuming on changed data ({'; '.join(changes)}), as --resume_with_changed_data asks"
+    if not cfg.overwrite_output_dir:
+        fix = ("restore the data, or continue on the new data with --resume_with_changed_data "
+               "True" if only_data else "choose another --output_dir, or move the old run aside "
+               "with --overwrite_output_dir True (its checkpoints are kept in OUT/replaced/)")  # fmt: skip
+        raise ConfigError(f"{folder.root} holds checkpoints of another run ({'; '.join(changes)}): "
+                          f"{fix}")  # fmt: skip
+    aside = folder.replaced()
+    aside.mkdir(parents=True)
+    for path in (folder.checkpoints, folder.metrics, folder.trackers, folder.model, folder.adapter):
+        if path.exists():
+            os.replace(path, aside / path.name)
+    return f"--overwrite_output_dir: the earlier run's checkpoints and metrics moved to {aside}"
 
 
-# ---- state that camelid writes itself: JSON and safetensors, never pickles
+# ---------------------------------------------------------------------------- RNG state
 
 
 def save_rng(path: Path) -> None:
@@ -143,31 +182,24 @@ def load_rng(path: Path) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def save_json_state(state: dict, path: Path) -> None:
-    """A scheduler's state_dict (numbers and lists) as JSON."""
-    path.write_text(json.dumps(state, indent=1))
-
-
-def load_json_state(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-# ---- verification: a manifest of sizes and checksums, and pickles scanned before loading
+# ---------------------------------------------------------------------------- verification
 
 
 def checkpoint_files(folder: Path) -> list[str]:
     return sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "COMPLETE"
     )
 
 
 def describe_files(folder: Path, names: list[str]) -> dict:
-    return {
-        n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names
-    }
+    from fastchat_data.io import sha256_file
+
+    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
 
 
 def _check_file(folder: Path, name: str, expected: dict) -> str | None:
+    from fastchat_data.io import sha256_file
+
     path = folder / name
     if not path.is_file():
         return f"{name} is missing"
@@ -183,41 +215,39 @@ def _check_file(folder: Path, name: str, expected: dict) -> str | None:
     return None
 
 
-def verify_checkpoint(folder: Path, world=None) -> list[str]:
-    """Problems found in `folder` (none: intact). Each rank checks its share of the files."""
+def verify_checkpoint(path: Path | CheckpointFolder, world=None) -> list[str]:
+    """Problems found in a checkpoint (none: intact). Each rank checks its share of the files."""
+    folder = path if isinstance(path, CheckpointFolder) else CheckpointFolder(Path(path))
     rank, size = (world.rank, world.size) if world else (0, 1)
     try:
-        files = json.loads((folder / COMPLETE).read_text())["files"]
+        files = json.loads(folder.complete.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return [f"{COMPLETE} is not a manifest of the checkpoint's files"]
+        return [f"{folder.complete.name} is not a manifest of the checkpoint's files"]
     names = sorted(files)
-    problems = [p for n in names[rank::size] if (p := _check_file(folder, n, files[n]))]
+    problems = [p for n in names[rank::size] if (p := _check_file(folder.path, n, files[n]))]
     if rank == 0:
-        problems += [
-            f"{n} is not in the manifest" for n in checkpoint_files(folder) if n not in files
-        ]
+        problems += [f"{n} is not in the manifest" for n in checkpoint_files(folder.path)
+                     if n not in files]  # fmt: skip
     if world is not None:
         problems = [p for part in world.gather_objects(problems) for p in part]
     return sorted(problems)
 
 
-def resumable_checkpoint(output_dir: str | Path, world) -> Path | None:
+def resumable_checkpoint(folder: RunFolder, world) -> CheckpointFolder | None:
     """The newest checkpoint that verifies. A damaged one is renamed damaged-step-N (kept for
     inspection, never deleted) with a message saying which file failed, and the one before
     it is tried."""
-    found = complete_checkpoints(output_dir)
+    found = folder.complete_checkpoints()
     world.barrier()  # every rank has listed before rank 0 renames anything
-    for folder in reversed(found):
-        problems = verify_checkpoint(folder, world)
+    for ckpt in reversed(found):
+        problems = verify_checkpoint(ckpt, world)
         if not problems:
-            return folder
+            return ckpt
         if world.main:
-            kept = folder.with_name(f"damaged-{folder.name}")
-            while kept.exists():
-                kept = kept.with_name(kept.name + "+")
-            folder.rename(kept)
+            kept = folder.damaged(ckpt)
+            ckpt.path.rename(kept)
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            print(f"warning: checkpoint {folder} failed verification: {problems[0]}{more}; "
+            print(f"warning: checkpoint {ckpt.path} failed verification: {problems[0]}{more}; "
                   f"kept as {kept.name}; trying the previous checkpoint", file=sys.stderr)  # fmt: skip
         world.barrier()
     if found and world.main:
@@ -225,78 +255,51 @@ def resumable_checkpoint(output_dir: str | Path, world) -> Path | None:
     return None
 
 
-def save_checkpoint(engine, world, cfg: TrainConfig, step: int, trainer_state: dict) -> Path:
-    root = checkpoints_dir(cfg.output_dir)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+# ---------------------------------------------------------------------------- save and load
+
+
+def save_checkpoint(engine, world, folder: RunFolder, step: int, trainer_state: dict,
+                    keep: int) -> CheckpointFolder:  # fmt: skip
+    """Every rank writes its share into the staging folder; rank 0 writes the manifest and
+    swaps the folder in, then rotates: the newest `keep` complete checkpoints stay (0: all),
+    the one just written always among them."""
+    final = folder.checkpoint(step)
+    stage = StagedDir(final.path, marker=final.complete.name, flag="checkpoint",
+                      staging=folder.staging(step))  # fmt: skip
     if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        stage.begin()
     world.barrier()
-    engine.save(tmp)
-    save_rng(tmp / f"rng-rank{world.rank}.safetensors")
+    staged = CheckpointFolder(stage.staging)
+    engine.save(staged)
+    save_rng(staged.rng(world.rank))
     if world.main:
-        state = {**trainer_state, "step": step, "world_size": world.size, "strategy": cfg.strategy,
-                 "run_fingerprint": cfg.run_fingerprint(), "config": vars(cfg)}  # fmt: skip
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        state = {**trainer_state, "step": step, "world_size": world.size,
+                 "strategy": world.strategy.name}  # fmt: skip
+        staged.trainer_state.write_text(json.dumps(state, indent=2))
     world.barrier()
-    names = checkpoint_files(tmp)  # each rank checksums its share of the files
-    parts = world.gather_objects(describe_files(tmp, names[world.rank :: world.size]))
+    names = checkpoint_files(staged.path)  # each rank checksums its share of the files
+    parts = world.gather_objects(describe_files(staged.path, names[world.rank :: world.size]))
     if world.main:
         files = {k: v for part in parts for k, v in part.items()}
-        with open(tmp / COMPLETE, "w") as f:
+        with open(staged.complete, "w") as f:
             json.dump({"step": step, "files": dict(sorted(files.items()))}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        # rotation: the checkpoint just written (checksummed above) is never among the deleted
-        keep = max(cfg.save_total_limit, 1)
-        for old in complete_checkpoints(cfg.output_dir)[:-keep] if cfg.save_total_limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        stage.commit()
+        for old in folder.complete_checkpoints()[:-keep] if keep > 0 else []:
+            shutil.rmtree(old.path, ignore_errors=True)
     world.barrier()
     return final
 
 
-def load_checkpoint(engine, world, path: Path) -> dict:
+def load_checkpoint(engine, world, ckpt: CheckpointFolder) -> dict:
     """Restore a verified checkpoint (see resumable_checkpoint) into the engine and RNGs."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = json.loads(ckpt.trainer_state.read_text())
     if state["world_size"] != world.size:
         raise ConfigError(
-            f"{path} was written by {state['world_size']} ranks; resume it with the same number"
+            f"{ckpt.path} was written by {state['world_size']} processes; resume it with "
+            f"{state['world_size']} (this job has {world.size})"
         )
-    engine.load(path)
-    load_rng(path / f"rng-rank{world.rank}.safetensors")
+    engine.load(ckpt)
+    load_rng(ckpt.rng(world.rank))
     return state
-
-
-RUN_INFO = "camelid.json"  # beside an export: how it was trained (the template chat must use)
-
-
-def export_hf(engine, world, tokenizer, out_dir: Path, max_shard_size: str = "2GB",
-              info: dict | None = None) -> Path | None:  # fmt: skip
-    """The final model as a plain Hugging Face folder (safetensors, sharded by size), written by
-    rank 0 from a state dict gathered onto its CPU. Loads with no camelid import."""
-    state_dict = engine.full_state_dict()  # collective: every rank takes part
-    if world.main:
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.config.use_cache = True
-        # save_pretrained takes the gathered state dict; the (sharded) live module gives the config.
-        engine.module.save_pretrained(
-            tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size
-        )
-        info = dict(info or {})
-        if info.get("template") is not None:  # the chat template and stop tokens, for any tool
-            from .generate import save_for_inference
-
-            info.update(save_for_inference(tokenizer, info["template"], tmp))
-        else:
-            save_tokenizer(tokenizer, tmp)
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    world.barrier()
-    return out_dir if world.main else None

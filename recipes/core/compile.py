@@ -33,39 +33,30 @@ from collections import Counter
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
+from .engines import decoder_layer_classes
 
 
-def check_speed_options(cfg: TrainConfig, recipe: str = "full_finetune") -> None:
-    """Refuse what cannot work, before any model is loaded."""
-    if cfg.compile and recipe != "full_finetune":
+def check_liger(cfg) -> None:
+    """--use_liger_kernel needs its package and a GPU: refused before anything loads. (What
+    --compile cannot do is refused with the other settings, in recipes/core/config.py.)"""
+    if not cfg.use_liger_kernel:
+        return
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
         raise ConfigError(
-            "--compile True is supported by the full fine-tune (recipes/full_finetune.py) only; "
-            "the QLoRA recipe's quantized (bitsandbytes) and PEFT layers are not compiled"
-        )
-    if cfg.compile and cfg.strategy.startswith("zero3"):
+            "--use_liger_kernel True needs the liger-kernel package (pip install "
+            "liger-kernel), which is not installed; or pass --use_liger_kernel False"
+        ) from None
+    if not torch.cuda.is_available():
         raise ConfigError(
-            f"--compile True with strategy {cfg.strategy}: ZeRO-3 gathers each parameter in "
-            "module hooks that a per-layer torch.compile would trace through, and DeepSpeed's "
-            "own engine.compile() is not supported here; use --strategy fsdp (FSDP2, compiled "
-            "per layer), zero2, ddp, or --compile False"
+            "--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU "
+            "kernels); no GPU here: pass --use_liger_kernel False"
         )
-    if cfg.use_liger_kernel:
-        try:
-            import liger_kernel.transformers  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "--use_liger_kernel True needs the liger-kernel package (pip install "
-                "liger-kernel), which is not installed; or pass --use_liger_kernel False"
-            ) from None
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU "
-                "kernels); no GPU here: pass --use_liger_kernel False"
-            )
 
 
-def apply_liger(model, cfg: TrainConfig) -> None:
+def apply_liger(model, cfg) -> None:
     """Liger's RMSNorm, RoPE and SwiGLU kernels on this model instance (checked by check()).
 
     The loss: with camelid's chunked loss (--loss_chunk_size > 0, the default) the model is
@@ -91,13 +82,11 @@ def apply_liger(model, cfg: TrainConfig) -> None:
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder layers, `model.model.layers[i]` for Llama-style models."""
-    from .distributed import decoder_layer_classes
-
     classes = tuple(decoder_layer_classes(model))
     return [m for m in model.modules() if isinstance(m, classes)]
 
 
-def compile_layers(model, cfg: TrainConfig, main: bool = True, backend: str = "inductor") -> int:
+def compile_layers(model, cfg, main: bool = True, backend: str = "inductor") -> int:
     """Compile each decoder layer in place (see the module docstring); returns how many. With
     `main`, one line after the first forward reports compile time and graph breaks."""
     if not cfg.compile:

@@ -1,40 +1,51 @@
-"""Training arguments: one dataclass, YAML recipes, command-line overrides.
+"""A run's settings: sections composed into one config per recipe, YAML recipes, the command line.
 
-Flag names follow FastChat and Hugging Face (`--model_name_or_path`, `--data_path`,
-`--per_device_train_batch_size`, ...), so FastChat's commands carry over; the few FastChat flags
-whose meaning changed are mapped in FASTCHAT_FLAGS, in this one place.
+Each section is a dataclass of options that belong together (the model, the data, the
+optimisation, how processes share the work, the adapter, checkpoints, logging) with its own
+checks; an objective adds its own section (DPO's beta). A recipe's config is `compose`d of
+sections with the recipe's defaults, not inherited: every option is declared once, and the
+composed class is flat, so `--learning_rate` and `cfg.learning_rate` read as in FastChat and
+Hugging Face. Flag names follow them (`--model_name_or_path`, `--data_path`,
+`--per_device_train_batch_size`, ...); the FastChat flags whose meaning changed are mapped in
+FASTCHAT_FLAGS, in this one place.
+
+The command line is the project's one convention (fastchat_data/options.py: HfArgumentParser,
+one-line errors); this module adds the YAML recipe under it (`--config FILE`: its values
+become the defaults, so `--config X --help` shows them), `--print_config`, and FastChat's
+flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import difflib
-import functools
 import hashlib
 import json
-import re
+import math
 import sys
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-STRATEGIES = (
-    "single",
-    "ddp",
-    "fsdp",
-    "fsdp_grad_op",
-    "fsdp_offload",
-    "zero2",
-    "zero3",
-    "zero3_offload",
+from fastchat_data.options import (
+    UsageError,
+    build_parser,
+    convert,
+    normalize,
+    option,
+    type_hints,
+    unknown_option,
 )
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "none")
-OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
+
+from . import parallel
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(UsageError):
+    """A setting that cannot work: one line naming it, exit status 2."""
 
 
 # ZeRO buffer sizes that scale with the model, as Hugging Face's integration fills them (in
@@ -45,36 +56,83 @@ ZERO_AUTO_SIZES = {
     "stage3_param_persistence_threshold": lambda h: 10 * h,
 }
 
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+Attention = Literal["auto", "sdpa", "sdpa_packed", "flex_attention", "flash_attention_2", "eager"]
+Optimizer = Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"]
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
-class ConfigError(ValueError):
-    pass
+
+def _bounded(cfg, name: str, low: float, high: float, *, low_open=False, high_open=False):
+    """A finite number within [low, high] (bounds open where asked), or a ConfigError."""
+    value = getattr(cfg, name)
+    number = float(value)
+    ok = math.isfinite(number) and (number > low if low_open else number >= low)
+    ok = ok and (number < high if high_open else number <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        span = f" in {left}{low:g}, {high:g}{right}" if high < math.inf else (
+            f" {'>' if low_open else '>='} {low:g}")  # fmt: skip
+        raise ConfigError(f"{name} must be a finite number{span}, got {value}")
 
 
-def option(default=MISSING, help: str = "", *, default_factory=MISSING, **metadata):
-    """A config field and its one-line `--help` text (HfArgumentParser reads metadata["help"]).
-    A subclass that only changes a default may redeclare the field plainly: --help then shows
-    the help of the nearest base class that gives one."""
-    return field(default=default, default_factory=default_factory,
-                 metadata={"help": help, **metadata})  # fmt: skip
+def _at_least(cfg, names, minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+
+# ---------------------------------------------------------------------------- the sections
 
 
 @dataclass
-class TrainConfig:
-    """The full fine-tune's settings (FastChat's Vicuna recipe and flag names)."""
+class ModelArgs:
+    """Model"""
 
-    # model and data; with neither given, the tiny model trains on the embedded identity data
     model_name_or_path: str | None = option(
-        None, "a Hugging Face model folder (with config.json); none: the tiny demo model"
+        None, "a Hugging Face model folder (with config.json): the weights to start from"
     )
+    attn_implementation: Attention = option(
+        "auto", "attention kernel (recipes/core/attention.py); auto: the fastest exact one here"
+    )
+
+    @staticmethod
+    def check(cfg) -> None:
+        path = cfg.model_name_or_path
+        if path is None:
+            return  # required to train (recipe.setup says so), not to print or plan a config
+        folder = Path(path)
+        if not folder.exists():
+            raise ConfigError(f"model_name_or_path: {path} does not exist")
+        if not (folder / "config.json").is_file():
+            why = "is a file" if folder.is_file() else "is a folder without a model"
+            raise ConfigError(
+                f"model_name_or_path: {path} {why}; give a Hugging Face model folder "
+                "(with config.json)"
+            )
+
+
+@dataclass
+class DataArgs:
+    """Data"""
+
     data_path: str | None = option(
         None,
-        "training conversations (ShareGPT, Alpaca or messages; JSON or JSONL), several "
-        "comma-separated: a.json,b.jsonl; none: the embedded identity data",
+        "training data (ShareGPT, Alpaca or messages; JSON or JSONL), several comma-separated: "
+        "a.json,b.jsonl",
     )
     template: str | dict = option(
         "vicuna_v1.1",
-        "chat template: a name, a YAML/JSON file of template fields, or (in a "
-        "--config YAML only) a mapping of template fields",
+        "chat template: a name, a YAML/JSON file of template fields, or (in a --config YAML "
+        "only) a mapping of template fields",
     )
     model_max_length: int = option(2048, "tokens per training row; longer conversations are cut")
     max_source_length: int | None = option(
@@ -82,174 +140,322 @@ class TrainConfig:
         "tokens per prompt turn (QLoRA recipes cap prompts and replies separately); none: no cap",
     )
     max_target_length: int | None = option(None, "tokens per reply; none: no cap")
-    output_dir: str = option(
-        "runs/vicuna", "the run's folder: checkpoints, metrics, exported model"
+    train_on_inputs: bool = option(False, "also train on the prompt tokens, not only the replies")
+    group_by_length: bool = option(True, "batch rows of similar length together (less padding)")
+    packing: bool = option(False, "several conversations per row, never attending to each other")
+    packing_row_tokens: int | None = option(
+        None, "cap per packed row; none: the longest conversation"
     )
-    overwrite_output_dir: bool = option(
-        False, "start afresh even if output_dir holds checkpoints of another run"
+    num_proc: int = option(1, "processes that tokenize the data")
+    cache_dir: str | None = option(
+        None, "where tokenized data sets are cached; none: $CAMELID_CACHE or ~/.cache/camelid"
     )
-    # optimisation (FastChat's Vicuna defaults)
+
+    @staticmethod
+    def check(cfg) -> None:
+        _at_least(
+            cfg,
+            ("model_max_length", "max_source_length", "max_target_length", "packing_row_tokens"),
+        )
+        _at_least(cfg, ("num_proc",))
+        if isinstance(cfg.template, str) and not cfg.template.endswith((".yaml", ".yml", ".json")):
+            from fastchat_data.templates import CHAT_TEMPLATE, TEMPLATES
+
+            known = (*TEMPLATES, CHAT_TEMPLATE)
+            if cfg.template not in known:
+                raise ConfigError(f"template {cfg.template!r} is not one of {', '.join(known)} "
+                                  "(or a YAML/JSON file of template fields)")  # fmt: skip
+        elif isinstance(cfg.template, str) and not Path(cfg.template).is_file():
+            raise ConfigError(f"template: {cfg.template} does not exist")
+        for path in data_paths(cfg.data_path):
+            if not Path(path).exists():
+                raise ConfigError(f"data_path: {path} does not exist")
+            if Path(path).is_dir():
+                raise ConfigError(f"data_path: {path} is a directory; give a file")
+
+
+def data_paths(data_path: str | None) -> list[str]:
+    """The files `--data_path` names: one file (even with a comma in its name), or several
+    comma-separated."""
+    if not data_path:
+        return []
+    if Path(data_path).is_file():
+        return [data_path]
+    return [p for p in data_path.split(",") if p]
+
+
+@dataclass
+class OptimArgs:
+    """Optimisation (FastChat's Vicuna defaults)"""
+
     num_train_epochs: float = option(3.0, "passes over the data (when max_steps is not positive)")
     max_steps: int = option(-1, "optimizer steps to train; -1: num_train_epochs decides")
     per_device_train_batch_size: int = option(2, "rows per process per micro-batch")
     gradient_accumulation_steps: int = option(16, "micro-batches per optimizer step")
     learning_rate: float = option(2e-5, "peak learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.03, "fraction of the steps that warm the learning rate up")
-    lr_scheduler_type: str = option(
-        "cosine", "learning-rate schedule: any of transformers' SchedulerType (cosine, linear, ...)"
+    weight_decay: float = option(0.0, "AdamW weight decay (on matrices, not norms or biases)")
+    warmup_ratio: float = option(
+        0.03, "fraction of the steps that warm the learning rate up (rounded up, as Trainer)"
     )
+    lr_scheduler_type: Scheduler = option("cosine", "learning-rate schedule (transformers')")
     max_grad_norm: float = option(1.0, "clip gradients to this global norm")
-    optim: str = option(
-        "adamw_torch",
-        "adamw_torch, or paged_adamw_32bit, paged_adamw_8bit, adamw_8bit (bitsandbytes)",
+    optim: Optimizer = option(
+        "adamw_torch", "adamw_torch, or bitsandbytes' paged / 8-bit AdamW (QLoRA's memory savers)"
     )
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon")
-    seed: int = option(42, "random seed (data order, dropout, new weights)")
-    # precision and memory
-    bf16: bool = option(False, "bf16 mixed precision (fp16 is not supported)")
-    tf32: bool = option(False, "TF32 matmuls on GPUs that have them")
-    gradient_checkpointing: bool = option(
-        False, "recompute activations in the backward pass: less memory, more compute"
+    adam_beta1: float = option(0.9, "AdamW beta1, in [0, 1)")
+    adam_beta2: float = option(0.999, "AdamW beta2, in [0, 1)")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon, > 0")
+    seed: int = option(42, "random seed (data order, dropout, new weights), 0 to 2^32 - 1")
+    max_bad_steps: int = option(
+        0, "non-finite loss/grad steps to skip (not apply) before stopping the run"
     )
-    strategy: str = option("ddp", f"how processes share the model: {', '.join(STRATEGIES)}")
+
+    @staticmethod
+    def check(cfg) -> None:
+        _at_least(cfg, ("per_device_train_batch_size", "gradient_accumulation_steps"))
+        _at_least(cfg, ("max_bad_steps",), 0)
+        if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+            raise ConfigError("set max_steps or num_train_epochs to a positive value")
+        _bounded(cfg, "num_train_epochs", -math.inf, 1e6)
+        # above 1, every AdamW step moves each weight by about the learning rate: the
+        # weights are noise after one step (a typo, such as 2e5 for 2e-5)
+        _bounded(cfg, "learning_rate", 0, 1)
+        _bounded(cfg, "weight_decay", 0, 1)
+        _bounded(cfg, "warmup_ratio", 0, 1)
+        _bounded(cfg, "max_grad_norm", 0, math.inf, low_open=True)
+        _bounded(cfg, "adam_beta1", 0, 1, high_open=True)
+        _bounded(cfg, "adam_beta2", 0, 1, high_open=True)
+        # epsilon 0 divides by zero on the first step that leaves a moment at 0 (NaN weights)
+        _bounded(cfg, "adam_epsilon", 0, 1, low_open=True)
+        if not 0 <= cfg.seed < 2**32:
+            raise ConfigError(f"seed must be a whole number from 0 to 2^32 - 1, got {cfg.seed}")
+
+
+@dataclass
+class ParallelArgs:
+    """Parallelism, precision and speed"""
+
+    strategy: str = option(
+        "auto",
+        "how processes share the model: auto (single for 1 process, else ddp), or one of "
+        + ", ".join(parallel.names()),
+    )
     deepspeed: str | None = option(
         None,
         "a DeepSpeed JSON; its ZeRO stage sets strategy when strategy is not given; "
         "default: ds_configs/<strategy>.json",
     )
     sharded_load: bool = option(True, "FSDP2 / ZeRO-3: no rank ever holds the whole model")
-    # batches
-    group_by_length: bool = option(True, "batch rows of similar length together (less padding)")
-    packing: bool = option(False, "several conversations per row, never attending to each other")
-    packing_row_tokens: int | None = option(
-        None, "cap per packed row; none: the longest conversation"
+    bf16: bool = option(False, "bf16 mixed precision (fp16 is not supported)")
+    tf32: bool = option(False, "TF32 matmuls on GPUs that have them")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass: less memory, more compute"
     )
-    train_on_inputs: bool = option(False, "also train on the prompt tokens, not only the replies")
-    num_proc: int = option(1, "processes that tokenize the data")
-    # speed (attention implementation, loss, compilation)
     loss_chunk_size: int = option(
         512,
         "chunked loss: logits only where labels are set, this many rows at a time; "
         "0: transformers' loss",
     )
-    attn_implementation: str = option(
-        "auto", "attention kernel: auto, sdpa, sdpa_packed, flex_attention, ... (attention.py)"
-    )
     compile: bool = option(False, "torch.compile each decoder layer")
     use_liger_kernel: bool = option(False, "Liger's fused kernels (needs liger-kernel and a GPU)")
-    # robustness
-    max_bad_steps: int = option(
-        0, "non-finite loss/grad steps to skip (not apply) before stopping the run"
+
+    @staticmethod
+    def check(cfg) -> None:
+        if cfg.strategy != "auto":
+            try:
+                strategy = parallel.get(cfg.strategy)
+            except parallel.UnknownStrategy as e:
+                raise ConfigError(f"{e} (or auto)") from None
+            if cfg.optim != "adamw_torch" and strategy.engine == "deepspeed":
+                raise ConfigError(
+                    f"optim {cfg.optim} is a bitsandbytes optimizer; {strategy.name} (DeepSpeed) "
+                    "needs adamw_torch"
+                )
+            if cfg.compile and not strategy.compiles:
+                raise ConfigError(
+                    f"--compile True with strategy {strategy.name}: ZeRO-3 gathers each "
+                    "parameter in module hooks that a per-layer torch.compile would trace "
+                    "through, and DeepSpeed's own engine.compile() is not supported here; use "
+                    "--strategy fsdp (FSDP2, compiled per layer), zero2, ddp, or --compile False"
+                )
+        if cfg.deepspeed:  # read now: a malformed file stops the run before anything starts
+            read_structured(Path(cfg.deepspeed), json.loads, "JSON")
+        if cfg.loss_chunk_size < 0:
+            raise ConfigError(f"loss_chunk_size must be 0 (transformers' loss) or positive, "
+                              f"got {cfg.loss_chunk_size}")  # fmt: skip
+
+
+@dataclass
+class AdapterArgs:
+    """Model form: the full model, or an adapter on a (quantized) base"""
+
+    peft_method: Literal["none", "lora", "prompt_tuning", "p_tuning"] = option(
+        "none", "none: train every weight; lora, prompt_tuning, p_tuning: a PEFT adapter"
     )
-    # checkpoints and logs
+    quantization: Literal["none", "nf4", "fp4", "int8"] = option(
+        "none", "the base's weights under an adapter: nf4 or fp4 (4-bit, QLoRA), int8, none"
+    )
+    double_quant: bool = option(True, "4-bit: quantize the quantization constants too")
+    lora_r: int = option(64, "LoRA rank")
+    lora_alpha: float = option(16, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: str = option(
+        "all-linear", "layers that get LoRA: all-linear, or comma-separated names: q_proj,v_proj"
+    )
+    num_virtual_tokens: int = option(20, "prompt tuning / P-tuning: virtual tokens prepended")
+
+    @staticmethod
+    def check(cfg) -> None:
+        _at_least(cfg, ("lora_r", "num_virtual_tokens"))
+        _bounded(cfg, "lora_alpha", 0, math.inf, low_open=True)
+        _bounded(cfg, "lora_dropout", 0, 1, high_open=True)
+        if cfg.peft_method == "none" and cfg.quantization != "none":
+            raise ConfigError(
+                f"quantization {cfg.quantization} quantizes the base under an adapter: add "
+                "--peft_method lora (QLoRA), or --quantization none for a full fine-tune"
+            )
+        if cfg.peft_method == "none":
+            return
+        if cfg.compile:
+            raise ConfigError(
+                "--compile True compiles the full model's decoder layers; an adapter's "
+                "quantized (bitsandbytes) and PEFT layers are not compiled: --compile False"
+            )
+        if cfg.peft_method != "lora" and cfg.packing:
+            raise ConfigError(
+                f"{cfg.peft_method} prepends virtual tokens to each row: it cannot pack rows"
+            )
+        if cfg.strategy == "auto":
+            return
+        strategy = parallel.get(cfg.strategy)
+        able = [s.name for s in parallel.STRATEGIES.values() if s.adapters]
+        if not strategy.adapters:
+            raise ConfigError(f"adapters train with strategy {', '.join(able)}; "
+                              f"{strategy.name} shards the model for a full fine-tune")  # fmt: skip
+        if cfg.quantization != "none" and not strategy.quantized_base:
+            able = [s.name for s in parallel.STRATEGIES.values() if s.quantized_base]
+            raise ConfigError(f"a {cfg.quantization} base trains with strategy {', '.join(able)}; "
+                              f"{strategy.name} needs --quantization none")  # fmt: skip
+        if cfg.peft_method != "lora" and not strategy.prompt_learning:
+            able = [s.name for s in parallel.STRATEGIES.values() if s.prompt_learning]
+            raise ConfigError(f"{cfg.peft_method} trains with strategy {', '.join(able)}; "
+                              f"{strategy.name} is for LoRA")  # fmt: skip
+
+
+@dataclass
+class CheckpointArgs:
+    """Run folder and checkpoints"""
+
+    output_dir: str = option("runs/vicuna", "the run's folder: checkpoints, metrics, the export")
+    overwrite_output_dir: bool = option(
+        False,
+        "start afresh when output_dir holds checkpoints of another run: they are moved aside "
+        "to OUT/replaced/<time>/ (never deleted)",
+    )
+    resume_with_changed_data: bool = option(
+        False,
+        "resume although the training data's content changed since the checkpoint (the data "
+        "order is rebuilt from the new data at the same step)",
+    )
     save_steps: int = option(500, "checkpoint every this many optimizer steps")
     save_total_limit: int = option(2, "complete checkpoints to keep, the newest; 0: all")
+
+    @staticmethod
+    def check(cfg) -> None:
+        _at_least(cfg, ("save_steps",))
+        _at_least(cfg, ("save_total_limit",), 0)
+
+
+@dataclass
+class LogArgs:
+    """Logging"""
+
     logging_steps: int = option(1, "log metrics every this many optimizer steps")
     report_to: str = option(
         "tensorboard",
-        "trackers: any of tensorboard,wandb,mlflow,trackio (comma-separated), or none",
+        f"trackers: any of {','.join(TRACKERS)} (comma-separated), or none",
     )
     peak_tflops: float | None = option(
         None, "per-device peak TFLOP/s for the MFU estimate; none: guessed from the GPU"
     )
-    cache_dir: str | None = option(
-        None, "where tokenized data sets are cached; none: $CAMELID_CACHE or ~/.cache/camelid"
-    )
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
-    def check(self) -> TrainConfig:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.optim not in OPTIMIZERS:
-            raise ConfigError(f"optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.optim != "adamw_torch" and self.strategy.startswith("zero"):
-            raise ConfigError(
-                f"optim {self.optim} is a bitsandbytes optimizer; ZeRO needs adamw_torch"
-            )
-        for name in (
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "model_max_length",
-            "save_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("set max_steps or num_train_epochs to a positive value")
-        import math
-
-        for name in (
-            "logging_steps",
-            "num_proc",
-            "max_source_length",
-            "max_target_length",
-            "packing_row_tokens",
-        ):
-            value = getattr(self, name, None)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        inf = math.inf
-        for name, low, high in (("learning_rate", 0, inf), ("weight_decay", 0, inf),
-                                ("warmup_ratio", 0, 1), ("max_grad_norm", 0, inf),
-                                ("adam_beta1", 0, 1), ("adam_beta2", 0, 1),
-                                ("adam_epsilon", 0, inf),
-                                ("num_train_epochs", -inf, inf)):  # fmt: skip
-            value = float(getattr(self, name))
-            if not (math.isfinite(value) and low <= value <= high):
-                bounds = f" in [{low}, {high}]" if high < inf else f" >= {low}" * (low > -inf)
-                raise ConfigError(f"{name} must be a finite number{bounds}, got {value}")
-        trackers = [t.strip() for t in str(self.report_to).split(",") if t.strip()]
+    @staticmethod
+    def check(cfg) -> None:
+        _at_least(cfg, ("logging_steps",))
+        if cfg.peak_tflops is not None:
+            _bounded(cfg, "peak_tflops", 0, 1e7, low_open=True)
+        trackers = [t.strip() for t in str(cfg.report_to).split(",") if t.strip()]
         if (
             not trackers
-            or set(trackers) - set(TRACKERS)
+            or set(trackers) - {*TRACKERS, "none"}
             or ("none" in trackers and len(trackers) > 1)
         ):
-            raise ConfigError(f"report_to {self.report_to!r}: give none or any of "
-                              f"{', '.join(TRACKERS[:-1])} (comma-separated)")  # fmt: skip
-        is_file_name = str(self.template).endswith((".yaml", ".yml", ".json"))
-        if isinstance(self.template, str) and not is_file_name:
-            from fastchat_data.templates import CHAT_TEMPLATE, TEMPLATES
+            raise ConfigError(f"report_to {cfg.report_to!r}: give none or any of "
+                              f"{', '.join(TRACKERS)} (comma-separated)")  # fmt: skip
 
-            names = ", ".join([*TEMPLATES, CHAT_TEMPLATE])
-            if self.template not in (*TEMPLATES, CHAT_TEMPLATE):
-                raise ConfigError(
-                    f"template {self.template!r} is not one of {names}"
-                    " (or a YAML/JSON file of template fields)"
-                )
-        elif isinstance(self.template, str) and not Path(self.template).is_file():
-            raise ConfigError(f"template: {self.template} does not exist")
-        for name in ("model_name_or_path", "data_path", "deepspeed"):
-            value = getattr(self, name)  # data_path may list several files: a.json,b.jsonl
-            for path in value.split(",") if name == "data_path" and value else [value]:
-                if path and not Path(path).exists():
-                    raise ConfigError(f"{name}: {path} does not exist")
-                if not path:
-                    continue
-                if name == "model_name_or_path" and not (Path(path) / "config.json").is_file():
-                    why = "is a file" if Path(path).is_file() else "is a folder without a model"
-                    raise ConfigError(
-                        f"{name}: {path} {why}; give a Hugging Face model folder (with config.json)"
-                    )
-                if name != "model_name_or_path" and Path(path).is_dir():
-                    raise ConfigError(f"{name}: {path} is a directory; give a file")
-        from transformers import SchedulerType  # last: importing transformers takes seconds
 
-        schedulers = [t.value for t in SchedulerType]
-        if self.lr_scheduler_type not in schedulers:
-            raise ConfigError(
-                f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of "
-                + ", ".join(schedulers)
+SECTIONS = (ModelArgs, DataArgs, OptimArgs, ParallelArgs, AdapterArgs, CheckpointArgs, LogArgs)
+
+# Fields a relaunch may change without making it another run (output_dir: a run folder that
+# was moved, or spelled differently, is the same run).
+RESUMABLE_CHANGES = {
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "report_to",
+    "overwrite_output_dir",
+    "resume_with_changed_data",
+    "output_dir",
+    "num_proc",
+    "cache_dir",
+    "peak_tflops",
+    "verbose",
+    "max_steps",
+    "num_train_epochs",
+}
+
+
+# ---------------------------------------------------------------------------- composition
+
+
+def compose(name: str, sections, defaults: dict | None = None, doc: str = "", checks=()) -> type:
+    """A flat dataclass of every option of `sections`, with `defaults` replacing theirs.
+    Its `check()` runs each section's check, then `checks` (functions of the config)."""
+    defaults = dict(defaults or {})
+    specs, seen = [], {}
+    for section in sections:
+        hints = type_hints(section)
+        for f in fields(section):
+            if f.name in seen:
+                raise TypeError(f"{name}: {f.name} is in {seen[f.name]} and {section.__name__}")
+            seen[f.name] = section.__name__
+            # a default as the command line would give it (16 for a float option is 16.0), so
+            # that a printed config reruns as the same run
+            default = f.default
+            if default is not MISSING and not isinstance(default, dict):
+                default = convert(f.name, hints[f.name], default)
+            new = dataclasses.field(
+                default=default,
+                default_factory=f.default_factory,
+                metadata={**f.metadata, "section": section},
             )
-        from .attention import IMPLEMENTATIONS  # here: attention.py imports this module
+            if f.name in defaults:  # a value, or a function giving it (bf16 where supported)
+                value = defaults.pop(f.name)
+                if callable(value):
+                    new.default, new.default_factory = MISSING, value
+                else:
+                    new.default = convert(f.name, hints[f.name], value)
+                    new.default_factory = MISSING
+            specs.append((f.name, hints[f.name], new))
+    if defaults:
+        raise TypeError(f"{name}: defaults for unknown options {', '.join(defaults)}")
 
-        if self.attn_implementation not in IMPLEMENTATIONS:
-            raise ConfigError(f"attn_implementation {self.attn_implementation!r} is not one of "
-                              f"{', '.join(IMPLEMENTATIONS)}")  # fmt: skip
-        if self.loss_chunk_size < 0:
-            raise ConfigError(f"loss_chunk_size must be 0 (transformers' loss) or positive, "
-                              f"got {self.loss_chunk_size}")  # fmt: skip
+    def check(self):
+        for section in sections:
+            section.check(self)
+        for extra in checks:
+            extra(self)
         return self
 
     def run_fingerprint(self) -> str:
@@ -257,120 +463,76 @@ class TrainConfig:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_CHANGES}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
+    cls = dataclasses.make_dataclass(
+        name,
+        specs,
+        namespace={"check": check, "run_fingerprint": run_fingerprint, "__doc__": doc},
+    )
+    cls.sections = tuple(sections)
+    cls.__module__ = __name__
+    return cls
 
-# Fields a relaunch may change without making it another run.
-RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir", "output_dir",
-                     "num_proc", "cache_dir", "peak_tflops", "max_steps", "num_train_epochs"}  # fmt: skip
 
-# FastChat / HF flags with another name or no meaning here: flag -> (field or None, why).
+def section_of(cls, name: str) -> type | None:
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("section")
+    return None
+
+
+# ---------------------------------------------------------------------------- FastChat's flags
+
+# FastChat / HF flags with another name or no meaning here: flag -> why.
 FASTCHAT_FLAGS = {
-    "fsdp": ("strategy", "FastChat's --fsdp options map to a strategy (fsdp_strategy())"),
-    "fsdp_transformer_layer_cls_to_wrap": (None, "FSDP wraps the model's own decoder layer class"),
-    "lazy_preprocess": (None, "the training set is always built once and cached"),
-    "no_cuda": ("use_cpu", "renamed in transformers 5"),
-    "use_cpu": (None, "no GPU -> CPU processes on gloo, automatically"),
-    "evaluation_strategy": (None, "evaluation is `python -m recipes.eval` (not part of training)"),
-    "eval_strategy": (None, "see evaluation_strategy"),
-    "save_strategy": (None, "checkpoints every save_steps"),
-    "fp16": (None, "fp16 is not supported; use --bf16 True"),
+    "fsdp": "FastChat's --fsdp options map to a strategy (fsdp_strategy())",
+    "fsdp_transformer_layer_cls_to_wrap": "FSDP wraps the model's own decoder layer class",
+    "lazy_preprocess": "the training set is always built once and cached",
+    "no_cuda": "renamed use_cpu in transformers 5",
+    "use_cpu": "no GPU -> CPU processes on gloo, automatically",
+    "evaluation_strategy": "evaluation is `python -m recipes.eval` (not part of training)",
+    "eval_strategy": "see evaluation_strategy",
+    "save_strategy": "checkpoints every save_steps",
+    "fp16": "fp16 is not supported; use --bf16 True",
 }
 
 
-def _parse_value(raw: str, current, name: str):
-    if isinstance(current, bool) or raw.lower() in ("true", "false"):
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{name} expects True or False, got {raw!r}")
-    if raw.lower() in ("none", "null") and not isinstance(current, str):
-        return None  # a str setting keeps "none" as its value (--quantization none)
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
-
-
-def _types(cls=TrainConfig) -> dict:
-    return {f.name: f for f in fields(cls)}
-
-
-def _coerce(name: str, value, cls=TrainConfig):
-    current = getattr(cls(), name)
-    if name == "template" and isinstance(value, dict):
-        return value
-    # The declared types ("str | None"): a setting whose default is None still has a type.
-    names = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "None": type(None)}
-    declared = _types(cls)[name].type
-    parts = [declared] if isinstance(declared, type) else str(declared).split("|")
-    allowed = {p if isinstance(p, type) else names.get(p.strip()) for p in parts}
-    if None in allowed:  # an annotation not read here (list[str], ...): the default's type
-        allowed = {type(current)} if current is not None else set()
-    optional = type(None) in allowed or current is None
-    if isinstance(value, str):
-        if str in allowed and not (optional and value.lower() in ("none", "null")):
-            return value  # a name or a path stays text, even "5" or "true"
-        value = _parse_value(value, current, name)
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if value is None:
-        if not optional:
-            raise ConfigError(f"{name} needs a value, got none")
-        return None
-    if allowed and type(value) not in allowed:
-        want = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None)))
-        hint = " (several files: one comma-separated string)" if isinstance(value, list) else ""
-        raise ConfigError(f"{name} expects {want}, got {value!r}{hint}")
-    return value
-
-
-def _unknown(name: str, source: str, cls=TrainConfig) -> ConfigError:
-    close = difflib.get_close_matches(name, list(_types(cls)), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"{source}: unknown key {name!r}{hint}")
-
-
-# -- the command line ----------------------------------------------------------------------------
-# transformers' HfArgumentParser (FastChat's parser) makes one argparse option per dataclass
-# field: its type, its default and its metadata["help"]; `--help` lists them all. What stays
-# here is what argparse has no word for: the YAML recipe under the command line (its values
-# become the parser's defaults, so `--config X --help` shows them), values converted and checked
-# by _coerce (one set of rules and messages for YAML and the command line), FastChat's flags,
-# the strategy read from a --deepspeed file, and errors as one ConfigError instead of usage + exit.
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """`--help` of every camelid command: the description as written, then each option with its
-    default (argparse's ArgumentDefaultsHelpFormatter, less defaults its help already states)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" in text or action.required or action.default is argparse.SUPPRESS
-                or not action.option_strings or (action.default is None and "none:" in text)):  # fmt: skip
-            return text
-        return f"{text} (default: %(default)s)"
-
-    def _get_default_metavar_for_optional(self, action):
-        return {int: "INT", float: "FLOAT"}.get(
-            action.type, super()._get_default_metavar_for_optional(action)
+def fsdp_strategy(options: str) -> str:
+    """FastChat's / HF Trainer's `--fsdp "full_shard auto_wrap offload"` as a camelid strategy.
+    Every word either maps or is an error: a dropped option would change memory silently."""
+    words = set(options.replace(",", " ").split())
+    known = {"auto_wrap"} | {w for s in parallel.STRATEGIES.values() for w in s.fastchat_fsdp}
+    unknown = words - known
+    if unknown or not words:
+        raise ConfigError(
+            f"--fsdp {options!r}: unsupported option(s) {', '.join(sorted(unknown)) or '(none)'}; "
+            "use full_shard or shard_grad_op, with offload and auto_wrap (hybrid sharding is "
+            "not supported)"
         )
+    found = parallel.from_fastchat_fsdp(words)
+    if found is None:
+        raise ConfigError(
+            f"--fsdp {options!r}: no strategy combines {', '.join(sorted(words))}; say "
+            "full_shard or shard_grad_op (offload goes with full_shard only)"
+        )
+    return found.name
 
 
-class _OneLineErrors:
-    """argparse prints usage and exits 2 on a bad command line; a recipe raises one ConfigError
-    instead (loop.main prints it once, from rank 0, and exits 2 without a traceback)."""
+def strategy_of_deepspeed_config(path: str) -> str:
+    cfg = read_structured(Path(path), json.loads, "JSON")
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    offload = isinstance(zero, dict) and (zero.get("offload_param") or {}).get("device") == "cpu"
+    found = parallel.from_zero_config(stage, offload) if isinstance(stage, int) else None
+    if found is None:
+        raise ConfigError(f"{path}: ZeRO stage {stage} is not supported (use 2 or 3)")
+    return found.name
 
-    def error(self, message: str):
-        m = re.match(r"argument (--\w+): (.*)", message, re.S)
-        if m:  # _coerce's own messages name the key already
-            message = m[2] if m[2].startswith(m[1][2:] + " ") else f"{m[1]}: {m[2]}"
-        raise ConfigError(f"command line: {' '.join(message.split())}")
+
+# FastChat flags that set a camelid setting: flag -> (setting, value from the flag's text)
+FASTCHAT_MAPPED = {"fsdp": ("strategy", fsdp_strategy)}
 
 
-class _StrictParser(_OneLineErrors, argparse.ArgumentParser):
-    pass
+# ---------------------------------------------------------------------------- the command line
 
 
 class _FastChatFlag(argparse.Action):
@@ -379,197 +541,121 @@ class _FastChatFlag(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         key = self.dest
-        why = FASTCHAT_FLAGS[key][1]
-        if key == "fsdp":
-            namespace.strategy = fsdp_strategy(value)
-            parser.notes.append(f"--fsdp {value!r}: strategy {namespace.strategy}")
+        if key in FASTCHAT_MAPPED:
+            setting, mapped = FASTCHAT_MAPPED[key]
+            setattr(namespace, setting, mapped(value))
+            parser.notes.append(f"--{key} {value!r}: {setting} {getattr(namespace, setting)}")
             return
-        if key == "fp16" and _parse_value(value, False, key):
-            raise ConfigError(f"--fp16: {why}")
-        parser.notes.append(f"--{key}: {why}")
+        if key == "fp16" and convert("fp16", bool, value):
+            raise ConfigError(f"--fp16: {FASTCHAT_FLAGS[key]}")
+        parser.notes.append(f"--{key}: {FASTCHAT_FLAGS[key]}")
 
 
-def _field_help(cls: type, name: str) -> str:
-    """The field's help, or (a subclass that only changed the default) its nearest base's."""
-    for klass in cls.__mro__:
-        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if declared is not None and declared.metadata.get("help"):
-            return declared.metadata["help"]
-    return ""
-
-
-def _metavar(hint) -> str:
-    kinds = set(typing.get_args(hint) or (hint,)) - {type(None)}
-    for kind, metavar in ((bool, "BOOL"), (int, "INT"), (float, "FLOAT")):
-        if kinds == {kind}:
-            return metavar
-    return "TEXT"
-
-
-class _ConfigParser(_OneLineErrors):
-    """HfArgumentParser for one config class, with camelid's rules: no prefix matching (a prefix
-    must never silently set another option), values converted by _coerce, FASTCHAT_FLAGS, and
-    --config, --print_config, --local_rank. config_parser(cls) makes one."""
-
-    def __init__(self, cls: type = TrainConfig, **kwargs):
-        self.cls, self.notes = cls, []
-        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
-        description = (f"{doc}\n\nEvery option is also a key of a --config YAML recipe; the command line "
-                       "overrides it.\nBooleans: --flag, --flag True|False (--no_flag where the "
-                       "default is True).\nnone (or null) unsets an option whose default is none.")  # fmt: skip
-        usage = "%(prog)s [-h] [--config FILE] [--print_config] [--OPTION VALUE ...]"
-        super().__init__(cls, allow_abbrev=False, formatter_class=HelpFormatter, usage=usage,
-                         description=description, **kwargs)  # fmt: skip
-        names = {f.name for f in fields(cls)}
-        for action in self._actions:
-            if action.dest not in names:
-                continue
-            if action.option_strings[0].startswith("--no_"):  # HfArgumentParser's complement
-                action.help = argparse.SUPPRESS
-            else:
-                action.type = _cli_value(action.dest, cls)
-            # one spelling in --help: --key_name (load_config reads --key-name as --key_name)
-            for alias in [o for o in action.option_strings if "-" in o[2:]]:
-                action.option_strings.remove(alias)
-                del self._option_string_actions[alias]
-        self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                          help="a YAML recipe of these options: a path, or a name in recipes/configs ("
-                          + ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))) + ")")  # fmt: skip
-        self.add_argument("--print_config", metavar="BOOL", nargs="?", const=True, default=False,
-                          type=_cli_bool("print_config"),
-                          help="print the resolved settings (--config, then the command line) as "
-                          "YAML to rerun with --config FILE, and exit without training")  # fmt: skip
-        self.add_argument("--local_rank", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        group = self.add_argument_group(
-            "FastChat / Hugging Face Trainer flags",
-            "accepted so that FastChat's commands carry over: mapped, or noted and ignored",
-        )
-        for key, (_, why) in FASTCHAT_FLAGS.items():
-            group.add_argument(f"--{key}", action=_FastChatFlag, nargs="?", const="True",
-                               metavar="VALUE", default=argparse.SUPPRESS, help=why)  # fmt: skip
-
-    def _add_dataclass_arguments(self, dtype):
-        # HfArgumentParser narrows field.type in place (`int | None` -> int) on the class's own
-        # Field objects, which subclasses share; it gets copies, the classes keep their types.
-        hints = typing.get_type_hints(dtype)
-        for declared in fields(dtype):
-            f = copy.copy(declared)
-            f.type = hints[f.name]
-            if f.name == "template":
-                # `str | dict`: HfArgumentParser takes the non-str member of a union with str
-                # (dict), which cannot read text; on the command line a template is a name or a
-                # file (str), a mapping comes from the YAML recipe only.
-                f.type = str
-            f.metadata = {"help": _field_help(dtype, f.name).replace("%", "%%")}
-            self._parse_dataclass_field(self, f)
-            self._option_string_actions[f"--{f.name}"].metavar = _metavar(f.type)
-
-
-@functools.cache
-def _parser_class() -> type:
-    # here, not at the top: importing transformers takes seconds (launch/ and plan import us)
-    from transformers.hf_argparser import HfArgumentParser
-
-    return type("ConfigParser", (_ConfigParser, HfArgumentParser), {})
-
-
-def config_parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
-    """The command line of `cls` (TrainConfig or a recipe's subclass of it)."""
-    return _parser_class()(cls)
-
-
-def _cli_value(name: str, cls: type):
-    """The command line's text for `name`, converted and checked as a YAML value is."""
-
-    def convert(text: str):
-        try:
-            return _coerce(name, text, cls)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = name
-    return convert
-
-
-def _cli_bool(name: str):
-    def convert(text: str) -> bool:
-        try:
-            return _parse_value(text, False, name)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
-
-
-def _normalize(argv: list[str]) -> list[str]:
-    """--key-name as --key_name (as before: torch's launcher passes --local-rank), and a value
-    that starts with "-" joined to its key (--learning_rate -1e-5: argparse would take -1e-5
-    for an option)."""
-    out: list[str] = []
-    for arg in argv:
-        if arg.startswith("--") and len(arg) > 2:
-            key, eq, value = arg[2:].partition("=")
-            arg = f"--{key.replace('-', '_')}{eq}{value}"
-        elif (arg.startswith("-") and arg != "-h" and out and out[-1].startswith("--")
-              and len(out[-1]) > 2 and "=" not in out[-1]):  # fmt: skip
-            out[-1] += f"={arg}"
-            continue
-        out.append(arg)
-    return out
+def config_parser(cls) -> argparse.ArgumentParser:
+    """The command line of a composed config class: its sections' options, --config,
+    --print_config, and FastChat's flags."""
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    description = (
+        f"{doc}\n\nEvery option is also a key of a --config YAML recipe; the command line "
+        "overrides it.\nBooleans: --flag, --flag True|False. none (or null) unsets an option "
+        "whose default is none."
+    )
+    usage = "%(prog)s [-h] [--config FILE] [--print_config] [--OPTION VALUE ...]"
+    parser = build_parser(cls, description=description, usage=usage)
+    parser.notes = []
+    yamls = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"a YAML recipe of these options: a path, or a name in recipes/configs ({yamls})",
+    )
+    parser.add_argument(
+        "--print_config",
+        metavar="BOOL",
+        nargs="?",
+        const=True,
+        default=False,
+        type=lambda text: convert("print_config", bool, text),
+        help="print the resolved settings (--config, then the command line) as YAML to rerun "
+        "with --config FILE, and exit without training",
+    )
+    parser.add_argument("--local_rank", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    group = parser.add_argument_group(
+        "FastChat / Hugging Face Trainer flags",
+        "accepted so that FastChat's commands carry over: mapped, or noted and ignored",
+    )
+    for key, why in FASTCHAT_FLAGS.items():
+        group.add_argument(f"--{key}", action=_FastChatFlag, nargs="?", const="True",
+                           metavar="VALUE", default=argparse.SUPPRESS, help=why)  # fmt: skip
+    return parser
 
 
 def config_yaml(cfg, notes: list[str] = ()) -> str:
     """Every setting of `cfg` as a YAML recipe: `--config FILE` reruns the same run
     (the same run_fingerprint())."""
-    head = [
-        f"# {type(cfg).__name__}, resolved; rerun with --config FILE",
-        *(f"# {n}" for n in notes),
-    ]
+    head = [f"# {type(cfg).__name__}, resolved; rerun with --config FILE", *(f"# {n}" for n in notes)]
     body = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
     return "\n".join(head) + "\n" + body
 
 
-def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
-    """`--config FILE` (a YAML recipe) then `--key value` / `--key=value` overrides, into `cls`
-    (TrainConfig or a recipe's subclass of it). `--help` and `--print_config` print and raise
-    SystemExit(0); a bad command line or recipe raises one ConfigError.
+def recipe_values(path_text: str, cls) -> dict:
+    """A YAML recipe's values, each converted and checked as the command line's would be."""
+    path = Path(path_text)
+    if not path.exists() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path
+    if not path.exists():
+        raise ConfigError(f"config file {path_text} does not exist")
+    hints = type_hints(cls)
+    loaded = {}
+    for key, value in read_structured(path, yaml.safe_load, "YAML").items():
+        if key not in hints:
+            raise ConfigError(str(unknown_option(key, hints, str(path), noun="key")))
+        if key == "template" and isinstance(value, dict):
+            loaded[key] = value
+            continue
+        try:
+            loaded[key] = convert(key, hints[key], value)
+        except UsageError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return loaded
 
-    Returns the config and notes about FastChat flags that were mapped or ignored.
-    """
-    argv = _normalize(list(sys.argv[1:] if argv is None else argv))
-    pre = _StrictParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    config_path = pre.parse_known_args(argv)[0].config
-    defaults, loaded = cls(), {}
-    if config_path:
-        path = Path(config_path)
-        if not path.exists() and (CONFIG_DIR / path).exists():
-            path = CONFIG_DIR / path
-        if not path.exists():
-            raise ConfigError(f"config file {config_path} does not exist")
-        for k, v in read_structured(path, yaml.safe_load, "YAML").items():
-            if k not in _types(cls):
-                raise _unknown(k, str(path), cls)
-            loaded[k] = _coerce(k, v, cls)
+
+def load_config(argv: list[str] | None, cls):
+    """`--config FILE` (a YAML recipe) then `--key value` / `--key=value` overrides, into the
+    composed config class `cls`. `--help` and `--print_config` print and raise SystemExit(0);
+    a bad command line or recipe raises one ConfigError.
+
+    Returns the config and notes about FastChat flags that were mapped or ignored."""
+    argv = normalize(list(sys.argv[1:] if argv is None else argv))
+    config_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_path = arg.partition("=")[2]
+    loaded = recipe_values(config_path, cls) if config_path else {}
     parser = config_parser(cls)
-    # the recipe's values as the defaults (default_factory ones included: HfArgumentParser
-    # would show and set a bool's default_factory as False)
-    parser.set_defaults(
-        **{f.name: loaded.get(f.name, getattr(defaults, f.name)) for f in fields(cls)}
-    )
-    # -> the config, a namespace of the other options (--print_config, ...), unknown strings
-    cfg, *rest, extra = parser.parse_args_into_dataclasses(
-        argv, return_remaining_strings=True, look_for_args_file=False
-    )
+    # the recipe's values as the defaults (shown by --help, overridden by the command line)
+    defaults = cls()
+    parser.set_defaults(**{f.name: loaded.get(f.name, getattr(defaults, f.name))
+                           for f in fields(cls)})  # fmt: skip
+    try:
+        cfg, rest, extra = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True, look_for_args_file=False
+        )
+    except UsageError as e:
+        raise ConfigError(str(e)) from None
     if extra:
         if extra[0].startswith("--"):
-            raise _unknown(extra[0][2:].partition("=")[0], "command line", cls)
-        raise ConfigError(f"unexpected argument {extra[0]!r}: options are --key value")
+            error = unknown_option(extra[0][2:].partition("=")[0], type_hints(cls))
+            raise ConfigError(str(error))
+        raise ConfigError(f"command line: unexpected argument {extra[0]!r}: options are --key value")
     given = set(loaded) | {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
     if cfg.deepspeed and not {"strategy", "fsdp"} & given:
         cfg.strategy = strategy_of_deepspeed_config(cfg.deepspeed)
     cfg.check()
-    if rest and getattr(rest[0], "print_config", False):
+    if getattr(rest, "print_config", False):
         print(config_yaml(cfg, parser.notes), end="", flush=True)
         raise SystemExit(0)
     return cfg, parser.notes
@@ -577,56 +663,20 @@ def load_config(argv: list[str] | None = None, cls: type = TrainConfig):
 
 def read_structured(path: Path, parse, kind: str) -> dict:
     """A YAML or JSON file that must hold a mapping; anything else is one clear ConfigError."""
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists():
         raise ConfigError(f"{path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
     try:
-        loaded = parse(Path(path).read_text(encoding="utf-8"))
+        loaded = parse(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: malformed {kind}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e) else "nested too deeply"
+        raise ConfigError(f"{path}: malformed {kind}: {first}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, found {type(loaded).__name__}")
     return loaded
-
-
-def fsdp_strategy(options: str) -> str:
-    """FastChat's / HF Trainer's `--fsdp "full_shard auto_wrap offload"` as a camelid strategy.
-    Every word either maps or is an error: a dropped option would change memory silently."""
-    words = options.replace(",", " ").split()
-    unknown = set(words) - {"full_shard", "shard_grad_op", "offload", "auto_wrap", "no_shard"}
-    if unknown or not words:
-        raise ConfigError(f"--fsdp {options!r}: unsupported option(s) {', '.join(sorted(unknown)) or '(none)'}; "
-                          "use full_shard or shard_grad_op, with offload and auto_wrap (hybrid "
-                          "sharding is not supported)")  # fmt: skip
-    if "no_shard" in words:
-        if len(set(words) - {"no_shard", "auto_wrap"}):
-            raise ConfigError(
-                f"--fsdp {options!r}: no_shard cannot be combined with sharding options"
-            )
-        return "ddp"
-    if "full_shard" in words and "shard_grad_op" in words:
-        raise ConfigError(f"--fsdp {options!r}: full_shard and shard_grad_op exclude each other")
-    if "offload" in words:
-        if "shard_grad_op" in words:
-            raise ConfigError(f"--fsdp {options!r}: offload is supported with full_shard only "
-                              "(strategy fsdp_offload)")  # fmt: skip
-        return "fsdp_offload"
-    if "shard_grad_op" in words:
-        return "fsdp_grad_op"
-    if "full_shard" in words:
-        return "fsdp"
-    raise ConfigError(f"--fsdp {options!r}: say full_shard or shard_grad_op")  # auto_wrap alone
-
-
-def strategy_of_deepspeed_config(path: str) -> str:
-    cfg = read_structured(Path(path), json.loads, "JSON")
-    zero = cfg.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage == 3:
-        return "zero3_offload" if zero.get("offload_param", {}).get("device") == "cpu" else "zero3"
-    if stage in (1, 2):
-        return "zero2"
-    raise ConfigError(f"{path}: ZeRO stage {stage} is not supported (use 2 or 3)")

@@ -8,49 +8,24 @@ denominator) without communicating.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastchat_data.build import build_dataset
-from fastchat_data.identity import identity_conversations
-from fastchat_data.io import input_paths, write_records
-from fastchat_data.tiny import TEMPLATE_WORDS, corpus_texts, default_cache_dir, tiny_model
 from fastchat_data.tokenize import IGNORE_INDEX
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, data_paths
 
 MEGABATCH = 50  # length grouping sorts within 50 global batches, as HF's LengthGroupedSampler does
 
 
-def default_model_and_data(cfg: TrainConfig, world) -> tuple[str, str]:
-    """With no model or data given: the tiny Llama and the embedded identity conversations."""
-    cache = Path(cfg.cache_dir or default_cache_dir())
-    records = identity_conversations(n=400, seed=0)
-    data = cache / "demo" / "identity.json"
-    model = None
-    if world.main:
-        if cfg.data_path is None:
-            write_records(data, records)
-        if cfg.model_name_or_path is None:
-            model = tiny_model(
-                "llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache
-            )
-    world.barrier()
-    if model is None and cfg.model_name_or_path is None:  # other ranks: now a cache hit
-        model = tiny_model(
-            "llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache
-        )
-    return str(cfg.model_name_or_path or model), str(cfg.data_path or data)
-
-
-def load_train_set(cfg: TrainConfig, data_path: str, tokenizer, world):
+def load_train_set(cfg, data_path: str, tokenizer, world):
     """Rank 0 tokenizes (or finds it cached); the others then load the cached Arrow files."""
     args = dict(template=cfg.template, max_length=cfg.model_max_length, train_on_inputs=cfg.train_on_inputs,
                 num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
                 max_target_length=cfg.max_target_length)  # fmt: skip
-    paths = input_paths(data_path)  # comma-separated files
+    paths = data_paths(data_path)  # one file, or several comma-separated
     ds, report = built_by_rank0_first(world, build_dataset, paths, tokenizer, **args)
     return ds.with_format("numpy"), report
 
@@ -68,9 +43,10 @@ def pad_token_id(tokenizer) -> int:
 
 
 class BatchPlan:
-    """Which samples rank r trains on at micro-step m of optimizer step s."""
+    """Which samples data-parallel rank r trains on at micro-step m of optimizer step s.
+    `world_size` counts data-parallel ranks (ranks that share a sequence share its samples)."""
 
-    def __init__(self, lengths: np.ndarray, trained: np.ndarray, cfg: TrainConfig, world_size: int):
+    def __init__(self, lengths: np.ndarray, trained: np.ndarray, cfg, world_size: int):
         self.lengths, self.trained = lengths, trained
         self.micro, self.accum, self.world = (
             cfg.per_device_train_batch_size,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastchat_data.io import save_tokenizer
 from fastchat_data.schema import ASSISTANT, USER, Conversation, DataError, Message
 from fastchat_data.templates import (
     CHAT_TEMPLATE,
@@ -21,6 +22,23 @@ from fastchat_data.templates import (
     reply_end,
 )
 from fastchat_data.tokenize import ConversationTokenizer
+
+from .run_folder import RUN_INFO
+
+
+def load_for_inference(path: str, quantization: str = "none", adapter: str | None = None):
+    """A model as training loaded it (`quantization` nf4: through the QLoRA loader), on the
+    GPU in bf16 if there is one, with `adapter` attached, in eval mode (for eval and chat)."""
+    from .lora import load_adapter, load_base
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = load_base(path, device, quantization=quantization, bf16=bf16)
+    if quantization == "none":
+        model.to(device)
+    if adapter:
+        model = load_adapter(model, adapter)
+    return model.eval()
 
 
 def reply(model, tokenizer, history: list[tuple[str, str]], question: str, template: str = "vicuna_v1.1",
@@ -67,8 +85,6 @@ def save_for_inference(tokenizer, template, folder: Path) -> dict:
     no stop token: generation_config keeps the tokenizer's eos and camelid.json names the text
     (`stop.text`), which a server takes as a stop string."""
     from transformers import GenerationConfig
-
-    from fastchat_data.io import save_tokenizer
 
     try:
         if isinstance(template, str | dict):
@@ -127,8 +143,6 @@ def trained_template(*folders, default: str | None = "vicuna_v1.1"):
     used as it is, `chat_template`). camelid.json decides only for exports made before chat
     templates were written (no `"chat_template": true` there): their tokenizer's chat template,
     if any, is the base model's, not the one trained with."""
-    from .checkpoint import RUN_INFO
-
     for folder in folders:
         if not folder:
             continue

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
+from .ds_config import deepspeed_config
 
-SHARDED = ("fsdp", "fsdp_grad_op", "fsdp_offload")
 
-
-def load_model(model_path: str, cfg: TrainConfig, world):
-    """The causal LM for `cfg.strategy`, in fp32. Under FSDP2 it comes back on the meta device,
-    to be sharded and filled by the engine (see fill_sharded)."""
+def load_model(model_path: str, cfg, world):
+    """The causal LM for the world's strategy, in fp32. Under FSDP2 it comes back on the meta
+    device, to be sharded and filled by the engine (see fill_sharded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .attention import attention_kwargs
 
     kwargs = {"dtype": torch.float32, **attention_kwargs(cfg)}
-    if cfg.sharded_load and cfg.strategy in SHARDED and world.size > 1:
+    strategy = world.strategy
+    sharded = cfg.sharded_load and strategy.sharded_load
+    if sharded and strategy.fsdp:
         from accelerate import init_empty_weights
 
         config = AutoConfig.from_pretrained(model_path)
@@ -38,11 +39,10 @@ def load_model(model_path: str, cfg: TrainConfig, world):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         model.tie_weights()
         return model
-    if cfg.sharded_load and cfg.strategy.startswith("zero3") and world.size > 1:
+    if sharded and strategy.engine == "deepspeed":
         import deepspeed
         from transformers.initialization import no_init_weights
 
-        from .distributed import deepspeed_config
 
         # Partitioned as constructed; then each rank reads only its partition from the files.
         # (transformers' own ZeRO-3 path, HfDeepSpeedConfig + from_pretrained, reads every
@@ -50,7 +50,9 @@ def load_model(model_path: str, cfg: TrainConfig, world):
         config = AutoConfig.from_pretrained(model_path)
         ds_config = deepspeed_config(cfg, config.hidden_size)
         # no_init_weights: transformers' switch for exactly this (weights loaded right after)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights():
+        # no_init_weights first: entering it imports transformers' modeling code, which must
+        # happen before zero.Init replaces torch's tensor constructors
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         model.tie_weights()
         fill_zero3_partitions(model, model_path)

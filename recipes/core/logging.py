@@ -74,15 +74,48 @@ def tracker_names(report_to: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def repair_metrics(path: Path, start_step: int) -> None:
+    """A resumed run keeps the rows it already logged up to its step and drops the rest, and a
+    torn last line (a kill mid-write): by truncating the file where they start, never by
+    rewriting it, so no kill at any moment can empty the history."""
+    if not path.exists():
+        return
+    keep = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+                fine = raw.endswith(b"\n") and row["step"] <= start_step
+            except (ValueError, KeyError, TypeError):
+                fine = False
+            if not fine:
+                break
+            keep += len(raw)
+    if keep != path.stat().st_size:
+        os.truncate(path, keep)
+
+
 class RunLog:
     """`report_to`: the trackers (as --report_to gives them); `config`: the run's config (a
     dataclass or dict), logged as the tracker runs' config / params."""
 
-    def __init__(self, output_dir: Path, main: bool, total_steps: int, start_step: int, n_params: int,
-                 world_size: int, peak: float | None, report_to: str | list[str] = "none",
-                 config=None):  # fmt: skip
+    def __init__(
+        self,
+        folder,
+        main: bool,
+        total_steps: int,
+        start_step: int,
+        n_params: int,
+        world_size: int,
+        peak: float | None,
+        report_to: str | list[str] = "none",
+        config=None,
+    ):
+        from .run_folder import RunFolder
+
+        folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
         self.main, self.n_params, self.world, self.peak = main, n_params, world_size, peak
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = folder.metrics
         self.bar, self.trackers = None, []
         names = tracker_names(report_to)
         missing = [n for n in names if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None]
@@ -101,16 +134,10 @@ class RunLog:
                 dynamic_ncols=True,
                 disable=None,
             )
-            if (
-                self.path.exists()
-            ):  # a resumed run keeps the steps it already logged, drops later ones
-                rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-                self.path.write_text(
-                    "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step)
-                )
+            repair_metrics(self.path, start_step)
             if dataclasses.is_dataclass(config):  # the run's TrainConfig
                 config = dataclasses.asdict(config)
-            self.trackers = open_trackers(Path(output_dir), names, dict(config or {}), start_step)
+            self.trackers = open_trackers(folder.root, names, dict(config or {}), start_step)
             atexit.register(self._close_trackers, False)  # a run that stops early still closes them
         self._t = time.perf_counter()
 

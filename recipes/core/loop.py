@@ -1,131 +1,182 @@
 """The training loop every recipe shares: a Run, one optimizer step, the loop with its
-checkpoints and SIGTERM handling, and the end-of-run bookkeeping.
+checkpoints and signal handling, and the end-of-run bookkeeping.
 
-A recipe builds its model its own way (full weights, or a quantized base with an adapter),
-hands it to `start(run, model)`, then calls train(), its own save(), and finish().
+    prepare(cfg, objective)  process group, the output directory's claim, tokenizer, units
+    start(run, model, engine) the objective's preparation, resume, the run log, signals
+    train(run)               steps until the planned end, checkpoints, a stop on request
+    finish(run)              peak memory, the loss curve, the process group down
+
+SIGTERM or SIGINT (Ctrl-C) asks every rank to stop at the next step boundary: all ranks agree,
+save a checkpoint, and the run ends with StoppedBySignal (exit status 75, "stopped,
+resumable": relaunch the same command). A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fastchat_data.schema import DataError
+from fastchat_data.options import RunStopped
 from fastchat_data.templates import portable_template
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, load_config
-from .data import BatchPlan, TrainData, default_model_and_data, load_train_set, pad_token_id
-from .distributed import World, init_world, make_engine
+from .config import ConfigError
+from .data import BatchPlan
 from .logging import PHASES, RunLog, peak_flops
+from .run_folder import CheckpointFolder, RunFolder
+from .world import World, init_world, shutdown
+
+
+class NonFiniteError(RunStopped):
+    """A step whose loss, gradient norm or updated weights are not finite, past the
+    --max_bad_steps budget: exit status 3, nothing saved after it, nothing exported."""
+
+    exit_status = 3
+
+
+class StoppedBySignal(RunStopped):
+    """SIGTERM / SIGINT: a checkpoint was saved at a step boundary; relaunch to resume."""
+
+    exit_status = 75
+
+
+class Hooks:
+    """Points where a test (or a user's harness) can act on a run, passed to the recipe's
+    main(); the default does nothing. Fault injection in the tests subclasses it
+    (tests/fault_recipe.py) instead of the loop reading environment variables."""
+
+    def started(self, run) -> None:
+        """The run is set up (engine in place, checkpoint resumed), before the first step."""
+
+    def loss(self, run, loss: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch's loss, before backward."""
+        return loss
+
+    def after_update(self, run) -> None:
+        """Right after the optimizer applied a step, before the weights are checked."""
+
+    def after_step(self, run) -> None:
+        """After each optimizer step (and its checkpoint, if one was due)."""
 
 
 @dataclass
 class Run:
-    cfg: TrainConfig
+    cfg: object
     world: World
+    folder: RunFolder
+    objective: object
+    hooks: Hooks = field(default_factory=Hooks)
     tokenizer: object = None
     engine: object = None
     plan: BatchPlan = None
-    data: TrainData = None
+    data: object = None
     total_steps: int = 0
     step: int = 0
     log: RunLog = None
     stop_requested: bool = False
     notes: list = field(default_factory=list)
     model_path: str = ""
+    identity: dict = field(default_factory=dict)
     bad_steps: int = 0  # non-finite steps skipped so far (at most cfg.max_bad_steps)
     last_checkpoint: Path | None = None
     lock: object = None  # rank 0's hold on output_dir/run.lock
-    # (run, micro-batch) -> (loss, additive statistics): the SFT loss unless a recipe sets one
-    objective: object = None
+    form: object = None  # what is trained: the full model or an adapter (model_form.py)
+    previous_handlers: dict = field(default_factory=dict)
 
 
-class NonFiniteError(RuntimeError):
-    """A step whose loss or gradient norm is not finite, past the --max_bad_steps budget."""
-
-
-def sft_data(cfg: TrainConfig, data_path: str, tokenizer, world) -> TrainData:
-    """Conversations, tokenized with assistant-only labels, one or several per row."""
-    train_set, _ = load_train_set(cfg, data_path, tokenizer, world)
-    return TrainData(train_set, cfg.packing, cfg.model_max_length, pad_token_id(tokenizer),
-                     row_tokens=cfg.packing_row_tokens)  # fmt: skip
-
-
-def prepare(cfg: TrainConfig, notes: list[str] | None = None, build_data=sft_data) -> Run:
-    """Process group, output directory check, tokenizer, the cached training set, batch plan.
-    `build_data(cfg, data_path, tokenizer, world)` gives the training units (TrainData)."""
+def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None = None) -> Run:
+    """Process group, the output directory's claim, tokenizer, the training units, the batch
+    plan. Nothing is written before the settings and the data are known to be usable."""
     from transformers import AutoTokenizer
 
+    if not cfg.model_name_or_path:
+        raise ConfigError("--model_name_or_path: give the model folder to train (a Hugging Face "
+                          "folder with config.json); `make demo` shows a tiny one")  # fmt: skip
+    if not cfg.data_path:
+        raise ConfigError(f"--data_path: give the training data ({objective.noun})")
     world = init_world(cfg.strategy)
-    run = Run(cfg, world, notes=notes or [])
-    if world.main:
-        for note in run.notes:
-            print(f"note: {note}")
-
-    def claim_output_dir():
-        run.lock = checkpoint.acquire_run_lock(cfg.output_dir)
-        checkpoint.check_output_dir(cfg)
-
-    world.main_first(claim_output_dir)
+    run = Run(cfg, world, RunFolder(Path(cfg.output_dir)), objective, hooks or Hooks(),
+              notes=list(notes or []), model_path=str(cfg.model_name_or_path))  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    model_path, data_path = default_model_and_data(cfg, world)
-    run.model_path = model_path
-    run.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    run.data = build_data(cfg, data_path, run.tokenizer, world)
-    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.size)
+    run.tokenizer = AutoTokenizer.from_pretrained(run.model_path)
+    run.data = objective.data(cfg, run.tokenizer, world)
+    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.dp_size)
     # as Trainer counts them: a fraction of an epoch's steps rounds up (1.5 x 3 steps -> 5)
-    run.total_steps = (
-        cfg.max_steps
-        if cfg.max_steps > 0
-        else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch)
-    )
+    run.total_steps = (cfg.max_steps if cfg.max_steps > 0
+                       else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch))  # fmt: skip
+    run.identity = checkpoint.run_identity(cfg, run.model_path)
+
+    def claim_output_dir():
+        run.lock = checkpoint.acquire_run_lock(run.folder)
+        note = checkpoint.claim_output_dir(cfg, run.folder, run.identity)
+        if note:
+            run.notes.append(note)
+
+    world.main_first(claim_output_dir)
+    if world.main:
+        for note in run.notes:
+            print(f"note: {note}", flush=True)
     return run
 
 
-def start(run: Run, model, engine=None, what: str = "", before_resume=None) -> Run:
-    """Wrap `model` in the strategy's engine, resume from the newest complete checkpoint,
-    open the run log. `what` describes the model in the start-up line; `before_resume(run)`
-    runs on the initial weights (DPO's reference log-probabilities)."""
+def start(run: Run, model, engine, what: str = "") -> Run:
+    """The objective's preparation on the initial weights, then resume from the newest
+    checkpoint that verifies, the run log, and the signal handlers."""
     cfg, world = run.cfg, run.world
     n_params = sum(logical_numel(p) for p in model.parameters())
     n_trained = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
-    run.engine = engine or make_engine(model, cfg, world, run.total_steps, run.model_path)
-    if before_resume is not None:
-        before_resume(run)
-    # rank 0 checked (or, overwriting, cleared) the output directory in prepare()
-    resume_from = checkpoint.resumable_checkpoint(cfg.output_dir, world)
+    run.engine = engine
+    run.objective.before_resume(run)
+    resume_from = checkpoint.resumable_checkpoint(run.folder, world)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(run.engine, world, resume_from)
         run.step, run.bad_steps = state["step"], state.get("bad_steps", 0)
-        run.last_checkpoint = resume_from
+        run.last_checkpoint = resume_from.path
         if world.main:
-            print(f"resumed from {resume_from} (step {run.step})")
+            print(f"resumed from {resume_from.path} (step {run.step})", flush=True)
     if world.main:
         trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained != n_params else ""
-        print(f"{cfg.strategy} on {world.size} x {world.device.type}: {what}{n_params / 1e6:.1f}M parameters{trained}, "
-              f"{len(run.data.ds)} {getattr(run.data, 'noun', 'conversations')}{f' in {len(run.data.units)} packed rows' if cfg.packing else ''}, "
-              f"{run.plan.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
-              f"global batch {run.plan.global_size}")  # fmt: skip
+        units = len(run.data.units)
+        packed = f" in {units} packed rows" if getattr(run.data, "packing", False) else ""
+        print(f"{world.strategy.name} on {world.size} x {world.device.type}: {what}"
+              f"{n_params / 1e6:.1f}M parameters{trained}, {len(run.data.ds)} "
+              f"{run.objective.noun}{packed}, {run.plan.steps_per_epoch} steps/epoch, "
+              f"{run.total_steps} steps, global batch {run.plan.global_size}", flush=True)  # fmt: skip
     record_rank(run)
     # MFU counts the forward+backward of all parameters (6N per token), frozen ones included
-    run.log = RunLog(Path(cfg.output_dir), world.main, run.total_steps, run.step, n_params, world.size,
+    run.log = RunLog(run.folder, world.main, run.total_steps, run.step, n_params, world.size,
                      peak_flops(cfg.peak_tflops), cfg.report_to, cfg)  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
+    install_signal_handlers(run)
     PHASES.next("train")
+    run.hooks.started(run)
     return run
+
+
+def install_signal_handlers(run: Run) -> None:
+    """SIGTERM and the first SIGINT ask for a stop at the next step boundary; a second SIGINT
+    stops at once (KeyboardInterrupt)."""
+
+    def request_stop(signum, _frame):
+        if signum == signal.SIGINT and run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+
+    run.previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signal_handlers(run) -> None:
+    """What the process had before the run (a recipe run in-process leaves no trace)."""
+    for signum, handler in getattr(run, "previous_handlers", {}).items():
+        signal.signal(signum, handler)
 
 
 def logical_numel(param) -> int:
@@ -140,33 +191,13 @@ def record_rank(run: Run) -> None:
     """Each rank writes what it is and what it trains on first: the proof, for tests and for
     users, that N processes form one job and see different data (not N copies of one run)."""
     world = run.world
-    ids = [int(i) for b in run.plan.micro_batches(run.step, world.rank) for i in b]
-    path = Path(run.cfg.output_dir) / "ranks" / f"rank{world.rank}.json"
+    ids = [int(i) for b in run.plan.micro_batches(run.step, world.dp_rank) for i in b]
+    path = run.folder.rank_file(world.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    actual = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    path.write_text(json.dumps({"rank": world.rank, "world_size": actual, "device": str(world.device),
+    actual = torch.distributed.get_world_size() if world.distributed else 1
+    path.write_text(json.dumps({"rank": world.rank, "world_size": actual, "dp_rank": world.dp_rank,
+                                "strategy": world.strategy.name, "device": str(world.device),
                                 "step": run.step, "sample_ids": ids}))  # fmt: skip
-
-
-# Fault injection for tests: "STEP" or "STEP:RANK" makes that step's loss NaN on one rank (all
-# ranks if none is given), as a poisoned batch would.
-INJECT_NAN = os.environ.get("CAMELID_INJECT_NAN_LOSS", "")
-
-
-def _poisoned(step: int, rank: int) -> bool:
-    if not INJECT_NAN:
-        return False
-    at, _, on_rank = INJECT_NAN.partition(":")
-    return step == int(at) and (not on_rank or rank == int(on_rank))
-
-
-def sft_objective(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
-    """The causal-LM loss: a token sum divided by the whole global batch's trained tokens
-    (num_items_in_batch), so micro-batches and ranks add up to the global mean."""
-    global_tokens = run.plan.global_trained_tokens(run.step)
-    # use_cache=False: no KV cache in training (with one, packed rows would not be detected)
-    out = run.engine.forward(**batch, num_items_in_batch=global_tokens, use_cache=False)
-    return out.loss, {}
 
 
 def train_step(run: Run) -> dict:
@@ -174,8 +205,7 @@ def train_step(run: Run) -> dict:
     non-finite loss on any rank, or a non-finite gradient norm, leaves the weights untouched.
     The objective's statistics are summed over micro-batches and ranks."""
     engine, world, plan = run.engine, run.world, run.plan
-    objective = run.objective or sft_objective
-    micro = plan.micro_batches(run.step, world.rank)
+    micro = plan.micro_batches(run.step, world.dp_rank)
     loss_sum, tokens, padded, bad_ids, stats = 0.0, 0, 0, [], {}
     for m, ids in enumerate(micro):
         batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
@@ -183,9 +213,8 @@ def train_step(run: Run) -> dict:
         padded += batch["input_ids"].numel()
         last = m == len(micro) - 1
         with engine.sync_gradients(last):
-            loss, micro_stats = objective(run, batch)
-            if _poisoned(run.step + 1, world.rank):
-                loss = loss * float("nan")
+            loss, micro_stats = run.objective.loss(run, batch)
+            loss = run.hooks.loss(run, loss)
             engine.backward(loss)
         value = loss.item()
         if not math.isfinite(value):
@@ -197,25 +226,31 @@ def train_step(run: Run) -> dict:
             engine.step(False)
     loss_finite = world.all_sum(len(bad_ids)) == 0  # every rank agrees before the update
     grad_norm, applied = engine.step(True, loss_finite)
+    if applied:
+        run.hooks.after_update(run)
+    nonfinite = engine.nonfinite_weights() if applied else 0
     names = sorted(stats)
-    loss, tokens, padded, *summed = world.all_sums(
-        [loss_sum, tokens, padded, *(stats[k] for k in names)]
+    loss, tokens, padded, nonfinite, *summed = world.all_sums(
+        [loss_sum, tokens, padded, nonfinite, *(stats[k] for k in names)]
     )
-    return {
-        "stats": dict(zip(names, summed)),
-        "loss": loss,
-        "tokens": int(tokens),
-        "real_token_share": tokens / padded,
-        "grad_norm": grad_norm,
-        "applied": applied,
-        "bad_samples": sorted(i for part in world.gather_objects(bad_ids) for i in part)
-        if not loss_finite
-        else [],
-    }
+    bad_samples = [] if loss_finite else sorted(i for part in world.gather_objects(bad_ids)
+                                                for i in part)  # fmt: skip
+    return {"stats": dict(zip(names, summed)), "loss": loss, "tokens": int(tokens),
+            "real_token_share": tokens / padded, "grad_norm": grad_norm, "applied": applied,
+            "nonfinite_weights": int(nonfinite), "bad_samples": bad_samples}  # fmt: skip
 
 
 def check_finite(run: Run, out: dict) -> None:
-    """A step that was not applied: skip it within the --max_bad_steps budget, else stop."""
+    """A step that was not applied: skip it within the --max_bad_steps budget, else stop. A
+    step whose update made weights non-finite always stops: nothing is saved after it."""
+    kept = run.last_checkpoint or "none yet"
+    if out["nonfinite_weights"]:
+        raise NonFiniteError(
+            f"step {run.step}: the update made {out['nonfinite_weights']} weight tensor(s) "
+            f"non-finite (loss {out['loss']:.4g}, gradient norm {out['grad_norm']:.4g}); the "
+            f"run stops and saves nothing from it (last good checkpoint: {kept}; nothing "
+            "exported). Lower --learning_rate or raise --adam_epsilon"
+        )
     if out["applied"]:
         return
     run.bad_steps += 1
@@ -226,7 +261,6 @@ def check_finite(run: Run, out: dict) -> None:
             print(f"warning: step {run.step}: non-finite {what}; step skipped, not applied "
                   f"({run.bad_steps} of --max_bad_steps {run.cfg.max_bad_steps})", file=sys.stderr)  # fmt: skip
         return
-    kept = run.last_checkpoint or "none yet"
     raise NonFiniteError(
         f"step {run.step}: non-finite {what}; the step was not applied and the run stops "
         f"(last good checkpoint: {kept}; nothing exported). Lower --learning_rate, check those "
@@ -234,51 +268,47 @@ def check_finite(run: Run, out: dict) -> None:
     )
 
 
-# Testing aid: seconds to pause after each step, so that an external kill -9 lands at a
-# chosen step of a tiny model whose steps take milliseconds.
-STEP_DELAY = float(os.environ.get("CAMELID_STEP_DELAY", "0"))
+def save(run: Run) -> CheckpointFolder:
+    trainer_state = {"total_steps": run.total_steps, "bad_steps": run.bad_steps,
+                     "identity": run.identity, "config": vars(run.cfg)}  # fmt: skip
+    saved = checkpoint.save_checkpoint(run.engine, run.world, run.folder, run.step, trainer_state,
+                                       keep=run.cfg.save_total_limit)  # fmt: skip
+    run.last_checkpoint = saved.path
+    return saved
 
 
 def train(run: Run) -> None:
     cfg = run.cfg
     while run.step < run.total_steps:
-        time.sleep(STEP_DELAY)
         lr = run.engine.lr  # the rate this step applies (as Trainer logs it), not the next one
         out = train_step(run)
         run.step += 1
-        run.log.step(run.step, out["loss"], lr, out["grad_norm"], out["tokens"], out["real_token_share"],
-                     log=run.step % cfg.logging_steps == 0 or run.step == run.total_steps, extra=out["stats"])  # fmt: skip
+        last = run.step == run.total_steps
+        run.log.step(run.step, out["loss"], lr, out["grad_norm"], out["tokens"],
+                     out["real_token_share"], log=run.step % cfg.logging_steps == 0 or last,
+                     extra=out["stats"])  # fmt: skip
         check_finite(run, out)
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
-        if stop or run.step % cfg.save_steps == 0 or run.step == run.total_steps:
-            run.last_checkpoint = checkpoint.save_checkpoint(
-                run.engine,
-                run.world,
-                cfg,
-                run.step,
-                {
-                    "total_steps": run.total_steps,
-                    "model_path": run.model_path,
-                    "bad_steps": run.bad_steps,
-                },  # fmt: skip
+        if stop or run.step % cfg.save_steps == 0 or last:
+            save(run)
+        run.hooks.after_step(run)
+        if stop and not last:
+            raise StoppedBySignal(
+                f"a stop was requested (SIGTERM or Ctrl-C): checkpoint {run.last_checkpoint} "
+                f"saved at step {run.step}; relaunch the same command to resume"
             )
-        if stop:
-            if run.world.main:
-                print(
-                    f"SIGTERM: saved a checkpoint at step {run.step}; relaunch the same command to resume"
-                )
-            raise SystemExit(0)
 
 
 def run_info(run: Run) -> dict:
     """What an export records beside the weights: the template (as fields if custom), so chat
-    and eval render prompts the way training did."""
-    return {"template": portable_template(run.cfg.template)}
+    and eval render prompts the way training did, and how it was trained."""
+    return {"written_by": "recipe", "template": portable_template(run.cfg.template),
+            "objective": run.objective.name, "steps": run.step, "base_model": run.model_path}  # fmt: skip
 
 
 def finish(run: Run) -> None:
     """Peak memory into this rank's record, the loss curve, and the process group down."""
-    rank_file = Path(run.cfg.output_dir) / "ranks" / f"rank{run.world.rank}.json"
+    rank_file = run.folder.rank_file(run.world.rank)
     info = json.loads(rank_file.read_text())
     PHASES.next("done")
     info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -292,30 +322,5 @@ def finish(run: Run) -> None:
     if run.world.main and run.bad_steps:
         print(f"note: {run.bad_steps} non-finite step(s) were skipped (--max_bad_steps "
               f"{run.cfg.max_bad_steps}); see the warnings above")  # fmt: skip
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def main(argv: list[str] | None, config_cls: type, setup, save, exported_what: str) -> None:
-    """A recipe's command line: its config, then setup -> train -> save -> finish.
-
-    Bad configuration or data stops with one message (from rank 0) and exit status 2 before
-    anything trains; a non-finite step stops with exit status 3 and nothing exported."""
-    try:
-        cfg, notes = load_config(argv, cls=config_cls)
-        run = setup(cfg, notes)
-        train(run)
-        PHASES.next("export")
-        exported = save(run)
-    except (ConfigError, DataError, NonFiniteError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 3 if isinstance(e, NonFiniteError) else 2
-        if torch.distributed.is_initialized():
-            if isinstance(e, NonFiniteError):  # every rank stops here: leave together, so that
-                torch.distributed.barrier()  # no rank tears down while a peer still talks
-            torch.distributed.destroy_process_group()
-        raise SystemExit(code) from None
-    finish(run)
-    if exported:
-        print(f"{exported_what}: {exported}")
+    restore_signal_handlers(run)
+    shutdown(run.world)

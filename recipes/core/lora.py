@@ -3,102 +3,36 @@
 
 Everything here goes through bitsandbytes and peft's own mechanisms (BitsAndBytesConfig,
 prepare_model_for_kbit_training, get_peft_model, save_pretrained); camelid adds the checks
-that turn their deep errors into one clear message before training, and the gather that
-makes an adapter saved under ZeRO-3 hold real weights.
+that turn their deep errors into one clear message before training. The adapter as a model
+form (its engine, checkpoints and export) is recipes/core/model_form.py.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastchat_data.io import save_tokenizer
-
-from .checkpoint import RUN_INFO, load_json_state, save_json_state
-from .config import ConfigError, TrainConfig, option
-from .distributed import TorchEngine, World, make_engine
-
-QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
-PEFT_METHODS = ("lora", "prompt_tuning", "p_tuning")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from .config import ConfigError
+from .engines import ADAPTER_WEIGHTS
 
 
-@dataclass
-class QLoraConfig(TrainConfig):
-    """TrainConfig plus the adapter's settings; defaults are the QLoRA reference recipe's
-    (NTU ADL 2023 HW3 on top of artidoro/qlora)."""
-
-    quantization: str = option(
-        "nf4", "the base's weights: nf4 or fp4 (4-bit), int8, none (plain LoRA on a full base)"
-    )
-    double_quant: bool = option(True, "4-bit: quantize the quantization constants too")
-    peft_method: str = option("lora", "the adapter: lora, prompt_tuning or p_tuning")
-    lora_r: int = option(64, "LoRA rank")
-    lora_alpha: int = option(16, "LoRA scale numerator (the update is scaled by alpha / r)")
-    lora_dropout: float = option(0.05, "dropout on the LoRA input")
-    lora_target_modules: str = option(
-        "all-linear", "layers that get LoRA: all-linear, or comma-separated names: q_proj,v_proj"
-    )
-    num_virtual_tokens: int = option(20, "prompt tuning / P-tuning: virtual tokens prepended")
-    # the reference's optimisation
-    optim: str = "paged_adamw_32bit"
-    learning_rate: float = 1e-4
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 0.3
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 4
-    max_steps: int = 250
-    max_source_length: int | None = 256
-    max_target_length: int | None = 128
-    gradient_checkpointing: bool = True
-    bf16: bool = option(
-        default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        help="bf16 mixed precision (True on GPUs that support it; fp16 is not supported)",
-    )
-    save_steps: int = 50
-    output_dir: str = "runs/qlora"
-
-    def check(self) -> QLoraConfig:
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(
-                f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}"
-            )
-        if self.peft_method not in PEFT_METHODS:
-            raise ConfigError(
-                f"peft_method {self.peft_method!r} is not one of {', '.join(PEFT_METHODS)}"
-            )
-        if self.strategy.startswith("fsdp"):
-            raise ConfigError(
-                "adapters train with strategy ddp (one process per GPU) or zero2/zero3"
-            )
-        if self.quantization != "none" and self.strategy.startswith("zero"):
-            raise ConfigError(
-                f"a {self.quantization} base trains with strategy ddp; ZeRO needs --quantization none"
-            )
-        if self.peft_method != "lora" and self.strategy.startswith("zero"):
-            raise ConfigError(f"{self.peft_method} trains with strategy ddp; ZeRO is for LoRA")
-        if self.peft_method != "lora" and self.packing:
-            raise ConfigError(
-                f"{self.peft_method} prepends virtual tokens to each row: it cannot pack rows"
-            )
-        super().check()
-        return self
-
-
-def load_base(path: str, cfg: QLoraConfig, device: torch.device):
-    """The base model, quantized by bitsandbytes as configured, placed on `device`."""
+def load_base(
+    path: str,
+    device: torch.device,
+    *,
+    quantization: str = "none",
+    double_quant: bool = True,
+    bf16: bool = False,
+    attention: dict | None = None,
+):
+    """The base model, quantized by bitsandbytes (`quantization` nf4, fp4 or int8) or not,
+    placed on `device`; `attention`: attention_kwargs() for from_pretrained."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .attention import attention_kwargs
-
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    attention = attention_kwargs(cfg)  # --attn_implementation
-    if cfg.quantization == "none":
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    attention = attention or {}
+    if quantization == "none":
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
     config = AutoConfig.from_pretrained(path)
     existing = getattr(config, "quantization_config", None)
@@ -108,11 +42,15 @@ def load_base(path: str, cfg: QLoraConfig, device: torch.device):
         )
         raise ConfigError(f"{path} is already quantized ({method}); bitsandbytes cannot quantize it again: "
                           "use its full-precision base, or --quantization none")  # fmt: skip
-    if cfg.quantization == "int8":
+    if quantization == "int8":
         bnb = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
-                                 bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=bnb, device_map={"": device}, dtype=dtype, **attention
@@ -148,7 +86,7 @@ def linear_module_names(model) -> list[str]:
     )
 
 
-def peft_config(cfg: QLoraConfig, model):
+def peft_config(cfg, model):
     from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
     if cfg.peft_method == "prompt_tuning":
@@ -171,7 +109,7 @@ def peft_config(cfg: QLoraConfig, model):
                       lora_dropout=cfg.lora_dropout, target_modules=targets, bias="none")  # fmt: skip
 
 
-def add_adapter(model, cfg: QLoraConfig):
+def add_adapter(model, cfg):
     """A trainable adapter on a frozen base. Gradient checkpointing needs the inputs to
     require grad when the embeddings are frozen: both peft calls below see to it."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -189,34 +127,6 @@ def add_adapter(model, cfg: QLoraConfig):
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return get_peft_model(model, peft_config(cfg, model))
-
-
-class AdapterEngine(TorchEngine):
-    """1 process or DDP training an adapter. Checkpoints hold the adapter (safetensors) and
-    the optimizer and scheduler state, written once by rank 0: under DDP every rank holds
-    the same; the frozen (possibly quantized) base is never written."""
-
-    def save(self, path: Path) -> None:
-        if self.world.main:
-            self.module.save_pretrained(path / "adapter", safe_serialization=True)
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")  # read weights_only
-            save_json_state(self.scheduler.state_dict(), path / "scheduler.json")
-
-    def load(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "adapter" / ADAPTER_WEIGHTS), device=str(self.world.device))
-        set_peft_model_state_dict(self.module, weights)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.world.device,
-                                                  weights_only=True))  # fmt: skip
-        self.scheduler.load_state_dict(load_json_state(path / "scheduler.json"))
-
-
-def make_adapter_engine(model, cfg: QLoraConfig, world: World, total_steps: int):
-    if cfg.strategy.startswith("zero"):
-        return make_engine(model, cfg, world, total_steps)  # DeepSpeed's own sharded checkpoints
-    return AdapterEngine(model, cfg, world, total_steps)
 
 
 def verify_adapter(folder: Path) -> dict:
@@ -238,35 +148,6 @@ def verify_adapter(folder: Path) -> dict:
     if tensors == 0 or nonzero == 0:
         raise RuntimeError(f"{weights}: holds no weights ({tensors} tensors, all zero)")
     return {"tensors": tensors, "parameters": numel, "bytes": weights.stat().st_size}
-
-
-def export_adapter(
-    engine, world: World, tokenizer, out_dir: Path, info: dict | None = None
-) -> Path | None:
-    """The trained adapter as a plain peft folder (adapter_config.json, safetensors) plus the
-    tokenizer, written atomically by rank 0 and verified to hold real weights. Under ZeRO-3
-    the adapter's parameters are gathered first, one tensor at a time."""
-    state_dict = engine.full_state_dict(trainable_only=True)  # collective under ZeRO-3
-    if world.main:
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        info = dict(info or {})
-        if info.get("template") is not None:  # the tokenizer carries the training template
-            from .generate import save_for_inference
-
-            info.update(save_for_inference(tokenizer, info["template"], tmp))
-        else:
-            save_tokenizer(tokenizer, tmp)
-        summary = verify_adapter(tmp)
-        (tmp / RUN_INFO).write_text(
-            json.dumps({**info, "weights": summary}, indent=2, ensure_ascii=False)
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    world.barrier()
-    return out_dir if world.main else None
 
 
 def read_adapter_config(adapter: str | Path):

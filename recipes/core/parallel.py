@@ -105,7 +105,8 @@ def by_cost() -> list[Strategy]:
 def from_fastchat_fsdp(words: set[str]) -> Strategy | None:
     """The strategy FastChat's `--fsdp` words name (auto_wrap carries no meaning here)."""
     wanted = frozenset(words - {"auto_wrap"})
-    return next((s for s in STRATEGIES.values() if s.fastchat_fsdp == wanted), None)
+    found = (s for s in STRATEGIES.values() if s.fastchat_fsdp and s.fastchat_fsdp == wanted)
+    return next(found, None)
 
 
 def from_zero_config(stage: int, offload_params: bool) -> Strategy | None:

@@ -1,0 +1,383 @@
+"""The training engines: one interface over single-process, DDP, FSDP2 and DeepSpeed ZeRO, built
+from the strategy's declared attributes (recipes/core/parallel.py), never from its name.
+
+Why not HF Trainer or accelerate: on CPU both silently fall back to DDP when asked for FSDP,
+and Trainer trains each rank alone unless `use_cpu=True`. camelid drives torch's FSDP2
+(`fully_shard`) and `deepspeed.initialize` directly, so the code that runs on gloo here is the
+code that runs on NCCL on GPUs; no library internals are patched.
+
+Loss scaling: each micro-batch's loss is its token-loss sum divided by the number of trained
+tokens in the whole global batch (all micro-batches, all ranks). Summed over micro-batches and
+ranks that is exactly the global batch's mean token loss, whatever the split; the engines
+undo the averaging their gradient reduction does, so every strategy takes the same step.
+
+Checkpoint state goes through a `StateIO` chosen by the engine and the model form: DCP shards
+(torch engines, full model), the adapter and its optimizer (torch engines, adapter), or
+DeepSpeed's own files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .ds_config import deepspeed_config
+from .loading import fill_sharded
+from .logging import PHASES
+from .run_folder import CheckpointFolder
+from .safe_load import dcp_load, deepspeed_loads_weights_only
+from .world import World
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def decoder_layer_classes(model) -> set[type]:
+    """The model's own decoder-layer classes, as the model declares them (`_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ConfigError(
+            f"{type(model).__name__} declares no decoder layer class (_no_split_modules) to shard by"
+        )
+    return classes
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, not on norms and biases (as HF Trainer does)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # an adapter may have no vectors to train; ZeRO drops empty groups, the scheduler would not
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """torch AdamW, or bitsandbytes' paged / 8-bit AdamW (QLoRA's memory savers; without CUDA
+    bitsandbytes runs them unpaged)."""
+    kwargs = dict(
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+    )
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }[cfg.optim]
+    return cls(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    """transformers' schedule, with Trainer's warm-up: ratio x steps rounded up
+    (TrainingArguments.get_warmup_steps), so 0.03 of 100 steps warms up over 3, not 2."""
+    from transformers import get_scheduler
+
+    warmup_steps = math.ceil(total_steps * cfg.warmup_ratio)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, warmup_steps, total_steps)
+
+
+def save_json_state(state: dict, path: Path) -> None:
+    """A scheduler's state_dict (numbers and lists) as JSON."""
+    path.write_text(json.dumps(state, indent=1))
+
+
+def load_json_state(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def count_nonfinite(tensors) -> int:
+    """How many of these (local) tensors hold a NaN or an infinity."""
+    bad = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad += 1
+    return bad
+
+
+# ---------------------------------------------------------------------------- checkpoint state
+
+
+class DcpState:
+    """The whole model's and the optimizer's state as torch distributed checkpoint shards
+    (every rank writes its own), and the scheduler as JSON."""
+
+    def save(self, engine, folder: CheckpointFolder) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder.dcp))
+        if engine.world.main:
+            save_json_state(engine.scheduler.state_dict(), folder.scheduler)
+
+    def load(self, engine, folder: CheckpointFolder) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp_load(state, folder.dcp)  # the restricted reader (recipes/core/safe_load.py)
+        set_state_dict(engine.module, engine.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])  # fmt: skip
+        engine.scheduler.load_state_dict(load_json_state(folder.scheduler))
+
+
+class AdapterState:
+    """An adapter run: the adapter (safetensors), its optimizer and the scheduler, written once
+    by rank 0 (every rank holds the same); the frozen (possibly quantized) base never is."""
+
+    def save(self, engine, folder: CheckpointFolder) -> None:
+        if engine.world.main:
+            engine.module.save_pretrained(folder.adapter, safe_serialization=True)
+            torch.save(engine.optimizer.state_dict(), folder.optimizer)  # read weights_only
+            save_json_state(engine.scheduler.state_dict(), folder.scheduler)
+
+    def load(self, engine, folder: CheckpointFolder) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        device = str(engine.world.device)
+        set_peft_model_state_dict(engine.module, load_file(str(folder.adapter / ADAPTER_WEIGHTS),
+                                                           device=device))  # fmt: skip
+        optimizer = torch.load(folder.optimizer, map_location=device, weights_only=True)
+        engine.optimizer.load_state_dict(optimizer)
+        engine.scheduler.load_state_dict(load_json_state(folder.scheduler))
+
+
+# ---------------------------------------------------------------------------- torch engines
+
+
+class TorchEngine:
+    """single process, DDP, or FSDP2 (`fully_shard` per decoder layer, then the root), as the
+    strategy declares: parameters sharded or not, resharded after forward or kept gathered
+    until backward, offloaded to the CPU or not (CPUOffloadPolicy).
+
+    A model on the meta device (recipes/core/loading.py) is sharded first, then this rank's
+    shards are materialised and read from `weights_from`."""
+
+    def __init__(self, model, cfg, world: World, total_steps: int,
+                 weights_from: str | None = None, state=None):  # fmt: skip
+        self.cfg, self.world, self.strategy = cfg, world, world.strategy
+        self.state = state or DcpState()
+        strategy = self.strategy
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and not strategy.fsdp:
+            raise ConfigError(f"a model on the meta device needs FSDP, not {strategy.name}")
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if on_meta else {}
+        if not (on_meta or strategy.offload or getattr(model, "is_quantized", False)):
+            model.to(world.device)  # (bitsandbytes placed a quantized model when loading)
+        if strategy.fsdp:
+            self.module = self.model = self._fully_shard(model)
+            if on_meta:
+                model.to_empty(device="cpu" if strategy.offload else world.device)
+                fill_sharded(model, weights_from, buffers)
+            if strategy.offload:  # FSDP moves parameters for compute; buffers must already be there
+                for m in model.modules():
+                    for name, buf in m.named_buffers(recurse=False):
+                        m._buffers[name] = buf.to(world.device)
+        elif strategy.multi_process:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = model
+            self.model = DistributedDataParallel(
+                model, device_ids=[world.local_rank] if world.device.type == "cuda" else None
+            )
+        else:
+            self.module = self.model = model
+        PHASES.next("setup")  # the model is in place; optimizer states and resume follow
+        self.optimizer = make_optimizer(self.module, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+        self._autocast = cfg.bf16 and not strategy.fsdp  # FSDP2 casts through its policy
+
+    def _fully_shard(self, model):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        world, strategy = self.world, self.strategy
+        mesh = init_device_mesh(world.device.type, (world.size,))
+        if self.cfg.bf16:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=strategy.reshard_after_forward)
+        if strategy.offload:
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
+        layers = tuple(decoder_layer_classes(model))
+        for m in list(model.modules()):
+            if isinstance(m, layers):
+                fully_shard(m, **kw)
+        fully_shard(model, **kw)
+        return model
+
+    def forward(self, **batch):
+        from .loss import forward_with_loss
+
+        chunk = self.cfg.loss_chunk_size
+        with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            return forward_with_loss(self.model, self.module, chunk, **batch)
+
+    def sync_gradients(self, last_micro_step: bool):
+        """Reduce gradients across ranks only on the last micro-step of an optimizer step."""
+        if self.strategy.fsdp:
+            self.model.set_requires_gradient_sync(last_micro_step)
+        elif self.model is not self.module and not last_micro_step:
+            return self.model.no_sync()  # DDP
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        (loss * self.world.size).backward()  # DDP and FSDP average gradients over ranks
+
+    def step(self, last_micro_step: bool, loss_finite: bool = True) -> tuple[float, bool] | None:
+        """After each micro-step's backward; on the last, steps the optimizer unless the loss
+        (on any rank: `loss_finite` is agreed by all) or the global grad norm is not finite.
+        Returns (grad norm, whether the step was applied)."""
+        if not last_micro_step:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        norm = float(norm)  # reduced gradients: the same on every rank
+        applied = loss_finite and math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def nonfinite_weights(self) -> int:
+        """Trainable tensors of this rank's share that hold a NaN or an infinity."""
+        return count_nonfinite(p for p in self.module.parameters() if p.requires_grad)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: CheckpointFolder) -> None:
+        self.state.save(self, folder)
+
+    def load(self, folder: CheckpointFolder) -> None:
+        self.state.load(self, folder)
+
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
+        """The whole model (or its trained parameters: an adapter, never under FSDP) on rank 0's
+        CPU, gathered layer by layer (never whole on a GPU)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.strategy.fsdp:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.module, options=opts)
+        return replicated_state_dict(self.module, self.world, trainable_only)
+
+
+def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
+    """Every rank holds the whole model (1 process, DDP, ZeRO-2): rank 0 copies it to CPU."""
+    if not world.main:
+        return {}
+    if trainable_only:
+        return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------- DeepSpeed
+
+
+class DeepSpeedEngine:
+    """ZeRO-2 / ZeRO-3 (optionally offloaded) through `deepspeed.initialize`; checkpoints are
+    DeepSpeed's own files, read through camelid's restricted loading."""
+
+    def __init__(self, model, cfg, world: World, total_steps: int):
+        import deepspeed
+
+        self.cfg, self.world, self.strategy = cfg, world, world.strategy
+        PHASES.next("setup")  # the model is in place; DeepSpeed allocates optimizer states now
+        self.ds_config = deepspeed_config(cfg, model.config.hidden_size)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.module = self.model.module
+
+    def forward(self, **batch):
+        from .loss import forward_with_loss
+
+        return forward_with_loss(self.model, self.module, self.cfg.loss_chunk_size, **batch)
+
+    def sync_gradients(self, last_micro_step: bool):
+        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+
+    def backward(self, loss):
+        # DeepSpeed divides by gradient_accumulation_steps and averages over ranks: undo both.
+        self.model.backward(loss * self.world.size * self.cfg.gradient_accumulation_steps)
+
+    def step(self, last_micro_step: bool, loss_finite: bool = True) -> tuple[float, bool] | None:
+        # DeepSpeed steps the optimizer only at its accumulation boundary, and skips (neither
+        # applies nor schedules) a step whose gradients are not finite: a non-finite loss
+        # always gives such gradients; was_step_applied() reports what it did.
+        self.model.step()
+        if not last_micro_step:
+            return None
+        norm = self.model.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        applied = self.model.was_step_applied()
+        if applied and not loss_finite:
+            raise RuntimeError("DeepSpeed applied a step whose loss was not finite")
+        return norm, applied and math.isfinite(norm)
+
+    def nonfinite_weights(self) -> int:
+        """Trainable tensors of this rank's share (its ZeRO-3 partition) with a NaN or inf."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return count_nonfinite(getattr(p, "ds_tensor", p) for p in params)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: CheckpointFolder) -> None:
+        self.model.save_checkpoint(str(folder.deepspeed), tag="state")
+
+    def load(self, folder: CheckpointFolder) -> None:
+        with deepspeed_loads_weights_only():  # DeepSpeed's torch.load(weights_only=False) calls
+            load_path, _ = self.model.load_checkpoint(str(folder.deepspeed), tag="state")
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed found no checkpoint in {folder.deepspeed}")
+
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
+        """ZeRO-3: parameters gathered one by one in 16 bit (the model's dtype) onto rank 0's
+        CPU; ZeRO-2: every rank holds the whole model already. trainable_only: an adapter's
+        parameters, which under ZeRO-3 are partitioned like the rest (a plain state_dict()
+        would hold empty placeholders)."""
+        if not self.strategy.shards_params:
+            return replicated_state_dict(self.module, self.world, trainable_only)
+        from deepspeed.runtime.zero import GatheredParameters
+
+        sd = {}
+        for name, param in self.module.named_parameters():
+            if trainable_only and not param.requires_grad:
+                continue
+            with GatheredParameters([param], modifier_rank=None):  # one tensor at a time
+                if self.world.main:
+                    sd[name] = param.detach().to("cpu", copy=True)
+        if self.world.main and not trainable_only:
+            own = self.module.state_dict()
+            sd.update({k: v.detach().cpu() for k, v in self.module.named_buffers() if k in own})
+        return sd
+
+
+def make_engine(model, cfg, world: World, total_steps: int, *, weights_from: str | None = None,
+                adapter: bool = False):  # fmt: skip
+    """The engine the strategy declares; an adapter's checkpoints hold the adapter only."""
+    if world.strategy.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, world, total_steps)
+    state = AdapterState() if adapter else DcpState()
+    return TorchEngine(model, cfg, world, total_steps, weights_from, state=state)

@@ -1,0 +1,112 @@
+"""What a run trains, chosen independently of the objective: the full model, or an adapter
+(LoRA, prompt tuning, P-tuning) on a frozen base, optionally quantized (QLoRA). A form builds
+the model and its engine, and exports the result as a plain Hugging Face folder that loads
+with no camelid import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastchat_data.io import save_tokenizer
+from fastchat_data.outputs import StagedDir
+
+from .attention import attention_kwargs
+from .compile import apply_liger, compile_layers
+from .config import data_paths
+from .engines import make_engine
+from .loading import load_model
+from .lora import add_adapter, load_base, verify_adapter
+from .run_folder import RUN_INFO, written_by_command
+
+QUANTIZED = {"none": "", "int8": "8-bit ", "nf4": "4-bit nf4 ", "fp4": "4-bit fp4 "}
+
+
+def _finish_export(engine, tokenizer, folder: Path, info: dict) -> dict:
+    """Tokenizer (with the training template as its chat template) and camelid.json."""
+    info = dict(info)
+    if info.get("template") is not None:
+        from .generate import save_for_inference
+
+        info.update(save_for_inference(tokenizer, info["template"], folder))
+    else:
+        save_tokenizer(tokenizer, folder)
+    return info
+
+
+def _export_inputs(run) -> list:
+    """What an export must never overwrite: the run's starting model and its data."""
+    return [run.model_path, *data_paths(run.cfg.data_path)]
+
+
+class FullModel:
+    """Every weight trained; exported as a Hugging Face model folder (OUT/model)."""
+
+    adapter = False
+    exported = "exported model"
+
+    def build(self, run):
+        cfg = run.cfg
+        # FSDP2 and ZeRO-3 load sharded (no rank holds the whole model); others one copy per rank
+        model = load_model(run.model_path, cfg, run.world)
+        apply_liger(model, cfg)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        # after activation checkpointing, before the engine shards (torchtune's order)
+        compile_layers(model, cfg, main=run.world.main)
+        engine = make_engine(model, cfg, run.world, run.total_steps, weights_from=run.model_path)
+        return model, engine, ""
+
+    def export(self, run, info: dict, max_shard_size: str = "2GB") -> Path | None:
+        """The final model, written by rank 0 from a state dict gathered onto its CPU (never
+        whole on a GPU): safetensors sharded by size, config, tokenizer, chat template."""
+        engine, world = run.engine, run.world
+        state_dict = engine.full_state_dict()  # collective: every rank takes part
+        out = run.folder.model
+        if world.main:
+            with StagedDir(out, inputs=_export_inputs(run), marker=written_by_command("recipe")) as tmp:
+                engine.module.config.use_cache = True
+                # save_pretrained takes the gathered state dict; the (sharded) module the config
+                engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+                                              max_shard_size=max_shard_size)  # fmt: skip
+                info = _finish_export(engine, run.tokenizer, tmp, info)
+                (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        world.barrier()
+        return out if world.main else None
+
+
+class Adapter:
+    """A trainable PEFT adapter on a frozen base; exported as a peft folder (OUT/adapter)."""
+
+    adapter = True
+    exported = "exported adapter"
+
+    def build(self, run):
+        cfg = run.cfg
+        base = load_base(run.model_path, run.world.device, quantization=cfg.quantization,
+                         double_quant=cfg.double_quant, bf16=cfg.bf16,
+                         attention=attention_kwargs(cfg))  # fmt: skip
+        apply_liger(base, cfg)  # on the base model, before the adapter wraps its layers
+        model = add_adapter(base, cfg)
+        engine = make_engine(model, cfg, run.world, run.total_steps, adapter=True)
+        return model, engine, f"{QUANTIZED[cfg.quantization]}base + {cfg.peft_method}, "
+
+    def export(self, run, info: dict) -> Path | None:
+        """The adapter as a plain peft folder plus the tokenizer, written by rank 0 and checked
+        to hold real weights. Under ZeRO-3 its parameters are gathered first, one at a time."""
+        engine, world = run.engine, run.world
+        state_dict = engine.full_state_dict(trainable_only=True)  # collective under ZeRO-3
+        out = run.folder.adapter
+        if world.main:
+            with StagedDir(out, inputs=_export_inputs(run), marker=written_by_command("recipe")) as tmp:
+                engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                info = _finish_export(engine, run.tokenizer, tmp, info)
+                info["weights"] = verify_adapter(tmp)
+                (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        world.barrier()
+        return out if world.main else None
+
+
+def model_form(cfg) -> FullModel | Adapter:
+    return FullModel() if cfg.peft_method == "none" else Adapter()

@@ -1,0 +1,39 @@
+"""What an objective is: the contract between a training objective and the shared loop.
+
+An objective names its training units (conversations, preference pairs, ...), builds them
+from the data, may prepare anything that must be computed on the initial weights before a
+checkpoint is resumed (DPO's reference log-probabilities), and turns one micro-batch into a
+loss (a share of the global batch's mean) and additive statistics. It may declare its own
+config section (a dataclass of options, composed into the recipe's config) and its own
+checks. It never sees how processes share the model: that is the engine's.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Objective(Protocol):
+    name: str  # the registry key, and what --objective / a recipe names
+    section: type | None  # its options (a dataclass), or None
+    noun: str  # what one training unit is, for the log ("conversations", "pairs")
+    rows_per_unit: int  # sequences in a batch per unit (a pair is a chosen and a rejected row)
+
+    def check(self, cfg) -> None:
+        """Refuse settings it cannot train with (a ConfigError naming them)."""
+
+    def data(self, cfg, tokenizer, world):
+        """The training units: an object with `lengths`, `trained` (per unit, numpy),
+        `units` (sample ids per unit), `packing`, and `batch(unit_ids) -> dict of tensors`."""
+
+    def before_resume(self, run) -> None:
+        """Work on the initial weights, before any checkpoint is loaded (may be nothing)."""
+
+    def loss(self, run, batch: dict) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's loss as a share of the global batch's mean, and statistics
+        (each a share of its global mean), summed over micro-batches and ranks by the loop."""
+
+    def describe(self, cfg) -> str:
+        """A few words for the start-up line ("DPO (sigmoid, beta 0.1), ")."""
