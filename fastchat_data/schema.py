@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .options import InputError
+
 SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
 ROLES = (SYSTEM, USER, ASSISTANT, TOOL)
 
 
-class DataError(ValueError):
-    """Bad input that stops a command: names the file, the record and what is wrong."""
+class DataError(InputError):
+    """Bad input that stops a command: names the file, the record and what is wrong (the
+    command line's error boundary prints it as one line and exits 2)."""
 
     def __init__(self, path: str, where: str, reason: str):
         self.path, self.where, self.reason = str(path), where, reason
