@@ -31,9 +31,11 @@ BOM = b"\xef\xbb\xbf"
 BLOCK = 1 << 20  # bytes read at a time
 MAX_RECORD_BYTES = 64 << 20  # the longest JSON Lines line, or record of an array, accepted
 FOREIGN_BOMS = {  # longest first: UTF-32 LE starts with UTF-16 LE's mark
-    b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
-    b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16",
-}  # fmt: skip
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
 _WS = re.compile(r"[ \t\n\r]*")
 _NOT_WS = re.compile(rb"[^ \t\n\r]")
 _DECODE = json.JSONDecoder().raw_decode
