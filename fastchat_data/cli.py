@@ -29,7 +29,7 @@ import textwrap
 import types
 import typing
 
-from .options import UsageError, build_parser, entry_point, option, parse
+from .options import UsageError, build_parser, entry_point, normalize, option, parse
 
 PROG = "python -m fastchat_data"
 
@@ -195,6 +195,10 @@ def _main(argv: list[str] | None = None) -> int:
             f"command line: unknown command {name!r}{hint}; the commands are "
             f"{', '.join(commands)} ({PROG} --help describes them)"
         )
+    given = [a[2:].partition("=")[0] for a in normalize(rest) if a.startswith("--")]
+    if twice := next((key for key in given if given.count(key) > 1), None):
+        # argparse would keep the last one without a word
+        raise UsageError(f"command line: --{twice} is given twice; give it once")
     parser = command_parser(name, fn)
     opts = parse(options_class(fn), rest, parser=parser)
     fn(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})

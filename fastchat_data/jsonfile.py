@@ -230,7 +230,7 @@ def _read_lines(path: Path, lines: _Lines) -> Iterator[tuple[str, object]]:
             continue
         where = f"line {lineno}"
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.rstrip("\r\n"))  # so that an error's line is this one
         except json.JSONDecodeError as e:
             # a last line without its newline that does not parse: the file was cut short
             truncated = not raw.endswith(b"\n") and _cut(line, e)

@@ -84,6 +84,12 @@ def guard_file(path: str | os.PathLike, inputs: Iterable = (), flag: str = "--ou
     """Check a file output; returns the path to write (a symlink's target, else `path`)."""
     path = Path(path)
     check_not_input(path, inputs, flag)
+    try:  # through links: /dev/stdout -> /proc/self/fd/1 -> a pipe, which no path resolves to
+        kind = os.stat(path).st_mode
+    except OSError:
+        kind = 0
+    if stat.S_ISFIFO(kind) or stat.S_ISCHR(kind):
+        return path  # written to directly (a pipe, /dev/stdout, /dev/null)
     if path.is_symlink():
         target = _resolved(path)
         check_not_input(target, inputs, flag)

@@ -138,7 +138,10 @@ def nothing_trainable(
     paths: list[str], report: Report, what: str = "no conversation is trainable"
 ) -> DataError:
     """The error for data of which nothing survives: the skip reasons, counted."""
-    reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
+    reasons = ", ".join(
+        f"{n} {reason}" + (f" ({report.units[reason]}s)" if reason in report.units else "")
+        for reason, n in report.dropped.most_common()
+    )
     example = next((shown[0] for shown in report.examples.values() if shown), "")
     detail = f"skipped {reasons}" if reasons else "the data holds no records"
     error = DataError(
