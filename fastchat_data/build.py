@@ -6,10 +6,12 @@ and the options, so a second run with the same inputs loads instantly and any ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -139,8 +141,38 @@ def cached_report(cached: Path, command: str) -> Report:
     )
     report.dropped.update(saved["dropped"])
     report.examples = saved["examples"]
+    report.inputs = saved.get("inputs", [])
+    report.converted.update(saved.get("converted", {}))
     report.notes = {**saved["notes"], "cache": f"hit {cached}"}
     return report
+
+
+def load_cached(cached: Path, command: str, strict: bool):
+    """(dataset, report) from the cache folder `cached`, or None to build: nothing cached,
+    --strict (which must see every record), or a damaged cache, which is named in a warning
+    and rebuilt (replaced atomically) rather than trained on or failed with a traceback."""
+    if strict or not (cached / "report.json").exists():
+        return None
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(cached))
+        if len(ds):
+            ds[len(ds) - 1]  # reads to the end of the Arrow data: a cut file fails here
+        return ds, cached_report(cached, command)
+    except Exception as e:  # Arrow, JSON and OS errors alike mean: build it again
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"warning: cache {cached} is damaged ({first}); building it again", file=sys.stderr)
+        return None
+
+
+@contextlib.contextmanager
+def cache_errors(root: Path):
+    """A full disk or an unwritable cache folder while building: one line naming the cache."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
 
 
 def keep_encoded(encoded, report: Report, tmp: Path, unit: str):
@@ -305,9 +337,8 @@ def build_dataset(
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     root = Path(cache_dir or default_cache_dir()) / "datasets"
     cached = root / key
-    if (cached / "report.json").exists() and not strict:
-        ds = datasets.load_from_disk(str(cached))
-        report = cached_report(cached, "build")
+    if hit := load_cached(cached, "build", strict):
+        ds, report = hit
     else:
         report = Report("build", strict=strict)
         rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
@@ -317,7 +348,7 @@ def build_dataset(
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
-        with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+        with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
             raw = datasets.Dataset.from_list(rows)
             encoded = raw.map(
                 _encode_rows,

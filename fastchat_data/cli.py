@@ -19,6 +19,7 @@ output written with the defaults; errors are one line (`error: ...`, exit status
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import functools
@@ -174,7 +175,7 @@ def program_help() -> str:
         parser = command_parser(name, fn)
         formatter = parser._get_formatter()
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-        formatter.add_arguments([a for a in actions if a.help != "==SUPPRESS=="])
+        formatter.add_arguments([a for a in actions if a.help != argparse.SUPPRESS])
         head = textwrap.fill(f"{name}: {summary(fn)}", 100, subsequent_indent="    ")
         out += ["", head, formatter.format_help().rstrip("\n")]
     return "\n".join(out)

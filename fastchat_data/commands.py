@@ -315,7 +315,10 @@ def stats(
                 "token_histogram": dict(_histogram(lengths, [128, 256, 512, 1024, 2048, 4096])),
             }
         )
-    rep.written = len(convs)
+    rep.written = len(convs)  # counted, not written: the headline says so
+    rep.headline = (
+        f"[stats] read {rep.read:,}  trainable {rep.written:,}  dropped {rep.dropped_total:,}"
+    )
     return rep.emit(report, stream=sys.stdout)
 
 

@@ -37,12 +37,13 @@ from typing import Literal
 
 from .build import (
     MIN_PARALLEL,
-    cached_report,
+    cache_errors,
     check_num_proc,
     check_rereadable,
     check_tokenizer,
     copy_out,
     keep_encoded,
+    load_cached,
     load_tokenizer,
     save_cached,
     template_notes,
@@ -545,9 +546,8 @@ def build_preference_dataset(
     key = "pref-" + hashlib.sha256(key_src.encode()).hexdigest()[:20]
     root = Path(cache_dir or default_cache_dir()) / "datasets"
     cached = root / key
-    if (cached / "report.json").exists() and not strict:
-        ds = datasets.load_from_disk(str(cached))
-        report = cached_report(cached, "build_pairs")
+    if hit := load_cached(cached, "build_pairs", strict):
+        ds, report = hit
     else:
         report = Report("build_pairs", strict=strict)
         rows = [_raw_row(p) for p in read_pairs(paths, report, fmt)]
@@ -557,7 +557,7 @@ def build_preference_dataset(
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
-        with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+        with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
             raw = datasets.Dataset.from_list(rows)
             encoded = raw.map(
                 _encode_rows,
