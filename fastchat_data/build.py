@@ -6,43 +6,61 @@ and the options, so a second run with the same inputs loads instantly and any ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .formats import iter_conversations
-from .io import check_output_dir, check_outputs, default_cache_dir, replace_dir_atomic, sha256_file
-from .report import Report
+from .formats import check_format, iter_conversations
+from .io import (
+    check_inputs,
+    check_output_dir,
+    check_outputs,
+    default_cache_dir,
+    replace_dir_atomic,
+    sha256_file,
+)
+from .jsonfile import is_regular_file
+from .report import Report, nothing_trainable
 from .schema import Conversation, DataError, Message, SkipRecord, check_count, validate
 from .templates import SeparatorTemplate, check_template_name
 from .tokenize import ConversationTokenizer
 
 CACHE_VERSION = "2"  # bump when the encoding itself changes
-COLUMNS = ("id", "input_ids", "labels", "length")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "legacy", None), tokenizer.chat_template,
-                         tokenizer.all_special_tokens]).encode())  # fmt: skip
+    h.update(
+        json.dumps(
+            [
+                type(tokenizer).__name__,
+                getattr(tokenizer, "legacy", None),
+                tokenizer.chat_template,
+                tokenizer.all_special_tokens,
+            ]
+        ).encode()
+    )
     return h.hexdigest()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(tokenizer):
-    """A loaded tokenizer, or one from its folder; a path that holds none is a DataError."""
+def check_tokenizer(tokenizer) -> None:
+    """A DataError unless `tokenizer` is a loaded tokenizer or a folder that holds one (checked
+    before the data is read and the tokenizer loaded, which takes seconds)."""
     if not isinstance(tokenizer, str | os.PathLike):
-        if isinstance(tokenizer, bool | int | float) or tokenizer is None:  # fire: `--tokenizer`
+        if isinstance(tokenizer, bool | int | float) or tokenizer is None:
             raise DataError(
                 "--tokenizer", "value", f"expects a tokenizer folder, got {tokenizer!r}"
             )
-        return tokenizer
+        return
     path = Path(tokenizer)
     if not path.exists():
         raise DataError(str(path), "--tokenizer", "does not exist")
@@ -52,39 +70,45 @@ def load_tokenizer(tokenizer):
         raise DataError(
             str(path), "--tokenizer", f"holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
         )
+
+
+def load_tokenizer(tokenizer):
+    """A loaded tokenizer, or one from its folder; a path that holds none is a DataError."""
+    check_tokenizer(tokenizer)
+    if not isinstance(tokenizer, str | os.PathLike):
+        return tokenizer
     from transformers import AutoTokenizer  # after the checks: importing it takes seconds
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(tokenizer))
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, JSON errors)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(str(path), "--tokenizer", f"cannot be loaded: {first}") from None
-
-
-def nothing_trainable(paths: list[str], report: Report,
-                      what: str = "no conversation is trainable") -> DataError:  # fmt: skip
-    """The error for data of which nothing survives: the skip reasons, counted."""
-    reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
-    example = next((shown[0] for shown in report.examples.values() if shown), "")
-    detail = f"skipped {reasons}" if reasons else "the data holds no records"
-    return DataError(
-        ",".join(map(str, paths)), f"all {report.read} records",
-        f"{what} ({detail})" + (f"; e.g. {example[:200]}" if example else ""),
-    )  # fmt: skip
+        raise DataError(str(tokenizer), "--tokenizer", f"cannot be loaded: {first}") from None
 
 
 def _rows(conv: Conversation) -> dict:
-    return {"id": conv.id, "system": conv.system, "roles": [m.role for m in conv.messages],
-            "contents": [m.content for m in conv.messages]}  # fmt: skip
+    return {
+        "id": conv.id,
+        "system": conv.system,
+        "roles": [m.role for m in conv.messages],
+        "contents": [m.content for m in conv.messages],
+    }
 
 
 def _features():
     import datasets
 
     ids = datasets.Sequence(datasets.Value("int32"))
-    return datasets.Features({"id": datasets.Value("string"), "input_ids": ids, "labels": ids,
-                              "length": datasets.Value("int32"), "truncated": datasets.Value("string"),
-                              "skip": datasets.Value("string")})  # fmt: skip
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "input_ids": ids,
+            "labels": ids,
+            "length": datasets.Value("int32"),
+            "truncated": datasets.Value("string"),
+            "skip": datasets.Value("string"),
+        }
+    )
 
 
 def _encode_rows(batch: dict, encoder: ConversationTokenizer) -> dict:
@@ -117,8 +141,38 @@ def cached_report(cached: Path, command: str) -> Report:
     )
     report.dropped.update(saved["dropped"])
     report.examples = saved["examples"]
+    report.inputs = saved.get("inputs", [])
+    report.converted.update(saved.get("converted", {}))
     report.notes = {**saved["notes"], "cache": f"hit {cached}"}
     return report
+
+
+def load_cached(cached: Path, command: str, strict: bool):
+    """(dataset, report) from the cache folder `cached`, or None to build: nothing cached,
+    --strict (which must see every record), or a damaged cache, which is named in a warning
+    and rebuilt (replaced atomically) rather than trained on or failed with a traceback."""
+    if strict or not (cached / "report.json").exists():
+        return None
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(cached))
+        if len(ds):
+            ds[len(ds) - 1]  # reads to the end of the Arrow data: a cut file fails here
+        return ds, cached_report(cached, command)
+    except Exception as e:  # Arrow, JSON and OS errors alike mean: build it again
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"warning: cache {cached} is damaged ({first}); building it again", file=sys.stderr)
+        return None
+
+
+@contextlib.contextmanager
+def cache_errors(root: Path):
+    """A full disk or an unwritable cache folder while building: one line naming the cache."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
 
 
 def keep_encoded(encoded, report: Report, tmp: Path, unit: str):
@@ -171,16 +225,81 @@ def read_trainable(paths: list[str], report: Report, fmt: str | None = None):
                 report.skip(path, where, e)
 
 
+MIN_PARALLEL = 1025  # fewer conversations are tokenized in one process (start-up costs more)
+
+
+def check_num_proc(num_proc: int) -> None:
+    check_count("--num_proc", num_proc)
+    cpus = os.cpu_count() or 1
+    if num_proc > cpus:
+        raise DataError(
+            "--num_proc", "value", f"{num_proc} is more than this machine's {cpus} CPUs"
+        )
+
+
+def check_rereadable(paths: list[str]) -> None:
+    """Inputs that are read twice (hashed for the cache key, then tokenized) must be files."""
+    for p in paths:
+        if not is_regular_file(p):
+            raise DataError(
+                p,
+                "file",
+                "is a pipe or a device: the build reads its input twice (to key the cache, then "
+                "to tokenize); give a file",
+            )
+
+
+def unused_num_proc(num_proc: int, n: int, unit: str = "conversations") -> str | None:
+    """The note for --num_proc that has no effect: too few rows to tokenize in parallel."""
+    if num_proc > 1 and n < MIN_PARALLEL:
+        return (
+            f"{num_proc} unused: {n:,} {unit} are tokenized in one process (in parallel from "
+            f"{MIN_PARALLEL:,} on)"
+        )
+    return None
+
+
+def truncation_fix(report: Report, max_length: int, unit: str = "conversations") -> None:
+    """A note for rows a cap cut short, saying which cap and how to avoid the cut."""
+    if not report.truncated:
+        return
+    cuts = report.notes.get("truncated_by", {"max_length": report.truncated})
+    fixes = []
+    if cuts.get("max_length"):
+        fixes.append(
+            f"{cuts['max_length']:,} cut at --max_length {max_length} lose their end: raise "
+            f"--max_length, or split them first (split_long --max_length {max_length})"
+        )
+    for cap in ("source", "target"):
+        if cuts.get(cap):
+            fixes.append(f"{cuts[cap]:,} had a turn cut by --max_{cap}_length: raise it")
+    report.notes["truncation"] = f"{report.truncated:,} {unit} cut: " + "; ".join(fixes)
+
+
 def build_dataset(
-    data: str | list[str], tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048,
-    out: str | None = None, fmt: str | None = None, train_on_inputs: bool = False, num_proc: int = 1,
-    cache_dir: str | None = None, strict: bool = False, report_path: str | None = None, quiet: bool = False,
-    max_source_length: int | None = None, max_target_length: int | None = None,
-):  # fmt: skip
+    data: str | list[str],
+    tokenizer,
+    template: str = "vicuna_v1.1",
+    max_length: int = 2048,
+    out: str | None = None,
+    fmt: str | None = None,
+    train_on_inputs: bool = False,
+    num_proc: int = 1,
+    cache_dir: str | None = None,
+    strict: bool = False,
+    report_path: str | None = None,
+    quiet: bool = False,
+    max_source_length: int | None = None,
+    max_target_length: int | None = None,
+):
     """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
     paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+    check_tokenizer(tokenizer)
+    paths = check_inputs([str(p) for p in paths])
     check_count("--max_length", max_length)
-    check_count("--num_proc", num_proc)
+    check_num_proc(num_proc)
+    check_format(fmt)
+    check_rereadable(paths)
     check_outputs(paths, {"--report": report_path})
     if out:
         check_output_dir(Path(out), paths)
@@ -190,24 +309,36 @@ def build_dataset(
     datasets.disable_progress_bars()
     tok = load_tokenizer(tokenizer)
     encoder = ConversationTokenizer(
-        tok, template, max_length=max_length, train_on_inputs=train_on_inputs,
-        max_source_length=max_source_length, max_target_length=max_target_length,
-    )  # fmt: skip
+        tok,
+        template,
+        max_length=max_length,
+        train_on_inputs=train_on_inputs,
+        max_source_length=max_source_length,
+        max_target_length=max_target_length,
+    )
     # a custom template (a dict or a file) is keyed by its content, not its name
     template_key = (
         repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
     )
-    key_src = json.dumps({
-        "version": CACHE_VERSION, "data": [sha256_file(Path(p)) if Path(p).exists() else str(p) for p in paths],
-        "tokenizer": tokenizer_fingerprint(tok), "template": template_key, "max_length": max_length,
-        "max_source_length": max_source_length, "max_target_length": max_target_length, "format": fmt, "train_on_inputs": train_on_inputs,
-    }, sort_keys=True)  # fmt: skip
+    key_src = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "data": [sha256_file(Path(p)) for p in paths],
+            "tokenizer": tokenizer_fingerprint(tok),
+            "template": template_key,
+            "max_length": max_length,
+            "max_source_length": max_source_length,
+            "max_target_length": max_target_length,
+            "format": fmt,
+            "train_on_inputs": train_on_inputs,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     root = Path(cache_dir or default_cache_dir()) / "datasets"
     cached = root / key
-    if (cached / "report.json").exists() and not strict:
-        ds = datasets.load_from_disk(str(cached))
-        report = cached_report(cached, "build")
+    if hit := load_cached(cached, "build", strict):
+        ds, report = hit
     else:
         report = Report("build", strict=strict)
         rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
@@ -217,33 +348,60 @@ def build_dataset(
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
-        with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
-            raw = (
-                datasets.Dataset.from_list(rows)
-                if rows
-                else datasets.Dataset.from_dict(
-                    {k: [] for k in ("id", "system", "roles", "contents")}
-                )
-            )
+        with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+            raw = datasets.Dataset.from_list(rows)
             encoded = raw.map(
-                _encode_rows, fn_kwargs={"encoder": encoder}, batched=True, batch_size=512, features=_features(),
-                num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
-                remove_columns=raw.column_names, cache_file_name=str(Path(tmp) / "encoded.arrow"),
-                new_fingerprint=key, desc="tokenizing",
-            )  # fmt: skip
+                _encode_rows,
+                fn_kwargs={"encoder": encoder},
+                batched=True,
+                batch_size=512,
+                features=_features(),
+                num_proc=num_proc if num_proc > 1 and len(rows) >= MIN_PARALLEL else None,
+                remove_columns=raw.column_names,
+                cache_file_name=str(Path(tmp) / "encoded.arrow"),
+                new_fingerprint=key,
+                desc="tokenizing",
+            )
             ds = keep_encoded(encoded, report, Path(tmp), "conversation")
             if not report.written:
                 raise nothing_trainable(paths, report)
             lengths = ds["length"]
-            report.notes.update({
-                "template": getattr(encoder.template, "name", str(template)), "max_length": max_length, "tokens": int(sum(lengths)),
-                "max_tokens": int(max(lengths, default=0)), "boundary_splits": encoder.boundary_splits,
-            })  # fmt: skip
+            report.notes.update(
+                {
+                    "template": getattr(encoder.template, "name", str(template)),
+                    "max_length": max_length,
+                    "tokens": int(sum(lengths)),
+                    "max_tokens": int(max(lengths, default=0)),
+                    "boundary_splits": encoder.boundary_splits,
+                }
+            )
+            truncation_fix(report, max_length)
+            report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
             save_cached(ds, report, key_src, Path(tmp), cached)
         ds = datasets.load_from_disk(str(cached))
         report.notes["cache"] = f"built {cached}"
+        if note := unused_num_proc(num_proc, len(rows)):
+            report.notes["num_proc"] = note
     if out:
         copy_out(cached, out, report)
     if not quiet:
         report.emit(report_path)
     return ds, report
+
+
+def template_notes(encoder: ConversationTokenizer, systems: list[str]) -> dict:
+    """Template fields that did nothing for this data and tokenizer, each with its fix."""
+    notes = {}
+    template = encoder.template
+    if isinstance(template, SeparatorTemplate):
+        if systems and all(systems) and template.system:
+            notes["template_system"] = (
+                f"unused: all {len(systems):,} conversations have their own system prompt, "
+                "which replaces the template's (drop the data's to use it)"
+            )
+        if template.add_bos and not encoder.prefix_ids:
+            notes["template_add_bos"] = (
+                "unused: this tokenizer adds no BOS token to put first (set add_bos: false in "
+                "a template file to say so, or use a tokenizer with one)"
+            )
+    return notes

@@ -22,10 +22,10 @@ from collections import Counter
 import bs4
 import markdownify
 
-from .formats import check_format, iter_conversations, to_sharegpt
-from .io import check_outputs, input_paths, write_records
-from .report import Report
-from .schema import ASSISTANT, USER, Conversation, Message, SkipRecord, check_count
+from .formats import Format, check_format, iter_conversations, to_sharegpt
+from .io import check_inputs, check_outputs, write_records
+from .report import Report, refuse_empty
+from .schema import ASSISTANT, USER, Conversation, DataError, Message, SkipRecord, check_count
 
 BLOCKED_WORDS = ("openai", "chatgpt")
 # FastChat's blocked responses: ChatGPT's rate-limit message saved as a reply.
@@ -83,11 +83,15 @@ def _is_empty(text: str) -> bool:
 
 
 def _blocked_pattern(words) -> re.Pattern | None:
-    if words is False or words is None:  # `--blocked_words False`: block nothing
+    """The blocked words as one pattern: a comma-separated string or a list; None, "", "none"
+    or "false" (`--blocked_words False`, as before) block nothing."""
+    if words is False or words is None:
         return None
-    if not isinstance(words, list | tuple):  # fire reads `--blocked_words 42` as a number
+    if not isinstance(words, list | tuple):
+        if str(words).strip().lower() in ("", "none", "false"):
+            return None
         words = str(words).split(",")
-    words = [str(w) for w in words if str(w)]
+    words = [str(w).strip() for w in words if str(w).strip()]
     return re.compile("|".join(map(re.escape, words)), re.I) if words else None
 
 
@@ -138,22 +142,48 @@ def clean_conversation(
 
 
 def clean(
-    data: str, out: str, fmt: str | None = None, blocked_words=BLOCKED_WORDS, min_chars: int = 16,
-    max_chars: int = 200_000, strict: bool = False, report: str | None = None, in_place: bool = False,
-) -> Report:  # fmt: skip
-    """Clean ShareGPT-style conversations from `data` (a path, comma-separated paths or a list)
-    into `out` (ShareGPT); see the module doc for the rules. `out` may be an input file only
-    with `in_place` (the cleaned file replaces it atomically)."""
-    check_outputs(input_paths(data), {"--out": out, "--report": report}, in_place)
+    data: str | list[str],
+    out: str,
+    *,
+    fmt: Format | None = None,
+    blocked_words: str | list[str] | None = ",".join(BLOCKED_WORDS),
+    min_chars: int = 16,
+    max_chars: int = 200_000,
+    strict: bool = False,
+    report: str | None = None,
+    in_place: bool = False,
+) -> Report:
+    """Clean ShareGPT-style conversations by FastChat's clean_sharegpt rules, every drop counted
+    by reason.
+
+    HTML to markdown, "Copy code" fences, regenerate counters, leading gpt and trailing human
+    turns, alternation, length, blocked words, duplicate ids and content (the rules:
+    fastchat_data/clean.py); written as ShareGPT.
+
+    Options:
+        blocked_words: drop conversations holding any of these words (comma-separated, any
+            case; "none": block nothing)
+        min_chars: drop conversations with fewer characters of turns than this
+        max_chars: drop conversations with more characters of turns than this
+    """
+    paths = check_inputs(data)
+    check_outputs(paths, {"--out": out, "--report": report}, in_place)
     check_format(fmt)
     check_count("--min_chars", min_chars, minimum=0)
     check_count("--max_chars", max_chars, minimum=1)
+    if min_chars > max_chars:
+        raise DataError(
+            "--min_chars",
+            "value",
+            f"{min_chars:,} is more than --max_chars {max_chars:,}: every conversation would be "
+            "dropped",
+        )
     rep = Report("clean", strict=strict)
     blocked = _blocked_pattern(blocked_words)
     repairs, removed, ids, first_exchanges = Counter(), Counter(), set(), {}
 
     def kept():
-        for path in input_paths(data):
+        for path in paths:
             for where, conv in iter_conversations(path, rep, fmt):
                 try:
                     conv, fixes, lost = clean_conversation(conv, blocked, min_chars, max_chars)
@@ -173,7 +203,7 @@ def clean(
                 rep.truncated += bool(lost)
                 yield to_sharegpt(conv)
 
-    rep.written = write_records(out, kept())
+    rep.written = write_records(out, refuse_empty(kept(), paths, rep, "no conversation is kept"))
     rep.notes["turns_removed"] = dict(sorted(removed.items()))
     rep.notes["repairs"] = dict(sorted((+repairs).items()))
     return rep.emit(report)

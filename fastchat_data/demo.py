@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"{attempt}: {len(ds)} rows in {time.time() - t0:.2f}s")
 
     print("\n== 5. one conversation as the model sees it: trained tokens are marked")
-    inspect(str(data), str(model), "vicuna_v1.1", index=1)
+    inspect(str(data), str(model), template="vicuna_v1.1", index=1)
     print(
         f"\ntraining set: {out / 'train'} (datasets.load_from_disk; columns {', '.join(ds.column_names)})"
     )

@@ -6,10 +6,12 @@ Readers check structure only; `schema.validate` checks that a conversation is tr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from .io import read_records
 from .report import Report
@@ -17,17 +19,28 @@ from .schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, DataError, Mess
 
 # ShareGPT "from" and OpenAI "role" names, with the aliases found in the wild.
 ROLE_ALIASES = {
-    "human": USER, "user": USER,
-    "gpt": ASSISTANT, "assistant": ASSISTANT, "chatgpt": ASSISTANT, "bard": ASSISTANT,
-    "bing": ASSISTANT, "model": ASSISTANT, "function_call": ASSISTANT,
+    **dict.fromkeys(("human", "user"), USER),
+    **dict.fromkeys(("gpt", "assistant", "chatgpt", "bard", "bing", "model"), ASSISTANT),
+    "function_call": ASSISTANT,
     "system": SYSTEM,
-    "observation": TOOL, "tool": TOOL, "function": TOOL, "ipython": TOOL,
-}  # fmt: skip
+    **dict.fromkeys(("observation", "tool", "function", "ipython"), TOOL),
+}
 TOOLS_PREAMBLE = "You have access to the following tools:\n"
 FORMATS = ("alpaca", "sharegpt", "messages", "human_assistant_text")
+Format = Literal["alpaca", "sharegpt", "messages", "human_assistant_text"]
+# role names kept as they are (a writer gives them back): any other alias loses something
+CANONICAL_ROLES = {"human", "user", "gpt", "assistant", "system", "observation", "tool"}
+TURN_FIELDS = {"from", "value", "role", "content"}
+# the record fields each reader uses; any other is dropped (and reported)
+FIELDS = {
+    "alpaca": {"instruction", "input", "output", "history", "system", "id"},
+    "sharegpt": {"conversations", "id", "system", "tools", "model", "lang"},
+    "messages": {"messages", "id"},
+    "human_assistant_text": {"input", "output", "id", "lang"},
+}
 
 
-def _text(value, what: str) -> str:
+def _text(value, what: str, converted: set | None = None) -> str:
     if isinstance(value, str):
         return value
     if value is None:
@@ -36,6 +49,8 @@ def _text(value, what: str) -> str:
     if isinstance(value, list) and all(
         isinstance(p, dict) and p.get("type") == "text" for p in value
     ):
+        if converted is not None and len(value) != 1:
+            converted.add("content parts -> one text")
         return "".join(str(p.get("text", "")) for p in value)
     raise SkipRecord("non_string_value", f"{what} is {type(value).__name__}, not a string")
 
@@ -48,21 +63,29 @@ def _not_a_list(key: str, value) -> str:
     )
 
 
-def _role(name, what: str) -> str:
+def _role(name, what: str, converted: set | None = None) -> str:
     role = ROLE_ALIASES.get(name.lower()) if isinstance(name, str) else None
     if role is None:
         raise SkipRecord("unknown_role", f"{what} has role {name!r}")
+    if converted is not None and name.lower() not in CANONICAL_ROLES:
+        becomes = "assistant replies" if role == ASSISTANT else f"{role} turns"
+        how = " (the call becomes reply text)" if name.lower() == "function_call" else ""
+        converted.add(f"'{name}' turns -> {becomes}{how}")
     return role
 
 
-def _with_tools(system: str, tools) -> str:
+def _with_tools(system: str, tools, converted: set | None = None) -> str:
     if not tools:
         return system
-    tools = tools if isinstance(tools, str) else __import__("json").dumps(tools, ensure_ascii=False)
+    if converted is not None:
+        converted.add(f"'tools' -> system prompt text (after {TOOLS_PREAMBLE.strip()!r})")
+    tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
     return (system + "\n\n" if system else "") + TOOLS_PREAMBLE + tools
 
 
-def _from_turns(rid: str, turns: list[tuple[str, str]], system: str, extra: dict) -> Conversation:
+def _from_turns(
+    rid: str, turns: list[tuple[str, str]], system: str, extra: dict, converted: set | None = None
+) -> Conversation:
     """Turns as (role, text): a leading system turn becomes the system prompt."""
     if turns and turns[0][0] == SYSTEM:
         system = (system + "\n\n" if system else "") + turns[0][1]
@@ -71,39 +94,48 @@ def _from_turns(rid: str, turns: list[tuple[str, str]], system: str, extra: dict
         if role == SYSTEM:
             raise SkipRecord("misplaced_system_turn", f"turn {i} is a system turn after the first")
     return Conversation(
-        id=rid, messages=[Message(r, t) for r, t in turns], system=system, extra=extra
+        id=rid,
+        messages=[Message(r, t) for r, t in turns],
+        system=system,
+        extra=extra,
+        converted=converted if converted is not None else set(),
     )
+
+
+def _turn_fields(turn: dict, converted: set) -> None:
+    for key in turn.keys() - TURN_FIELDS:
+        converted.add(f"turn field {key!r} -> dropped")
 
 
 def parse_sharegpt(rec: dict, rid: str) -> Conversation:
     turns_raw = rec.get("conversations")
     if not isinstance(turns_raw, list):
         raise SkipRecord("malformed_record", _not_a_list("conversations", turns_raw))
-    turns = []
+    turns, converted = [], set()
     for i, t in enumerate(turns_raw):
         if not isinstance(t, dict):
             raise SkipRecord("malformed_record", f"turn {i} is not an object")
         who = t.get("from", t.get("role"))
-        turns.append(
-            (_role(who, f"turn {i}"), _text(t.get("value", t.get("content")), f"turn {i} value"))
-        )
-    system = _text(rec.get("system") or "", "system")
+        text = _text(t.get("value", t.get("content")), f"turn {i} value", converted)
+        turns.append((_role(who, f"turn {i}", converted), text))
+        _turn_fields(t, converted)
+    system = _with_tools(_text(rec.get("system") or "", "system"), rec.get("tools"), converted)
     extra = {k: rec[k] for k in ("model", "lang") if k in rec}
-    return _from_turns(str(rec.get("id", rid)), turns, _with_tools(system, rec.get("tools")), extra)
+    return _from_turns(str(rec.get("id", rid)), turns, system, extra, converted)
 
 
 def parse_messages(rec: dict, rid: str) -> Conversation:
     msgs = rec.get("messages")
     if not isinstance(msgs, list):
         raise SkipRecord("malformed_record", _not_a_list("messages", msgs))
-    turns = []
+    turns, converted = [], set()
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise SkipRecord("malformed_record", f"message {i} is not an object")
-        turns.append(
-            (_role(m.get("role"), f"message {i}"), _text(m.get("content"), f"message {i} content"))
-        )
-    return _from_turns(str(rec.get("id", rid)), turns, "", {})
+        text = _text(m.get("content"), f"message {i} content", converted)
+        turns.append((_role(m.get("role"), f"message {i}", converted), text))
+        _turn_fields(m, converted)
+    return _from_turns(str(rec.get("id", rid)), turns, "", {}, converted)
 
 
 def alpaca_prompt(instruction: str, inp: str) -> str:
@@ -129,14 +161,16 @@ def parse_alpaca(rec: dict, rid: str) -> Conversation:
         ]
     turns += [(USER, alpaca_prompt(instruction, inp)), (ASSISTANT, output)]
     system = _text(rec.get("system") or "", "system")
-    return _from_turns(str(rec.get("id", rid)), turns, system, {})
+    converted = {"'instruction' + 'input' -> one user turn"} if inp.strip() else set()
+    return _from_turns(str(rec.get("id", rid)), turns, system, {}, converted)
 
 
 _HA_SPLIT = re.compile(r"###\s*(Human|Assistant):\s?")
 
 
 def parse_human_assistant_text(rec: dict, rid: str) -> Conversation:
-    """`{"input": "### Human: q ### Assistant:", "output": a}`, as in the QLoRA / oasst1 eval files."""
+    """`{"input": "### Human: q ### Assistant:", "output": a}`, as in the QLoRA / oasst1 eval
+    files."""
     prompt = _text(rec.get("input"), "input")
     output = _text(rec.get("output"), "output")
     parts = _HA_SPLIT.split(prompt)
@@ -162,6 +196,8 @@ PARSERS = {
 
 
 def check_format(fmt: str | None) -> None:
+    """A DataError unless `fmt` (a Python caller's; the command line checks its choices) is
+    one of FORMATS or None."""
     if fmt is not None and fmt not in PARSERS:
         raise DataError(
             "--fmt", "value", f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}"
@@ -183,46 +219,58 @@ def detect_format(rec) -> str | None:
 
 
 def iter_parsed(
-    path: str, report: Report, parsers: dict, fmt: str | None, detect, unknown
+    path: str, report: Report, parsers: dict, fmt: str | None, detect, unknown, fields: dict
 ) -> Iterator:
     """Yield (where, parsed) for each readable record of `path`, parsed by `parsers[fmt]`, or by
-    the parser `detect(first record)` names; count the rest in `report`. `unknown(record)` is
-    the message for a first record no parser fits."""
+    the parser `detect(first record)` names; count the rest in `report`, and the input file,
+    its format and records in `report.inputs`. `unknown(record)` is the message for a first
+    record no parser fits; `fields[fmt]` are the record fields the parser uses (any other is
+    reported as dropped)."""
     stem = Path(path).stem
     parser = parsers.get(fmt) if fmt else None
+    entry = report.input_file(path)
+    if fmt:
+        report.set_format(entry, fmt)
     for index, (where, rec) in enumerate(read_records(path)):
         report.read += 1
+        entry["records"] += 1
         try:
             if not isinstance(rec, dict):
                 raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
             if parser is None:
-                detected = detect(rec)
-                if detected is None:
+                fmt = detect(rec)
+                if fmt is None:
                     raise DataError(path, where, unknown(rec))
-                parser = parsers[detected]
-                report.notes.setdefault("format", detected)
-            yield where, parser(rec, f"{stem}_{index}")
+                parser = parsers[fmt]
+                report.set_format(entry, fmt)
+            parsed = parser(rec, f"{stem}_{index}")
         except SkipRecord as e:
             report.skip(path, where, e)
+            continue
+        for key in rec.keys() - fields[fmt]:
+            parsed.converted.add(f"field {key!r} -> dropped")
+        report.converted.update(parsed.converted)
+        yield where, parsed
 
 
 def iter_conversations(
     path: str | os.PathLike, report: Report, fmt: str | None = None
 ) -> Iterator[tuple[str, Conversation]]:
-    """Yield (where, Conversation) for each readable record of `path`; count the rest in `report`."""
+    """Yield (where, Conversation) for each readable record of `path`; count the rest in
+    `report`."""
     check_format(fmt)
-    yield from iter_parsed(str(path), report, PARSERS, fmt, detect_format,
-                           lambda rec: f"cannot tell the format from keys {sorted(rec)}; name it with --fmt")  # fmt: skip
+
+    def unknown(rec) -> str:
+        return f"cannot tell the format from keys {sorted(rec)}; name it with --fmt"
+
+    yield from iter_parsed(str(path), report, PARSERS, fmt, detect_format, unknown, FIELDS)
 
 
 SHAREGPT_NAMES = {USER: "human", ASSISTANT: "gpt", TOOL: "observation"}
 
 
 def to_sharegpt(conv: Conversation) -> dict:
-    out = {
-        "id": conv.id,
-        **conv.extra,
-    }  # keeps e.g. `lang` and `model` through clean / split / convert
+    out = {"id": conv.id, **conv.extra}  # keeps e.g. `lang` and `model` through clean / split
     if conv.system:
         out["system"] = conv.system  # top-level, as LLaMA-Factory does; FastChat ignores it
     out["conversations"] = [

@@ -1,4 +1,5 @@
-"""Reading records (JSON arrays, JSON Lines streamed) and writing outputs atomically.
+"""Reading records (JSON arrays and JSON Lines, streamed: see jsonfile.py) and writing outputs
+atomically (through outputs.py).
 
 Every failure to read or write is a DataError naming the file, the line or record, and what is
 wrong: the command line prints it as one line, never a traceback.
@@ -9,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
+from .jsonfile import check_readable_file, read_json_records
 from .outputs import OutputRefused, _same, guard_dir, guard_file, staged_file, swap_in, write_text
 from .schema import DataError
 
-BOM = b"\xef\xbb\xbf"
+read_records = read_json_records  # (where, record) for each record of a file
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -69,118 +71,34 @@ def save_tokenizer(tok, out_dir) -> None:
 
 
 def input_paths(data) -> list[str]:
-    """`data` as commands take it: a path, comma-separated paths, or a list of paths."""
+    """`data` as commands take it: a path, comma-separated paths, or a list of paths. A string
+    that names an existing file (or folder) whole is that one path, commas and all."""
     if isinstance(data, list | tuple):
         return [str(p) for p in data]
-    return [p for p in str(data).split(",") if p]
+    text = str(data)
+    if "," not in text or os.path.lexists(text):
+        return [text] if text else []
+    return [p for p in text.split(",") if p]
 
 
-def check_readable_file(path: Path, what: str = "file") -> None:
-    """A DataError unless `path` is an existing, readable regular file."""
-    if not path.exists():
-        raise DataError(str(path), what, "does not exist")
-    if path.is_dir():
-        raise DataError(str(path), what, "is a directory, not a data file")
-    if not os.access(path, os.R_OK):
-        raise DataError(str(path), what, "cannot be read (permission denied)")
-
-
-def _decode_error(path: Path, raw: bytes, err: UnicodeDecodeError, line: int | None = None):
-    """Where a decode error sits (line and byte) and whether the file was cut mid-character."""
-    if line is None:
-        line = raw.count(b"\n", 0, err.start) + 1
-    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-    cut = err.reason == "unexpected end of data" and err.end >= len(raw.rstrip(b"\r\n"))
-    why = (
-        "the file ends in the middle of a UTF-8 character (truncated?)"
-        if cut
-        else f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
-    )
-    return DataError(str(path), f"line {line} byte {column}", why)
-
-
-def _is_json_lines(path: Path) -> bool:
-    """.jsonl, or a file whose first line is one whole JSON value; a file that starts with "["
-    or spreads one object over several lines (pretty-printed) is one JSON document."""
-    if path.suffix == ".jsonl":
-        return True
-    with open(path, "rb") as f:
-        for raw in f:
-            stripped = raw.removeprefix(BOM).strip()
-            if not stripped:
-                continue
-            if stripped[:1] == b"[":
-                return False
-            try:
-                json.loads(stripped)
-            except (ValueError, UnicodeDecodeError):
-                return stripped[:1] != b"{"  # an object cut across lines: a JSON document
-            return True
-    return False
-
-
-def _malformed(path: Path, e: json.JSONDecodeError, truncated: bool, line: int | None = None):
-    hint = " (the text ends early: truncated file?)" if truncated else ""
-    return DataError(
-        str(path), f"line {line or e.lineno} column {e.colno}", f"malformed JSON: {e.msg}{hint}"
-    )
-
-
-def _read_lines(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                raw = raw.removeprefix(BOM)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _decode_error(path, raw, e, lineno) from None
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                # a last line without its newline that does not parse: the file was cut short
-                raise _malformed(path, e, not raw.endswith(b"\n"), lineno) from None
-
-
-def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
-    """Yield (where, record) for each record: `where` is "line N" (JSONL) or "record N" (array).
-
-    JSON Lines are streamed line by line; a JSON array is parsed whole (the format allows no
-    better), and its records are handed out one at a time. A UTF-8 byte order mark is read
-    past. Malformed JSON, bytes that are not UTF-8, an empty file or a path that is not a
-    readable file raise DataError naming the file and the line.
-    """
-    path = Path(path)
-    check_readable_file(path)
-    if path.stat().st_size == 0:
-        raise DataError(str(path), "file", "is empty: no records")
-    try:
-        if _is_json_lines(path):
-            yield from _read_lines(path)
-            return
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(str(path), "file", f"cannot be read: {e.strerror or e}") from None
-    try:
-        text = raw.removeprefix(BOM).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, raw.removeprefix(BOM), e) from None
-    if not text.strip():
-        raise DataError(str(path), "file", "holds only white space: no records")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _malformed(path, e, not text.rstrip().endswith(("]", "}"))) from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(
-            str(path), "top level", f"expected a JSON array of records, found {type(data).__name__}"
-        )
-    for i, rec in enumerate(data):
-        yield f"record {i}", rec
+def check_inputs(data, flag: str = "--data") -> list[str]:
+    """The input paths of `data` (see input_paths), each checked to be a readable data file
+    before anything is read or written; a part of a comma-split argument that does not exist
+    says that the argument was split."""
+    paths = input_paths(data)
+    if not paths:
+        raise DataError(flag, "value", "names no file")
+    split = not isinstance(data, list | tuple) and len(paths) > 1
+    for path in paths:
+        if split and not os.path.lexists(path):
+            raise DataError(
+                path,
+                "file",
+                f"does not exist ({flag} {str(data)!r} was read as {len(paths)} files separated "
+                "by commas, since no file has that whole name)",
+            )
+        check_readable_file(Path(path))
+    return paths
 
 
 def check_outputs(inputs: Iterable, outputs: dict, in_place: bool = False) -> None:

@@ -290,6 +290,8 @@ def _hf_parser_class() -> type:
                     action.type = _field_converter(f.name, hints[f.name])
                 action.metavar = _metavar(hints[f.name])
                 action.choices = None  # convert() checks choices with a one-line message
+                if set(_union_members(hints[f.name])) - {type(None)} == {bool}:
+                    action.nargs, action.const = "?", True  # `--flag` alone, as for a bool
                 for alias in [o for o in action.option_strings if "-" in o[2:]]:
                     action.option_strings.remove(alias)
                     del self._option_string_actions[alias]

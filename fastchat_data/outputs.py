@@ -84,6 +84,12 @@ def guard_file(path: str | os.PathLike, inputs: Iterable = (), flag: str = "--ou
     """Check a file output; returns the path to write (a symlink's target, else `path`)."""
     path = Path(path)
     check_not_input(path, inputs, flag)
+    try:  # through links: /dev/stdout -> /proc/self/fd/1 -> a pipe, which no path resolves to
+        kind = os.stat(path).st_mode
+    except OSError:
+        kind = 0
+    if stat.S_ISFIFO(kind) or stat.S_ISCHR(kind):
+        return path  # written to directly (a pipe, /dev/stdout, /dev/null)
     if path.is_symlink():
         target = _resolved(path)
         check_not_input(target, inputs, flag)
@@ -100,7 +106,8 @@ def guard_file(path: str | os.PathLike, inputs: Iterable = (), flag: str = "--ou
         return path  # written to directly (a pipe, /dev/stdout, /dev/null)
     if not stat.S_ISREG(mode):
         raise OutputRefused(path, flag, "is not a regular file (a socket or a block device)")
-    if not os.access(path, os.W_OK):
+    # no write bit at all is read-only even for root, whom os.access lets write anything
+    if not os.access(path, os.W_OK) or not mode & 0o222:
         raise OutputRefused(path, flag, "is read-only; refusing to replace it")
     return path
 
@@ -250,8 +257,13 @@ def staged_file(
     kind = target.stat().st_mode if target.exists() else 0
     binary = "b" in mode
     if stat.S_ISFIFO(kind) or stat.S_ISCHR(kind):  # a pipe or a device: stream into it
-        with open(target, mode, encoding=None if binary else encoding) as f:
-            yield f
+        try:
+            with open(target, mode, encoding=None if binary else encoding) as f:
+                yield f
+        except BrokenPipeError:  # the reader went away (`--out /dev/stdout | head`)
+            raise
+        except OSError as e:  # a full device (/dev/full)
+            raise OutputRefused(path, flag, f"cannot be written: {e.strerror or e}") from None
         return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

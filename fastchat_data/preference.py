@@ -33,15 +33,22 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .build import (
-    cached_report,
+    MIN_PARALLEL,
+    cache_errors,
+    check_num_proc,
+    check_rereadable,
+    check_tokenizer,
     copy_out,
     keep_encoded,
+    load_cached,
     load_tokenizer,
-    nothing_trainable,
     save_cached,
+    template_notes,
     tokenizer_fingerprint,
+    unused_num_proc,
 )
 from .formats import (
     SHAREGPT_NAMES,
@@ -54,15 +61,15 @@ from .formats import (
     parse_sharegpt,
 )
 from .io import (
+    check_inputs,
     check_output_dir,
     check_outputs,
     default_cache_dir,
-    input_paths,
     read_records,
     sha256_file,
     write_records,
 )
-from .report import Report
+from .report import Report, nothing_trainable, refuse_empty
 from .schema import (
     ASSISTANT,
     SYSTEM,
@@ -80,9 +87,15 @@ from .tokenize import IGNORE_INDEX, ConversationTokenizer
 
 PREFERENCE_CACHE_VERSION = "1"  # bump when the preference encoding changes
 PREFERENCE_COLUMNS = (
-    "id", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
-    "chosen_length", "rejected_length", "prompt_length",
-)  # fmt: skip
+    "id",
+    "chosen_input_ids",
+    "chosen_labels",
+    "rejected_input_ids",
+    "rejected_labels",
+    "chosen_length",
+    "rejected_length",
+    "prompt_length",
+)
 SHAPES = ("pairs", "messages", "sharegpt")
 SIDES = ("chosen", "rejected")
 
@@ -98,6 +111,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     extra: dict = field(default_factory=dict)
+    # what the reader changed on the way in (see Conversation.converted)
+    converted: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def conversation(self, side: str) -> Conversation:
         """The prompt followed by the `side` ("chosen" or "rejected") reply, as SFT reads it."""
@@ -159,11 +174,14 @@ def _prompt_turns(value, what: str = "prompt") -> list[tuple[str, str]]:
 
 
 def _pair(conv: Conversation, chosen: str, rejected: str) -> PreferencePair:
-    return PreferencePair(conv.id, conv.system, conv.messages, chosen, rejected, conv.extra)
+    return PreferencePair(
+        conv.id, conv.system, conv.messages, chosen, rejected, conv.extra, conv.converted
+    )
 
 
 def parse_pair_strings(rec: dict, rid: str) -> PreferencePair:
-    """`{prompt, chosen, rejected, system?}` or `{instruction, input?, history?, chosen, rejected}`."""
+    """`{prompt, chosen, rejected, system?}` or `{instruction, input?, history?, chosen,
+    rejected}`."""
     chosen, rejected = _reply(rec.get("chosen"), "chosen"), _reply(rec.get("rejected"), "rejected")
     if "prompt" not in rec and "instruction" in rec:
         conv = parse_alpaca({**rec, "output": ""}, rid)  # the SFT prompt; its empty reply dropped
@@ -211,6 +229,13 @@ PAIR_PARSERS = {
     "messages": parse_pair_messages,
     "sharegpt": parse_pair_sharegpt,
 }
+Shape = Literal["pairs", "messages", "sharegpt"]
+# the record fields each reader uses; any other is dropped (and reported)
+PAIR_FIELDS = {
+    "pairs": {"prompt", "chosen", "rejected", "system", "id", "instruction", "input", "history"},
+    "messages": {"prompt", "chosen", "rejected", "system", "id"},
+    "sharegpt": {"conversations", "chosen", "rejected", "system", "tools", "id", "model", "lang"},
+}
 
 
 def check_shape(fmt: str | None) -> None:
@@ -241,9 +266,15 @@ def iter_pairs(
 ) -> Iterator[tuple[str, PreferencePair]]:
     """Yield (where, PreferencePair) for each readable record of `path`; count the rest."""
     check_shape(fmt)
-    yield from iter_parsed(str(path), report, PAIR_PARSERS, fmt, detect_shape, lambda rec: (
-        f"not a preference record (keys {sorted(rec)}): expected prompt/chosen/rejected, "
-        "chosen/rejected message lists, or conversations with chosen/rejected; name the shape with --fmt"))  # fmt: skip
+
+    def unknown(rec) -> str:
+        return (
+            f"not a preference record (keys {sorted(rec)}): expected prompt/chosen/rejected, "
+            "chosen/rejected message lists, or conversations with chosen/rejected; name the "
+            "shape with --fmt"
+        )
+
+    yield from iter_parsed(str(path), report, PAIR_PARSERS, fmt, detect_shape, unknown, PAIR_FIELDS)
 
 
 def validate_pair(pair: PreferencePair) -> PreferencePair:
@@ -366,11 +397,14 @@ def encode_pairs(
             continue
         n = starts[0]
         if starts[1] != n or sides[0].input_ids[:n] != sides[1].input_ids[:n]:
-            rows.append(SkipRecord(
-                "prompt_tokens_differ",
-                f"the prompt encodes to {starts[0]} tokens before chosen and {starts[1]} before rejected, "
-                "or to other ids (the tokenizer merges across the prompt/reply boundary)",
-            ))  # fmt: skip
+            rows.append(
+                SkipRecord(
+                    "prompt_tokens_differ",
+                    f"the prompt encodes to {starts[0]} tokens before chosen and {starts[1]} "
+                    "before rejected, or to other ids (the tokenizer merges across the "
+                    "prompt/reply boundary)",
+                )
+            )
             continue
         if max_length is not None and n >= max_length:
             rows.append(
@@ -394,8 +428,14 @@ NO_PAIRS = "no preference pair is usable"
 
 
 def _raw_row(pair: PreferencePair) -> dict:
-    return {"id": pair.id, "system": pair.system, "roles": [m.role for m in pair.prompt],
-            "contents": [m.content for m in pair.prompt], "chosen": pair.chosen, "rejected": pair.rejected}  # fmt: skip
+    return {
+        "id": pair.id,
+        "system": pair.system,
+        "roles": [m.role for m in pair.prompt],
+        "contents": [m.content for m in pair.prompt],
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+    }
 
 
 def _features():
@@ -403,25 +443,49 @@ def _features():
 
     ids = datasets.Sequence(datasets.Value("int32"))
     n = datasets.Value("int32")
-    return datasets.Features({
-        "id": datasets.Value("string"), "chosen_input_ids": ids, "chosen_labels": ids,
-        "rejected_input_ids": ids, "rejected_labels": ids, "chosen_length": n, "rejected_length": n,
-        "prompt_length": n, "truncated": datasets.Value("string"), "skip": datasets.Value("string"),
-    })  # fmt: skip
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "chosen_input_ids": ids,
+            "chosen_labels": ids,
+            "rejected_input_ids": ids,
+            "rejected_labels": ids,
+            "chosen_length": n,
+            "rejected_length": n,
+            "prompt_length": n,
+            "truncated": datasets.Value("string"),
+            "skip": datasets.Value("string"),
+        }
+    )
 
 
 def _encode_rows(batch: dict, encoder: ConversationTokenizer, max_length: int) -> dict:
     pairs = [
         PreferencePair(i, s, [Message(r, c) for r, c in zip(roles, contents)], ch, rj)
-        for i, s, roles, contents, ch, rj in zip(batch["id"], batch["system"], batch["roles"],
-                                                  batch["contents"], batch["chosen"], batch["rejected"])
-    ]  # fmt: skip
+        for i, s, roles, contents, ch, rj in zip(
+            batch["id"],
+            batch["system"],
+            batch["roles"],
+            batch["contents"],
+            batch["chosen"],
+            batch["rejected"],
+        )
+    ]
     out = {k: [] for k in (*PREFERENCE_COLUMNS, "truncated", "skip")}
     for pair, row in zip(pairs, encode_pairs(pairs, encoder, max_length)):
         if isinstance(row, SkipRecord):
-            row = {"id": pair.id, "chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [],
-                   "rejected_labels": [], "chosen_length": 0, "rejected_length": 0, "prompt_length": 0,
-                   "truncated": "", "skip": f"{row.reason}\t{row.detail}"}  # fmt: skip
+            row = {
+                "id": pair.id,
+                "chosen_input_ids": [],
+                "chosen_labels": [],
+                "rejected_input_ids": [],
+                "rejected_labels": [],
+                "chosen_length": 0,
+                "rejected_length": 0,
+                "prompt_length": 0,
+                "truncated": "",
+                "skip": f"{row.reason}\t{row.detail}",
+            }
         else:
             row["skip"] = ""
         for k in out:
@@ -430,20 +494,30 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer, max_length: int) -
 
 
 def build_preference_dataset(
-    data: str | list[str], tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048,
-    cache_dir: str | None = None, strict: bool = False, quiet: bool = False, out: str | None = None,
-    fmt: str | None = None, num_proc: int = 1, report_path: str | None = None,
-):  # fmt: skip
+    data: str | list[str],
+    tokenizer,
+    template: str = "vicuna_v1.1",
+    max_length: int = 2048,
+    cache_dir: str | None = None,
+    strict: bool = False,
+    quiet: bool = False,
+    out: str | None = None,
+    fmt: str | None = None,
+    num_proc: int = 1,
+    report_path: str | None = None,
+):
     """Tokenize preference pairs; returns (datasets.Dataset, Report).
 
     Rows: id, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels,
     chosen_length, rejected_length, prompt_length. Cached under `cache_dir`/datasets by the
     data's bytes, the tokenizer, the template, max_length and fmt; `out` copies it to a folder."""
     paths = [data] if isinstance(data, str | os.PathLike) else list(data)
-    paths = [str(p) for p in paths]
+    check_tokenizer(tokenizer)
+    paths = check_inputs([str(p) for p in paths])
     check_count("--max_length", max_length)
-    check_count("--num_proc", num_proc)
+    check_num_proc(num_proc)
     check_shape(fmt)
+    check_rereadable(paths)
     check_outputs(paths, {"--report": report_path})
     if out:
         check_output_dir(Path(out), paths)
@@ -457,17 +531,23 @@ def build_preference_dataset(
     template_key = (
         repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
     )
-    key_src = json.dumps({
-        "kind": "preference", "version": PREFERENCE_CACHE_VERSION,
-        "data": [sha256_file(Path(p)) if Path(p).exists() else p for p in paths],
-        "tokenizer": tokenizer_fingerprint(tok), "template": template_key, "max_length": max_length, "format": fmt,
-    }, sort_keys=True)  # fmt: skip
+    key_src = json.dumps(
+        {
+            "kind": "preference",
+            "version": PREFERENCE_CACHE_VERSION,
+            "data": [sha256_file(Path(p)) for p in paths],
+            "tokenizer": tokenizer_fingerprint(tok),
+            "template": template_key,
+            "max_length": max_length,
+            "format": fmt,
+        },
+        sort_keys=True,
+    )
     key = "pref-" + hashlib.sha256(key_src.encode()).hexdigest()[:20]
     root = Path(cache_dir or default_cache_dir()) / "datasets"
     cached = root / key
-    if (cached / "report.json").exists() and not strict:
-        ds = datasets.load_from_disk(str(cached))
-        report = cached_report(cached, "build_pairs")
+    if hit := load_cached(cached, "build_pairs", strict):
+        ds, report = hit
     else:
         report = Report("build_pairs", strict=strict)
         rows = [_raw_row(p) for p in read_pairs(paths, report, fmt)]
@@ -477,26 +557,43 @@ def build_preference_dataset(
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
-        with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+        with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
             raw = datasets.Dataset.from_list(rows)
             encoded = raw.map(
-                _encode_rows, fn_kwargs={"encoder": encoder, "max_length": max_length}, batched=True,
-                batch_size=256, features=_features(), remove_columns=raw.column_names,
-                num_proc=num_proc if num_proc > 1 and len(rows) > 1024 else None,
-                cache_file_name=str(Path(tmp) / "encoded.arrow"), new_fingerprint=key, desc="tokenizing pairs",
-            )  # fmt: skip
+                _encode_rows,
+                fn_kwargs={"encoder": encoder, "max_length": max_length},
+                batched=True,
+                batch_size=256,
+                features=_features(),
+                remove_columns=raw.column_names,
+                num_proc=num_proc if num_proc > 1 and len(rows) >= MIN_PARALLEL else None,
+                cache_file_name=str(Path(tmp) / "encoded.arrow"),
+                new_fingerprint=key,
+                desc="tokenizing pairs",
+            )
             ds = keep_encoded(encoded, report, Path(tmp), "pair")
             if not report.written:
                 raise nothing_trainable(paths, report, NO_PAIRS)
-            report.notes.update({
-                "template": getattr(encoder.template, "name", str(template)), "max_length": max_length,
-                "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
-                "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
-                "boundary_splits": encoder.boundary_splits,
-            })  # fmt: skip
+            report.notes.update(
+                {
+                    "template": getattr(encoder.template, "name", str(template)),
+                    "max_length": max_length,
+                    "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
+                    "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
+                    "boundary_splits": encoder.boundary_splits,
+                }
+            )
+            if report.truncated:
+                report.notes["truncation"] = (
+                    f"{report.truncated:,} pairs had a side cut at --max_length {max_length}, "
+                    "losing the end of its reply: raise --max_length"
+                )
+            report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
             save_cached(ds, report, key_src, Path(tmp), cached)
         ds = datasets.load_from_disk(str(cached))
         report.notes["cache"] = f"built {cached}"
+        if note := unused_num_proc(num_proc, len(rows), "pairs"):
+            report.notes["num_proc"] = note
     if out:
         copy_out(cached, out, report)
     if not quiet:
@@ -514,19 +611,47 @@ def _norm(text: str) -> str:
 def _alpaca_fields(rec, what: str = "record") -> tuple[str, str, str, str]:
     if not isinstance(rec, dict):
         raise SkipRecord("malformed_record", f"a {type(rec).__name__}, not an object")
-    return (_text(rec.get("instruction"), "instruction"), _text(rec.get("input") or "", "input"),
-            _text(rec.get("output"), "output"), _text(rec.get("system") or "", "system"))  # fmt: skip
+    return (
+        _text(rec.get("instruction"), "instruction"),
+        _text(rec.get("input") or "", "input"),
+        _text(rec.get("output"), "output"),
+        _text(rec.get("system") or "", "system"),
+    )
 
 
-def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: str | None = None,
-         seed: int = 0, keep_identical: bool = False, strict: bool = False, report: str | None = None) -> Report:  # fmt: skip
-    """Preference pairs from two Alpaca files answering the same instructions: the records of
-    `chosen` (e.g. alpaca_gpt4_data_en_1k.json, GPT-4) matched on instruction + input (white
-    space normalised) to those of `rejected` (e.g. alpaca_data.json, text-davinci-003).
+def pair(
+    chosen: str,
+    rejected: str,
+    out: str,
+    *,
+    heldout: int = 0,
+    heldout_out: str | None = None,
+    seed: int = 0,
+    keep_identical: bool = False,
+    strict: bool = False,
+    report: str | None = None,
+) -> Report:
+    """Preference pairs from two Alpaca files answering the same instructions.
+
+    The records of `chosen` (e.g. alpaca_gpt4_data_en_1k.json, GPT-4) are matched on
+    instruction + input (white space normalised) to those of `rejected` (e.g. alpaca_data.json,
+    text-davinci-003).
     Writes {id, prompt, chosen, rejected} records (.jsonl: JSON Lines, else a JSON array).
-    Unmatched records, records repeated whole and (unless `keep_identical`) pairs whose two
-    outputs are the same are dropped and counted. `heldout N` puts a seeded random N pairs in
-    `heldout_out` instead (for evaluation), whole prompts at a time: no prompt is on both sides."""
+    Unmatched records, records repeated whole and (unless --keep_identical) pairs whose two
+    outputs are the same are dropped and counted. --heldout N puts a seeded random N pairs in
+    --heldout_out instead (for evaluation), whole prompts at a time: no prompt is on both sides.
+
+    Options:
+        chosen: the Alpaca file whose outputs are preferred
+        rejected: the Alpaca file whose outputs are rejected
+        out: the pairs' file (.jsonl: JSON Lines, else a JSON array)
+        heldout: how many pairs to hold out for evaluation (0: none)
+        heldout_out: the held-out pairs' file (needed with --heldout)
+        seed: random seed of the held-out choice
+        keep_identical: keep pairs whose two outputs are the same text
+    """
+    check_inputs(chosen, "--chosen")
+    check_inputs(rejected, "--rejected")
     check_outputs(
         [chosen, rejected], {"--out": out, "--heldout_out": heldout_out, "--report": report}
     )
@@ -541,7 +666,9 @@ def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: st
     rep = Report("pair", strict=strict)
     index: dict[tuple[str, str], str] = {}
     conflicting, bad_rejected = 0, Counter()
+    inputs = {path: rep.input_file(path, "alpaca") for path in (chosen, rejected)}
     for where, rec in read_records(rejected):
+        inputs[rejected]["records"] += 1
         try:
             instruction, inp, output, _ = _alpaca_fields(rec)
         except SkipRecord as e:
@@ -558,6 +685,7 @@ def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: st
     stem = Path(chosen).stem
     for i, (where, rec) in enumerate(read_records(chosen)):
         rep.read += 1
+        inputs[chosen]["records"] += 1
         try:
             instruction, inp, output, system = _alpaca_fields(rec)
         except SkipRecord as e:
@@ -586,6 +714,8 @@ def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: st
         rec_out.update(prompt=alpaca_prompt(instruction, inp), chosen=output, rejected=other)
         records.append(rec_out)
         keys.append(key)
+    if not records:
+        raise nothing_trainable([chosen], rep, "no pair can be made")
     if heldout and heldout >= len(records):
         raise DataError(
             chosen,
@@ -604,8 +734,15 @@ def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: st
             held.update(group)
     n_train = write_records(out, (r for i, r in enumerate(records) if i not in held))
     rep.written = n_train
-    rep.notes.update({"matched": matched, "unmatched": unmatched, "identical": identical,
-                      "duplicates": duplicates, "rejected_records": len(index)})  # fmt: skip
+    rep.notes.update(
+        {
+            "matched": matched,
+            "unmatched": unmatched,
+            "identical": identical,
+            "duplicates": duplicates,
+            "rejected_records": len(index),
+        }
+    )
     if conflicting:
         rep.notes["rejected_conflicting_duplicates"] = conflicting
     if bad_rejected:
@@ -615,31 +752,80 @@ def pair(chosen: str, rejected: str, out: str, heldout: int = 0, heldout_out: st
         n_held = write_records(heldout_out, (r for i, r in enumerate(records) if i in held))
         rep.written += n_held
         rep.notes.update({"heldout": f"{n_held} -> {heldout_out}", "seed": seed})
+    elif seed:
+        rep.notes["seed"] = f"{seed} unused: it chooses the held-out pairs (--heldout N)"
+    if heldout_out and not heldout:
+        rep.notes["heldout_out"] = f"{heldout_out} not written: --heldout is 0"
     return rep.emit(report)
 
 
-def build_pairs(data, tokenizer: str, out: str | None = None, template: str = "vicuna_v1.1", max_length: int = 2048,
-                fmt: str | None = None, num_proc: int = 1, cache_dir: str | None = None, strict: bool = False,
-                report: str | None = None) -> Report:  # fmt: skip
-    """Tokenize preference pairs into a `datasets` folder (rows: chosen_/rejected_input_ids,
-    chosen_/rejected_labels, chosen_/rejected_length, prompt_length), training on the final
-    reply only. `fmt`: pairs, messages or sharegpt (detected when not given)."""
-    _, rep = build_preference_dataset(input_paths(data), tokenizer, template, max_length, cache_dir, strict,
-                                      out=out, fmt=fmt, num_proc=num_proc, report_path=report)  # fmt: skip
+def build_pairs(
+    data: str | list[str],
+    tokenizer: str,
+    *,
+    out: str | None = None,
+    template: str = "vicuna_v1.1",
+    max_length: int = 2048,
+    fmt: Shape | None = None,
+    num_proc: int = 1,
+    cache_dir: str | None = None,
+    strict: bool = False,
+    report: str | None = None,
+) -> Report:
+    """Tokenize preference pairs for DPO into a `datasets` folder, cached like build.
+
+    Rows: chosen_/rejected_input_ids, chosen_/rejected_labels, chosen_/rejected_length,
+    prompt_length; both sides rendered by the SFT template and tokenizer, sharing the prompt's
+    token ids, labels on the final reply only.
+
+    Options:
+        out: the preference set's folder (none: only the cache)
+        max_length: the most tokens a side may have; a longer reply loses its end
+        fmt: the input's shape: pairs, messages or sharegpt (default: detected from each file's
+            first record)
+    """
+    check_tokenizer(tokenizer)
+    _, rep = build_preference_dataset(
+        check_inputs(data),
+        tokenizer,
+        template,
+        max_length,
+        cache_dir,
+        strict,
+        out=out,
+        fmt=fmt,
+        num_proc=num_proc,
+        report_path=report,
+    )
     return rep
 
 
-def convert_pairs(data, out: str, to: str = "pairs", fmt: str | None = None, strict: bool = False,
-                  report: str | None = None) -> Report:  # fmt: skip
-    """Preference data from any shape to `to`: pairs ({prompt, chosen, rejected}), messages
-    (UltraFeedback-style lists) or sharegpt (LLaMA-Factory). Unusable pairs are dropped."""
+def convert_pairs(
+    data: str | list[str],
+    out: str,
+    *,
+    to: Shape = "pairs",
+    fmt: Shape | None = None,
+    strict: bool = False,
+    report: str | None = None,
+) -> Report:
+    """Preference data from any shape to another: pairs ({prompt, chosen, rejected}), messages
+    (UltraFeedback-style lists) or sharegpt (LLaMA-Factory). Unusable pairs are dropped and
+    counted.
+
+    Options:
+        to: the output shape
+        fmt: the input's shape (default: detected from each file's first record)
+    """
     if to not in PAIR_WRITERS:
         raise DataError(
             "--to", "value", f"unknown preference shape {to!r}; choose from {', '.join(SHAPES)}"
         )
     check_shape(fmt)
-    check_outputs(input_paths(data), {"--out": out, "--report": report})
+    paths = check_inputs(data)
+    check_outputs(paths, {"--out": out, "--report": report})
     rep = Report("convert_pairs", strict=strict)
     write = PAIR_WRITERS[to]
-    rep.written = write_records(out, (write(p) for p in read_pairs(input_paths(data), rep, fmt)))
+    pairs = (write(p) for p in read_pairs(paths, rep, fmt))
+    rep.written = write_records(out, refuse_empty(pairs, paths, rep, NO_PAIRS))
     return rep.emit(report)

@@ -53,6 +53,8 @@ class Conversation:
     messages: list[Message]
     system: str = ""
     extra: dict = field(default_factory=dict)
+    # what the reader changed on the way in ("'tools' -> system prompt text"): reports count it
+    converted: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def pairs(self) -> list[tuple[Message, Message]]:
         return [
@@ -61,7 +63,8 @@ class Conversation:
 
 
 def validate(conv: Conversation) -> Conversation:
-    """Raise SkipRecord unless `conv` is trainable: non-empty strings, user/assistant alternation."""
+    """Raise SkipRecord unless `conv` is trainable: non-empty strings, user/assistant
+    alternation."""
     if not conv.messages:
         raise SkipRecord("no_turns")
     for i, m in enumerate(conv.messages):

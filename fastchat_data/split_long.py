@@ -18,16 +18,19 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import defaultdict
 from itertools import accumulate, islice
+from typing import Any
 
-from .build import load_tokenizer
-from .formats import check_format, iter_conversations, to_sharegpt
-from .io import check_outputs, input_paths, write_records
-from .report import Report
+from .build import check_tokenizer, load_tokenizer
+from .formats import Format, check_format, iter_conversations, to_sharegpt
+from .io import check_inputs, check_outputs, write_records
+from .report import Report, refuse_empty
 from .schema import ASSISTANT, USER, Conversation, SkipRecord, check_count, validate
 from .templates import check_template_name
 from .tokenize import IGNORE_INDEX, ConversationTokenizer
 
 BATCH = 256  # conversations measured together
+# what a drop reason counts, where it is not a conversation (the report's units)
+UNITS = {"pair_over_budget": "pair", "trailing_user_turn": "turn"}
 
 
 def _pair_costs(labels: list[int], n: int, total: int) -> list[int]:
@@ -131,29 +134,50 @@ def plan_chunks(encoder: ConversationTokenizer, convs: list[Conversation], budge
 
 
 def split_long(
-    data: str, out: str, tokenizer, template: str = "vicuna_v1.1", max_length: int = 2048, fmt: str | None = None,
-    keep_oversized: bool = False, strict: bool = False, report: str | None = None, in_place: bool = False,
-) -> Report:  # fmt: skip
-    """Split the conversations of `data` (a path, comma-separated paths or a list) into chunks of
-    at most `max_length` tokens, written to `out` (ShareGPT) with ids `<id>_<k>`.
+    data: str | list[str],
+    out: str,
+    tokenizer: str | Any,
+    *,
+    template: str = "vicuna_v1.1",
+    max_length: int = 2048,
+    fmt: Format | None = None,
+    keep_oversized: bool = False,
+    strict: bool = False,
+    report: str | None = None,
+    in_place: bool = False,
+) -> Report:
+    """Split conversations longer than a token budget into chunks that fit.
+
+    Chunks are measured with the real tokenizer and template and written as ShareGPT with ids
+    `<id>_<k>`; (user, assistant) pairs stay together, and a function call stays with its
+    output.
 
     A pair (or a round of function calls) that alone exceeds the budget is dropped and counted
-    per pair ("pair_over_budget"), or with `keep_oversized` written as a chunk of its own (noted);
-    a trailing user turn is dropped ("trailing_user_turn"). Notes account for pairs:
-    read == written + dropped. `out` may be an input file only with `in_place`.
+    per pair ("pair_over_budget"), or with --keep_oversized written as a chunk of its own; a
+    trailing user turn is dropped ("trailing_user_turn"). The report counts conversations,
+    chunks and pairs apart: pairs read == written + dropped.
+
+    Options:
+        tokenizer: the tokenizer folder whose tokens are counted (from Python, also a loaded
+            tokenizer)
+        max_length: the most tokens a chunk may have, template included
+        keep_oversized: write a pair that alone is over --max_length as a chunk of its own
+            instead of dropping it
     """
-    check_outputs(input_paths(data), {"--out": out, "--report": report}, in_place)
+    check_tokenizer(tokenizer)
+    paths = check_inputs(data)
+    check_outputs(paths, {"--out": out, "--report": report}, in_place)
     check_format(fmt)
     check_count("--max_length", max_length)
     check_template_name(template)
-    rep = Report("split_long", strict=strict)
+    rep = Report("split_long", strict=strict, units=dict(UNITS))
     encoder = ConversationTokenizer(load_tokenizer(tokenizer), template)
     encoder.check_budget(max_length)
     pairs = {"read": 0, "written": 0, "dropped": 0}
     split_convs = oversized_kept = 0
 
     def readable():
-        for path in input_paths(data):
+        for path in paths:
             for where, conv in iter_conversations(path, rep, fmt):
                 if conv.messages and conv.messages[-1].role != ASSISTANT:
                     last = f"id {conv.id}: turn {len(conv.messages) - 1}"
@@ -194,9 +218,22 @@ def split_long(
                     pairs["written"] += j - i
                     yield to_sharegpt(_chunk(conv, i, j, c))
 
-    rep.written = write_records(out, chunks())
-    rep.notes.update({"template": getattr(encoder.template, "name", str(template)), "max_length": max_length,
-                      "pairs": pairs, "conversations_split": split_convs})  # fmt: skip
+    rep.written = write_records(out, refuse_empty(chunks(), paths, rep, "no chunk can be written"))
+    name = getattr(encoder.template, "name", str(template))
+    rep.notes.update(
+        {
+            "template": name,
+            "max_length": max_length,
+            "pairs": pairs,
+            "conversations_split": split_convs,
+        }
+    )
     if keep_oversized:
         rep.notes["oversized_pairs_kept"] = oversized_kept
+    dropped = sum(n for reason, n in rep.dropped.items() if reason not in UNITS)
+    rep.headline = (
+        f"[split_long] conversations read {rep.read:,}, dropped {dropped:,}, split "
+        f"{split_convs:,}; chunks written {rep.written:,}; pairs read {pairs['read']:,}, "
+        f"written {pairs['written']:,}, dropped {pairs['dropped']:,}"
+    )
     return rep.emit(report)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from .schema import ASSISTANT, USER, Conversation, DataError, Message, SkipRecord, check_count
-from .templates import Segment, get_template, special_tokens
+from .templates import EOS, Segment, get_template, special_tokens
 
 IGNORE_INDEX = -100
 
@@ -70,13 +70,26 @@ class ConversationTokenizer:
         max_source_length: int | None = None,
         max_target_length: int | None = None,
     ):
-        for flag, value in (("--max_length", max_length), ("--max_source_length", max_source_length),
-                            ("--max_target_length", max_target_length)):  # fmt: skip
+        limits = {
+            "--max_length": max_length,
+            "--max_source_length": max_source_length,
+            "--max_target_length": max_target_length,
+        }
+        for flag, value in limits.items():
             check_count(flag, value, allow_none=True)
         self.tokenizer = tokenizer
         self.template = (
             get_template(template, tokenizer) if isinstance(template, str | dict) else template
         )
+        sep2 = getattr(self.template, "sep2", "")
+        if EOS in sep2 and not tokenizer.eos_token:
+            raise DataError(
+                f"template {self.template.name}",
+                "sep2",
+                f"ends each reply with the tokenizer's end token ({EOS}), but this tokenizer "
+                "has none: give the tokenizer an eos_token, or use a template file whose sep2 "
+                "has no {eos}",
+            )
         self.max_length = max_length
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.train_on_inputs = train_on_inputs
@@ -103,7 +116,8 @@ class ConversationTokenizer:
             self.check_budget(max_length)
         if not self.matches_tokenizer:
             warnings.warn(
-                f"{type(tokenizer).__name__}: tokenizing text piece by piece differs from tokenizing "
+                f"{type(tokenizer).__name__}: tokenizing text piece by piece differs from "
+                "tokenizing "
                 "the rendered string whole; masks stay exact, ids may differ from tokenizer(text)",
                 stacklevel=2,
             )
@@ -115,6 +129,11 @@ class ConversationTokenizer:
         backend.no_padding()
         backend.encode_special_tokens = True
         return backend
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """The special tokens put first (the BOS a template with add_bos asks for)."""
+        return self._prefix
 
     def _leading_special_ids(self) -> list[int]:
         full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
@@ -145,10 +164,11 @@ class ConversationTokenizer:
         if before is not None and max_length <= before:
             name = getattr(self.template, "name", "custom")
             raise DataError(
-                f"{flag} {max_length}", f"template {name}",
+                f"{flag} {max_length}",
+                f"template {name}",
                 f"too small: the template puts at least {before} tokens before the first reply, "
                 "so nothing would be trained",
-            )  # fmt: skip
+            )
 
     def _self_check(self) -> bool:
         text = "Hi there" + (self.eos or "") + "USER: again \n and  more"

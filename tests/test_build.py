@@ -52,10 +52,14 @@ def test_parallel_build_matches_serial(tmp_path, chatml_dir, data_dir):
 
 def test_bad_records_reported_in_build(tmp_path, llama_dir):
     src = tmp_path / "d.json"
-    src.write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-        {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
-    ]))  # fmt: skip
+    src.write_text(
+        json.dumps(
+            [
+                {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+                {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
+            ]
+        )
+    )
     report_path = tmp_path / "report.json"
     ds, rep = build_dataset(
         str(src), str(llama_dir), cache_dir=str(tmp_path / "c"), report_path=str(report_path)
@@ -78,3 +82,21 @@ def test_missing_inputs_are_clear_errors(tmp_path, llama_dir):
         build_dataset(
             str(tmp_path / "nope.json"), str(tmp_path / "no-tokenizer"), cache_dir=str(tmp_path)
         )
+
+
+def test_a_damaged_cache_is_named_and_built_again(tmp_path, llama_dir, data_dir, capsys):
+    """A cached set cut short (a full disk, a killed copy) or missing a file is never loaded
+    into training nor a traceback: the build says which cache and rebuilds it."""
+    src, cache = str(data_dir / "fastchat_dummy_conversation.json"), str(tmp_path / "c")
+    ds, _ = build_dataset(src, str(llama_dir), cache_dir=cache, quiet=True)
+    expected = ds["input_ids"]
+    del ds  # its memory map must not outlive the cut below (that would be a bus error)
+    (arrow,) = (tmp_path / "c" / "datasets").glob("*/data-*.arrow")
+    cut = arrow.read_bytes()[: arrow.stat().st_size // 2]
+    arrow.unlink()  # a new file: any old mapping keeps the old one
+    arrow.write_bytes(cut)
+    again, rep = build_dataset(src, str(llama_dir), cache_dir=cache, quiet=True)
+    assert "is damaged" in capsys.readouterr().err and rep.notes["cache"].startswith("built")
+    assert again["input_ids"] == expected
+    _, rep = build_dataset(src, str(llama_dir), cache_dir=cache, quiet=True)
+    assert rep.notes["cache"].startswith("hit")

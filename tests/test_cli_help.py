@@ -96,7 +96,7 @@ def test_fastchat_data_help(args):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-2000:]
     assert (
-        ("--max_length" in out and "Default: 2048" in out) if args[0] == "build" else "build" in out
+        ("--max_length" in out and "default: 2048" in out) if args[0] == "build" else "build" in out
     )
 
 

@@ -27,11 +27,20 @@ def read(path, fmt=None, strict=False):
 
 
 def test_alpaca_follows_fastchat_rule_history_and_system(tmp_path):
-    p = write(tmp_path, "a.json", [
-        {"instruction": "Add", "input": "2 and 3", "output": "5"},
-        {"instruction": "Hi", "input": "", "output": "Hello", "system": "Be brief.",
-         "history": [["q1", "a1"], ["q2", "a2"]]},
-    ])  # fmt: skip
+    p = write(
+        tmp_path,
+        "a.json",
+        [
+            {"instruction": "Add", "input": "2 and 3", "output": "5"},
+            {
+                "instruction": "Hi",
+                "input": "",
+                "output": "Hello",
+                "system": "Be brief.",
+                "history": [["q1", "a1"], ["q2", "a2"]],
+            },
+        ],
+    )
     convs, rep = read(p)
     assert rep.notes["format"] == "alpaca"
     assert [(m.role, m.content) for m in convs[0].messages] == [
@@ -45,12 +54,30 @@ def test_alpaca_follows_fastchat_rule_history_and_system(tmp_path):
 
 
 def test_sharegpt_aliases_system_turn_and_tools(tmp_path):
-    p = write(tmp_path, "s.jsonl", [
-        {"id": "x", "conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "u"},
-                                      {"from": "assistant", "value": "a"}]},
-        {"conversations": [{"from": "human", "value": "h"}, {"from": "function_call", "value": "{}"},
-                           {"from": "observation", "value": "r"}, {"from": "gpt", "value": "g"}], "tools": "[]"},
-    ], lines=True)  # fmt: skip
+    p = write(
+        tmp_path,
+        "s.jsonl",
+        [
+            {
+                "id": "x",
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "user", "value": "u"},
+                    {"from": "assistant", "value": "a"},
+                ],
+            },
+            {
+                "conversations": [
+                    {"from": "human", "value": "h"},
+                    {"from": "function_call", "value": "{}"},
+                    {"from": "observation", "value": "r"},
+                    {"from": "gpt", "value": "g"},
+                ],
+                "tools": "[]",
+            },
+        ],
+        lines=True,
+    )
     convs, rep = read(p)
     assert rep.read == 2 and rep.dropped_total == 0
     assert convs[0].id == "x" and convs[0].system == "S"
@@ -60,8 +87,14 @@ def test_sharegpt_aliases_system_turn_and_tools(tmp_path):
 
 
 def test_messages_round_trip(tmp_path):
-    rec = {"id": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "u"},
-                                   {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]}  # fmt: skip
+    rec = {
+        "id": "m",
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+        ],
+    }
     convs, _ = read(write(tmp_path, "m.json", [rec]))
     out = to_messages(convs[0])
     assert out["messages"][0] == {"role": SYSTEM, "content": "sys"}
@@ -89,21 +122,30 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 
 def test_bad_records_are_counted_with_reasons_or_raised_under_strict(tmp_path):
-    p = write(tmp_path, "s.json", [
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-        {"conversations": [{"from": "narrator", "value": "q"}]},
-        {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]},
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
-        "not an object",
-    ])  # fmt: skip
+    p = write(
+        tmp_path,
+        "s.json",
+        [
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"conversations": [{"from": "narrator", "value": "q"}]},
+            {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+            "not an object",
+        ],
+    )
     rep = Report("t")
     from fastchat_data.build import read_trainable
 
     kept = list(read_trainable([str(p)], rep))
     assert len(kept) == 1 and rep.read == 6
-    assert rep.dropped == {"unknown_role": 1, "non_string_value": 1, "broken_alternation": 1,
-                           "empty_value": 1, "malformed_record": 1}  # fmt: skip
+    assert rep.dropped == {
+        "unknown_role": 1,
+        "non_string_value": 1,
+        "broken_alternation": 1,
+        "empty_value": 1,
+        "malformed_record": 1,
+    }
     assert (
         "record 1" in rep.examples["unknown_role"][0]
         and "narrator" in rep.examples["unknown_role"][0]
@@ -211,3 +253,47 @@ def test_reader_names_the_line_of_bytes_that_are_not_utf8(tmp_path):
     p.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xe6\x97')
     with pytest.raises(DataError, match="line 2 byte 18: the file ends in the middle of a UTF-8"):
         list(read_records(p))
+
+
+def test_reports_describe_each_input_and_every_lossy_conversion(tmp_path, data_dir):
+    glaive, alpaca = data_dir / "glaive_toolcall_en_300_sharegpt.json", tmp_path / "a.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "Add", "input": "2, 3", "output": "5", "x": 1}))
+    rep = commands.merge(f"{glaive},{alpaca}", str(tmp_path / "m.json"), to="messages")
+    assert rep.inputs == [
+        {"path": str(glaive), "format": "sharegpt", "records": 300},
+        {"path": str(alpaca), "format": "alpaca", "records": 1},
+    ]
+    assert rep.notes["format"] == "mixed (see inputs)"
+    tools = "'tools' -> system prompt text (after 'You have access to the following tools:')"
+    calls = "'function_call' turns -> assistant replies (the call becomes reply text)"
+    assert rep.converted == {
+        tools: 300,
+        calls: 153,
+        "'instruction' + 'input' -> one user turn": 1,
+        "field 'x' -> dropped": 1,
+    }
+    text = rep.format()
+    assert f"input {glaive}: sharegpt, 300 records" in text and f"converted {calls}: in 153" in text
+    assert "dropped fields no output format keeps (records): field 'x' (1)" in text
+
+
+def test_sample_reports_the_sample(tmp_path):
+    src = write(
+        tmp_path,
+        "s.json",
+        [
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"conversations": [{"from": "gpt", "value": "leading reply"}]},
+        ],
+    )
+    rep = commands.sample(str(src), str(tmp_path / "o.json"), n=1, seed=0)
+    picked = json.loads((tmp_path / "o.json").read_text())[0]
+    untrainable = picked["conversations"][0]["from"] == "gpt"
+    assert rep.notes.get("kept_but_untrainable") == (
+        {"broken_alternation": 1} if untrainable else None
+    )
+    assert "asked" not in rep.notes
+    rep = commands.sample(str(src), str(tmp_path / "o.json"), n=9)
+    assert rep.written == 2 and rep.notes["asked"] == (
+        "asked for 9, the input has 2 usable records: wrote 2"
+    )
