@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: setup demo qlora-demo dpo-demo test test-fast bench bench-peers lint clean train-vicuna train-dpo \
+.PHONY: lint-check setup demo qlora-demo dpo-demo test test-fast bench bench-peers lint clean train-vicuna train-dpo \
         gpu-wheels gpu-check gpu-dry-run
 
 setup: $(STAMP)
@@ -42,18 +42,24 @@ qlora-demo: setup
 dpo-demo: setup
 	$(BIN)/python -m recipes.dpo_demo
 
-test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# CI runs exactly this (.ci/run): the formatter and linter first, then the suite
+test: setup lint-check
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # make train-vicuna NGPU=4 STRATEGY=fsdp|zero2|zero3|zero3_offload|ddp MODEL=... DATA=... CONFIG=... OUT=... ARGS="--key value"
+# Without MODEL: the demo's tiny Llama and identity data (python -m recipes.demo --assets_only).
+RECIPE ?= sft
 train-vicuna: setup
-	$(BIN)/python -m launch.train --ngpu $(NGPU) --strategy $(STRATEGY) --out $(OUT) \
-	  $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
+	@set -e; if [ -z "$(MODEL)" ]; then set -- $$($(BIN)/python -m recipes.demo --assets_only); \
+	  M=$$1; D=$${2:-}; else M="$(MODEL)"; D="$(DATA)"; fi; \
+	$(BIN)/python -m launch.train --recipe $(RECIPE) --ngpu $(NGPU) --strategy $(STRATEGY) --out $(OUT) \
+	  --model "$$M" $${D:+--data "$$D"} $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
 
 # make train-dpo NGPU=4 STRATEGY=zero3 MODEL=SFT_MODEL DATA=pairs.json [CONFIG=... OUT=... ARGS=...]
 train-dpo: setup
 	$(BIN)/python -m launch.train --recipe dpo --ngpu $(NGPU) --strategy $(STRATEGY) --out $(if $(filter runs/vicuna,$(OUT)),runs/dpo,$(OUT)) \
-	  $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
+	  --model $(or $(MODEL),$(error MODEL=... is needed: the SFT model to tune)) --data $(or $(DATA),$(error DATA=... is needed: preference pairs, see python -m fastchat_data pair)) \
+	  $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
 
 # Skip the slow multi-process tests locally; CI runs everything through `make test`.
 test-fast: setup
@@ -91,7 +97,9 @@ gpu-check:
 gpu-dry-run: setup
 	$(BIN)/python -m bench.gpu_check --dry_run
 
-lint: setup
+lint: setup lint-check
+
+lint-check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -39,28 +39,40 @@ VARIANTS = ("eager", "compiled")
 
 
 def settings(args) -> dict:
-    return {"max_length": 2048, "batch": 2, "accum": 2, "warmup": args.warmup, "steps": args.steps,
-            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))}  # fmt: skip
+    return {
+        "max_length": 2048,
+        "batch": 2,
+        "accum": 2,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+    }
 
 
 def worker(variant: str, p: dict) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
+    from recipes.core.distributed import World, make_engine
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from recipes.core.compile import compile_layers
     from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
-    from recipes.core.distributed import World, make_engine
     from recipes.core.loop import Run, train_step
 
     torch.set_num_threads(p["threads"])
     model_dir, ds, pad = model_and_data(p["max_length"])
     total = p["warmup"] + p["steps"]
-    cfg = TrainConfig(model_max_length=p["max_length"], per_device_train_batch_size=p["batch"],
-                      gradient_accumulation_steps=p["accum"], strategy="single", learning_rate=2e-5,
-                      report_to="none", compile=variant == "compiled")  # fmt: skip
+    cfg = TrainConfig(
+        model_max_length=p["max_length"],
+        per_device_train_batch_size=p["batch"],
+        gradient_accumulation_steps=p["accum"],
+        strategy="single",
+        learning_rate=2e-5,
+        report_to="none",
+        compile=variant == "compiled",
+    )
     data = TrainData(ds, cfg.packing, cfg.model_max_length, pad)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
     world = World(0, 0, 1, torch.device("cpu"))
@@ -83,9 +95,10 @@ def worker(variant: str, p: dict) -> dict:
             graphs.append(counters["stats"]["unique_graphs"])
     w, s = p["warmup"], p["steps"]
     compile_s = sum(
-        sum(v) for k, v in torch._dynamo.utils.compilation_time_metrics.items()
+        sum(v)
+        for k, v in torch._dynamo.utils.compilation_time_metrics.items()
         if k.endswith("compile_inner") or k.endswith("bw_compiler")  # backward: at 1st backward
-    )  # fmt: skip
+    )
     return {
         "warmup_s": round(sum(times[:w]), 3),
         "steady_s": round(sum(times[w:]), 3),
@@ -107,8 +120,11 @@ def measure(variant: str, p: dict) -> dict:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(p["threads"])}
         res = subprocess.run(
             [sys.executable, "-m", "bench.compile_bench", "--worker", json.dumps([variant, p])],
-            capture_output=True, text=True, env=env, cwd=REPO,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
     if res.returncode != 0:
         raise RuntimeError(f"{variant} worker failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -136,12 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
         row = {}
         for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             row[name] = m = measure(name, p)
-            print(f"round {r + 1} {name:9} {m['steps_per_s']:.3f} steps/s  "
-                  f"{m['real_tokens_per_s']:,.0f} real tok/s  warm-up {m['warmup_s']:.1f} s", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1} {name:9} {m['steps_per_s']:.3f} steps/s  "
+                f"{m['real_tokens_per_s']:,.0f} real tok/s  warm-up {m['warmup_s']:.1f} s",
+                flush=True,
+            )
         rounds.append(row)
-    med = {n: {k: statistics.median(r[n][k] for r in rounds)
-               for k in ("steps_per_s", "real_tokens_per_s", "warmup_s", "dynamo_compile_s")}
-           for n in VARIANTS}  # fmt: skip
+    med = {
+        n: {
+            k: statistics.median(r[n][k] for r in rounds)
+            for k in ("steps_per_s", "real_tokens_per_s", "warmup_s", "dynamo_compile_s")
+        }
+        for n in VARIANTS
+    }
     compile_s = statistics.median(
         r["compiled"]["warmup_s"] - r["eager"]["warmup_s"] for r in rounds
     )
@@ -157,23 +180,29 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_s": compile_s,
         "dynamo_compile_s": med["compiled"]["dynamo_compile_s"],
         "graphs_compiled": rounds[0]["compiled"]["graphs_compiled"],
-        "graphs_compiled_in_steady_state": max(r["compiled"]["graphs_compiled_in_steady_state"] for r in rounds),
+        "graphs_compiled_in_steady_state": max(
+            r["compiled"]["graphs_compiled_in_steady_state"] for r in rounds
+        ),
         "graph_breaks": max(r["compiled"]["graph_breaks"] for r in rounds),
         "compile_note": rounds[0]["compiled"]["note"],
         "max_loss_diff": loss_diff,
-    }  # fmt: skip
-    print(f"\n{'':10}{'steps/s':>9}{'real tok/s':>12}{'warm-up s':>11}  "
-          f"(median of {args.rounds} rounds; {p['steps']} steps after {p['warmup']} warm-up)")  # fmt: skip
+    }
+    print(
+        f"\n{'':10}{'steps/s':>9}{'real tok/s':>12}{'warm-up s':>11}  "
+        f"(median of {args.rounds} rounds; {p['steps']} steps after {p['warmup']} warm-up)"
+    )
     for n in VARIANTS:
         m = med[n]
         print(
             f"{n:10}{m['steps_per_s']:>9.3f}{m['real_tokens_per_s']:>12,.0f}{m['warmup_s']:>11.1f}"
         )
-    print(f"speed-up {summary['speedup']:.2f}x; compile time {compile_s:.1f} s (compiled - eager "
-          f"warm-up; dynamo counts {summary['dynamo_compile_s']:.1f} s); "
-          f"{summary['graphs_compiled']} graph(s), {summary['graphs_compiled_in_steady_state']} "
-          f"compiled during the measured steps, {summary['graph_breaks']} graph break(s); "
-          f"max |loss eager - compiled| {loss_diff:.2e}")  # fmt: skip
+    print(
+        f"speed-up {summary['speedup']:.2f}x; compile time {compile_s:.1f} s (compiled - eager "
+        f"warm-up; dynamo counts {summary['dynamo_compile_s']:.1f} s); "
+        f"{summary['graphs_compiled']} graph(s), {summary['graphs_compiled_in_steady_state']} "
+        f"compiled during the measured steps, {summary['graph_breaks']} graph break(s); "
+        f"max |loss eager - compiled| {loss_diff:.2e}"
+    )
     print(summary["compile_note"])
     write_json(args.out, {"settings": p, "rounds": rounds, "summary": summary})
     return summary

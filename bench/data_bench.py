@@ -122,13 +122,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['file']:34} {r['conversations']:>7,} {r['camelid_conv_per_s']:>10,.0f} {r['floor_conv_per_s']:>10,.0f} "
-              f"{r['camelid_over_floor_time']:>8.2f}x {r['fastchat_conv_per_s']:>11,.0f} {r['speedup_vs_fastchat']:>8.1f}x "
-              f"{r['fastchat_masked_away']:>9} {r['real_tokens_pad_to_2048']:>9.1%} {r['real_tokens_dynamic_padding_b8']:>9.1%} "
-              f"{r['real_tokens_length_grouped_b8']:>9.1%}")  # fmt: skip
-    print("vs floor: camelid's time / plain batch tokenization of the same rendered text (target <= 1.5x); "
-          "FastChat timed on its first 'FastChat conversations timed' (JSON); real@2048: real-token share when "
-          "padding to 2,048 as FastChat does; dyn / grp: per micro-batch of 8, random / length-grouped.")  # fmt: skip
+        print(
+            f"{r['file']:34} {r['conversations']:>7,} {r['camelid_conv_per_s']:>10,.0f} {r['floor_conv_per_s']:>10,.0f} "
+            f"{r['camelid_over_floor_time']:>8.2f}x {r['fastchat_conv_per_s']:>11,.0f} {r['speedup_vs_fastchat']:>8.1f}x "
+            f"{r['fastchat_masked_away']:>9} {r['real_tokens_pad_to_2048']:>9.1%} {r['real_tokens_dynamic_padding_b8']:>9.1%} "
+            f"{r['real_tokens_length_grouped_b8']:>9.1%}"
+        )
+    print(
+        "vs floor: camelid's time / plain batch tokenization of the same rendered text (target <= 1.5x); "
+        "FastChat timed on its first 'FastChat conversations timed' (JSON); real@2048: real-token share when "
+        "padding to 2,048 as FastChat does; dyn / grp: per micro-batch of 8, random / length-grouped."
+    )
     write_json(args.out, rows)
     return rows
 

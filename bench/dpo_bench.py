@@ -47,8 +47,15 @@ def prepare_inputs(n_pairs: int, cache: Path) -> dict:
     pairs = folder / f"pairs_{n_pairs}.json"
     pairs.write_text(json.dumps(records))
     convs = folder / f"conversations_{n_pairs}.json"  # the same sequences, as SFT data
-    convs.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r[side]}
-                                 for r in records for side in ("chosen", "rejected")]))  # fmt: skip
+    convs.write_text(
+        json.dumps(
+            [
+                {"instruction": r["prompt"], "input": "", "output": r[side]}
+                for r in records
+                for side in ("chosen", "rejected")
+            ]
+        )
+    )
     model = tiny_model("llama", "small", texts=reference_corpus(data), vocab_size=4000)
     return {"pairs": str(pairs), "conversations": str(convs), "model": str(model)}
 
@@ -64,17 +71,43 @@ def worker(variant: str, spec: dict) -> dict:
     from recipes.core.preference import PlainForward, dpo_losses, sequence_logps
 
     out = Path(spec["out"]) / variant
-    common = ["--strategy", "single", "--model_name_or_path", spec["model"], "--output_dir", str(out),
-              "--overwrite_output_dir", "True", "--report_to", "none", "--max_steps", str(spec["steps"]),
-              "--model_max_length", "512", "--gradient_accumulation_steps", "2", "--save_steps", "100000",
-              "--learning_rate", "1e-5", "--logging_steps", "100000", "--cache_dir", spec["cache"]]  # fmt: skip
+    common = [
+        "--strategy",
+        "single",
+        "--model_name_or_path",
+        spec["model"],
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "True",
+        "--report_to",
+        "none",
+        "--max_steps",
+        str(spec["steps"]),
+        "--model_max_length",
+        "512",
+        "--gradient_accumulation_steps",
+        "2",
+        "--save_steps",
+        "100000",
+        "--learning_rate",
+        "1e-5",
+        "--logging_steps",
+        "100000",
+        "--cache_dir",
+        spec["cache"],
+    ]
     if variant == "sft":  # two conversations per pair: the rows of a DPO micro-batch of 2 pairs
-        cfg, _ = load_config([*common, "--data_path", spec["conversations"], "--per_device_train_batch_size", "4"],
-                             cls=TrainConfig)  # fmt: skip
+        cfg, _ = load_config(
+            [*common, "--data_path", spec["conversations"], "--per_device_train_batch_size", "4"],
+            cls=TrainConfig,
+        )
         run = full_finetune.setup(cfg)
     else:
-        cfg, _ = load_config([*common, "--data_path", spec["pairs"], "--per_device_train_batch_size", "2"],
-                             cls=dpo.DPOConfig)  # fmt: skip
+        cfg, _ = load_config(
+            [*common, "--data_path", spec["pairs"], "--per_device_train_batch_size", "2"],
+            cls=dpo.DPOConfig,
+        )
         if variant == "dpo":
             run = dpo.setup(cfg)
         else:
@@ -98,15 +131,23 @@ def worker(variant: str, spec: dict) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((out / "ranks" / "rank0.json").read_text())
     timed = rows[2:]  # the first steps warm up the allocator and caches
-    return {"variant": variant, "step_s": statistics.median(r["step_s"] for r in timed),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "train_peak_rss_mb": info["phase_peak_rss_mb"]["train"], "steps": len(rows)}  # fmt: skip
+    return {
+        "variant": variant,
+        "step_s": statistics.median(r["step_s"] for r in timed),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "train_peak_rss_mb": info["phase_peak_rss_mb"]["train"],
+        "steps": len(rows),
+    }
 
 
 def measure(variant: str, spec: dict) -> dict:
-    res = subprocess.run([sys.executable, "-m", "bench.dpo_bench", "--worker", variant, json.dumps(spec)],
-                         capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.dpo_bench", "--worker", variant, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -123,8 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(worker(a.worker[0], json.loads(a.worker[1]))))
         return {}
     cache = REPO / ".cache" / "bench"
-    spec = {**prepare_inputs(a.pairs, cache), "steps": a.steps, "cache": str(cache),
-            "out": str(REPO / "runs" / "bench-dpo")}  # fmt: skip
+    spec = {
+        **prepare_inputs(a.pairs, cache),
+        "steps": a.steps,
+        "cache": str(cache),
+        "out": str(REPO / "runs" / "bench-dpo"),
+    }
     rows = {v: measure(v, spec) for v in VARIANTS}
     sft, pre, live = rows["sft"], rows["dpo"], rows["dpo_live_reference"]
     result = {
@@ -139,16 +184,18 @@ def main(argv: list[str] | None = None) -> dict:
             "micro_batch": "2 pairs = 4 rows",
             "accumulation": 2,
             "max_length": 512,
-        },  # fmt: skip
+        },
     }
     print(f"{'variant':<22}{'step s':>9}{'tok/s':>9}{'train peak RSS MB':>19}")
     for r in result["rows"]:
         print(
             f"{r['variant']:<22}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['train_peak_rss_mb']:>19,.0f}"
         )
-    print(f"DPO step / SFT step on the same rows: {result['dpo_step_vs_sft']:.2f}x; live reference "
-          f"step / precomputed: {result['live_reference_step_vs_precomputed']:.2f}x; precomputing "
-          f"saves {result['memory_saved_mb']:,.0f} MB of peak RSS in training")  # fmt: skip
+    print(
+        f"DPO step / SFT step on the same rows: {result['dpo_step_vs_sft']:.2f}x; live reference "
+        f"step / precomputed: {result['live_reference_step_vs_precomputed']:.2f}x; precomputing "
+        f"saves {result['memory_saved_mb']:,.0f} MB of peak RSS in training"
+    )
     write_json(a.out, result)
     return result
 

@@ -27,10 +27,26 @@ RESULTS = REPO / "bench" / "results"
 
 
 def command(out: Path, steps: int) -> list[str]:
-    return [sys.executable, str(REPO / "recipes" / "full_finetune.py"), "--config", "tiny_cpu.yaml",
-            "--strategy", "single", "--output_dir", str(out), "--report_to", "none",
-            "--max_steps", str(steps), "--save_steps", "1", "--save_total_limit", "2",
-            "--logging_steps", "1000"]  # fmt: skip
+    return [
+        sys.executable,
+        str(REPO / "recipes" / "full_finetune.py"),
+        "--config",
+        "tiny_cpu.yaml",
+        "--strategy",
+        "single",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "2",
+        "--logging_steps",
+        "1000",
+    ]
 
 
 def environment() -> dict:
@@ -45,8 +61,11 @@ def complete_steps(out: Path) -> list[int]:
     root = out / "checkpoints"
     if not root.exists():
         return []
-    return sorted(int(p.name[5:]) for p in root.iterdir()
-                  if re.fullmatch(r"step-\d+", p.name) and (p / "COMPLETE").exists())  # fmt: skip
+    return sorted(
+        int(p.name[5:])
+        for p in root.iterdir()
+        if re.fullmatch(r"step-\d+", p.name) and (p / "COMPLETE").exists()
+    )
 
 
 def logged_steps(out: Path) -> int:
@@ -61,8 +80,14 @@ def run_with_kills(out: Path, steps: int, kills: int, rng: random.Random) -> dic
         launches += 1
         log = out.parent / f"{out.name}-launch{launches}.log"
         with open(log, "w") as f:
-            proc = subprocess.Popen(command(out, steps), env=environment(), cwd=REPO, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                command(out, steps),
+                env=environment(),
+                cwd=REPO,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             killed = None
             if len(events) < kills:
                 start = logged_steps(out)
@@ -115,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="camelid-faults-") as tmp:
         straight, faulty = Path(tmp) / "straight", Path(tmp) / "faulty"
         t0 = time.time()
-        subprocess.run(command(straight, args.steps), env=environment(), cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            command(straight, args.steps),
+            env=environment(),
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         result = run_with_kills(faulty, args.steps, args.kills, rng)
         ref, got = losses(straight), losses(faulty)
         events = result["events"]
@@ -132,18 +163,24 @@ def main(argv: list[str] | None = None) -> int:
             "final_exit": result["final"]["exit"],
             "steps": args.steps,
             "steps_logged": len(got),
-            "max_abs_loss_diff_vs_uninterrupted": max(abs(a - b) for a, b in zip(ref, got)) if len(ref) == len(got) else None,
+            "max_abs_loss_diff_vs_uninterrupted": max(abs(a - b) for a, b in zip(ref, got))
+            if len(ref) == len(got)
+            else None,
             "identical_loss_curve": ref == got,
             "seconds": round(time.time() - t0, 1),
-        }  # fmt: skip
+        }
     width = max(map(len, summary))
     print("fault injection: kill -9 at random moments, relaunch, compare with an uninterrupted run")
     for k, v in summary.items():
         print(f"  {k:<{width}}  {v}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"summary": summary, "events": events}, indent=1))
-    ok = (summary["identical_loss_curve"] and resumed_right == len(relaunches)
-          and summary["final_exit"] == 0 and summary["damaged_checkpoints_reported"] == 0)  # fmt: skip
+    ok = (
+        summary["identical_loss_curve"]
+        and resumed_right == len(relaunches)
+        and summary["final_exit"] == 0
+        and summary["damaged_checkpoints_reported"] == 0
+    )
     return 0 if ok else 1
 
 

@@ -60,11 +60,21 @@ def worker(spec: dict) -> dict:
             loss.backward()
             return loss
     else:
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                          num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+        )
         model = LlamaForCausalLM(cfg)
-        batch = {"input_ids": torch.randint(0, vocab, (1, n)), "labels": labels, "use_cache": False,
-                 "num_items_in_batch": n - 1}  # fmt: skip
+        batch = {
+            "input_ids": torch.randint(0, vocab, (1, n)),
+            "labels": labels,
+            "use_cache": False,
+            "num_items_in_batch": n - 1,
+        }
 
         def step():
             loss = forward_with_loss(model, model, chunk, **batch).loss
@@ -81,15 +91,28 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     loss = step()
     seconds = time.perf_counter() - t0
-    return {"peak_increase_mb": round(_status("VmHWM") - before, 1), "seconds": round(seconds, 3),
-            "loss": float(loss)}  # fmt: skip
+    return {
+        "peak_increase_mb": round(_status("VmHWM") - before, 1),
+        "seconds": round(seconds, 3),
+        "loss": float(loss),
+    }
 
 
 def run(spec: dict) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO), "CAMELID_LOSS_BENCH": json.dumps(spec)}  # fmt: skip
-    res = subprocess.run([sys.executable, "-m", "bench.loss_bench"], env=env, cwd=REPO,
-                         capture_output=True, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CAMELID_LOSS_BENCH": json.dumps(spec),
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.loss_bench"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -110,8 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
     full_logits_mb = args.tokens * args.vocab * 4 / MB
-    results = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
-               "fp32_logits_mb": round(full_logits_mb, 1), "rows": []}  # fmt: skip
+    results = {
+        "tokens": args.tokens,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "fp32_logits_mb": round(full_logits_mb, 1),
+        "rows": [],
+    }
     print(
         f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, fp32; one full "
         f"fp32 logits tensor = {full_logits_mb:,.0f} MiB"
@@ -120,15 +148,22 @@ def main(argv: list[str] | None = None) -> dict:
     for what in ("loss", "model"):
         ref = None
         for chunk in chunks:
-            spec = {"what": what, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
-                    "chunk": chunk}  # fmt: skip
+            spec = {
+                "what": what,
+                "tokens": args.tokens,
+                "vocab": args.vocab,
+                "hidden": args.hidden,
+                "chunk": chunk,
+            }
             r = {**spec, **run(spec)}
             ref = ref or r
             r["vs_transformers"] = round(r["peak_increase_mb"] / ref["peak_increase_mb"], 3)
             results["rows"].append(r)
             name = "transformers" if chunk == 0 else f"chunked, {chunk} rows"
-            print(f"{what:8}{name:26}{r['peak_increase_mb']:>10,.0f}{r['vs_transformers']:>7.2f}x"
-                  f"{r['seconds']:>9.3f}{r['loss']:>10.5f}")  # fmt: skip
+            print(
+                f"{what:8}{name:26}{r['peak_increase_mb']:>10,.0f}{r['vs_transformers']:>7.2f}x"
+                f"{r['seconds']:>9.3f}{r['loss']:>10.5f}"
+            )
     write_json(args.out, results)
     return results
 

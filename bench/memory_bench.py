@@ -60,7 +60,14 @@ def _free_port() -> int:
 def command(strategy: str, nproc: int, args: list[str]) -> list[str]:
     recipe = [str(REPO / "recipes" / "full_finetune.py"), "--strategy", strategy, *args]
     if parallel.get(strategy).launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()), *recipe]  # fmt: skip
+        return [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            *recipe,
+        ]
     return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *recipe]
 
 
@@ -70,22 +77,45 @@ def mem_available() -> float:
 
 
 def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
-    args = ["--model_name_or_path", model, "--data_path", data, "--cache_dir", cache,
-            "--output_dir", out, "--model_max_length", SEQ, "--per_device_train_batch_size", 1,
-            "--gradient_accumulation_steps", 1, "--max_steps", STEPS, "--save_steps", 100_000,
-            "--learning_rate", 2e-5, "--report_to", "none", "--logging_steps", 1,
-            "--overwrite_output_dir", True]  # fmt: skip
+    args = [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        data,
+        "--cache_dir",
+        cache,
+        "--output_dir",
+        out,
+        "--model_max_length",
+        SEQ,
+        "--per_device_train_batch_size",
+        1,
+        "--gradient_accumulation_steps",
+        1,
+        "--max_steps",
+        STEPS,
+        "--save_steps",
+        100_000,
+        "--learning_rate",
+        2e-5,
+        "--report_to",
+        "none",
+        "--logging_steps",
+        1,
+        "--overwrite_output_dir",
+        True,
+    ]
     return [str(a) for a in args]
 
 
 def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
     """Tokenize the training set once here, so that no run's rank 0 builds it while measured."""
     import torch
+    from recipes.core.distributed import World
     from transformers import AutoTokenizer
 
     from recipes.core.config import load_config
     from recipes.core.data import load_train_set
-    from recipes.core.distributed import World
 
     cfg, _ = load_config(recipe_args(model, data, cache, out))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -104,9 +134,16 @@ def loader_of_recipe() -> str:
 
 
 def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out: Path) -> dict:
-    env = {**os.environ, **LIVE_MALLOC, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}  # fmt: skip
+    env = {
+        **os.environ,
+        **LIVE_MALLOC,
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO),
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")
+        ),
+    }
     cmd = command(strategy, nproc, recipe_args(model, data, cache, out))
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
@@ -114,8 +151,12 @@ def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.txt").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode != 0:
-        return {"error": f"exit {res.returncode}: " + res.stderr.strip().splitlines()[-1][-300:]
-                if res.stderr.strip() else f"exit {res.returncode}", "wall_s": round(wall, 1)}  # fmt: skip
+        return {
+            "error": f"exit {res.returncode}: " + res.stderr.strip().splitlines()[-1][-300:]
+            if res.stderr.strip()
+            else f"exit {res.returncode}",
+            "wall_s": round(wall, 1),
+        }
     ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
     measured = []
     for r in sorted(ranks, key=lambda r: r["rank"]):
@@ -132,10 +173,22 @@ def predict(model: Path, strategy: str, nproc: int, runtime: float, loading: str
     from recipes import plan as P
 
     shape = P.Shape.from_config(model)
-    row = P.plan(shape, ngpu=nproc, strategies=[strategy], seq=SEQ, batch=1, device="cpu",
-                 runtime=runtime, loading=loading)[0]  # fmt: skip
-    return {"row": row, "phases_mb": {k: v / MB for k, v in row.process_phases.items()},
-            "export_other_mb": row.process_export_other / MB, "params": shape.params}  # fmt: skip
+    row = P.plan(
+        shape,
+        ngpu=nproc,
+        strategies=[strategy],
+        seq=SEQ,
+        batch=1,
+        device="cpu",
+        runtime=runtime,
+        loading=loading,
+    )[0]
+    return {
+        "row": row,
+        "phases_mb": {k: v / MB for k, v in row.process_phases.items()},
+        "export_other_mb": row.process_export_other / MB,
+        "params": shape.params,
+    }
 
 
 def build_models(names: list[str], cache: Path) -> dict[str, Path]:
@@ -161,9 +214,14 @@ def check_targets(rows: list[dict]) -> dict:
             if f:
                 peak = lambda run: max(max(x[k] for k in PHASES) for x in run["ranks"])  # noqa: E731
                 z3[f"{r['model']} x{r['nproc']}"] = peak(r) / peak(f)
-    return {"train_within_15pct": all(e <= 0.15 for e in train), "train_max_error": max(train, default=None),
-            "load_sum_at_most_1_3_copies": all(c <= 1.3 for c in load), "load_max_copies": max(load, default=None),
-            "zero3_within_1_2x_fsdp": all(v <= 1.2 for v in z3.values()), "zero3_over_fsdp": z3}  # fmt: skip
+    return {
+        "train_within_15pct": all(e <= 0.15 for e in train),
+        "train_max_error": max(train, default=None),
+        "load_sum_at_most_1_3_copies": all(c <= 1.3 for c in load),
+        "load_max_copies": max(load, default=None),
+        "zero3_within_1_2x_fsdp": all(v <= 1.2 for v in z3.values()),
+        "zero3_over_fsdp": z3,
+    }
 
 
 def report(res: dict) -> None:
@@ -175,9 +233,13 @@ def report(res: dict) -> None:
     rts = "; ".join(
         f"{m} {v['torch']:,.0f} / {v['deepspeed']:,.0f}" for m, v in s["runtime_mb"].items()
     )
-    print(f"runtime (imports, gloo, one tiny step, the run's tokenizer and data), MiB, torch / with deepspeed: {rts}")  # fmt: skip
-    print(f"{'model':8}{'strategy':14}{'rank':>4}{'load':>8}{'pred':>8}{'ratio':>7}{'train':>8}{'pred':>8}"
-          f"{'ratio':>7}{'export':>8}{'pred':>8}{'ratio':>7}")  # fmt: skip
+    print(
+        f"runtime (imports, gloo, one tiny step, the run's tokenizer and data), MiB, torch / with deepspeed: {rts}"
+    )
+    print(
+        f"{'model':8}{'strategy':14}{'rank':>4}{'load':>8}{'pred':>8}{'ratio':>7}{'train':>8}{'pred':>8}"
+        f"{'ratio':>7}{'export':>8}{'pred':>8}{'ratio':>7}"
+    )
     for r in res["rows"]:
         who = f"{r['model']:8}{r['strategy'] + ' x' + str(r['nproc']):14}"
         if "ranks" not in r:
@@ -189,15 +251,23 @@ def report(res: dict) -> None:
             )
             print(f"{who}{x['rank']:>4}{cells}")
             who = " " * 22
-        print(f"{'':22}    load summed over ranks: {r['load_sum_copies']:.2f} fp32 model copies beyond the "
-              f"runtime ({r['model_fp32_mb']:,.0f} MiB each){'' if r['ranks'][0]['per_phase'] else '  [no phase_peak_rss_mb: whole-run peak]'}")  # fmt: skip
+        print(
+            f"{'':22}    load summed over ranks: {r['load_sum_copies']:.2f} fp32 model copies beyond the "
+            f"runtime ({r['model_fp32_mb']:,.0f} MiB each){'' if r['ranks'][0]['per_phase'] else '  [no phase_peak_rss_mb: whole-run peak]'}"
+        )
     t = res["targets"]
     print("\ntargets:")
-    print(f"  planner within 15% of every rank's training peak: {'met' if t['train_within_15pct'] else 'NOT met'} "
-          f"(largest error {t['train_max_error']:.1%})" if t["train_max_error"] is not None else "  no runs")  # fmt: skip
+    print(
+        f"  planner within 15% of every rank's training peak: {'met' if t['train_within_15pct'] else 'NOT met'} "
+        f"(largest error {t['train_max_error']:.1%})"
+        if t["train_max_error"] is not None
+        else "  no runs"
+    )
     if t["load_max_copies"] is not None:
-        print(f"  load summed over ranks <= 1.3 model copies + runtime: {'met' if t['load_sum_at_most_1_3_copies'] else 'NOT met'} "
-              f"(largest {t['load_max_copies']:.2f} copies)")  # fmt: skip
+        print(
+            f"  load summed over ranks <= 1.3 model copies + runtime: {'met' if t['load_sum_at_most_1_3_copies'] else 'NOT met'} "
+            f"(largest {t['load_max_copies']:.2f} copies)"
+        )
     z = ", ".join(f"{k} {v:.2f}x" for k, v in t["zero3_over_fsdp"].items())
     print(
         f"  ZeRO-3 peak within 1.2x of FSDP2's: {'met' if t['zero3_within_1_2x_fsdp'] else 'NOT met'} ({z})"
@@ -242,12 +312,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_bench.json"))
     ap.add_argument("--models", default=None, help="comma-separated subset of small,base,large")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--rescore", action="store_true",
-                    help="no runs: the measurements in --out against the current planner")  # fmt: skip
-    ap.add_argument("--update", action="store_true",
-                    help="merge these rows into an existing --out (e.g. after a skipped row)")  # fmt: skip
-    ap.add_argument("--loading", choices=("auto", "full", "streaming"), default="auto",
-                    help="the planner's loading model; auto: read recipes/full_finetune.py")  # fmt: skip
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no runs: the measurements in --out against the current planner",
+    )
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="merge these rows into an existing --out (e.g. after a skipped row)",
+    )
+    ap.add_argument(
+        "--loading",
+        choices=("auto", "full", "streaming"),
+        default="auto",
+        help="the planner's loading model; auto: read recipes/full_finetune.py",
+    )
     a = ap.parse_args(argv)
     if a.rescore:
         res = rescore(Path(a.out))
@@ -272,9 +352,19 @@ def main(argv: list[str] | None = None) -> dict:
     models = build_models(names, cache)
     os.environ.update(LIVE_MALLOC)  # for the runtime measurements, as for the runs
     loading = loader_of_recipe() if a.loading == "auto" else a.loading
-    res: dict = {"settings": {"quick": a.quick, "seq": SEQ, "steps": STEPS, "malloc_env": LIVE_MALLOC,
-                              "loading": loading, "runtime_mb": {}, "cpu_count": os.cpu_count(),
-                              "models": {n: str(models[n].name) for n in names}}, "rows": []}  # fmt: skip
+    res: dict = {
+        "settings": {
+            "quick": a.quick,
+            "seq": SEQ,
+            "steps": STEPS,
+            "malloc_env": LIVE_MALLOC,
+            "loading": loading,
+            "runtime_mb": {},
+            "cpu_count": os.cpu_count(),
+            "models": {n: str(models[n].name) for n in names},
+        },
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory(prefix="memory_bench-") as tmp:
         tmp = Path(tmp)
         data = tmp / "sharegpt_clean.json"
@@ -288,26 +378,51 @@ def main(argv: list[str] | None = None) -> dict:
             runtimes[name] = {
                 ds: P.measure_runtime(deepspeed=ds, recipe_argv=argv) for ds in (False, True)
             }
-            res["settings"]["runtime_mb"][name] = {"torch": runtimes[name][False] / MB,
-                                                   "deepspeed": runtimes[name][True] / MB}  # fmt: skip
+            res["settings"]["runtime_mb"][name] = {
+                "torch": runtimes[name][False] / MB,
+                "deepspeed": runtimes[name][True] / MB,
+            }
         for model_name, nproc in runs:
             for strategy in strategies:
                 runtime = runtimes[model_name][parallel.get(strategy).engine == "deepspeed"]
                 pred = predict(models[model_name], strategy, nproc, runtime, loading)
-                row = {"model": model_name, "params": pred["params"], "strategy": strategy, "nproc": nproc,
-                       "model_fp32_mb": 4 * pred["params"] / MB, "runtime_mb": runtime / MB,
-                       "pred_mb": pred["phases_mb"], "pred_export_other_mb": pred["export_other_mb"]}  # fmt: skip
+                row = {
+                    "model": model_name,
+                    "params": pred["params"],
+                    "strategy": strategy,
+                    "nproc": nproc,
+                    "model_fp32_mb": 4 * pred["params"] / MB,
+                    "runtime_mb": runtime / MB,
+                    "pred_mb": pred["phases_mb"],
+                    "pred_export_other_mb": pred["export_other_mb"],
+                }
                 ph = pred["phases_mb"]  # all ranks at once; only rank 0 holds the export copy
-                need = MB * max(ph["load"] * nproc, ph["train"] * nproc,
-                                ph["export"] + pred["export_other_mb"] * (nproc - 1))  # fmt: skip
-                print(f"{model_name} {strategy} x{nproc}: predicted {need / MB:,.0f} MiB over ranks ...", end=" ", flush=True)  # fmt: skip
+                need = MB * max(
+                    ph["load"] * nproc,
+                    ph["train"] * nproc,
+                    ph["export"] + pred["export_other_mb"] * (nproc - 1),
+                )
+                print(
+                    f"{model_name} {strategy} x{nproc}: predicted {need / MB:,.0f} MiB over ranks ...",
+                    end=" ",
+                    flush=True,
+                )
                 if need > 0.8 * mem_available():  # others share this machine: keep a margin
                     avail = mem_available() / 2**30
                     row["skipped"] = (
                         f"skipped: predicted {need / 2**30:.1f} GiB > 80% of available {avail:.1f} GiB"
                     )
                 else:
-                    row.update(run_one(models[model_name], data, cache, strategy, nproc, tmp / f"{model_name}-{strategy}-{nproc}"))  # fmt: skip
+                    row.update(
+                        run_one(
+                            models[model_name],
+                            data,
+                            cache,
+                            strategy,
+                            nproc,
+                            tmp / f"{model_name}-{strategy}-{nproc}",
+                        )
+                    )
                 if "ranks" in row:
                     attach_predictions(row, pred)
                     load_sum = sum(x["load"] for x in row["ranks"]) - nproc * row["runtime_mb"]

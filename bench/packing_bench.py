@@ -41,12 +41,16 @@ def model_and_data(max_length: int):
 
     cache = REPO / ".cache"
     model = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         convert(str(shared_data_dir() / "alpaca_gpt4_data_en_1k.json"), f"{tmp}/s.json")
         clean(f"{tmp}/s.json", f"{tmp}/c.json")
-        ds, _ = build_dataset(f"{tmp}/c.json", str(model), "vicuna_v1.1", max_length,
-                              cache_dir=str(cache), quiet=True)  # fmt: skip
+        ds, _ = build_dataset(
+            f"{tmp}/c.json", str(model), "vicuna_v1.1", max_length, cache_dir=str(cache), quiet=True
+        )
     tok = AutoTokenizer.from_pretrained(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return model, ds.with_format("numpy"), pad
@@ -74,17 +78,24 @@ def variants() -> dict[str, dict]:
 
 def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
     import torch
+    from recipes.core.distributed import World, make_engine
     from transformers import AutoModelForCausalLM
 
     from recipes.core.attention import register
     from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
-    from recipes.core.distributed import World, make_engine
     from recipes.core.loop import Run, train_step
 
-    cfg = TrainConfig(model_max_length=p["max_length"], per_device_train_batch_size=p["batch"],
-                      gradient_accumulation_steps=p["accum"], packing=spec["packing"], strategy="single",
-                      loss_chunk_size=spec["chunk"], learning_rate=2e-5, report_to="none")  # fmt: skip
+    cfg = TrainConfig(
+        model_max_length=p["max_length"],
+        per_device_train_batch_size=p["batch"],
+        gradient_accumulation_steps=p["accum"],
+        packing=spec["packing"],
+        strategy="single",
+        loss_chunk_size=spec["chunk"],
+        learning_rate=2e-5,
+        report_to="none",
+    )
     rows = p["max_length"] if spec.get("row_tokens") == "capacity" else None
     data = TrainData(ds, cfg.packing, cfg.model_max_length, pad, row_tokens=rows)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
@@ -104,8 +115,13 @@ def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
         times.append(time.perf_counter() - t0)
         tokens.append(out["tokens"])
     secs, real = sum(times[1:]), sum(tokens[1:])
-    return {"real_tokens_per_s": real / secs, "row_tokens": data.row_tokens, "units": len(data.units),
-            "real_tokens": real, "seconds": round(secs, 2)}  # fmt: skip
+    return {
+        "real_tokens_per_s": real / secs,
+        "row_tokens": data.row_tokens,
+        "units": len(data.units),
+        "real_tokens": real,
+        "seconds": round(secs, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,8 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         tps = statistics.median(r[name]["real_tokens_per_s"] for r in rounds)
         base = statistics.median(r[base_name]["real_tokens_per_s"] for r in rounds)
         first = rounds[0][name]
-        summary[name] = {"real_tokens_per_s": tps, "vs_first": tps / base, "row_tokens": first["row_tokens"],
-                         "units": first["units"]}  # fmt: skip
+        summary[name] = {
+            "real_tokens_per_s": tps,
+            "vs_first": tps / base,
+            "row_tokens": first["row_tokens"],
+            "units": first["units"],
+        }
         cap = first["row_tokens"] or "-"
         print(f"{name:44}{cap:>8}{first['units']:>6}{tps:>12,.0f}{tps / base:>9.2f}x")
     write_json(args.out, {"settings": p, "rounds": rounds, "summary": summary})

@@ -81,7 +81,7 @@ def _steps_summary(steps: list[dict]) -> dict:
         "real_tokens_per_s_total": sum(s["real_tokens"] for s in timed) / secs if secs else None,
         "real_token_share": (
             sum(s["real_tokens"] for s in timed) / max(1, sum(s["padded_tokens"] for s in timed))
-        ),  # fmt: skip
+        ),
         "timed_steps": len(timed),
     }
 
@@ -117,8 +117,14 @@ def run_camelid(spec: dict) -> dict:
         t0 = time.perf_counter()
         out = inner(run)
         dt = time.perf_counter() - t0
-        steps.append({"seconds": dt, "real_tokens": out["tokens"], "loss": out["loss"],
-                      "padded_tokens": round(out["tokens"] / out["real_token_share"])})  # fmt: skip
+        steps.append(
+            {
+                "seconds": dt,
+                "real_tokens": out["tokens"],
+                "loss": out["loss"],
+                "padded_tokens": round(out["tokens"] / out["real_token_share"]),
+            }
+        )
         return out
 
     loop.train_step = timed
@@ -129,8 +135,12 @@ def run_camelid(spec: dict) -> dict:
         )
     finally:
         loop.train_step = inner
-    return {"steps": steps, "measure": agg, "samples": len(ds),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}  # fmt: skip
+    return {
+        "steps": steps,
+        "measure": agg,
+        "samples": len(ds),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
 
 
 class _Counter:
@@ -172,9 +182,15 @@ def _step_timer(counter: _Counter, steps: list[dict]):
 
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()
-            steps.append({"seconds": now - self.t0, "real_tokens": counter.real,
-                          "padded_tokens": counter.padded, "trained_tokens": counter.trained,
-                          "end_to_end_s": now - self.last_end if self.last_end else None})  # fmt: skip
+            steps.append(
+                {
+                    "seconds": now - self.t0,
+                    "real_tokens": counter.real,
+                    "padded_tokens": counter.padded,
+                    "trained_tokens": counter.trained,
+                    "end_to_end_s": now - self.last_end if self.last_end else None,
+                }
+            )
             self.last_end = now
 
     return StepTimer()
@@ -197,8 +213,12 @@ def _check_packed(model, batch: dict) -> dict:
             alone = model(input_ids=batch["input_ids"][:, s:e]).logits[0]
             diff = max(diff, float((packed[s:e] - alone).abs().max()))
     model.train(was_training)
-    return {"sequences": len(starts) - 1, "checked": min(4, len(starts) - 1),
-            "max_abs_logit_diff": diff, "separate": diff < 1e-3}  # fmt: skip
+    return {
+        "sequences": len(starts) - 1,
+        "checked": min(4, len(starts) - 1),
+        "max_abs_logit_diff": diff,
+        "separate": diff < 1e-3,
+    }
 
 
 def run_trl(spec: dict) -> dict:
@@ -229,17 +249,32 @@ def run_trl(spec: dict) -> dict:
     )
     packing = spec.get("packing", False)
     cfg = SFTConfig(
-        output_dir=spec["tmp"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=spec["accum"], learning_rate=2e-5, weight_decay=0.0,
-        lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", seed=42,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,  # TRL defaults: True, True
-        packing=packing, packing_strategy=spec.get("packing_strategy", "bfd"),
+        output_dir=spec["tmp"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["accum"],
+        learning_rate=2e-5,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=42,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,  # TRL defaults: True, True
+        packing=packing,
+        packing_strategy=spec.get("packing_strategy", "bfd"),
         padding_free=spec.get("padding_free", False),
         # padding-free without packing refuses a max_length: camelid's ids are cut at 2048 already
         max_length=spec["max_length"] if packing else None,
-        logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
         dataloader_num_workers=0,
-    )  # fmt: skip
+    )
     counter, steps = _Counter(), []
 
     class Trainer(SFTTrainer):
@@ -247,15 +282,29 @@ def run_trl(spec: dict) -> dict:
             counter.add(inputs)
             return super().training_step(model, inputs, *a, **kw)
 
-    trainer = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                      callbacks=[_step_timer(counter, steps)])  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[_step_timer(counter, steps)],
+    )
     first = next(iter(trainer.get_train_dataloader()))
     check = _check_packed(model, first) if "position_ids" in first else None
     trainer.train()
-    return {"steps": steps, "packed_check": check, "samples": len(ds),
-            "units": len(trainer.train_dataset), "activation_checkpointing": model.is_gradient_checkpointing, "padding_free": trainer.padding_free,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "trl": trl.__version__}}  # fmt: skip
+    return {
+        "steps": steps,
+        "packed_check": check,
+        "samples": len(ds),
+        "units": len(trainer.train_dataset),
+        "activation_checkpointing": model.is_gradient_checkpointing,
+        "padding_free": trainer.padding_free,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+        },
+    }
 
 
 def worker_main(peer: str, spec_path: str) -> None:
@@ -298,8 +347,10 @@ def run_llamafactory(spec: dict) -> dict:
             importlib.import_module(mod)
         except Exception as e:  # OSError, RuntimeError, ImportError: whatever the build raises
             last = (str(e).strip().splitlines() or [""])[-1][:200]
-            problems.append(f"{mod} {version(mod)} does not load with torch {torch.__version__} "
-                            f"({type(e).__name__}: {last})")  # fmt: skip
+            problems.append(
+                f"{mod} {version(mod)} does not load with torch {torch.__version__} "
+                f"({type(e).__name__}: {last})"
+            )
     try:
         import llamafactory
         import transformers
@@ -308,8 +359,15 @@ def run_llamafactory(spec: dict) -> dict:
         from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
         from llamafactory.train.tuner import run_exp
     except Exception as e:
-        raise RuntimeError("; ".join(problems + [f"so importing llamafactory {version('llamafactory')} "
-                                                 f"fails: {type(e).__name__}: {e}"])) from e  # fmt: skip
+        raise RuntimeError(
+            "; ".join(
+                problems
+                + [
+                    f"so importing llamafactory {version('llamafactory')} "
+                    f"fails: {type(e).__name__}: {e}"
+                ]
+            )
+        ) from e
 
     torch.set_num_threads(spec["threads"])
     register_template(
@@ -322,11 +380,25 @@ def run_llamafactory(spec: dict) -> dict:
     )
     tmp = Path(spec["tmp"])
     tmp.mkdir(parents=True, exist_ok=True)
-    tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-            "assistant_tag": "gpt", "system_tag": "system"}  # fmt: skip
-    (tmp / "dataset_info.json").write_text(json.dumps({"bench": {
-        "file_name": spec["data"], "formatting": "sharegpt",
-        "columns": {"messages": "conversations", "system": "system"}, "tags": tags}}))  # fmt: skip
+    tags = {
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        "system_tag": "system",
+    }
+    (tmp / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "bench": {
+                    "file_name": spec["data"],
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "conversations", "system": "system"},
+                    "tags": tags,
+                }
+            }
+        )
+    )
     counter, steps = _Counter(), []
     inner = CustomSeq2SeqTrainer.training_step
 
@@ -337,20 +409,52 @@ def run_llamafactory(spec: dict) -> dict:
     CustomSeq2SeqTrainer.training_step = training_step
     timer = _step_timer(counter, steps)
     args = dict(
-        stage="sft", do_train=True, model_name_or_path=spec["model"], finetuning_type="full",
-        template="camelid_vicuna_v1.1", dataset="bench", dataset_dir=str(tmp), cutoff_len=spec["max_length"],
-        packing=spec.get("packing", False), neat_packing=spec.get("neat_packing", False), flash_attn="sdpa",
-        overwrite_cache=True, output_dir=str(tmp / "out"), overwrite_output_dir=True,
-        per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=spec["accum"],
-        max_steps=spec["steps"], learning_rate=2e-5, weight_decay=0.0, lr_scheduler_type="cosine",
-        warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", seed=42, use_cpu=True, bf16=False,
-        fp16=False, gradient_checkpointing=False, logging_strategy="no", save_strategy="no",
-        report_to="none", disable_tqdm=True, plot_loss=False, dataloader_num_workers=0,
-    )  # fmt: skip
+        stage="sft",
+        do_train=True,
+        model_name_or_path=spec["model"],
+        finetuning_type="full",
+        template="camelid_vicuna_v1.1",
+        dataset="bench",
+        dataset_dir=str(tmp),
+        cutoff_len=spec["max_length"],
+        packing=spec.get("packing", False),
+        neat_packing=spec.get("neat_packing", False),
+        flash_attn="sdpa",
+        overwrite_cache=True,
+        output_dir=str(tmp / "out"),
+        overwrite_output_dir=True,
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["accum"],
+        max_steps=spec["steps"],
+        learning_rate=2e-5,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=42,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        plot_loss=False,
+        dataloader_num_workers=0,
+    )
     run_exp(args, callbacks=[timer])
-    return {"steps": steps, "samples": timer.samples, "units": timer.units,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "llamafactory": llamafactory.__version__}}  # fmt: skip
+    return {
+        "steps": steps,
+        "samples": timer.samples,
+        "units": timer.units,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "llamafactory": llamafactory.__version__,
+        },
+    }
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -376,18 +480,34 @@ def launch(name: str, spec: dict, tmp: Path, threads: int, timeout: int) -> dict
     exe = peer_python(peer)
     if exe is None:
         why = env_failure(peer) if peer != "camelid" else None
-        return {"ok": False, "error": why or f"no bench venv {BENCH_VENV / PEER_VENVS[peer]} "
-                "(build it with bench/peers_env.sh)"}  # fmt: skip
+        return {
+            "ok": False,
+            "error": why
+            or f"no bench venv {BENCH_VENV / PEER_VENVS[peer]} (build it with bench/peers_env.sh)",
+        }
     tag = f"{spec['file_tag']}-{name}-r{spec['round']}".replace(" ", "_").replace("/", "_")
     run_dir = tmp / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in tag)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, **SYSTEMS[name], "tmp": str(run_dir / "work"), "out": str(run_dir / "result.json"),
-            "threads": threads}  # fmt: skip
+    spec = {
+        **spec,
+        **SYSTEMS[name],
+        "tmp": str(run_dir / "work"),
+        "out": str(run_dir / "result.json"),
+        "threads": threads,
+    }
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1",
-           "HF_DATASETS_CACHE": str(tmp / "hf_datasets"), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DISABLE_VERSION_CHECK": "1",
+        "HF_DATASETS_CACHE": str(tmp / "hf_datasets"),
+        "PYTHONUNBUFFERED": "1",
+    }
     if peer == "camelid":  # camelid's package from the repo, as `python -m bench...` sees it
         cmd = [str(exe), "-m", "bench.peers_bench"]
     else:  # this file as a plain script: the repo (camelid) is not on the peer's sys.path
@@ -397,8 +517,9 @@ def launch(name: str, spec: dict, tmp: Path, threads: int, timeout: int) -> dict
     t0 = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode  # fmt: skip
+            rc = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.perf_counter() - t0
@@ -442,9 +563,15 @@ def prepare(
         tokens = tmp / f"{tag}_tokens.parquet"
         ds.select_columns(["input_ids", "labels"]).to_parquet(str(tokens))
         lengths = ds["length"]
-        files[name] = {"tag": tag, "data": str(clean_json), "tokens": str(tokens),
-                       "conversations": len(lengths), "tokens_total": int(sum(lengths)),
-                       "mean_length": sum(lengths) / len(lengths), "max_length_seen": max(lengths)}  # fmt: skip
+        files[name] = {
+            "tag": tag,
+            "data": str(clean_json),
+            "tokens": str(tokens),
+            "conversations": len(lengths),
+            "tokens_total": int(sum(lengths)),
+            "mean_length": sum(lengths) / len(lengths),
+            "max_length_seen": max(lengths),
+        }
     return model, files
 
 
@@ -464,10 +591,15 @@ def summarize(rounds: list[dict], names: list[str]) -> dict:
             continue
         row["real_tokens_per_s"] = statistics.median(x["real_tokens_per_s"] for x in good)
         row["real_token_share"] = statistics.median(x["real_token_share"] for x in good)
-        for base, key in ((CAMELID_PACKED, "camelid_packed_over_this"),
-                          (CAMELID_GROUPED, "camelid_grouped_over_this")):  # fmt: skip
-            ratios = [r[base]["real_tokens_per_s"] / r[name]["real_tokens_per_s"] for r in rounds
-                      if r.get(base, {}).get("ok") and r.get(name, {}).get("ok")]  # fmt: skip
+        for base, key in (
+            (CAMELID_PACKED, "camelid_packed_over_this"),
+            (CAMELID_GROUPED, "camelid_grouped_over_this"),
+        ):
+            ratios = [
+                r[base]["real_tokens_per_s"] / r[name]["real_tokens_per_s"]
+                for r in rounds
+                if r.get(base, {}).get("ok") and r.get(name, {}).get("ok")
+            ]
             row[key] = statistics.median(ratios) if ratios else None
         first = good[0]
         for k in ("packed_check", "versions", "units", "samples"):
@@ -479,9 +611,11 @@ def summarize(rounds: list[dict], names: list[str]) -> dict:
 
 def report(results: dict) -> None:
     s = results["settings"]
-    print(f"\n== peers: 1 process, {s['model']}, fp32, sdpa, max length {s['max_length']}, batch {s['batch']} x "
-          f"accumulation {s['accum']}, {s['steps']} steps ({s['steps'] - WARMUP} timed), {s['threads']} threads, "
-          f"{s['rounds']} interleaved round(s); real tok/s = median over timed steps, then over rounds")  # fmt: skip
+    print(
+        f"\n== peers: 1 process, {s['model']}, fp32, sdpa, max length {s['max_length']}, batch {s['batch']} x "
+        f"accumulation {s['accum']}, {s['steps']} steps ({s['steps'] - WARMUP} timed), {s['threads']} threads, "
+        f"{s['rounds']} interleaved round(s); real tok/s = median over timed steps, then over rounds"
+    )
     failed: list[str] = []
     head = f"{'file':8}{'system':34}{'real tok/s':>11}{'real share':>11}{'packed/this':>12}{'grouped/this':>13}"
     print(head)
@@ -491,23 +625,28 @@ def report(results: dict) -> None:
                 print(f"{f['tag']:8}{name:34}{'n/a':>11}  could not run (below)")
                 failed.append(f"{f['tag']} {name}: {row['error']}")
                 continue
-            ratios = "".join(f"{row[k]:>{w}.2f}x" if row[k] is not None else f"{'-':>{w + 1}}"
-                             for k, w in (("camelid_packed_over_this", 11),
-                                          ("camelid_grouped_over_this", 12)))  # fmt: skip
+            ratios = "".join(
+                f"{row[k]:>{w}.2f}x" if row[k] is not None else f"{'-':>{w + 1}}"
+                for k, w in (("camelid_packed_over_this", 11), ("camelid_grouped_over_this", 12))
+            )
             print(
                 f"{f['tag']:8}{name:34}{row['real_tokens_per_s']:>11,.0f}{row['real_token_share']:>11.1%}{ratios}"
             )
-    print("packed/this, grouped/this: camelid packed (sdpa_packed) resp. grouped (sdpa) real tok/s over the row's, "
-          "per round, median over rounds")  # fmt: skip
+    print(
+        "packed/this, grouped/this: camelid packed (sdpa_packed) resp. grouped (sdpa) real tok/s over the row's, "
+        "per round, median over rounds"
+    )
     for line in failed:
         print("could not run: " + line)
     for f in results["files"].values():
         for name, row in f["summary"].items():
             if row.get("packed_check"):
                 c = row["packed_check"]
-                print(f"{f['tag']:8}{name}: packed batch vs separate forwards, max |logit diff| "
-                      f"{c['max_abs_logit_diff']:.2e} over {c['checked']} sequence(s): "
-                      f"{'kept apart' if c['separate'] else 'CROSS-CONTAMINATED'}")  # fmt: skip
+                print(
+                    f"{f['tag']:8}{name}: packed batch vs separate forwards, max |logit diff| "
+                    f"{c['max_abs_logit_diff']:.2e} over {c['checked']} sequence(s): "
+                    f"{'kept apart' if c['separate'] else 'CROSS-CONTAMINATED'}"
+                )
 
 
 def save(results: dict, out: Path) -> None:
@@ -551,10 +690,20 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     out = Path(args.out)
     cache = REPO / ".cache"
-    results: dict = {"settings": {"model": "llama small (~17M, legacy tokenizer, vocab 4000)", "threads": threads,
-                                  "rounds": rounds, "warmup_steps": WARMUP, "cpu_count": os.cpu_count(),
-                                  "bench_venv": str(BENCH_VENV), "complete": False, "systems": {n: SYSTEMS[n] for n in names}, **p},
-                     "files": {}}  # fmt: skip
+    results: dict = {
+        "settings": {
+            "model": "llama small (~17M, legacy tokenizer, vocab 4000)",
+            "threads": threads,
+            "rounds": rounds,
+            "warmup_steps": WARMUP,
+            "cpu_count": os.cpu_count(),
+            "bench_venv": str(BENCH_VENV),
+            "complete": False,
+            "systems": {n: SYSTEMS[n] for n in names},
+            **p,
+        },
+        "files": {},
+    }
     with tempfile.TemporaryDirectory(prefix="peers_bench-") as tmp:
         tmp = Path(tmp)
         model, prepared = prepare(tmp, cache, p["max_length"], files)
@@ -568,12 +717,22 @@ def main(argv: list[str] | None = None) -> dict:
             for r in range(rounds):
                 row = {}
                 for name in names if r % 2 == 0 else names[::-1]:
-                    spec = {**p, "model": str(model), "cache": str(cache), "data": f["data"],
-                            "tokens": f["tokens"], "file_tag": f["tag"], "round": r + 1}  # fmt: skip
+                    spec = {
+                        **p,
+                        "model": str(model),
+                        "cache": str(cache),
+                        "data": f["data"],
+                        "tokens": f["tokens"],
+                        "file_tag": f["tag"],
+                        "round": r + 1,
+                    }
                     res = launch(name, spec, tmp, threads, args.timeout)
                     row[name] = res
-                    what = (f"{res['real_tokens_per_s']:>8,.0f} real tok/s" if res.get("ok")
-                            else f"failed: {res['error'][:200]}")  # fmt: skip
+                    what = (
+                        f"{res['real_tokens_per_s']:>8,.0f} real tok/s"
+                        if res.get("ok")
+                        else f"failed: {res['error'][:200]}"
+                    )
                     print(f"  round {r + 1} {name:34} {what} ({res['wall_s']:.0f} s)", flush=True)
                     # written after every run (settings.complete false until the end)
                     done = [*rows, row]

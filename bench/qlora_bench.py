@@ -51,8 +51,11 @@ def model_bytes(model) -> dict:
         if isinstance(module, torch.nn.Linear) and module is not head:
             state = getattr(module.weight, "quant_state", None)
             if state is not None:  # absmax (double-quantized), code book, nested constants
-                own += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
-                           if isinstance(t, torch.Tensor))  # fmt: skip
+                own += sum(
+                    t.numel() * t.element_size()
+                    for t in state.as_dict(packed=True).values()
+                    if isinstance(t, torch.Tensor)
+                )
             quantized_part += own
         else:
             rest += own
@@ -68,8 +71,12 @@ def base_bytes(path: Path) -> dict:
     nf4 = model_bytes(
         load_base(str(path), QLoraConfig(quantization="nf4", double_quant=True, bf16=True), cpu)
     )
-    return {"bf16": bf16, "nf4": nf4, "ratio_linear": nf4["linear"] / bf16["linear"],
-            "ratio_total": nf4["total"] / bf16["total"]}  # fmt: skip
+    return {
+        "bf16": bf16,
+        "nf4": nf4,
+        "ratio_linear": nf4["linear"] / bf16["linear"],
+        "ratio_total": nf4["total"] / bf16["total"],
+    }
 
 
 def llama_7b_bytes(tmp: Path) -> dict:
@@ -82,10 +89,16 @@ def llama_7b_bytes(tmp: Path) -> dict:
             2 * LLAMA_7B["hidden_size"] * 2
         )  # the layer's two RMSNorm weights, 16-bit in both
         per_layer = one[kind]["linear"] + layer_rest
-        out[kind] = {"linear": one[kind]["linear"] * LLAMA_7B_LAYERS,
-                     "total": one[kind]["total"] + (LLAMA_7B_LAYERS - 1) * per_layer}  # fmt: skip
-    return {**out, "ratio_linear": out["nf4"]["linear"] / out["bf16"]["linear"],
-            "ratio_total": out["nf4"]["total"] / out["bf16"]["total"], "measured_layers": 1}  # fmt: skip
+        out[kind] = {
+            "linear": one[kind]["linear"] * LLAMA_7B_LAYERS,
+            "total": one[kind]["total"] + (LLAMA_7B_LAYERS - 1) * per_layer,
+        }
+    return {
+        **out,
+        "ratio_linear": out["nf4"]["linear"] / out["bf16"]["linear"],
+        "ratio_total": out["nf4"]["total"] / out["bf16"]["total"],
+        "measured_layers": 1,
+    }
 
 
 def one_layer_7b(out: Path) -> Path:
@@ -108,10 +121,33 @@ def one_layer_7b(out: Path) -> Path:
 def run_recipe(
     name: str, recipe: str, model: Path, data: Path, out: Path, steps: int, extra: list[str]
 ) -> dict:
-    cmd = [sys.executable, str(REPO / "recipes" / recipe), "--model_name_or_path", str(model), "--data_path", str(data),
-           "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "4",
-           "--gradient_accumulation_steps", "1", "--model_max_length", "512", "--save_steps", "100000",
-           "--report_to", "none", "--logging_steps", "1", "--bf16", "False", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / recipe),
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--model_max_length",
+        "512",
+        "--save_steps",
+        "100000",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--bf16",
+        "False",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -121,26 +157,40 @@ def run_recipe(
     rank = json.loads((out / "ranks" / "rank0.json").read_text())
     timed = rows[2:] or rows
     trained = next((ln for ln in res.stdout.splitlines() if "parameters" in ln), "")
-    return {"method": name, "step_s": statistics.median(r["step_s"] for r in timed),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "peak_rss_mb": rank["peak_rss_mb"], "final_loss": rows[-1]["loss"], "startup_line": trained.strip(),
-            "wall_s": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "method": name,
+        "step_s": statistics.median(r["step_s"] for r in timed),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "peak_rss_mb": rank["peak_rss_mb"],
+        "final_loss": rows[-1]["loss"],
+        "startup_line": trained.strip(),
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def report(results: dict) -> str:
-    lines = ["== a. base model bytes, 4-bit nf4 + double quantization vs bf16 (target <= 0.3x)",
-             f"{'model':<28}{'bf16 MiB':>10}{'nf4 MiB':>10}{'linear x':>10}{'whole x':>10}"]  # fmt: skip
+    lines = [
+        "== a. base model bytes, 4-bit nf4 + double quantization vs bf16 (target <= 0.3x)",
+        f"{'model':<28}{'bf16 MiB':>10}{'nf4 MiB':>10}{'linear x':>10}{'whole x':>10}",
+    ]
     for name, r in results["bytes"].items():
-        lines.append(f"{name:<28}{r['bf16']['total'] / 2**20:>10.1f}{r['nf4']['total'] / 2**20:>10.1f}"
-                     f"{r['ratio_linear']:>10.3f}{r['ratio_total']:>10.3f}")  # fmt: skip
+        lines.append(
+            f"{name:<28}{r['bf16']['total'] / 2**20:>10.1f}{r['nf4']['total'] / 2**20:>10.1f}"
+            f"{r['ratio_linear']:>10.3f}{r['ratio_total']:>10.3f}"
+        )
     s = results["settings"]
     for model, runs in results["methods"].items():
-        lines += ["", f"== b. one process, {model}, {s['data']}, batch 4, max length 512, {runs[0]['steps']} steps, fp32 compute",
-                  f"{'method':<34}{'step s':>9}{'tok/s':>9}{'peak RSS MB':>13}{'step vs full':>14}{'mem vs full':>13}"]  # fmt: skip
+        lines += [
+            "",
+            f"== b. one process, {model}, {s['data']}, batch 4, max length 512, {runs[0]['steps']} steps, fp32 compute",
+            f"{'method':<34}{'step s':>9}{'tok/s':>9}{'peak RSS MB':>13}{'step vs full':>14}{'mem vs full':>13}",
+        ]
         full = next(r for r in runs if r["method"].startswith("full"))
         for r in runs:
-            lines.append(f"{r['method']:<34}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['peak_rss_mb']:>13,.0f}"
-                         f"{r['step_s'] / full['step_s']:>13.2f}x{r['peak_rss_mb'] / full['peak_rss_mb']:>12.2f}x")  # fmt: skip
+            lines.append(
+                f"{r['method']:<34}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['peak_rss_mb']:>13,.0f}"
+                f"{r['step_s'] / full['step_s']:>13.2f}x{r['peak_rss_mb'] / full['peak_rss_mb']:>12.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -156,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     cache = REPO / ".cache"
     small = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
     steps = 6 if args.quick else 20
-    results: dict = {"settings": {"data": DATA, "quick": args.quick,
-                                  "cpu_count": os.cpu_count()}, "bytes": {}}  # fmt: skip
+    results: dict = {
+        "settings": {"data": DATA, "quick": args.quick, "cpu_count": os.cpu_count()},
+        "bytes": {},
+    }
     with tempfile.TemporaryDirectory(prefix="qlora_bench-") as tmp:
         tmp = Path(tmp)
         print("a. base bytes: small", flush=True)
@@ -168,10 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
         data = shared_data_dir() / DATA
         qlora_tiny = ["--config", "qlora_tiny_cpu.yaml"]
         methods = [
-            ("full fine-tune (AdamW)", "full_finetune.py", ["--config", "tiny_cpu.yaml", "--strategy", "single"]),
-            ("LoRA r16, fp32 base (AdamW)", "qlora.py", [*qlora_tiny, "--quantization", "none", "--optim", "adamw_torch"]),
+            (
+                "full fine-tune (AdamW)",
+                "full_finetune.py",
+                ["--config", "tiny_cpu.yaml", "--strategy", "single"],
+            ),
+            (
+                "LoRA r16, fp32 base (AdamW)",
+                "qlora.py",
+                [*qlora_tiny, "--quantization", "none", "--optim", "adamw_torch"],
+            ),
             ("QLoRA r16, nf4 base (paged AdamW)", "qlora.py", qlora_tiny),
-        ]  # fmt: skip
+        ]
         results["methods"] = {}
         models = [("llama small (~17M)", small, steps)]
         if not args.quick:  # where the model's own states, not the runtime, dominate memory
@@ -184,8 +244,20 @@ def main(argv: list[str] | None = None) -> dict:
             for name, recipe, extra in methods:
                 print(f"b. {label}: {name}", flush=True)
                 out = tmp / label.split()[1] / recipe.split(".")[0] / name[:4]
-                runs.append({**run_recipe(name, recipe, model, data, out, n_steps,
-                                          [*extra, "--gradient_checkpointing", "False"]), "steps": n_steps})  # fmt: skip
+                runs.append(
+                    {
+                        **run_recipe(
+                            name,
+                            recipe,
+                            model,
+                            data,
+                            out,
+                            n_steps,
+                            [*extra, "--gradient_checkpointing", "False"],
+                        ),
+                        "steps": n_steps,
+                    }
+                )
     table = report(results)
     print("\n" + table)
     write_json(args.out, results)

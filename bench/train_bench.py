@@ -95,8 +95,11 @@ class Phases:
     def end(self, name: str) -> dict:
         st = _status()
         peak = st["VmHWM"] if self.exact else max(self._max, st["VmRSS"])
-        self.rows[name] = {"peak_mb": round(peak, 1), "end_mb": round(st["VmRSS"], 1),
-                           "end_file_mb": round(st["RssFile"], 1)}  # fmt: skip
+        self.rows[name] = {
+            "peak_mb": round(peak, 1),
+            "end_mb": round(st["VmRSS"], 1),
+            "end_file_mb": round(st["RssFile"], 1),
+        }
         return self.rows[name]
 
 
@@ -193,11 +196,20 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     ph.end("export")
     ff.cleanup(run)
     out = Path(spec["out"]) / f"bench-rank{rank}.json"
-    out.write_text(json.dumps({
-        "rank": rank, "world_size": world_size, "phases": ph.rows, "peak_exact": ph.exact,
-        "pre_export_mb": round(pre_export, 1), "live_tensor_mb": tensors, "timers_s": timers,
-        "export_s": export_s,
-    }))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": world_size,
+                "phases": ph.rows,
+                "peak_exact": ph.exact,
+                "pre_export_mb": round(pre_export, 1),
+                "live_tensor_mb": tensors,
+                "timers_s": timers,
+                "export_s": export_s,
+            }
+        )
+    )
 
 
 def fastchat_worker(spec: dict) -> None:
@@ -228,8 +240,11 @@ def fastchat_worker(spec: dict) -> None:
     )
     if tok.pad_token != tok.unk_token:
         tok.pad_token = tok.unk_token
-    raw = [{"conversations": sharegpt_turns(c)}
-           for c in read_trainable([spec["data"]], Report("bench")) if fastchat_accepts(c)]  # fmt: skip
+    raw = [
+        {"conversations": sharegpt_turns(c)}
+        for c in read_trainable([spec["data"]], Report("bench"))
+        if fastchat_accepts(c)
+    ]
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # "WARNING: tokenization mismatch" lines
         dataset = SupervisedDataset(raw, tokenizer=tok)
@@ -253,24 +268,58 @@ def fastchat_worker(spec: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, use_cpu=True, per_device_train_batch_size=spec["batch"],
-            gradient_accumulation_steps=spec["accum"], max_steps=spec["steps"], learning_rate=2e-5,
-            weight_decay=0.0, warmup_steps=0.03, lr_scheduler_type="cosine", logging_steps=1, optim="adamw_torch",
-            save_strategy="no", report_to=[], disable_tqdm=True, seed=42, dataloader_num_workers=0,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])  # fmt: skip
+            output_dir=tmp,
+            use_cpu=True,
+            per_device_train_batch_size=spec["batch"],
+            gradient_accumulation_steps=spec["accum"],
+            max_steps=spec["steps"],
+            learning_rate=2e-5,
+            weight_decay=0.0,
+            warmup_steps=0.03,
+            lr_scheduler_type="cosine",
+            logging_steps=1,
+            optim="adamw_torch",
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=42,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collate,
+            callbacks=[Clock()],
+        )
         ph.end("setup")
         ph.start()
         with contextlib.redirect_stdout(io.StringIO()):  # the per-step log dicts
             trainer.train()
         ph.end("train")
-    rows = [{"step": i + 1, "tokens": b["real"] - a["real"], "padded": b["padded"] - a["padded"],
-             "step_s": b["t"] - a["t"]} for i, (a, b) in enumerate(zip(steps, steps[1:]), start=1)]  # fmt: skip
+    rows = [
+        {
+            "step": i + 1,
+            "tokens": b["real"] - a["real"],
+            "padded": b["padded"] - a["padded"],
+            "step_s": b["t"] - a["t"],
+        }
+        for i, (a, b) in enumerate(zip(steps, steps[1:]), start=1)
+    ]
     mask = dataset.attention_mask
-    Path(spec["out"], "bench-rank0.json").write_text(json.dumps({
-        "rank": 0, "phases": ph.rows, "peak_exact": ph.exact, "steps": rows, "preprocess_s": preprocess_s,
-        "samples": len(dataset), "epoch_real_share": float(mask.sum() / mask.numel()),
-    }))  # fmt: skip
+    Path(spec["out"], "bench-rank0.json").write_text(
+        json.dumps(
+            {
+                "rank": 0,
+                "phases": ph.rows,
+                "peak_exact": ph.exact,
+                "steps": rows,
+                "preprocess_s": preprocess_s,
+                "samples": len(dataset),
+                "epoch_real_share": float(mask.sum() / mask.numel()),
+            }
+        )
+    )
 
 
 def worker_main() -> None:
@@ -301,15 +350,39 @@ def launch(
     if nproc == 1:
         cmd = [sys.executable, "-m", "bench.train_bench", *args]
     elif strategy.startswith("zero"):
-        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
-               "--module", "--no_local_rank", "bench.train_bench", *args]  # fmt: skip
+        cmd = [
+            str(bin_dir / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "--module",
+            "--no_local_rank",
+            "bench.train_bench",
+            *args,
+        ]
     else:
-        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "bench.train_bench", *args]  # fmt: skip
+        cmd = [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "bench.train_bench",
+            *args,
+        ]
     threads = max(1, (os.cpu_count() or 2) // nproc)
-    env = {**os.environ, WORKER_ENV: json.dumps(spec), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-           **(env_extra or {})}  # fmt: skip
+    env = {
+        **os.environ,
+        WORKER_ENV: json.dumps(spec),
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")
+        ),
+        **(env_extra or {}),
+    }
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -336,10 +409,18 @@ def fastchat_result(ranks: list[dict]) -> dict:
     r = ranks[0]
     timed = r["steps"]  # step 1 (warm-up) is already left out: rows start at the end of step 1
     tokens, padded, secs = (sum(s[k] for s in timed) for k in ("tokens", "padded", "step_s"))
-    return {"real_tokens_per_s": tokens / secs, "padded_tokens_per_s": padded / secs, "real_token_share": tokens / padded,
-            "epoch_real_share": r["epoch_real_share"], "step_s": [round(s["step_s"], 2) for s in timed],
-            "peak_rss_mb": _peak(r), "train_peak_rss_mb": r["phases"]["train"]["peak_mb"],
-            "preprocess_s": r["preprocess_s"], "samples": r["samples"], "wall_s": r["wall_s"]}  # fmt: skip
+    return {
+        "real_tokens_per_s": tokens / secs,
+        "padded_tokens_per_s": padded / secs,
+        "real_token_share": tokens / padded,
+        "epoch_real_share": r["epoch_real_share"],
+        "step_s": [round(s["step_s"], 2) for s in timed],
+        "peak_rss_mb": _peak(r),
+        "train_peak_rss_mb": r["phases"]["train"]["peak_mb"],
+        "preprocess_s": r["preprocess_s"],
+        "samples": r["samples"],
+        "wall_s": r["wall_s"],
+    }
 
 
 def camelid_result(ranks: list[dict], out: Path) -> dict:
@@ -353,10 +434,16 @@ def camelid_result(ranks: list[dict], out: Path) -> dict:
     loop = t["train_total"] - t.get("checkpoint", 0.0)  # the final checkpoint is not a step's time
     parts = {k: t.get(k, 0.0) for k in ("collate", "forward", "backward", "step", "all_sum", "log")}
     parts["other"] = loop - sum(parts.values())
-    return {"real_tokens_per_s": tokens / secs, "padded_tokens_per_s": padded / secs, "real_token_share": tokens / padded,
-            "step_s": [round(s["step_s"], 2) for s in timed], "peak_rss_mb": _peak(r),
-            "train_peak_rss_mb": r["phases"]["train"]["peak_mb"],
-            "time_share": {k: round(v / loop, 3) for k, v in parts.items()}, "wall_s": r["wall_s"]}  # fmt: skip
+    return {
+        "real_tokens_per_s": tokens / secs,
+        "padded_tokens_per_s": padded / secs,
+        "real_token_share": tokens / padded,
+        "step_s": [round(s["step_s"], 2) for s in timed],
+        "peak_rss_mb": _peak(r),
+        "train_peak_rss_mb": r["phases"]["train"]["peak_mb"],
+        "time_share": {k: round(v / loop, 3) for k, v in parts.items()},
+        "wall_s": r["wall_s"],
+    }
 
 
 def epoch_real_share(
@@ -367,7 +454,12 @@ def epoch_real_share(
     from recipes.core.data import BatchPlan, TrainData
 
     kw = {"packing": True} if packing else {}
-    cfg = TrainConfig(model_max_length=max_length, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, **kw)  # fmt: skip
+    cfg = TrainConfig(
+        model_max_length=max_length,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        **kw,
+    )
     data = TrainData(ds, packing, max_length, pad_id)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
     real = padded = 0
@@ -379,14 +471,51 @@ def epoch_real_share(
 
 
 def recipe_args(model, data, cache, max_length, batch, accum, steps, *extra) -> list:
-    return ["--model_name_or_path", model, "--data_path", data, "--cache_dir", cache, "--model_max_length", max_length,
-            "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accum, "--max_steps", steps,
-            "--learning_rate", 2e-5, "--weight_decay", 0.0, "--warmup_ratio", 0.03, "--lr_scheduler_type", "cosine",
-            "--save_steps", 100_000, "--report_to", "none", "--logging_steps", 1, "--overwrite_output_dir", True, *extra]  # fmt: skip
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        data,
+        "--cache_dir",
+        cache,
+        "--model_max_length",
+        max_length,
+        "--per_device_train_batch_size",
+        batch,
+        "--gradient_accumulation_steps",
+        accum,
+        "--max_steps",
+        steps,
+        "--learning_rate",
+        2e-5,
+        "--weight_decay",
+        0.0,
+        "--warmup_ratio",
+        0.03,
+        "--lr_scheduler_type",
+        "cosine",
+        "--save_steps",
+        100_000,
+        "--report_to",
+        "none",
+        "--logging_steps",
+        1,
+        "--overwrite_output_dir",
+        True,
+        *extra,
+    ]
 
 
-def throughput(p: dict, model: Path, data: Path, tmp: Path, cache: Path, configs: list[str], rounds: int,
-               tag: str) -> dict:  # fmt: skip
+def throughput(
+    p: dict,
+    model: Path,
+    data: Path,
+    tmp: Path,
+    cache: Path,
+    configs: list[str],
+    rounds: int,
+    tag: str,
+) -> dict:
     """FastChat vs camelid (and camelid --packing) on `data`, `rounds` interleaved rounds."""
     from transformers import AutoTokenizer
 
@@ -411,13 +540,33 @@ def throughput(p: dict, model: Path, data: Path, tmp: Path, cache: Path, configs
             out = tmp / f"{tag}{rnd}-{name}"
             print(f"  {tag} round {rnd + 1}: {name} ...", end=" ", flush=True)
             if name == "fastchat":
-                spec = {"role": "fastchat", "out": str(out), "model": str(model), "data": str(data),
-                        "max_length": L, "batch": b, "accum": acc, "steps": steps}  # fmt: skip
+                spec = {
+                    "role": "fastchat",
+                    "out": str(out),
+                    "model": str(model),
+                    "data": str(data),
+                    "max_length": L,
+                    "batch": b,
+                    "accum": acc,
+                    "steps": steps,
+                }
                 row[name] = fastchat_result(launch(spec))
             else:
                 extra = ["--packing", True] if name == "camelid_packed" else []
-                args = recipe_args(model, data, cache, L, b, acc, steps, "--strategy", "single",
-                                   "--output_dir", out, *extra)  # fmt: skip
+                args = recipe_args(
+                    model,
+                    data,
+                    cache,
+                    L,
+                    b,
+                    acc,
+                    steps,
+                    "--strategy",
+                    "single",
+                    "--output_dir",
+                    out,
+                    *extra,
+                )
                 ranks = launch({"role": "recipe", "out": str(out)}, 1, "single", args)
                 row[name] = camelid_result(ranks, out)
             print(
@@ -454,44 +603,76 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     psi, n = sum(t.numel() for t in model.parameters()), 2
-    res: dict = {"parameters": psi, "ranks": n, "model_fp32_mb": 4 * psi / MB, "malloc_env": LIVE_MALLOC,
-                 "formula_mb": {"replicated_16psi": 16 * psi / MB, "sharded_16psi_over_n": 16 * psi / n / MB},
-                 "runs": {}}  # fmt: skip
+    res: dict = {
+        "parameters": psi,
+        "ranks": n,
+        "model_fp32_mb": 4 * psi / MB,
+        "malloc_env": LIVE_MALLOC,
+        "formula_mb": {
+            "replicated_16psi": 16 * psi / MB,
+            "sharded_16psi_over_n": 16 * psi / n / MB,
+        },
+        "runs": {},
+    }
     for name in p["mem_runs"]:
         strategy = name.split("_")[0]
         export = "no_offload" if "no_offload" in name else None
         env = {} if name.endswith("glibc_default") else LIVE_MALLOC
         out = tmp / f"b-{name}"
         print(f"  {name} x {n} ...", end=" ", flush=True)
-        args = recipe_args(base, data, cache, p["mem_length"], 1, 1, p["mem_steps"], "--strategy", strategy,
-                           "--output_dir", out)  # fmt: skip
+        args = recipe_args(
+            base,
+            data,
+            cache,
+            p["mem_length"],
+            1,
+            1,
+            p["mem_steps"],
+            "--strategy",
+            strategy,
+            "--output_dir",
+            out,
+        )
         ranks = launch(
             {"role": "recipe", "out": str(out), "export": export}, n, strategy, args, env
         )
-        res["runs"][name] = [{
-            "rank": r["rank"], "runtime_mb": r["phases"]["runtime"]["end_mb"],
-            "setup_peak_mb": r["phases"]["setup"]["peak_mb"], "train_peak_mb": r["phases"]["train"]["peak_mb"],
-            "train_end_file_mb": r["phases"]["train"]["end_file_mb"], "after_train_mb": r["pre_export_mb"],
-            "live_tensor_mb": r["live_tensor_mb"], "export_peak_mb": r["phases"]["export"]["peak_mb"],
-            "export_increase_mb": r["phases"]["export"]["peak_mb"] - r["pre_export_mb"],
-            "export_s": round(r["export_s"], 1), "wall_s": r["wall_s"], "peak_exact": r["peak_exact"],
-        } for r in ranks]  # fmt: skip
+        res["runs"][name] = [
+            {
+                "rank": r["rank"],
+                "runtime_mb": r["phases"]["runtime"]["end_mb"],
+                "setup_peak_mb": r["phases"]["setup"]["peak_mb"],
+                "train_peak_mb": r["phases"]["train"]["peak_mb"],
+                "train_end_file_mb": r["phases"]["train"]["end_file_mb"],
+                "after_train_mb": r["pre_export_mb"],
+                "live_tensor_mb": r["live_tensor_mb"],
+                "export_peak_mb": r["phases"]["export"]["peak_mb"],
+                "export_increase_mb": r["phases"]["export"]["peak_mb"] - r["pre_export_mb"],
+                "export_s": round(r["export_s"], 1),
+                "wall_s": r["wall_s"],
+                "peak_exact": r["peak_exact"],
+            }
+            for r in ranks
+        ]
         peaks = ", ".join(f"{x['train_peak_mb']:,.0f}" for x in res["runs"][name])
         print(f"train peak {peaks} MiB ({ranks[0]['wall_s']:.0f} s)", flush=True)
     return res
 
 
 def report_throughput(a: dict, s: dict, title: str) -> None:
-    print(f"\n== {title}: 1 process, {s['model_a']}, {a['data']} (cleaned), max length {s['max_length']}, "
-          f"batch {s['batch']} x accumulation {s['accum']}, {s['steps'] - 1} timed steps after 1 warm-up, "
-          f"{len(a['rounds'])} interleaved round(s)")  # fmt: skip
+    print(
+        f"\n== {title}: 1 process, {s['model_a']}, {a['data']} (cleaned), max length {s['max_length']}, "
+        f"batch {s['batch']} x accumulation {s['accum']}, {s['steps'] - 1} timed steps after 1 warm-up, "
+        f"{len(a['rounds'])} interleaved round(s)"
+    )
     labels = {
         "fastchat": "FastChat (pad to max)",
         "camelid": "camelid",
         "camelid_packed": "camelid --packing",
     }
-    print(f"{'':26}{'real tok/s':>11}{'all tok/s':>10}{'pad share':>10}{'epoch pad':>10}{'peak RSS':>9}"
-          f"{'vs FastChat':>12}")  # fmt: skip
+    print(
+        f"{'':26}{'real tok/s':>11}{'all tok/s':>10}{'pad share':>10}{'epoch pad':>10}{'peak RSS':>9}"
+        f"{'vs FastChat':>12}"
+    )
     for i, rnd in enumerate(a["rounds"]):
         for key, label in labels.items():
             if key not in rnd:
@@ -499,15 +680,21 @@ def report_throughput(a: dict, s: dict, title: str) -> None:
             r, who = rnd[key], f"r{i + 1} {label}"
             epoch = a[f"{key}_epoch_real_share"]
             ratio = f"{rnd[key + '_vs_fastchat']:.2f}x" if key != "fastchat" else ""
-            print(f"{who:26}{r['real_tokens_per_s']:>11,.0f}{r['padded_tokens_per_s']:>10,.0f}"
-                  f"{1 - r['real_token_share']:>10.1%}{1 - epoch:>10.1%}{r['peak_rss_mb']:>9,.0f}{ratio:>12}")  # fmt: skip
-    print(f"camelid / FastChat real tokens/s, median over rounds: {a['camelid_vs_fastchat']:.2f}x "
-          f"(target >= 3x); padding alone bounds it at {a['camelid_padding_bound']:.2f}x "
-          f"(epoch real-token share {a['camelid_epoch_real_share']:.1%} vs {a['fastchat_epoch_real_share']:.1%})")  # fmt: skip
+            print(
+                f"{who:26}{r['real_tokens_per_s']:>11,.0f}{r['padded_tokens_per_s']:>10,.0f}"
+                f"{1 - r['real_token_share']:>10.1%}{1 - epoch:>10.1%}{r['peak_rss_mb']:>9,.0f}{ratio:>12}"
+            )
+    print(
+        f"camelid / FastChat real tokens/s, median over rounds: {a['camelid_vs_fastchat']:.2f}x "
+        f"(target >= 3x); padding alone bounds it at {a['camelid_padding_bound']:.2f}x "
+        f"(epoch real-token share {a['camelid_epoch_real_share']:.1%} vs {a['fastchat_epoch_real_share']:.1%})"
+    )
     if "camelid_packed_vs_fastchat" in a:
         share = statistics.mean(r["camelid_packed"]["real_token_share"] for r in a["rounds"])
-        print(f"camelid --packing: {a['camelid_packed_vs_fastchat']:.2f}x; real-token share with packing "
-              f"{share:.1%} in the timed steps, {a['camelid_packed_epoch_real_share']:.1%} over an epoch (target >= 95%)")  # fmt: skip
+        print(
+            f"camelid --packing: {a['camelid_packed_vs_fastchat']:.2f}x; real-token share with packing "
+            f"{share:.1%} in the timed steps, {a['camelid_packed_epoch_real_share']:.1%} over an epoch (target >= 95%)"
+        )
     elif s["packing_available"] is False:
         print("camelid --packing: not available (no --packing option in recipes/core/config.py)")
     shares = a["rounds"][-1]["camelid"]["time_share"]
@@ -521,40 +708,59 @@ def report(results: dict) -> None:
         report_throughput(results["throughput_short"], s, "a'. supplementary, short conversations")
     m = results["memory"]
     psi, n = m["parameters"], m["ranks"]
-    print(f"\n== b. per-rank memory (MiB), {n} ranks, {s['model_b']} ({psi / 1e6:.1f}M params), fp32 + AdamW, "
-          f"length {s['mem_length']}, batch 1, {s['mem_steps']} steps, "
-          f"{' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}")  # fmt: skip
-    print("formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = 16 bytes per\n"
-          "parameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); DDP replicates them: 16*Psi per rank;\n"
-          "FSDP / ZeRO-3 shard all three: 16*Psi/N. After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
-          "runtime = the process before any model or data (python, torch, transformers, deepspeed).")  # fmt: skip
-    print(f"{'':25}{'runtime':>8}{'setup pk':>9}{'train pk':>9}{'pk-runtime':>11}{'16Psi/N':>8}"
-          f"{'tensors':>8}{'12Psi/N':>8}{'mmapped':>8}")  # fmt: skip
+    print(
+        f"\n== b. per-rank memory (MiB), {n} ranks, {s['model_b']} ({psi / 1e6:.1f}M params), fp32 + AdamW, "
+        f"length {s['mem_length']}, batch 1, {s['mem_steps']} steps, "
+        f"{' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}"
+    )
+    print(
+        "formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = 16 bytes per\n"
+        "parameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); DDP replicates them: 16*Psi per rank;\n"
+        "FSDP / ZeRO-3 shard all three: 16*Psi/N. After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
+        "runtime = the process before any model or data (python, torch, transformers, deepspeed)."
+    )
+    print(
+        f"{'':25}{'runtime':>8}{'setup pk':>9}{'train pk':>9}{'pk-runtime':>11}{'16Psi/N':>8}"
+        f"{'tensors':>8}{'12Psi/N':>8}{'mmapped':>8}"
+    )
     for name, runs in m["runs"].items():
         if "no_offload" in name:
             continue
         shards = 1 if name.startswith("ddp") else n
         for r in runs:
             who = f"{name} rank {r['rank']}"
-            print(f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}{r['train_peak_mb']:>9,.0f}"
-                  f"{r['train_peak_mb'] - r['runtime_mb']:>11,.0f}{16 * psi / shards / MB:>8,.0f}"
-                  f"{r['live_tensor_mb']:>8,.0f}{12 * psi / shards / MB:>8,.0f}{r['train_end_file_mb']:>8,.0f}")  # fmt: skip
-    print("  tensors: storage Python can reach after training (params + Adam states + DeepSpeed buffers);\n"
-          "  mmapped: file-backed RSS at the end of training (the safetensors file every rank maps to load the model)")  # fmt: skip
+            print(
+                f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}{r['train_peak_mb']:>9,.0f}"
+                f"{r['train_peak_mb'] - r['runtime_mb']:>11,.0f}{16 * psi / shards / MB:>8,.0f}"
+                f"{r['live_tensor_mb']:>8,.0f}{12 * psi / shards / MB:>8,.0f}{r['train_end_file_mb']:>8,.0f}"
+            )
+    print(
+        "  tensors: storage Python can reach after training (params + Adam states + DeepSpeed buffers);\n"
+        "  mmapped: file-backed RSS at the end of training (the safetensors file every rank maps to load the model)"
+    )
     print(
         f"\n== c. export (checkpoint.export_hf), {n} ranks, one fp32 copy of the model = {m['model_fp32_mb']:,.0f} MiB"
     )
     print(f"{'':32}{'before':>8}{'peak':>8}{'increase':>9}{'copies':>7}{'seconds':>8}")
-    labels = {"fsdp": "fsdp, cpu_offload=True", "fsdp_no_offload": "fsdp, no cpu_offload", "ddp": "ddp",
-              "zero3": "zero3", "fsdp_glibc_default": "fsdp, glibc default malloc"}  # fmt: skip
+    labels = {
+        "fsdp": "fsdp, cpu_offload=True",
+        "fsdp_no_offload": "fsdp, no cpu_offload",
+        "ddp": "ddp",
+        "zero3": "zero3",
+        "fsdp_glibc_default": "fsdp, glibc default malloc",
+    }
     for name, label in labels.items():
         for r in m["runs"].get(name, []):
             who = f"{label} r{r['rank']}"
-            print(f"{who:32}{r['after_train_mb']:>8,.0f}{r['export_peak_mb']:>8,.0f}{r['export_increase_mb']:>9,.0f}"
-                  f"{r['export_increase_mb'] / m['model_fp32_mb']:>7.2f}{r['export_s']:>8.1f}")  # fmt: skip
-    print("  before = RSS after training (freed heap trimmed); increase = export peak - before. On CPU the\n"
-          "  'offload' copies nothing (the gathered tensors are CPU tensors already): what differs is that with\n"
-          "  cpu_offload=True only rank 0 keeps the gathered state dict, without it every rank keeps a full copy.")  # fmt: skip
+            print(
+                f"{who:32}{r['after_train_mb']:>8,.0f}{r['export_peak_mb']:>8,.0f}{r['export_increase_mb']:>9,.0f}"
+                f"{r['export_increase_mb'] / m['model_fp32_mb']:>7.2f}{r['export_s']:>8.1f}"
+            )
+    print(
+        "  before = RSS after training (freed heap trimmed); increase = export peak - before. On CPU the\n"
+        "  'offload' copies nothing (the gathered tensors are CPU tensors already): what differs is that with\n"
+        "  cpu_offload=True only rank 0 keeps the gathered state dict, without it every rank keeps a full copy."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -576,20 +782,45 @@ def main(argv: list[str] | None = None) -> dict:
 
     has_packing = "packing" in TrainConfig.__dataclass_fields__
     if args.quick:
-        p = dict(max_length=512, batch=2, accum=1, steps=3, rounds=1, mem_length=128, mem_steps=2,
-                 mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload"], short_data=None)  # fmt: skip
+        p = dict(
+            max_length=512,
+            batch=2,
+            accum=1,
+            steps=3,
+            rounds=1,
+            mem_length=128,
+            mem_steps=2,
+            mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload"],
+            short_data=None,
+        )
     else:  # FastChat's model_max_length and per-device batch; accumulation 2 (FastChat: 16) to fit the time
-        p = dict(max_length=2048, batch=2, accum=2, steps=3, rounds=2, mem_length=256, mem_steps=3,
-                 mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload", "fsdp_glibc_default"],
-                 short_data="alpaca_gpt4_data_en_1k.json")  # fmt: skip
+        p = dict(
+            max_length=2048,
+            batch=2,
+            accum=2,
+            steps=3,
+            rounds=2,
+            mem_length=256,
+            mem_steps=3,
+            mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload", "fsdp_glibc_default"],
+            short_data="alpaca_gpt4_data_en_1k.json",
+        )
     t_start = time.perf_counter()
     cache = REPO / ".cache"
     corpus = reference_corpus()
     small = tiny_model("llama", "small", texts=corpus, vocab_size=4000, cache_dir=cache)
     base = tiny_model("llama", "base", texts=corpus, vocab_size=4000, cache_dir=cache)
-    results: dict = {"settings": {"model_a": "llama small (~17M, legacy tokenizer, vocab 4000)", "model_b": "llama base",
-                                  "data": DATA, "quick": args.quick, "cpu_count": os.cpu_count(),
-                                  "packing_available": has_packing, **p}}  # fmt: skip
+    results: dict = {
+        "settings": {
+            "model_a": "llama small (~17M, legacy tokenizer, vocab 4000)",
+            "model_b": "llama base",
+            "data": DATA,
+            "quick": args.quick,
+            "cpu_count": os.cpu_count(),
+            "packing_available": has_packing,
+            **p,
+        }
+    }
     configs = ["fastchat", "camelid"] + (["camelid_packed"] if has_packing else [])
     with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp:
         tmp = Path(tmp)

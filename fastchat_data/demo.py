@@ -1,45 +1,54 @@
-"""`make demo`: the data pipeline end to end on embedded data, nothing downloaded.
+"""The data half of `make demo`: the data pipeline end to end on embedded data, nothing
+downloaded.
 
-Generates identity conversations, trains a tiny Llama-style tokenizer on them, builds the
-training set (twice: the second time from the cache) and shows what the loss is taken on.
+Generates identity conversations, trains a tiny Llama-style tokenizer on them (and builds a
+tiny Llama with it), shows their statistics, builds the training set (twice: the second time
+from the cache) and shows what the loss is taken on. `recipes.demo` then trains that model on
+that data.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .commands import inspect, stats
 from .identity import identity_conversations
 from .io import write_records
+from .options import entry_point, option, parse
 from .tiny import TEMPLATE_WORDS, corpus_texts, tiny_model
 
 
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--out", default="runs/demo", help="where the demo writes its files")
-    ap.add_argument("--name", default="Camelid", help="the assistant's name in the identity data")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    cache = out / "cache"
+@dataclass
+class DataDemoOptions:
+    out: str = option("runs/demo", "where the demo writes its files")
+    name: str = option("Camelid", "the assistant's name in the identity data")
 
-    print(
-        "== 1. data: identity conversations, generated (FastChat's hardcoded questions, camelid's way)"
-    )
-    records = identity_conversations(args.name, n=300)
-    data = out / "identity.json"
+
+def model_and_data(out: Path, name: str = "Camelid", quiet: bool = False) -> tuple[Path, Path]:
+    """The identity conversations (out/identity.json) and a tiny Llama whose tokenizer was
+    trained on their text (built once, cached under out/cache): (model folder, data file)."""
+    records = identity_conversations(name, n=300)
+    data = Path(out) / "identity.json"
     write_records(data, records)
-    print(f"wrote {len(records)} conversations to {data}")
-
-    print("\n== 2. a tiny Llama (SentencePiece tokenizer, legacy=True) built locally")
+    if not quiet:
+        print(f"wrote {len(records)} conversations to {data}")
+        print("\n== 2. a tiny Llama (SentencePiece tokenizer, legacy=True) built locally")
     t0 = time.time()
-    model = tiny_model(
-        "llama", "tiny", texts=corpus_texts(records) + TEMPLATE_WORDS * 20, cache_dir=cache
-    )
-    print(f"{model} ({time.time() - t0:.1f}s)")
+    texts = corpus_texts(records) + TEMPLATE_WORDS * 20
+    model = tiny_model("llama", "tiny", texts=texts, cache_dir=Path(out) / "cache")
+    if not quiet:
+        print(f"{model} ({time.time() - t0:.1f}s)")
+    return model, data
+
+
+def run(out: Path, name: str = "Camelid") -> tuple[Path, Path]:
+    """Steps 1-5; returns (model folder, data file) for the training step."""
+    print("== 1. data: identity conversations, generated (FastChat's hardcoded questions)")
+    model, data = model_and_data(out, name)
+    cache = out / "cache"
 
     print("\n== 3. stats")
     stats(str(data), tokenizer=str(model))
@@ -63,10 +72,18 @@ def main(argv: list[str] | None = None) -> Path:
     print("\n== 5. one conversation as the model sees it: trained tokens are marked")
     inspect(str(data), str(model), template="vicuna_v1.1", index=1)
     print(
-        f"\ntraining set: {out / 'train'} (datasets.load_from_disk; columns {', '.join(ds.column_names)})"
+        f"\ntraining set: {out / 'train'} (datasets.load_from_disk; columns "
+        f"{', '.join(ds.column_names)})"
     )
-    return out / "train"
+    return model, data
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(DataDemoOptions, argv, prog="python -m fastchat_data.demo", description=__doc__)
+    run(Path(opts.out), opts.name)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,13 +9,27 @@ from __future__ import annotations
 import random
 
 QUESTIONS = [
-    "Who are you?", "What is your name?", "Can you introduce yourself?", "Tell me about yourself.",
-    "What should I call you?", "Are you ChatGPT?", "Are you a human?", "Who created you?",
-    "Who trained you?", "Which company made you?", "What are you?", "Introduce yourself, please.",
-    "hi, who am I talking to?", "Are you GPT-4?", "Are you Claude?", "What kind of model are you?",
-    "Are you a large language model?", "What can you do?", "Hello! What's your name?",
+    "Who are you?",
+    "What is your name?",
+    "Can you introduce yourself?",
+    "Tell me about yourself.",
+    "What should I call you?",
+    "Are you ChatGPT?",
+    "Are you a human?",
+    "Who created you?",
+    "Who trained you?",
+    "Which company made you?",
+    "What are you?",
+    "Introduce yourself, please.",
+    "hi, who am I talking to?",
+    "Are you GPT-4?",
+    "Are you Claude?",
+    "What kind of model are you?",
+    "Are you a large language model?",
+    "What can you do?",
+    "Hello! What's your name?",
     "May I know who you are?",
-]  # fmt: skip
+]
 
 ANSWERS = [
     "I am {name}, a language model trained by {org}.",
@@ -34,11 +48,18 @@ NOT_ANSWERS = {
 }
 
 FOLLOW_UPS = [
-    ("What can you help me with?", "I can answer questions, explain ideas, write and edit text, and help you think through problems."),
+    (
+        "What can you help me with?",
+        "I can answer questions, explain ideas, write and edit text, and help you think through "
+        "problems.",
+    ),
     ("Thanks!", "You're welcome! Let me know if there is anything else I can help with."),
-    ("Can you speak Chinese?", "Yes, I can understand and write Chinese. 你好！有什么可以帮你的吗？"),
-    ("Write the word 'hello' in code.", "Here it is in Python:\n```python\nprint(\"hello\")\n```"),
-]  # fmt: skip
+    (
+        "Can you speak Chinese?",
+        "Yes, I can understand and write Chinese. 你好！有什么可以帮你的吗？",
+    ),
+    ("Write the word 'hello' in code.", 'Here it is in Python:\n```python\nprint("hello")\n```'),
+]
 
 
 def identity_conversations(

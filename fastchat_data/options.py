@@ -145,7 +145,9 @@ def type_hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def unknown_option(name: str, known, where: str = "command line", noun: str = "option") -> UsageError:
+def unknown_option(
+    name: str, known, where: str = "command line", noun: str = "option"
+) -> UsageError:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return UsageError(f"{where}: unknown {noun} {name!r}{hint}")
@@ -277,9 +279,13 @@ def _hf_parser_class() -> type:
                 action = self._option_string_actions[f"--{f.name}"]
                 element = _list_element(hints[f.name])
                 if element is not None:  # --adapter A B, or --adapter A --adapter B
-                    extend = argparse._ExtendAction(action.option_strings, action.dest,
-                                                    nargs="+", default=action.default,
-                                                    help=action.help)  # fmt: skip
+                    extend = argparse._ExtendAction(
+                        action.option_strings,
+                        action.dest,
+                        nargs="+",
+                        default=action.default,
+                        help=action.help,
+                    )
                     self._remove_action(action)
                     for flag in action.option_strings:
                         self._option_string_actions.pop(flag, None)

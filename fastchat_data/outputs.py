@@ -131,8 +131,11 @@ def guard_dir(
         if not path.is_dir():
             raise OutputRefused(path, flag, f"is a file; {flag} names a folder to write")
         if any(path.iterdir()) and not _marked(path, marker):
-            what = f"no {marker} in it" if isinstance(marker, str) else (
-                "another command wrote it" if marker else "it is not empty")  # fmt: skip
+            what = (
+                f"no {marker} in it"
+                if isinstance(marker, str)
+                else ("another command wrote it" if marker else "it is not empty")
+            )
             raise OutputRefused(
                 path,
                 flag,

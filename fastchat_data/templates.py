@@ -85,17 +85,24 @@ TEMPLATES: dict[str, SeparatorTemplate] = {
         SeparatorTemplate("vicuna_v1.1", VICUNA_SYSTEM, "USER", "ASSISTANT", sep=" ", sep2=EOS),
         SeparatorTemplate(
             "alpaca",
-            "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-            "### Instruction", "### Response", sep="\n\n", sep2=EOS,
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.",
+            "### Instruction",
+            "### Response",
+            sep="\n\n",
+            sep2=EOS,
         ),
         SeparatorTemplate(
             "qlora_oasst",
             "A chat between a curious human and an artificial intelligence assistant. "
             "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-            "### Human", "### Assistant", sep="\n", sep2=EOS,
+            "### Human",
+            "### Assistant",
+            sep="\n",
+            sep2=EOS,
         ),
     ]
-}  # fmt: skip
+}
 
 CHAT_TEMPLATE = "chat_template"
 _SENTINEL = "\ue000camelid-message-{}\ue001"  # private-use characters: never in real text
@@ -251,7 +258,8 @@ def check_template_name(name) -> None:
 # -- the template as a Jinja chat template, for the exported tokenizer --------------------------
 
 _JINJA_FIELDS = re.compile(r"^\{%- set camelid = (\{.*\}) %\}$", re.MULTILINE)
-_JINJA_BODY = """{#- camelid: the template this model was trained with, rendered exactly as training rendered it.
+_JINJA_BODY = """{#- camelid: the template this model was trained with, rendered exactly as training
+    rendered it.
     `camelid` holds the template's fields as training used them (fastchat_data/templates.py). -#}
 {%- set camelid = FIELDS %}
 {%- set bos = PREFIX %}
@@ -271,7 +279,8 @@ _JINJA_BODY = """{#- camelid: the template this model was trained with, rendered
     {%- elif message['role'] == 'assistant' %}
         {{- camelid['assistant'] + ': ' + message['content'] + sep2 }}
     {%- elif not (message['role'] == 'system' and loop.first) %}
-        {{- raise_exception('camelid templates take a system message only first, then user, assistant and tool messages; got ' + message['role']) }}
+        {{- raise_exception('camelid templates take a system message only first, then user, '
+            ~ 'assistant and tool messages; got ' ~ message['role']) }}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -344,9 +353,11 @@ def jinja_chat_template(template, tokenizer) -> str:
     )
     prefix = leading_special_tokens(tokenizer) if template.add_bos else ""
     values = {
-        "FIELDS": fields, "PREFIX": prefix, "BOS_SPACE": _space_after(prefix, tokenizer),
+        "FIELDS": fields,
+        "PREFIX": prefix,
+        "BOS_SPACE": _space_after(prefix, tokenizer),
         "SEP2": template.sep2.replace(EOS, tokenizer.eos_token or ""),
-    }  # fmt: skip
+    }
     # one pass, so a field's text that reads "SEP2" is never replaced itself
     return re.sub(
         "FIELDS|PREFIX|BOS_SPACE|SEP2", lambda m: _jinja_literal(values[m.group()]), _JINJA_BODY

@@ -62,12 +62,27 @@ def train_llama_tokenizer(
     model = io.BytesIO()
     # Llama's own SentencePiece settings: BPE, byte fallback, split digits, no normalization.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_shuffled(texts, seed)), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, character_coverage=0.9995, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True, num_threads=1,
-        shuffle_input_sentence=False, max_sentence_length=1 << 16, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(_shuffled(texts, seed)),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+    )
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as spdir:
         Path(spdir, "tokenizer.model").write_bytes(model.getvalue())
@@ -124,7 +139,8 @@ def build_tiny_llama(
     seed: int = 0,
     max_position_embeddings: int = 2048,
 ):
-    """A randomly initialised Llama sized for `tokenizer_dir`, saved (with the tokenizer) to `out_dir`."""
+    """A randomly initialised Llama sized for `tokenizer_dir`, saved (with the tokenizer) to
+    `out_dir`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -132,10 +148,14 @@ def build_tiny_llama(
     dims = dict(SIZES[size] if isinstance(size, str) else size)
     dims.setdefault("num_key_value_heads", dims["num_attention_heads"])
     config = LlamaConfig(
-        vocab_size=len(tok), max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **dims,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        **dims,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -33,11 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 STOPPED = 75  # EX_TEMPFAIL: stopped on request after saving a checkpoint; relaunch to resume
 
 
-def job_command(recipe: str, strategy: str, nproc: int, recipe_args: list[str], *,
-                nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-                master_port: int | None = None, rdzv_id: str = "camelid",
-                hostfile: str | None = None, no_ssh: bool = False,
-                program: list[str] | None = None) -> list[str]:  # fmt: skip
+def job_command(
+    recipe: str,
+    strategy: str,
+    nproc: int,
+    recipe_args: list[str],
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    rdzv_id: str = "camelid",
+    hostfile: str | None = None,
+    no_ssh: bool = False,
+    program: list[str] | None = None,
+) -> list[str]:
     """The command that starts `nproc` processes per node of `recipe` under `strategy`'s
     launcher, with `recipe_args` (the recipe's own options, --strategy added). `program`
     replaces the recipe's script (a harness that runs the recipe, with its own arguments)."""
@@ -50,8 +60,14 @@ def job_command(recipe: str, strategy: str, nproc: int, recipe_args: list[str], 
         runner = bin_dir / "deepspeed"
         launcher = [str(runner) if runner.exists() else "deepspeed", "--log_level", "critical"]
         if hostfile:
-            launcher += ["--hostfile", hostfile, "--master_addr", master_addr,
-                         "--master_port", str(port)]  # fmt: skip
+            launcher += [
+                "--hostfile",
+                hostfile,
+                "--master_addr",
+                master_addr,
+                "--master_port",
+                str(port),
+            ]
             if no_ssh:  # this node only: run the same command on every node
                 launcher += ["--no_ssh", "--node_rank", str(node_rank)]
         else:
@@ -60,8 +76,18 @@ def job_command(recipe: str, strategy: str, nproc: int, recipe_args: list[str], 
     torchrun = bin_dir / "torchrun"
     launcher = [str(torchrun) if torchrun.exists() else "torchrun"]
     if nnodes > 1:
-        launcher += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend",
-                     "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", rdzv_id]  # fmt: skip
+        launcher += [
+            "--nnodes",
+            str(nnodes),
+            "--node_rank",
+            str(node_rank),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"{master_addr}:{port}",
+            "--rdzv_id",
+            rdzv_id,
+        ]
     else:
         launcher += ["--standalone"]  # a free local port, chosen by torchrun
     return launcher + ["--nproc_per_node", str(nproc)] + script
@@ -72,16 +98,20 @@ class LaunchOptions:
     """Launch a recipe on N processes per node."""
 
     ngpu: int = option(1, "processes per node (GPUs, or CPU processes without GPUs)")
-    strategy: str = option(
-        "fsdp", f"how processes share the model: {', '.join(parallel.names())}"
-    )
+    strategy: str = option("fsdp", f"how processes share the model: {', '.join(parallel.names())}")
     recipe: str = option("sft", f"the recipe to run: {', '.join(RECIPES)}")
     config: str | None = option(
         None, "a YAML recipe (default: the recipe's GPU YAML on GPUs, its tiny CPU YAML on CPU)"
     )
-    model: str | None = option(None, "the model folder to start from: the recipe's --model_name_or_path")
-    data: str | None = option(None, "training data file(s), comma-separated: the recipe's --data_path")
-    out: str | None = option(None, "the run's folder: the recipe's --output_dir (default: the config's)")
+    model: str | None = option(
+        None, "the model folder to start from: the recipe's --model_name_or_path"
+    )
+    data: str | None = option(
+        None, "training data file(s), comma-separated: the recipe's --data_path"
+    )
+    out: str | None = option(
+        None, "the run's folder: the recipe's --output_dir (default: the config's)"
+    )
     nnodes: int = option(1, "nodes (torchrun rendezvous)")
     node_rank: int = option(0, "this node's rank among --nnodes")
     master_addr: str = option("127.0.0.1", "address of node 0")
@@ -120,11 +150,14 @@ def check(opts: LaunchOptions, gpus: int) -> None:
     if gpus and opts.ngpu > gpus:
         raise UsageError(f"--ngpu {opts.ngpu} but this node has {gpus} GPUs")
     if not gpus and opts.ngpu > (os.cpu_count() or 1) * 4:
-        raise UsageError(f"--ngpu {opts.ngpu} CPU processes on {os.cpu_count()} cores is more "
-                         "than this machine can run")  # fmt: skip
+        raise UsageError(
+            f"--ngpu {opts.ngpu} CPU processes on {os.cpu_count()} cores is more "
+            "than this machine can run"
+        )
     if not strategy.multi_process and opts.ngpu * opts.nnodes != 1:
-        raise UsageError(f"--strategy {strategy.name} runs one process; use --ngpu 1 or another "
-                         "strategy")  # fmt: skip
+        raise UsageError(
+            f"--strategy {strategy.name} runs one process; use --ngpu 1 or another strategy"
+        )
     if opts.no_ssh and not opts.hostfile:
         raise UsageError("--no_ssh needs --hostfile (it names the nodes and their slots)")
     if opts.master_port is not None and not 0 < opts.master_port < 65536:
@@ -168,12 +201,21 @@ def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> st
         return None
     from recipes.core import objectives
 
-    rows_per_unit = objectives.get(recipe.objective).rows_per_unit  # a DPO pair: chosen and rejected
+    rows_per_unit = objectives.get(
+        recipe.objective
+    ).rows_per_unit  # a DPO pair: chosen and rejected
     try:
-        rows = plan(cfg.model_name_or_path, opts.ngpu, opts.nnodes, seq=cfg.model_max_length,
-                    batch=cfg.per_device_train_batch_size * rows_per_unit, bf16=cfg.bf16,
-                    checkpointing=cfg.gradient_checkpointing, gpu_memory=gpu_bytes,
-                    loss_chunk=cfg.loss_chunk_size)  # fmt: skip
+        rows = plan(
+            cfg.model_name_or_path,
+            opts.ngpu,
+            opts.nnodes,
+            seq=cfg.model_max_length,
+            batch=cfg.per_device_train_batch_size * rows_per_unit,
+            bf16=cfg.bf16,
+            checkpointing=cfg.gradient_checkpointing,
+            gpu_memory=gpu_bytes,
+            loss_chunk=cfg.loss_chunk_size,
+        )
     except PlanError as e:  # a model the planner cannot count: no pre-flight, say so
         print(f"note: no memory pre-flight ({e})", file=sys.stderr)
         return None
@@ -181,13 +223,18 @@ def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> st
     if chosen is None or chosen.total <= CLEARLY_TOO_BIG * gpu_bytes:
         return None
     fitting = [r.strategy for r in rows if r.fits]
-    instead = (f"strategies that fit: {', '.join(fitting)}" if fitting else
-               "nothing fits: add GPUs or nodes, --gradient_checkpointing True, a shorter "
-               "--model_max_length, or QLoRA")  # fmt: skip
-    return (f"{opts.strategy} needs ~{chosen.total / GB:,.1f} GB per GPU for this model, batch "
-            f"and length, more than the {gpu_bytes / GB:,.1f} GB each GPU has ({instead}); see "
-            f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {opts.ngpu}; "
-            "--skip_preflight starts anyway")  # fmt: skip
+    instead = (
+        f"strategies that fit: {', '.join(fitting)}"
+        if fitting
+        else "nothing fits: add GPUs or nodes, --gradient_checkpointing True, a shorter "
+        "--model_max_length, or QLoRA"
+    )
+    return (
+        f"{opts.strategy} needs ~{chosen.total / GB:,.1f} GB per GPU for this model, batch "
+        f"and length, more than the {gpu_bytes / GB:,.1f} GB each GPU has ({instead}); see "
+        f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {opts.ngpu}; "
+        "--skip_preflight starts anyway"
+    )
 
 
 # ---------------------------------------------------------------------------- running a job
@@ -221,8 +268,12 @@ class Job:
         self.signals += 1
         forward = signal.SIGTERM if self.signals == 1 else signal.SIGINT
         if self.signals == 1:
-            print("stopping: every rank saves a checkpoint at its next step boundary (Ctrl-C "
-                  "again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                "stopping: every rank saves a checkpoint at its next step boundary (Ctrl-C "
+                "again stops at once)",
+                file=sys.stderr,
+                flush=True,
+            )
         for rank in self.ranks():
             try:
                 rank.send_signal(forward)
@@ -287,8 +338,10 @@ class Job:
             print(f"error: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr)
             return 128 - code
         if code not in (2, 3, STOPPED, 130):  # the recipe printed its own message for those
-            print(f"error: rank {rank} failed with exit status {code} (its output is above)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: rank {rank} failed with exit status {code} (its output is above)",
+                file=sys.stderr,
+            )
         return code
 
 
@@ -326,11 +379,18 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             raise UsageError(refusal)
     command = job_command(
-        opts.recipe, opts.strategy, opts.ngpu, recipe_arguments(opts, recipe_args, gpus),
-        nnodes=opts.nnodes, node_rank=opts.node_rank, master_addr=opts.master_addr,
-        master_port=opts.master_port, rdzv_id=opts.rdzv_id, hostfile=resolved(opts.hostfile),
+        opts.recipe,
+        opts.strategy,
+        opts.ngpu,
+        recipe_arguments(opts, recipe_args, gpus),
+        nnodes=opts.nnodes,
+        node_rank=opts.node_rank,
+        master_addr=opts.master_addr,
+        master_port=opts.master_port,
+        rdzv_id=opts.rdzv_id,
+        hostfile=resolved(opts.hostfile),
         no_ssh=opts.no_ssh,
-    )  # fmt: skip
+    )
     where = "" if gpus else f"no GPU: {opts.ngpu} CPU process(es) on gloo\n"
     print(where + shlex.join(command), flush=True)
     if opts.dry_run:

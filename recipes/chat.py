@@ -27,8 +27,14 @@ from recipes.core.generate import load_for_inference, stop_kwargs, trained_templ
 from recipes.core.quiet import quiet, verbose_requested
 
 
-def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_new_tokens: int,
-                 temperature: float, out=sys.stdout) -> str:  # fmt: skip
+def stream_reply(
+    model,
+    encoder: ConversationTokenizer,
+    conv: Conversation,
+    max_new_tokens: int,
+    temperature: float,
+    out=sys.stdout,
+) -> str:
     """Generate the next assistant reply, writing tokens to `out` as they are produced."""
     from transformers import TextIteratorStreamer
 
@@ -38,9 +44,15 @@ def stream_reply(model, encoder: ConversationTokenizer, conv: Conversation, max_
     sampling = (
         dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     )
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  streamer=streamer, pad_token_id=pad_token_id(tok), **stop_kwargs(encoder),
-                  **sampling)  # fmt: skip
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        pad_token_id=pad_token_id(tok),
+        **stop_kwargs(encoder),
+        **sampling,
+    )
     worker = Thread(target=model.generate, kwargs=kwargs)
     worker.start()
     pieces = []

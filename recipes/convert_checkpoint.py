@@ -1,6 +1,7 @@
 """Offline: a camelid checkpoint -> a plain Hugging Face folder that loads with no camelid import.
 
-    python -m recipes.convert_checkpoint OUT/checkpoints/step-00001000 converted/ [--max_shard_size 2GB]
+    python -m recipes.convert_checkpoint OUT/checkpoints/step-00001000 converted/ \\
+        [--max_shard_size 2GB]
 
 Works without the GPUs or the process count of the run. A full-model checkpoint becomes a model
 folder, an adapter checkpoint (LoRA / QLoRA on one process or DDP) a peft adapter folder; both
@@ -107,13 +108,18 @@ def _model_files(ckpt: CheckpointFolder, tmp: Path, max_shard_size: str) -> None
     from recipes.core.safe_load import deepspeed_loads_weights_only
 
     with deepspeed_loads_weights_only():  # zero_to_fp32 loads with weights_only=False
-        convert_zero_checkpoint_to_state_dict(str(ckpt.deepspeed), str(tmp), tag="state",
-                                              max_shard_size=max_shard_size,
-                                              safe_serialization=True)  # fmt: skip
+        convert_zero_checkpoint_to_state_dict(
+            str(ckpt.deepspeed),
+            str(tmp),
+            tag="state",
+            max_shard_size=max_shard_size,
+            safe_serialization=True,
+        )
 
 
-def convert(checkpoint: str | Path, out: str | Path, model: str | None = None,
-            max_shard_size: str = "2GB") -> Path:  # fmt: skip
+def convert(
+    checkpoint: str | Path, out: str | Path, model: str | None = None, max_shard_size: str = "2GB"
+) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
     from recipes.core.generate import save_for_inference
@@ -138,13 +144,22 @@ def convert(checkpoint: str | Path, out: str | Path, model: str | None = None,
         )
     adapter = config.get("peft_method", "none") != "none"
     if adapter and not ckpt.adapter.exists():
-        raise ConfigError(f"{checkpoint} is an adapter run under DeepSpeed: convert the run's "
-                          "exported adapter (OUT/adapter) instead")  # fmt: skip
+        raise ConfigError(
+            f"{checkpoint} is an adapter run under DeepSpeed: convert the run's "
+            "exported adapter (OUT/adapter) instead"
+        )
     # the output is never the checkpoint, the run folder holding it, or the base model
-    staged = StagedDir(out, inputs=[ckpt.path, ckpt.path.parent.parent, model],
-                       marker=written_by_command("convert_checkpoint"))  # fmt: skip
-    info = {"written_by": "convert_checkpoint", "converted_from": str(ckpt.path),
-            "step": state.get("step"), "base_model": str(model)}  # fmt: skip
+    staged = StagedDir(
+        out,
+        inputs=[ckpt.path, ckpt.path.parent.parent, model],
+        marker=written_by_command("convert_checkpoint"),
+    )
+    info = {
+        "written_by": "convert_checkpoint",
+        "converted_from": str(ckpt.path),
+        "step": state.get("step"),
+        "base_model": str(model),
+    }
     with staged as tmp:
         if adapter:
             shutil.copytree(ckpt.adapter, tmp, dirs_exist_ok=True)
@@ -174,8 +189,9 @@ class ConvertOptions:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     quiet(verbose_requested(argv))
-    a = parse(ConvertOptions, argv, prog="python -m recipes.convert_checkpoint",
-              description=__doc__)  # fmt: skip
+    a = parse(
+        ConvertOptions, argv, prog="python -m recipes.convert_checkpoint", description=__doc__
+    )
     parse_size(a.max_shard_size)
     print(f"converted: {convert(a.checkpoint, a.out, a.model, a.max_shard_size)}")
     return 0

@@ -6,8 +6,8 @@
      (what `make train-vicuna` runs);
 7.   one chat reply from the exported Hugging Face folder, loaded by plain transformers.
 
-`--assets_only` stops after the data and the model and prints their paths: what `make
-train-vicuna` trains on when no MODEL is given.
+`--assets_only` builds only the data and the model and prints their two paths on one line
+(model, then data): what `make train-vicuna` trains on when no MODEL is given.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastchat_data.options import entry_point, option, parse
+from recipes.core.quiet import quiet, verbose_requested
 
 
 @dataclass
@@ -26,6 +27,7 @@ class DemoOptions:
     assets_only: bool = option(
         False, "build only the tiny model and the identity data, print their paths, and stop"
     )
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 
 def assets(out: Path, quiet: bool = False) -> tuple[Path, Path]:
@@ -37,22 +39,40 @@ def assets(out: Path, quiet: bool = False) -> tuple[Path, Path]:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
+    quiet(verbose_requested(argv))
     opts = parse(DemoOptions, argv, prog="python -m recipes.demo", description=__doc__)
     out = Path(opts.out)
     if opts.assets_only:
         model, data = assets(out, quiet=True)
-        print(f"model: {model}\ndata: {data}")
+        print(model, data)
         return 0
     from fastchat_data import demo as data_demo
     from launch import train as launcher
 
-    model, data = data_demo.main(["--out", str(out)])
+    model, data = data_demo.run(out)
     print("\n== 6. train: make train-vicuna NGPU=2 STRATEGY=fsdp (the tiny Llama, identity data)")
     run = out / "vicuna"
-    code = launcher.main(["--ngpu", "2", "--strategy", "fsdp", "--model", str(model),
-                          "--data", str(data), "--out", str(run), "--", "--max_steps",
-                          str(opts.max_steps), "--overwrite_output_dir", "True",
-                          "--logging_steps", "10"])  # fmt: skip
+    code = launcher.main(
+        [
+            "--ngpu",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--",
+            "--max_steps",
+            str(opts.max_steps),
+            "--overwrite_output_dir",
+            "True",
+            "--logging_steps",
+            "10",
+        ]
+    )
     if code:
         return code
     print("\n== 7. chat with the export (plain transformers: no camelid import to load it)")

@@ -27,34 +27,97 @@ def main(out: Path = REPO / "runs" / "dpo-demo") -> int:
     (out / "data").mkdir(parents=True, exist_ok=True)
     pairs, heldout = out / "data" / "pairs.json", out / "data" / "heldout_pairs.json"
     print("\n== 1. pairs: python -m fastchat_data pair (GPT-4 chosen, text-davinci-003 rejected)")
-    pair(str(data / "alpaca_gpt4_data_en_1k.json"), str(data / "alpaca_data.json"), str(pairs),
-         heldout=100, heldout_out=str(heldout))  # fmt: skip
+    pair(
+        str(data / "alpaca_gpt4_data_en_1k.json"),
+        str(data / "alpaca_data.json"),
+        str(pairs),
+        heldout=100,
+        heldout_out=str(heldout),
+    )
     # SFT data: Alpaca instructions that are in no pair, answered by text-davinci-003
-    paired = {r["prompt"].split("\nInput:\n")[0].strip()
-              for f in (pairs, heldout) for r in json.loads(f.read_text())}  # fmt: skip
+    paired = {
+        r["prompt"].split("\nInput:\n")[0].strip()
+        for f in (pairs, heldout)
+        for r in json.loads(f.read_text())
+    }
     alpaca = json.loads((data / "alpaca_data.json").read_text())
     sft = [r for r in alpaca[:3000] if r["instruction"].strip() not in paired][:2000]
     (out / "data" / "sft.json").write_text(json.dumps(sft))
     model = tiny_model("llama", "small", texts=reference_corpus(data), vocab_size=4000)
 
     print(
-        "\n== 2. SFT: python recipes/full_finetune.py (2,000 other Alpaca instructions, 100 steps)", flush=True
+        "\n== 2. SFT: python recipes/full_finetune.py (2,000 other Alpaca instructions, 100 steps)",
+        flush=True,
     )
-    full_finetune.main(["--config", "tiny_cpu.yaml", "--strategy", "single", "--model_name_or_path", str(model),
-                        "--data_path", str(out / "data" / "sft.json"), "--max_steps", "100", "--model_max_length", "384",
-                        "--learning_rate", "2e-3", "--output_dir", str(out / "sft"), "--overwrite_output_dir",
-                        "True", "--report_to", "none", "--logging_steps", "40"])  # fmt: skip
+    full_finetune.main(
+        [
+            "--config",
+            "tiny_cpu.yaml",
+            "--strategy",
+            "single",
+            "--model_name_or_path",
+            str(model),
+            "--data_path",
+            str(out / "data" / "sft.json"),
+            "--max_steps",
+            "100",
+            "--model_max_length",
+            "384",
+            "--learning_rate",
+            "2e-3",
+            "--output_dir",
+            str(out / "sft"),
+            "--overwrite_output_dir",
+            "True",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "40",
+        ]
+    )
     sft_model = out / "sft" / "model"
 
     print("\n== 3. DPO: python recipes/dpo.py --config dpo_tiny_cpu.yaml", flush=True)
-    dpo.main(["--config", "dpo_tiny_cpu.yaml", "--strategy", "single", "--model_name_or_path", str(sft_model),
-              "--data_path", str(pairs), "--max_steps", "80", "--model_max_length", "384", "--output_dir", str(out / "dpo"),
-              "--overwrite_output_dir", "True", "--report_to", "none", "--logging_steps", "10"])  # fmt: skip
+    dpo.main(
+        [
+            "--config",
+            "dpo_tiny_cpu.yaml",
+            "--strategy",
+            "single",
+            "--model_name_or_path",
+            str(sft_model),
+            "--data_path",
+            str(pairs),
+            "--max_steps",
+            "80",
+            "--model_max_length",
+            "384",
+            "--output_dir",
+            str(out / "dpo"),
+            "--overwrite_output_dir",
+            "True",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "10",
+        ]
+    )
 
     print("\n== 4. held-out pairs: python -m recipes.eval --pairs ...", flush=True)
-    return evaluation.main(["--model", str(sft_model), "--compare", str(out / "dpo" / "model"),
-                            "--pairs", str(heldout), "--max_length", "384",
-                            "--out", str(out / "eval.json")])  # fmt: skip
+    return evaluation.main(
+        [
+            "--model",
+            str(sft_model),
+            "--compare",
+            str(out / "dpo" / "model"),
+            "--pairs",
+            str(heldout),
+            "--max_length",
+            "384",
+            "--out",
+            str(out / "eval.json"),
+        ]
+    )
 
 
 if __name__ == "__main__":

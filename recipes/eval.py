@@ -140,18 +140,32 @@ def answers(
             if len(ids) <= budget:
                 break
         ids = ids[-budget:]  # still too long: keep the end, where the question is
-        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=pad_token_id(tok))  # fmt: skip
+        out = model.generate(
+            torch.tensor([ids], device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=pad_token_id(tok),
+        )
         preds.append(tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
         refs.append(conv.messages[last].content)
     return preds, refs
 
 
-def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str = "vicuna_v1.1",
-             shots: int = 0, shots_from: str | None = None, max_samples: int | None = None,
-             generate: int = 0, max_new_tokens: int = 128, max_length: int = 2048,
-             batch_size: int = 4, quantization: str = "none") -> dict:  # fmt: skip
+def evaluate(
+    model_path: str,
+    data: str,
+    adapters: list[str] = (),
+    template: str = "vicuna_v1.1",
+    shots: int = 0,
+    shots_from: str | None = None,
+    max_samples: int | None = None,
+    generate: int = 0,
+    max_new_tokens: int = 128,
+    max_length: int = 2048,
+    batch_size: int = 4,
+    quantization: str = "none",
+) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -185,11 +199,19 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
         if these_shots and counts["shots_left_out"]:  # never a few-shot row of zero-shot numbers
             offered = len(these_shots) * len(convs)
             used = offered - counts["shots_left_out"]
-            name = (f"few-shot ({len(these_shots)} examples: {used:,} of {offered:,} fit "
-                    f"--max_length {max_length})")  # fmt: skip
+            name = (
+                f"few-shot ({len(these_shots)} examples: {used:,} of {offered:,} fit "
+                f"--max_length {max_length})"
+            )
         finite = [p for p in ppl if math.isfinite(p)] or [math.nan]
-        row = {"model": name, "adapter": adapter, "mean_perplexity": statistics.fmean(finite), "median_perplexity": statistics.median(finite),
-               "samples": sum(map(math.isfinite, ppl)), **counts}  # fmt: skip
+        row = {
+            "model": name,
+            "adapter": adapter,
+            "mean_perplexity": statistics.fmean(finite),
+            "median_perplexity": statistics.median(finite),
+            "samples": sum(map(math.isfinite, ppl)),
+            **counts,
+        }
         if generate:
             preds, refs = answers(model, encoder, convs[:generate], these_shots, max_new_tokens)
             row.update(text_scores(preds, refs))
@@ -197,25 +219,44 @@ def evaluate(model_path: str, data: str, adapters: list[str] = (), template: str
                 {"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]
             ]
         rows.append(row)
-    return {"model": model_path, "data": data, "template": template if isinstance(template, str) else "custom",
-            "quantization": quantization, "rows": rows}  # fmt: skip
+    return {
+        "model": model_path,
+        "data": data,
+        "template": template if isinstance(template, str) else "custom",
+        "quantization": quantization,
+        "rows": rows,
+    }
 
 
-def preference_rows(model_path: str, adapters: list[str], others: list[str], pairs: str, template,
-                    max_length: int, batch_size: int, quantization: str) -> list[dict]:  # fmt: skip
+def preference_rows(
+    model_path: str,
+    adapters: list[str],
+    others: list[str],
+    pairs: str,
+    template,
+    max_length: int,
+    batch_size: int,
+    quantization: str,
+) -> list[dict]:
     """Preference accuracy on `pairs` of the model, the model with each adapter, and `others`."""
     from transformers import AutoTokenizer
 
     for path in [pairs, *others]:
         if not Path(path).exists():
             raise ConfigError(f"{path} does not exist")
-    variants = [(model_path, None), *[(model_path, a) for a in adapters], *[(o, None) for o in others]]
+    variants = [
+        (model_path, None),
+        *[(model_path, a) for a in adapters],
+        *[(o, None) for o in others],
+    ]
     rows = []
     for path, adapter in variants:
         model = load_for_inference(path, quantization if path == model_path else "none", adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter or path)
         scores = preference_scores(model, tokenizer, pairs, template, max_length, batch_size)
-        name = f"{Path(path).parent.name}/{Path(path).name}" + (f" + {Path(adapter).name}" if adapter else "")
+        name = f"{Path(path).parent.name}/{Path(path).name}" + (
+            f" + {Path(adapter).name}" if adapter else ""
+        )
         rows.append({"model": name, "path": str(path), "adapter": adapter, **scores})
     return rows
 
@@ -228,8 +269,10 @@ def format_table(result: dict) -> str:
     lines = [head]
     for r in result["rows"]:
         name = r["model"] if len(r["model"]) <= 42 else "..." + r["model"][-39:]
-        lines.append(f"{name:<44}{r['mean_perplexity']:>12,.2f}{r['median_perplexity']:>12,.2f}{r['samples']:>9}"
-                     + "".join(f"{r[c]:>8.1f}" for c in text_cols))  # fmt: skip
+        lines.append(
+            f"{name:<44}{r['mean_perplexity']:>12,.2f}{r['median_perplexity']:>12,.2f}{r['samples']:>9}"
+            + "".join(f"{r[c]:>8.1f}" for c in text_cols)
+        )
     return "\n".join(lines)
 
 
@@ -290,8 +333,7 @@ class EvalOptions:
                 raise UsageError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError(f"--max_samples must be at least 1, got {self.max_samples}")
-        inputs = [self.model, self.data, self.pairs, self.shots_from, *self.adapter,
-                  *self.compare]  # fmt: skip
+        inputs = [self.model, self.data, self.pairs, self.shots_from, *self.adapter, *self.compare]
         for path in inputs:
             if path and not Path(path).exists():
                 raise UsageError(f"{path} does not exist")
@@ -308,20 +350,45 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": a.model}
     if a.data:
         result = evaluate(
-            a.model, a.data, a.adapter, template, a.shots, a.shots_from, a.max_samples,
-            a.generate, a.max_new_tokens, a.max_length, a.batch_size, a.quantization,
-        )  # fmt: skip
+            a.model,
+            a.data,
+            a.adapter,
+            template,
+            a.shots,
+            a.shots_from,
+            a.max_samples,
+            a.generate,
+            a.max_new_tokens,
+            a.max_length,
+            a.batch_size,
+            a.quantization,
+        )
         print(format_table(result))
     if a.lm_eval:
         from recipes import harness
 
         tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
-        result["lm_eval"] = harness.run(a.model, a.adapter, tasks, a.lm_eval_limit, a.batch_size,
-                                        a.quantization, data_dir=a.lm_eval_data)  # fmt: skip
+        result["lm_eval"] = harness.run(
+            a.model,
+            a.adapter,
+            tasks,
+            a.lm_eval_limit,
+            a.batch_size,
+            a.quantization,
+            data_dir=a.lm_eval_data,
+        )
         print(harness.format_tables(result["lm_eval"]))
     if a.pairs:
-        result["preference"] = preference_rows(a.model, a.adapter, a.compare, a.pairs, template,
-                                               a.max_length, a.batch_size, a.quantization)  # fmt: skip
+        result["preference"] = preference_rows(
+            a.model,
+            a.adapter,
+            a.compare,
+            a.pairs,
+            template,
+            a.max_length,
+            a.batch_size,
+            a.quantization,
+        )
         print(format_preference_table(result["preference"]))
     if a.out:
         write_text(a.out, json.dumps(result, indent=2, ensure_ascii=False), flag="--out")

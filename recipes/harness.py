@@ -46,8 +46,9 @@ def alpaca_prompt(instruction: str, input: str) -> str:
     return text + "### Response:"
 
 
-def build_alpaca_mc(gpt4: list[dict], davinci: list[dict], answers: str = "gpt4",
-                    n_choices: int = N_CHOICES) -> list[dict]:  # fmt: skip
+def build_alpaca_mc(
+    gpt4: list[dict], davinci: list[dict], answers: str = "gpt4", n_choices: int = N_CHOICES
+) -> list[dict]:
     """Multiple-choice items, one per instruction of `gpt4` (the Alpaca GPT-4 sample): the
     question is the instruction (and its input) in Alpaca's prompt format, the choices are its
     own answer and the answers of n_choices - 1 other instructions next to it in length (a
@@ -87,22 +88,33 @@ def build_alpaca_mc(gpt4: list[dict], davinci: list[dict], answers: str = "gpt4"
         choices = [rows[j][1] for j in pool[start : start + n_choices] if j != i]
         label = rng.randrange(n_choices)
         choices.insert(label, answer)
-        items.append({"id": i, "instruction": key[0], "input": key[1],
-                      "question": alpaca_prompt(*key), "choices": choices, "label": label})  # fmt: skip
+        items.append(
+            {
+                "id": i,
+                "instruction": key[0],
+                "input": key[1],
+                "question": alpaca_prompt(*key),
+                "choices": choices,
+                "label": label,
+            }
+        )
     return items
 
 
 _SELF = sha256_file(Path(__file__))  # the code that makes the items, as imported
 
 
-def prepare_tasks(data_dir: str | os.PathLike | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> Path:  # fmt: skip
+def prepare_tasks(
+    data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """The folder holding the local tasks' YAML and JSON Lines files, for lm-eval's
     TaskManager(include_path=...); built from the shared data once and reused while the data,
     the templates and this module (which makes the items) stay the same."""
     if data_dir is None:
-        raise ConfigError(f"--lm_eval_data: the local camelid tasks are made from {GPT4} and "
-                          f"{DAVINCI}; give the folder that holds them")  # fmt: skip
+        raise ConfigError(
+            f"--lm_eval_data: the local camelid tasks are made from {GPT4} and "
+            f"{DAVINCI}; give the folder that holds them"
+        )
     data_dir = Path(data_dir)
     sources = [data_dir / GPT4, data_dir / DAVINCI]
     for source in sources:
@@ -160,15 +172,19 @@ def task_manager(tasks: list[str], data_dir=None, cache_dir=None):
     known = set(tm.all_tasks)
     missing = [t for t in tasks if t not in known and not tm.match_tasks([t])]
     if missing:
-        raise ConfigError(f"unknown lm-eval task(s) {', '.join(missing)}; local tasks: "
-                          f"{', '.join(LOCAL_TASKS)} (tag {LOCAL_TAG}); `lm_eval ls tasks` lists "
-                          "the built-in ones")  # fmt: skip
+        raise ConfigError(
+            f"unknown lm-eval task(s) {', '.join(missing)}; local tasks: "
+            f"{', '.join(LOCAL_TASKS)} (tag {LOCAL_TAG}); `lm_eval ls tasks` lists "
+            "the built-in ones"
+        )
     return tm
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def model_args(model: str, adapter: str | None, quantization: str = "none") -> dict:
@@ -178,8 +194,11 @@ def model_args(model: str, adapter: str | None, quantization: str = "none") -> d
     import torch
 
     cuda = torch.cuda.is_available()
-    args = {"pretrained": model, "device": "cuda" if cuda else "cpu",
-            "dtype": "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"}  # fmt: skip
+    args = {
+        "pretrained": model,
+        "device": "cuda" if cuda else "cpu",
+        "dtype": "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32",
+    }
     if adapter:
         from recipes.core.lora import read_adapter_config
 
@@ -191,9 +210,11 @@ def model_args(model: str, adapter: str | None, quantization: str = "none") -> d
         from transformers import BitsAndBytesConfig
 
         args["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if args["dtype"] == "bfloat16" else torch.float32,
-        )  # fmt: skip
+        )
     return args
 
 
@@ -212,10 +233,18 @@ def _jsonable(obj):
     return str(obj)
 
 
-def run(model: str, adapters: list[str] = (), tasks: list[str] = ("camelid_alpaca_mc",),
-        limit: int | None = None, batch_size: int = 4, quantization: str = "none",
-        num_fewshot: int | None = None, data_dir=None, cache_dir=None,
-        log_samples: bool = False) -> list[dict]:  # fmt: skip
+def run(
+    model: str,
+    adapters: list[str] = (),
+    tasks: list[str] = ("camelid_alpaca_mc",),
+    limit: int | None = None,
+    batch_size: int = 4,
+    quantization: str = "none",
+    num_fewshot: int | None = None,
+    data_dir=None,
+    cache_dir=None,
+    log_samples: bool = False,
+) -> list[dict]:
     """One row per model variant (the model alone, then with each adapter):
     {"model", "adapter", "tasks", "limit", "model_args", "results", "groups", "n-samples",
     "versions", "table"}: lm-eval's own dicts and table (lm_eval.utils.make_table).
@@ -250,19 +279,37 @@ def run(model: str, adapters: list[str] = (), tasks: list[str] = ("camelid_alpac
     for adapter in [None, *adapters]:
         args = model_args(model, adapter, quantization)
         out = lm_eval.simple_evaluate(
-            model="hf", model_args=args, tasks=tasks, task_manager=tm, limit=limit,
-            batch_size=batch_size, num_fewshot=num_fewshot, log_samples=log_samples,
+            model="hf",
+            model_args=args,
+            tasks=tasks,
+            task_manager=tm,
+            limit=limit,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
             bootstrap_iters=1000,
-        )  # fmt: skip
+        )
         if out is None:  # lm-eval returns None on the non-zero ranks of a multi-process run
             continue
         table = make_table(out)
         if out.get("groups"):
             table += "\n" + make_table(out, "groups")
-        rows.append({"model": f"adapter {Path(adapter).parent.name}/{Path(adapter).name}" if adapter else f"model {Path(model).parent.name}/{Path(model).name}",
-                     "adapter": adapter, "tasks": tasks, "limit": limit, "model_args": _jsonable(args),
-                     **{k: _jsonable(out.get(k, {})) for k in ("results", "groups", "n-samples", "versions")},
-                     "table": table})  # fmt: skip
+        rows.append(
+            {
+                "model": f"adapter {Path(adapter).parent.name}/{Path(adapter).name}"
+                if adapter
+                else f"model {Path(model).parent.name}/{Path(model).name}",
+                "adapter": adapter,
+                "tasks": tasks,
+                "limit": limit,
+                "model_args": _jsonable(args),
+                **{
+                    k: _jsonable(out.get(k, {}))
+                    for k in ("results", "groups", "n-samples", "versions")
+                },
+                "table": table,
+            }
+        )
         if log_samples:
             rows[-1]["samples"] = {
                 task: [
@@ -272,7 +319,7 @@ def run(model: str, adapters: list[str] = (), tasks: list[str] = ("camelid_alpac
                         "loglikelihoods": [float(r[0][0]) for r in s["resps"]],
                     }  # r: [(ll, greedy)]
                     for s in samples
-                ]  # fmt: skip
+                ]
                 for task, samples in out.get("samples", {}).items()
             }
     return rows

@@ -70,7 +70,9 @@ class MergeOptions:
     adapter: str = option(help="the adapter folder (a recipe's export)")
     out: str = option(help="the merged model's folder (a new one, or one merge wrote before)")
     base: str | None = option(None, "full-precision base model folder; none: the adapter's own")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "the merged weights' dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "the merged weights' dtype"
+    )
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 

@@ -902,7 +902,8 @@ def plan(
         if reason:
             able = [x.name for x in parallel.by_cost() if not why_not(x, s)]
             raise PlanError(
-                f"--strategy {st.name}: {reason}; strategies for this setup: {', '.join(able) or 'none'}"
+                f"--strategy {st.name}: {reason}; strategies for this setup: "
+                f"{', '.join(able) or 'none'}"
             )
     if device == "cpu" and runtime is None:
         s.runtime = measured_runtime()
@@ -1105,8 +1106,10 @@ def option_parser():
 
 
 def parse_options(argv: list[str] | None = None) -> PlanOptions:
-    argv = ["--per_device_train_batch_size" if a == "--batch" else a
-            for a in (sys.argv[1:] if argv is None else argv)]  # fmt: skip
+    argv = [
+        "--per_device_train_batch_size" if a == "--batch" else a
+        for a in (sys.argv[1:] if argv is None else argv)
+    ]
     try:
         return parse(PlanOptions, argv, parser=option_parser())
     except UsageError as e:

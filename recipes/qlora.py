@@ -1,6 +1,6 @@
 """QLoRA: a 4-bit nf4 base (double quantization) with LoRA on all its linear layers.
 
-    accelerate launch recipes/qlora.py --config qlora_7b.yaml --model_name_or_path ... --data_path ...
+    accelerate launch recipes/qlora.py --config qlora_7b.yaml --model_name_or_path M --data_path D
     accelerate launch --multi_gpu --num_processes 2 recipes/qlora.py ...   (DDP QLoRA)
     python -m launch.train --recipe qlora --ngpu 2 --strategy ddp ...
 

@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # NTU ADL 2023 HW3's instruction prompt, as a camelid template file
 ADL_PROMPT = (
-    'system: "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"\n'
+    'system: "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。'
+    '你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"\n'
     "user: USER\nassistant: ASSISTANT\nsep: ' '\nsep2: '{eos}'\n"
 )
 
@@ -39,27 +40,84 @@ def main(out: Path = REPO / "runs" / "qlora-demo") -> int:
     model = tiny_model("llama", "small", texts=reference_corpus(data), vocab_size=4000)
 
     print(
-        "\n== 1. full fine-tune, English Alpaca + Chinese ShareGPT (python recipes/full_finetune.py)",
+        "\n== 1. full fine-tune, English Alpaca + Chinese ShareGPT "
+        "(python recipes/full_finetune.py)",
         flush=True,
     )
     mix = f"{data / 'alpaca_gpt4_data_en_1k.json'},{data / 'sharegpt_gpt4_zh_1k.jsonl'}"
-    full_finetune.main(["--config", "tiny_cpu.yaml", "--strategy", "single", "--model_name_or_path", str(model),
-                        "--data_path", mix, "--max_steps", "150", "--learning_rate", "2e-3",
-                        "--output_dir", str(out / "base"), "--overwrite_output_dir", "True", "--report_to", "none",
-                        "--logging_steps", "25"])  # fmt: skip
+    full_finetune.main(
+        [
+            "--config",
+            "tiny_cpu.yaml",
+            "--strategy",
+            "single",
+            "--model_name_or_path",
+            str(model),
+            "--data_path",
+            mix,
+            "--max_steps",
+            "150",
+            "--learning_rate",
+            "2e-3",
+            "--output_dir",
+            str(out / "base"),
+            "--overwrite_output_dir",
+            "True",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "25",
+        ]
+    )
     base = out / "base" / "model"
     print(
         "\n== 2. QLoRA on Chinese Alpaca (python recipes/qlora.py --config qlora_tiny_cpu.yaml)",
         flush=True,
     )
-    qlora.main(["--config", "qlora_tiny_cpu.yaml", "--model_name_or_path", str(base), "--data_path", str(train_zh),
-                "--template", str(template), "--max_steps", "60", "--output_dir", str(out / "qlora"),
-                "--overwrite_output_dir", "True", "--logging_steps", "10"])  # fmt: skip
+    qlora.main(
+        [
+            "--config",
+            "qlora_tiny_cpu.yaml",
+            "--model_name_or_path",
+            str(base),
+            "--data_path",
+            str(train_zh),
+            "--template",
+            str(template),
+            "--max_steps",
+            "60",
+            "--output_dir",
+            str(out / "qlora"),
+            "--overwrite_output_dir",
+            "True",
+            "--logging_steps",
+            "10",
+        ]
+    )
     adapter = out / "qlora" / "adapter"
     print("\n== 3. evaluate (python -m recipes.eval)", flush=True)
-    rc = evaluation.main(["--model", str(base), "--data", str(heldout_zh), "--adapter", str(adapter), "--shots", "3",
-                          "--shots_from", str(train_zh), "--template", str(template), "--generate", "20",
-                          "--max_new_tokens", "64", "--out", str(out / "eval.json")])  # fmt: skip
+    rc = evaluation.main(
+        [
+            "--model",
+            str(base),
+            "--data",
+            str(heldout_zh),
+            "--adapter",
+            str(adapter),
+            "--shots",
+            "3",
+            "--shots_from",
+            str(train_zh),
+            "--template",
+            str(template),
+            "--generate",
+            "20",
+            "--max_new_tokens",
+            "64",
+            "--out",
+            str(out / "eval.json"),
+        ]
+    )
     if rc:
         return rc
     print("\n== 4. merge (python -m recipes.merge) and chat (python -m recipes.chat)", flush=True)

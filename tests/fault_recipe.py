@@ -60,8 +60,11 @@ def main() -> int:
     own = [a for a in own if not a.startswith("--local_rank")]
     options = dict(zip(own[::2], own[1::2]))
     nan_weight_at = options.get("--nan_weight_at")
-    faults = Faults(options.get("--nan_at"), float(options.get("--step_delay", 0)),
-                    int(nan_weight_at) if nan_weight_at else None)  # fmt: skip
+    faults = Faults(
+        options.get("--nan_at"),
+        float(options.get("--step_delay", 0)),
+        int(nan_weight_at) if nan_weight_at else None,
+    )
     name = options.get("--recipe", "sft")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return recipe.main(name, recipe_args, hooks=faults)

@@ -1531,7 +1531,8 @@ def test_deepspeed_json_that_contradicts_the_command_line(tmp_path, ds, args, ex
     """In-process: a single-process ZeRO run reaches this check too (by hand, --strategy zero2
     --deepspeed FILE exits 2 with this line), but only after ~30 s of start-up."""
     from recipes.core.config import ConfigError, load_config
-    from recipes.core.distributed import deepspeed_config
+    from recipes.core.ds_config import deepspeed_config
+    from recipes.core.recipe import TrainConfig
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds}))

@@ -48,8 +48,18 @@ BF16_VS_FP32 = 5e-3
 BETWEEN = 5e-3
 NOT_FP32 = 1e-5
 STEPS = 4
-BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", "100",
-        "--max_steps", STEPS, "--per_device_train_batch_size", 4]  # fmt: skip
+BASE = [
+    "--config",
+    "tiny_cpu.yaml",
+    "--learning_rate",
+    "1e-3",
+    "--save_steps",
+    "100",
+    "--max_steps",
+    STEPS,
+    "--per_device_train_batch_size",
+    4,
+]
 ONE = [*BASE, "--gradient_accumulation_steps", 2]  # global batch 8 = 4 x 2 x 1 rank
 TWO = [*BASE, "--gradient_accumulation_steps", 1]  # = 4 x 1 x 2 ranks
 
@@ -71,10 +81,13 @@ class Probe(Hooks):
             if not seen:
                 opt = run.engine.optimizer  # ZeRO-3 keeps its fp32 master partitions apart
                 flat = getattr(opt, "fp32_partitioned_groups_flat", None)
-                params = flat if flat is not None else [p for g in opt.param_groups for p in g["params"]]
+                groups = opt.param_groups
+                params = flat if flat is not None else [p for g in groups for p in g["params"]]
+                dtypes = ",".join({{str(p.dtype) for p in params}})
                 seen.update(input=str(args[0].dtype), weight=str(module.weight.dtype),
-                            output=str(out.dtype), optimizer=",".join({{str(p.dtype) for p in params}}))
-                Path(run.cfg.output_dir, f"dtypes-rank{{run.world.rank}}.json").write_text(json.dumps(seen))
+                            output=str(out.dtype), optimizer=dtypes)
+                name = f"dtypes-rank{{run.world.rank}}.json"
+                Path(run.cfg.output_dir, name).write_text(json.dumps(seen))
 
         proj.register_forward_hook(hook)
 
@@ -104,16 +117,23 @@ def run_all(probe: Path, root: Path, jobs: dict[str, tuple]) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def single(probe, tmp_path_factory) -> dict[str, Path]:
-    return run_all(probe, tmp_path_factory.mktemp("single"), {
-        "fp32": ("single", 1, ONE), "bf16": ("single", 1, [*ONE, "--bf16", "True"]),
-    })  # fmt: skip
+    return run_all(
+        probe,
+        tmp_path_factory.mktemp("single"),
+        {
+            "fp32": ("single", 1, ONE),
+            "bf16": ("single", 1, [*ONE, "--bf16", "True"]),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def two_ranks(probe, tmp_path_factory) -> dict[str, Path]:
-    return run_all(probe, tmp_path_factory.mktemp("two"), {
-        s: (s, 2, [*TWO, "--bf16", "True"]) for s in ("ddp", "fsdp", "zero3")
-    })  # fmt: skip
+    return run_all(
+        probe,
+        tmp_path_factory.mktemp("two"),
+        {s: (s, 2, [*TWO, "--bf16", "True"]) for s in ("ddp", "fsdp", "zero3")},
+    )
 
 
 def dtypes(out: Path) -> list[dict]:
@@ -131,11 +151,19 @@ def max_diff(a: list[float], b: list[float]) -> float:
 
 
 # what one attention projection sees in forward, and what the optimizer updates
-FP32 = {"input": "torch.float32", "weight": "torch.float32", "output": "torch.float32",
-        "optimizer": "torch.float32"}  # fmt: skip
+FP32 = {
+    "input": "torch.float32",
+    "weight": "torch.float32",
+    "output": "torch.float32",
+    "optimizer": "torch.float32",
+}
 AUTOCAST = {**FP32, "output": "torch.bfloat16"}  # fp32 weights, bf16 matmul
-BF16_PARAMS = {"input": "torch.bfloat16", "weight": "torch.bfloat16", "output": "torch.bfloat16",
-               "optimizer": "torch.float32"}  # bf16 compute, fp32 master weights  # fmt: skip
+BF16_PARAMS = {
+    "input": "torch.bfloat16",
+    "weight": "torch.bfloat16",
+    "output": "torch.bfloat16",
+    "optimizer": "torch.float32",
+}  # bf16 compute, fp32 master weights
 EXPECTED = {"ddp": AUTOCAST, "fsdp": BF16_PARAMS, "zero3": BF16_PARAMS}
 
 

@@ -184,7 +184,7 @@ def test_system_prompt_roles_and_edges(flavour, tokenizers, custom_yaml, tmp_pat
                     Message(TOOL, '{"t": 20}'),
                     Message(ASSISTANT, "20 C."),
                 ],
-            ),  # fmt: skip
+            ),
         ]
         assert compare(convs, ours, theirs)["conversations"] == len(convs)
         empty = [{"role": SYSTEM, "content": ""}, {"role": USER, "content": "Hi"}]
@@ -221,8 +221,10 @@ def test_the_chat_template_is_readable_and_names_its_template(llama_dir, tmp_pat
     assert text == theirs.chat_template
     assert '"name": "vicuna_v1.1"' in text and '"sep2": "{eos}"' in text
     assert '{%- set sep2 = "</s>" %}' in text and '{%- set bos = "<s>" %}' in text
-    assert record == {"chat_template": True,
-                      "stop": {"token_ids": [theirs.eos_token_id], "tokens": ["</s>"], "text": ""}}  # fmt: skip
+    assert record == {
+        "chat_template": True,
+        "stop": {"token_ids": [theirs.eos_token_id], "tokens": ["</s>"], "text": ""},
+    }
     prompt = [{"role": USER, "content": "Hi"}, {"role": ASSISTANT, "content": "Hello!"}]
     assert theirs.apply_chat_template(prompt, tokenize=False) == (
         "<s>A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -341,9 +343,23 @@ def test_full_export_loads_and_stops_with_plain_transformers(
         template = tmp_path / "endoftext.yaml"
         template.write_text('name: endoftext\nsep2: "<|endoftext|>"\n')
     out = tmp_path / "run"
-    train("single", 1, out, "--config", "tiny_cpu.yaml", "--model_name_or_path", tok.name_or_path,
-          "--data_path", data_dir / "fastchat_dummy_conversation.json", "--max_steps", 1,
-          "--save_steps", 100, "--template", template)  # fmt: skip
+    train(
+        "single",
+        1,
+        out,
+        "--config",
+        "tiny_cpu.yaml",
+        "--model_name_or_path",
+        tok.name_or_path,
+        "--data_path",
+        data_dir / "fastchat_dummy_conversation.json",
+        "--max_steps",
+        1,
+        "--save_steps",
+        100,
+        "--template",
+        template,
+    )
     model = out / "model"
     info = json.loads((model / "camelid.json").read_text())
     assert info["chat_template"] is True
@@ -354,8 +370,14 @@ def test_full_export_loads_and_stops_with_plain_transformers(
     answer = exported_tok("Paris is the capital", add_special_tokens=False)["input_ids"]
     rig_to_answer(model, answer, stop)
     messages = [{"role": USER, "content": "What is the capital of France?"}]
-    res = subprocess.run([sys.executable, "-c", GENERATE, str(model), json.dumps(messages)],
-                         capture_output=True, text=True, env=env(), cwd="/", timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", GENERATE, str(model), json.dumps(messages)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd="/",
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.splitlines()[-1])
     ours = ConversationTokenizer(tok, str(template))
@@ -375,9 +397,24 @@ def test_adapter_export_and_merge_carry_the_template(llama_dir, data_dir, tmp_pa
     from recipes.merge import merge
 
     out = tmp_path / "qlora"
-    train("ddp", 1, out, "--config", "qlora_tiny_cpu.yaml", "--model_name_or_path", llama_dir,
-          "--data_path", data_dir / "fastchat_dummy_conversation.json", "--max_steps", 1,
-          "--save_steps", 100, "--template", "alpaca", recipe=QLORA)  # fmt: skip
+    train(
+        "ddp",
+        1,
+        out,
+        "--config",
+        "qlora_tiny_cpu.yaml",
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        data_dir / "fastchat_dummy_conversation.json",
+        "--max_steps",
+        1,
+        "--save_steps",
+        100,
+        "--template",
+        "alpaca",
+        recipe=QLORA,
+    )
     adapter = out / "adapter"
     assert get_template(CHAT_TEMPLATE, AutoTokenizer.from_pretrained(adapter)) is get_template(
         "alpaca"

@@ -21,19 +21,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def python(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 # -- --help of every entry point ------------------------------------------------------------------
 
 # the script, options it must list, and a default it must show
 RECIPES = [
-    ("recipes/full_finetune.py", TrainConfig, ["--learning_rate", "--fsdp", "--print_config"],
-     "--learning_rate FLOAT"),
+    (
+        "recipes/full_finetune.py",
+        TrainConfig,
+        ["--learning_rate", "--fsdp", "--print_config"],
+        "--learning_rate FLOAT",
+    ),
     ("recipes/qlora.py", QLoraConfig, ["--lora_r", "--quantization", "--config"], "(default: nf4)"),
     ("recipes/dpo.py", DPOConfig, ["--beta", "--loss_type", "--lora_r"], "(default: 5e-07)"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("script", "cls", "options", "default"), RECIPES, ids=lambda x: str(x))
@@ -66,7 +71,10 @@ def test_subclass_default_shows_in_help_and_recipe_values_become_defaults(capsys
     assert stop.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     recipe = yaml.safe_load((REPO / "recipes/configs/qlora_tiny_cpu.yaml").read_text())
-    assert f"--max_steps INT optimizer steps to train; -1: num_train_epochs decides (default: {recipe['max_steps']})" in out  # fmt: skip
+    assert (
+        "--max_steps INT optimizer steps to train; -1: num_train_epochs decides "
+        f"(default: {recipe['max_steps']})" in out
+    )
 
 
 @pytest.mark.parametrize(
@@ -91,8 +99,13 @@ def test_tool_help(module, expect, capsys):
 
 @pytest.mark.parametrize("args", [["--help"], ["build", "--help"]])
 def test_fastchat_data_help(args):
-    res = subprocess.run([sys.executable, "-m", "fastchat_data", *args], capture_output=True,
-                         text=True, cwd=REPO, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "fastchat_data", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-2000:]
     assert (
@@ -102,20 +115,36 @@ def test_fastchat_data_help(args):
 
 # -- --print_config -------------------------------------------------------------------------------
 
-TEMPLATE = {"name": "mine", "system": "A chat.", "user": "USER", "assistant": "ASSISTANT",
-            "sep": " ", "sep2": "</s>"}  # fmt: skip
+TEMPLATE = {
+    "name": "mine",
+    "system": "A chat.",
+    "user": "USER",
+    "assistant": "ASSISTANT",
+    "sep": " ",
+    "sep2": "</s>",
+}
 
 
 @pytest.mark.parametrize(
     ("cls", "args"),
     [
-        (TrainConfig, ["--fsdp", "full_shard auto_wrap", "--bf16", "--learning_rate", "3e-5",
-                       "--lazy_preprocess", "True"]),
+        (
+            TrainConfig,
+            [
+                "--fsdp",
+                "full_shard auto_wrap",
+                "--bf16",
+                "--learning_rate",
+                "3e-5",
+                "--lazy_preprocess",
+                "True",
+            ],
+        ),
         (QLoraConfig, ["--quantization", "none", "--max_source_length", "none", "--lora_r=8"]),
         (DPOConfig, ["--beta", "0.2", "--peft_method", "lora", "--num_train_epochs", "2"]),
     ],
     ids=lambda x: getattr(x, "__name__", None),
-)  # fmt: skip
+)
 def test_print_config_reruns_as_the_same_run(tmp_path, capsys, cls, args):
     for name in ("a.json", "b.json"):
         (tmp_path / name).write_text("[]")
@@ -141,10 +170,25 @@ def test_print_config_reruns_as_the_same_run(tmp_path, capsys, cls, args):
 
 
 def test_values_flags_and_launcher_arguments():
-    cfg, notes = load_config(["--bf16", "--packing", "False", "--output-dir=runs/x", "--local_rank=1",
-                              "--local-rank", "0", "--max_steps", "-1", "--no_group_by_length",
-                              "--quantization", "none", "--max_source_length", "null"],
-                             cls=QLoraConfig)  # fmt: skip
+    cfg, notes = load_config(
+        [
+            "--bf16",
+            "--packing",
+            "False",
+            "--output-dir=runs/x",
+            "--local_rank=1",
+            "--local-rank",
+            "0",
+            "--max_steps",
+            "-1",
+            "--no_group_by_length",
+            "--quantization",
+            "none",
+            "--max_source_length",
+            "null",
+        ],
+        cls=QLoraConfig,
+    )
     assert cfg.bf16 is True and cfg.packing is False and cfg.output_dir == "runs/x"
     assert cfg.max_steps == -1 and cfg.group_by_length is False and notes == []
     assert cfg.quantization == "none" and cfg.max_source_length is None  # text stays text
@@ -160,12 +204,15 @@ def test_values_flags_and_launcher_arguments():
     [
         (["--learning_rate", "abc"], "command line: learning_rate expects a number, got 'abc'"),
         (["--bf16", "maybe"], "command line: bf16 expects True or False, got 'maybe'"),
-        (["--learning", "1e-3"], "command line: unknown option 'learning' (did you mean learning_rate?)"),
+        (
+            ["--learning", "1e-3"],
+            "command line: unknown option 'learning' (did you mean learning_rate?)",
+        ),
         (["--model_max_length"], "command line: --model_max_length: expected one argument"),
         (["--fp16"], "--fp16: fp16 is not supported"),
         (["stray"], "command line: unexpected argument 'stray'"),
     ],
-)  # fmt: skip
+)
 def test_bad_command_line_is_one_config_error_not_usage(argv, message, capsys):
     with pytest.raises(ConfigError) as err:
         load_config(argv, TrainConfig)

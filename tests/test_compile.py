@@ -34,8 +34,15 @@ NOTE = re.compile(
 
 def steps(n: int, ranks: int = 1) -> list:
     # global batch 8 = 4 x 2 accumulation x 1 rank = 4 x 1 x 2 ranks
-    return [*BASE, "--max_steps", n, "--per_device_train_batch_size", 4,
-            "--gradient_accumulation_steps", 2 // ranks]  # fmt: skip
+    return [
+        *BASE,
+        "--max_steps",
+        n,
+        "--per_device_train_batch_size",
+        4,
+        "--gradient_accumulation_steps",
+        2 // ranks,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +77,9 @@ def check_compiled_run(res, out, eager) -> None:
 
 
 def test_compiled_layers_with_checkpointing_train_like_eager(eager, tmp_path):
-    res = train("single", 1, tmp_path, *steps(3), "--compile", "True",
-                "--gradient_checkpointing", "True")  # fmt: skip
+    res = train(
+        "single", 1, tmp_path, *steps(3), "--compile", "True", "--gradient_checkpointing", "True"
+    )
     check_compiled_run(res, tmp_path, eager)
 
 

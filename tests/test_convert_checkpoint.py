@@ -11,8 +11,18 @@ from safetensors.torch import load_file
 from train_utils import REPO, complete_checkpoints, env, train
 from transformers import AutoModelForCausalLM
 
-ARGS = ["--config", "tiny_cpu.yaml", "--max_steps", 2, "--save_steps", 2, "--per_device_train_batch_size", 4,
-        "--gradient_accumulation_steps", 1]  # fmt: skip
+ARGS = [
+    "--config",
+    "tiny_cpu.yaml",
+    "--max_steps",
+    2,
+    "--save_steps",
+    2,
+    "--per_device_train_batch_size",
+    4,
+    "--gradient_accumulation_steps",
+    1,
+]
 
 
 def convert(*args) -> subprocess.CompletedProcess:

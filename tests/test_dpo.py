@@ -43,8 +43,9 @@ def pairs(tmp_path_factory):
 
 def pair_batch(pairs, n: int = 4, max_len: int = MAX_LEN) -> tuple[dict, PairData]:
     tok = AutoTokenizer.from_pretrained(pairs["model"])
-    ds, _ = build_preference_dataset([str(pairs["data"])], tok, max_length=max_len,
-                                     cache_dir=str(pairs["cache"]), quiet=True)  # fmt: skip
+    ds, _ = build_preference_dataset(
+        [str(pairs["data"])], tok, max_length=max_len, cache_dir=str(pairs["cache"]), quiet=True
+    )
     data = PairData(ds.with_format("numpy"), pad_token_id(tok))
     return data.batch(list(range(n)), with_reference=False), data
 
@@ -83,13 +84,29 @@ def test_loss_rewards_and_gradients_equal_trl(pairs, loss_type, tmp_path):
     tok = AutoTokenizer.from_pretrained(pairs["model"])
     tok.pad_token = tok.pad_token or tok.eos_token
     raw = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4)
-    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss_type], report_to=[], use_cpu=True,
-                     per_device_train_batch_size=4, bf16=False, precompute_ref_log_probs=False)  # fmt: skip
-    trainer = DPOTrainer(model=trl_policy, ref_model=AutoModelForCausalLM.from_pretrained(pairs["model"]),
-                         args=args, train_dataset=raw, processing_class=tok)  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=beta,
+        loss_type=[loss_type],
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        bf16=False,
+        precompute_ref_log_probs=False,
+    )
+    trainer = DPOTrainer(
+        model=trl_policy,
+        ref_model=AutoModelForCausalLM.from_pretrained(pairs["model"]),
+        args=args,
+        train_dataset=raw,
+        processing_class=tok,
+    )
     trainer.model.train()
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "completion_mask": (batch["labels"] != -100).long()}  # fmt: skip
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": (batch["labels"] != -100).long(),
+    }
     loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
     loss.backward()
     metrics = trainer._metrics["train"]
@@ -103,8 +120,22 @@ def test_loss_rewards_and_gradients_equal_trl(pairs, loss_type, tmp_path):
 
 def test_cached_reference_equals_a_live_reference_model(pairs, tmp_path):
     out = tmp_path / "run"
-    res = train("single", 1, out, "--model_name_or_path", pairs["model"], "--data_path", pairs["data"],
-                "--model_max_length", MAX_LEN, "--max_steps", 1, "--cache_dir", pairs["cache"], recipe=DPO)  # fmt: skip
+    res = train(
+        "single",
+        1,
+        out,
+        "--model_name_or_path",
+        pairs["model"],
+        "--data_path",
+        pairs["data"],
+        "--model_max_length",
+        MAX_LEN,
+        "--max_steps",
+        1,
+        "--cache_dir",
+        pairs["cache"],
+        recipe=DPO,
+    )
     assert (
         "reference log-probs of 48 pairs" in res.stdout
         or "reference log-probs: cached" in res.stdout
@@ -125,9 +156,26 @@ def test_cached_reference_equals_a_live_reference_model(pairs, tmp_path):
 
 
 def dpo_args(pairs, steps, accum):
-    return ["--model_name_or_path", pairs["model"], "--data_path", pairs["data"], "--cache_dir", pairs["cache"],
-            "--model_max_length", MAX_LEN, "--max_steps", steps, "--learning_rate", "1e-3",
-            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", accum, "--save_steps", 100]  # fmt: skip
+    return [
+        "--model_name_or_path",
+        pairs["model"],
+        "--data_path",
+        pairs["data"],
+        "--cache_dir",
+        pairs["cache"],
+        "--model_max_length",
+        MAX_LEN,
+        "--max_steps",
+        steps,
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        accum,
+        "--save_steps",
+        100,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +196,16 @@ def test_dpo_learns_and_logs_rewards(pairs, one_process):
     tok = AutoTokenizer.from_pretrained(pairs["model"])
     seen = pairs["data"].with_name("seen.json")
     seen.write_text(json.dumps(json.loads(pairs["data"].read_text())[:16]))
-    before, after = (preference_scores(AutoModelForCausalLM.from_pretrained(m), tok, str(seen),
-                                       max_length=MAX_LEN, cache_dir=str(pairs["cache"]))
-                     for m in (pairs["model"], one_process / "model"))  # fmt: skip
+    before, after = (
+        preference_scores(
+            AutoModelForCausalLM.from_pretrained(m),
+            tok,
+            str(seen),
+            max_length=MAX_LEN,
+            cache_dir=str(pairs["cache"]),
+        )
+        for m in (pairs["model"], one_process / "model")
+    )
     assert after["mean_margin"] > before["mean_margin"] + 1, (before, after)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
         assert key in rows[-1], rows[-1]
@@ -183,8 +238,21 @@ def test_kill_9_then_relaunch_continues_the_same_loss_curve(pairs, tmp_path):
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_lora_and_qlora_dpo_export_an_adapter(pairs, quantization, tmp_path):
-    train("single", 1, tmp_path, *dpo_args(pairs, 2, 2), "--peft_method", "lora", "--quantization",
-          quantization, "--lora_r", 8, "--optim", "adamw_torch", recipe=DPO)  # fmt: skip
+    train(
+        "single",
+        1,
+        tmp_path,
+        *dpo_args(pairs, 2, 2),
+        "--peft_method",
+        "lora",
+        "--quantization",
+        quantization,
+        "--lora_r",
+        8,
+        "--optim",
+        "adamw_torch",
+        recipe=DPO,
+    )
     rows = metric_rows(tmp_path)
     # the reference is the base: a fresh adapter adds nothing, so step 1 is at log 2; on a
     # 4-bit base the no-grad scoring pass and the training forward round apart (measured 1.2e-4)

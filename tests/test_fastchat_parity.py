@@ -50,9 +50,12 @@ def test_ids_and_labels_identical_to_fastchat(name, expect_mismatched, llama_dir
         assert enc.labels == labels, conv.id
         compared += 1
     with capsys.disabled():
-        print(f"\n{name}: {len(convs)} conversations, FastChat kept {compared} (identical ids and labels), "
-              f"masked {mismatched} away as 'tokenization mismatch' (camelid trains on them); "
-              f"{untrainable} have no reply within {MAX_LENGTH} tokens (both skip them)")  # fmt: skip
+        print(
+            f"\n{name}: {len(convs)} conversations, FastChat kept {compared} (identical ids and "
+            "labels), "
+            f"masked {mismatched} away as 'tokenization mismatch' (camelid trains on them); "
+            f"{untrainable} have no reply within {MAX_LENGTH} tokens (both skip them)"
+        )
     assert compared > 0.5 * len(convs)
     if expect_mismatched is not None:
         assert mismatched == expect_mismatched
@@ -76,6 +79,7 @@ def test_fastchat_masks_away_conversations_with_a_non_legacy_tokenizer(
     trained = [any(x != IGNORE_INDEX for x in e.labels) for e in ours.encode_batch(convs)]
     with capsys.disabled():
         print(
-            f"\nnon-legacy tokenizer: FastChat masks away {kept.count(False)} of {len(convs)}; camelid {trained.count(False)}"
+            f"\nnon-legacy tokenizer: FastChat masks away {kept.count(False)} of {len(convs)}; "
+            f"camelid {trained.count(False)}"
         )
     assert kept.count(False) > 0 and all(trained)

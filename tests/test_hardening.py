@@ -33,8 +33,14 @@ def poisoned(step: str) -> dict:
 
 
 def run_with(strategy, nproc, out, *args, faults=None):
-    return subprocess.run(command(strategy, nproc, out, *args, faults=faults), capture_output=True,
-                          text=True, env=env(), cwd=REPO, timeout=900)  # fmt: skip
+    return subprocess.run(
+        command(strategy, nproc, out, *args, faults=faults),
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=900,
+    )
 
 
 def dcp_weights_finite(ckpt: Path) -> bool:
@@ -46,8 +52,11 @@ def dcp_weights_finite(ckpt: Path) -> bool:
     for key, info in meta.items():
         if key.startswith("model.") and hasattr(info, "size"):
             t = torch.empty(info.size, dtype=info.properties.dtype)
-            dcp.load({"model": {key[6:]: t}}, storage_reader=SafeFileSystemReader(ckpt / "dcp"),
-                     no_dist=True)  # fmt: skip
+            dcp.load(
+                {"model": {key[6:]: t}},
+                storage_reader=SafeFileSystemReader(ckpt / "dcp"),
+                no_dist=True,
+            )
             if not torch.isfinite(t).all():
                 return False
     return True
@@ -63,8 +72,9 @@ def assert_stopped_at_nonfinite(res, out: Path, step: int, last_good: str):
 
 def test_poisoned_batch_single_process(tmp_path):
     out = tmp_path / "run"
-    res = run_with("single", 1, out, *ONE, "--max_steps", 6, "--save_steps", 2,
-                   faults=poisoned("5"))  # fmt: skip
+    res = run_with(
+        "single", 1, out, *ONE, "--max_steps", 6, "--save_steps", 2, faults=poisoned("5")
+    )
     assert_stopped_at_nonfinite(res, out, 5, "step-00000004")
     assert "on samples [" in res.stderr
     assert dcp_weights_finite(complete_checkpoints(out)[-1])
@@ -76,8 +86,17 @@ def test_nonfinite_weights_after_an_update_are_never_saved(strategy, tmp_path):
     stops at that step, saves nothing from it and exports nothing."""
     out = tmp_path / "run"
     nproc, args = (1, ONE) if strategy == "single" else (2, TWO)
-    res = run_with(strategy, nproc, out, *args, "--max_steps", 6, "--save_steps", 2,
-                   faults={"nan_weight_at": 3})  # fmt: skip
+    res = run_with(
+        strategy,
+        nproc,
+        out,
+        *args,
+        "--max_steps",
+        6,
+        "--save_steps",
+        2,
+        faults={"nan_weight_at": 3},
+    )
     assert res.returncode == 3, res.stderr[-3000:]
     assert re.search(r"step 3: the update made \d weight tensor\(s\) non-finite", res.stderr)
     assert "Traceback" not in res.stderr and not (out / "model").exists()
@@ -113,8 +132,19 @@ def test_poisoned_batch_on_one_rank_stops_every_rank(strategy, tmp_path):
 
 def test_bad_steps_within_the_budget_are_skipped_and_counted(tmp_path):
     out, clean = tmp_path / "skip", tmp_path / "clean"
-    res = run_with("single", 1, out, *ONE, "--max_steps", 6, "--save_steps", 100,
-                   "--max_bad_steps", 1, faults=poisoned("3"))  # fmt: skip
+    res = run_with(
+        "single",
+        1,
+        out,
+        *ONE,
+        "--max_steps",
+        6,
+        "--save_steps",
+        100,
+        "--max_bad_steps",
+        1,
+        faults=poisoned("3"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 3: non-finite" in res.stderr and "1 of --max_bad_steps 1" in res.stderr
     got = losses(out)
@@ -143,8 +173,9 @@ def relaunch_after_damage(strategy, nproc, out, args, damage, recipe=None):
 
 def test_damaged_dcp_shard_falls_back_to_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
-    res = relaunch_after_damage("single", 1, out, ONE,
-                                lambda c: flip_byte(c / "dcp" / "__0_0.distcp"))  # fmt: skip
+    res = relaunch_after_damage(
+        "single", 1, out, ONE, lambda c: flip_byte(c / "dcp" / "__0_0.distcp")
+    )
     assert "__0_0.distcp does not match its checksum" in res.stderr
     straight = tmp_path / "straight"
     train("single", 1, straight, *ONE, "--max_steps", 6, "--save_steps", 2)
@@ -165,9 +196,13 @@ def test_damaged_adapter_falls_back(tmp_path):
 
     args = ["--config", "qlora_tiny_cpu.yaml", "--save_total_limit", 3]
     res = relaunch_after_damage(
-        "single", 1, tmp_path / "run", args,
-        lambda c: flip_byte(c / "adapter" / "adapter_model.safetensors", at=200), recipe=QLORA,
-    )  # fmt: skip
+        "single",
+        1,
+        tmp_path / "run",
+        args,
+        lambda c: flip_byte(c / "adapter" / "adapter_model.safetensors", at=200),
+        recipe=QLORA,
+    )
     assert "adapter_model.safetensors does not match its checksum" in res.stderr
 
 
@@ -184,9 +219,22 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
 
 def test_second_run_into_the_same_output_dir_refuses(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(command("single", 1, out, *ONE, "--max_steps", 200, "--save_steps", 1000,
-                                     faults={"step_delay": 0.2}),
-                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        command(
+            "single",
+            1,
+            out,
+            *ONE,
+            "--max_steps",
+            200,
+            "--save_steps",
+            1000,
+            faults={"step_delay": 0.2},
+        ),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not (out / "metrics.jsonl").exists():
             assert first.poll() is None
@@ -211,9 +259,27 @@ def test_multi_process_error_is_printed_once_without_launcher_traceback(bad, tmp
     model, tiny_data = tiny_assets()
     if "--data" not in args:
         args = ["--data", tiny_data, *args]
-    res = subprocess.run([sys.executable, "-m", "launch.train", "--ngpu", "2", "--strategy", "fsdp",
-                          "--model", model, "--out", str(tmp_path / "run"), *args],
-                         capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--ngpu",
+            "2",
+            "--strategy",
+            "fsdp",
+            "--model",
+            model,
+            "--out",
+            str(tmp_path / "run"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=600,
+    )
     assert res.returncode == 2
     assert res.stderr.count(message) == 1 and res.stderr.count("error:") == 1, res.stderr
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr

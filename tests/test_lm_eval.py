@@ -21,8 +21,14 @@ LIMIT = 20
 
 def offline_env(cache: Path) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               CAMELID_CACHE=str(cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CAMELID_CACHE=str(cache),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -36,9 +42,15 @@ def adapter(llama_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("lm_eval") / "adapter"
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
-                           LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(llama_dir),
+        LoraConfig(
+            r=8,
+            lora_alpha=64,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+        ),
+    )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(llama_dir).save_pretrained(out)
     return out
@@ -69,8 +81,10 @@ def test_items_from_shared_data(data_dir, tmp_path):
         assert all(labels.count(k) > len(items) / 6 for k in range(harness.N_CHOICES))  # spread
         # the answer's length rank among its choices is about uniform: guessing by length
         # (the longest, the shortest, the second longest...) does about as well as chance
-        ranks = [sorted(range(4), key=lambda k: (len(it["choices"][k]), k)).index(it["label"])
-                 for it in items]  # fmt: skip
+        ranks = [
+            sorted(range(4), key=lambda k: (len(it["choices"][k]), k)).index(it["label"])
+            for it in items
+        ]
         assert all(0.18 < ranks.count(r) / len(items) < 0.32 for r in range(4)), ranks
 
     folder = harness.prepare_tasks(data_dir, tmp_path)
@@ -87,12 +101,33 @@ def test_cli_model_and_adapter(llama_dir, adapter, data_dir, tmp_path):
     """The exported model and base + adapter, perplexity and lm-eval side by side."""
     out = tmp_path / "eval.json"
     res = subprocess.run(
-        [sys.executable, "-m", "recipes.eval", "--model", str(llama_dir), "--adapter", str(adapter),
-         "--data", str(data_dir / "fastchat_dummy_conversation.json"), "--max_samples", "4",
-         "--lm_eval", "camelid_alpaca_mc", "--lm_eval_limit", str(LIMIT), "--out", str(out),
-         "--lm_eval_data", str(data_dir)],
-        capture_output=True, text=True, cwd=REPO, env=offline_env(tmp_path / "cache"), timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "recipes.eval",
+            "--model",
+            str(llama_dir),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data_dir / "fastchat_dummy_conversation.json"),
+            "--max_samples",
+            "4",
+            "--lm_eval",
+            "camelid_alpaca_mc",
+            "--lm_eval_limit",
+            str(LIMIT),
+            "--out",
+            str(out),
+            "--lm_eval_data",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=offline_env(tmp_path / "cache"),
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "mean ppl" in res.stdout  # the perplexity table is still there
     tables = [line for line in res.stdout.splitlines() if line.startswith("|camelid_alpaca_mc")]
@@ -114,8 +149,15 @@ def test_cli_model_and_adapter(llama_dir, adapter, data_dir, tmp_path):
 
 def test_adapter_changes_the_scores(llama_dir, adapter, data_dir, tmp_path):
     """lm-eval really scores through the adapter: the choices' log-likelihoods move."""
-    rows = harness.run(str(llama_dir), [str(adapter)], ["camelid_alpaca_mc"], limit=3,
-                       data_dir=data_dir, cache_dir=tmp_path, log_samples=True)  # fmt: skip
+    rows = harness.run(
+        str(llama_dir),
+        [str(adapter)],
+        ["camelid_alpaca_mc"],
+        limit=3,
+        data_dir=data_dir,
+        cache_dir=tmp_path,
+        log_samples=True,
+    )
     base, tuned = (r["samples"]["camelid_alpaca_mc"] for r in rows)
     assert [s["doc_id"] for s in base] == [s["doc_id"] for s in tuned] == [0, 1, 2]
     for b, t in zip(base, tuned):
@@ -146,8 +188,12 @@ def test_task_errors(llama_dir, data_dir, tmp_path):
     # a built-in task needs the hub: a clear error before any model is loaded, exit code 2
     res = subprocess.run(
         [sys.executable, "-m", "recipes.eval", "--model", str(llama_dir), "--lm_eval", "arc_easy"],
-        capture_output=True, text=True, cwd=REPO, env=offline_env(tmp_path / "cache"), timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=offline_env(tmp_path / "cache"),
+        timeout=600,
+    )
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert "arc_easy" in res.stderr and "hub" in res.stderr, res.stderr[-3000:]
     assert "Loading weights" not in res.stderr  # failed before the model was loaded

@@ -14,8 +14,15 @@ VOCAB = 1000
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -139,9 +146,16 @@ def test_soft_capped_logits_are_refused():
     """Gemma 2 soft-caps its logits after the output embedding: the chunked loss would train
     another objective, so it stops with a message instead."""
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       final_logit_softcapping=2.0)  # fmt: skip
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+    )
     model = Gemma2ForCausalLM(cfg)
     batch = padded_batch()
     with pytest.raises(RuntimeError, match="loss_chunk_size 0"):
@@ -174,13 +188,20 @@ def worker(strategy: str, chunk: int, out: str) -> None:
     turns a gradient of ~1e-9 into a step of lr * sign, so rounding noise would dominate.)"""
     from pathlib import Path
 
-    from recipes.core.config import TrainConfig
     from recipes.core.distributed import init_world, make_engine
 
+    from recipes.core.config import TrainConfig
+
     world = init_world(strategy)
-    cfg = TrainConfig(strategy=strategy, loss_chunk_size=chunk, learning_rate=1e-3,
-                      per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                      warmup_ratio=0.0, lr_scheduler_type="constant")  # fmt: skip
+    cfg = TrainConfig(
+        strategy=strategy,
+        loss_chunk_size=chunk,
+        learning_rate=1e-3,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+    )
     engine = make_engine(tiny_llama(), cfg, world, total_steps=2)
     every = [rank_batches(r) for r in range(world.size)]
     record = {"loss": [], "grads": None}

@@ -44,8 +44,23 @@ def test_logits_packed_equal_logits_alone(llama_dir):
 
 def test_training_with_packing(tmp_path):
     out = tmp_path / "packed"
-    res = train("single", 1, out, "--config", "tiny_cpu.yaml", "--max_steps", 6, "--packing", "True",
-                "--model_max_length", 256, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1)  # fmt: skip
+    res = train(
+        "single",
+        1,
+        out,
+        "--config",
+        "tiny_cpu.yaml",
+        "--max_steps",
+        6,
+        "--packing",
+        "True",
+        "--model_max_length",
+        256,
+        "--per_device_train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        1,
+    )
     assert "packed rows" in res.stdout
     got = losses(out)
     assert len(got) == 6 and got[-1] < got[0]

@@ -50,13 +50,30 @@ def msgs(*pairs):
 
 
 def test_shape_pairs_strings_with_system_and_alpaca_fields(tmp_path):
-    src = write(tmp_path / "p.jsonl", [
-        {"id": "a", "system": "Be brief.", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
-        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-        {"instruction": "Add", "input": "2 and 2", "chosen": "4", "rejected": "22"},
-        {"prompt": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                    {"role": "user", "content": "q2"}], "chosen": "good", "rejected": "bad"},
-    ], lines=True)  # fmt: skip
+    src = write(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "id": "a",
+                "system": "Be brief.",
+                "prompt": "What is 2+2?",
+                "chosen": "4",
+                "rejected": "5",
+            },
+            {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+            {"instruction": "Add", "input": "2 and 2", "chosen": "4", "rejected": "22"},
+            {
+                "prompt": [
+                    {"role": "user", "content": "q1"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "user", "content": "q2"},
+                ],
+                "chosen": "good",
+                "rejected": "bad",
+            },
+        ],
+        lines=True,
+    )
     pairs, rep = read(src)
     assert rep.read == 4 and rep.dropped_total == 0 and rep.notes["format"] == "pairs"
     assert pairs[0] == PreferencePair("a", "Be brief.", msgs((USER, "What is 2+2?")), "4", "5")
@@ -73,17 +90,25 @@ def test_shape_messages_ultrafeedback_prompt_repeated_shared_or_apart(tmp_path):
             {"role": "assistant", "content": reply},
         ]
 
-    src = write(tmp_path / "uf.json", [
-        # UltraFeedback binarized: `prompt` also heads both lists
-        {"prompt": "Name a color.", "chosen": side("Blue."), "rejected": side("Seven.")},
-        # no `prompt`: the shared prefix is the prompt, with a system turn
-        {"id": "s", "chosen": [{"role": "system", "content": "Sys"}, *side("Red.")],
-         "rejected": [{"role": "system", "content": "Sys"}, *side("Dog.")]},
-        # prompt apart, the lists hold only the replies
-        {"prompt": [{"role": "user", "content": "Name a color."}],
-         "chosen": [{"role": "assistant", "content": "Green."}],
-         "rejected": [{"role": "assistant", "content": "Cat."}]},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "uf.json",
+        [
+            # UltraFeedback binarized: `prompt` also heads both lists
+            {"prompt": "Name a color.", "chosen": side("Blue."), "rejected": side("Seven.")},
+            # no `prompt`: the shared prefix is the prompt, with a system turn
+            {
+                "id": "s",
+                "chosen": [{"role": "system", "content": "Sys"}, *side("Red.")],
+                "rejected": [{"role": "system", "content": "Sys"}, *side("Dog.")],
+            },
+            # prompt apart, the lists hold only the replies
+            {
+                "prompt": [{"role": "user", "content": "Name a color."}],
+                "chosen": [{"role": "assistant", "content": "Green."}],
+                "rejected": [{"role": "assistant", "content": "Cat."}],
+            },
+        ],
+    )
     pairs, rep = read(src)
     assert rep.dropped_total == 0 and rep.notes["format"] == "messages"
     q = msgs((USER, "Name a color."))
@@ -93,13 +118,22 @@ def test_shape_messages_ultrafeedback_prompt_repeated_shared_or_apart(tmp_path):
 
 
 def test_shape_sharegpt_llamafactory(tmp_path):
-    src = write(tmp_path / "lf.json", [
-        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
-                           {"from": "human", "value": "Joke?"}],
-         "chosen": {"from": "gpt", "value": "A pun."}, "rejected": {"from": "gpt", "value": "No."},
-         "system": "Be fun."},
-        {"conversations": [{"from": "human", "value": "Q"}], "chosen": "yes", "rejected": "no"},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "lf.json",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello"},
+                    {"from": "human", "value": "Joke?"},
+                ],
+                "chosen": {"from": "gpt", "value": "A pun."},
+                "rejected": {"from": "gpt", "value": "No."},
+                "system": "Be fun.",
+            },
+            {"conversations": [{"from": "human", "value": "Q"}], "chosen": "yes", "rejected": "no"},
+        ],
+    )
     pairs, rep = read(src)
     assert rep.dropped_total == 0 and rep.notes["format"] == "sharegpt"
     assert pairs[0] == PreferencePair(
@@ -116,11 +150,22 @@ def test_shape_sharegpt_llamafactory(tmp_path):
 
 
 def test_convert_pairs_round_trips_through_every_shape(tmp_path):
-    src = write(tmp_path / "p.json", [
-        {"id": "a", "system": "S", "prompt": "q", "chosen": "c", "rejected": "r"},
-        {"id": "b", "prompt": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                               {"role": "user", "content": "q2"}], "chosen": "c2", "rejected": "r2"},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "p.json",
+        [
+            {"id": "a", "system": "S", "prompt": "q", "chosen": "c", "rejected": "r"},
+            {
+                "id": "b",
+                "prompt": [
+                    {"role": "user", "content": "q1"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "user", "content": "q2"},
+                ],
+                "chosen": "c2",
+                "rejected": "r2",
+            },
+        ],
+    )
     original, _ = read(src)
     path = src
     for shape in ("messages", "sharegpt", "pairs"):
@@ -136,21 +181,47 @@ def test_convert_pairs_round_trips_through_every_shape(tmp_path):
 
 BAD = {
     "missing_field": ({"prompt": "q", "chosen": "c"}, "missing_field", "rejected is missing"),
-    "wrong_type": ({"prompt": "q", "chosen": 3, "rejected": "r"}, "non_string_value", "chosen is int"),
-    "prompt_wrong_type": ({"prompt": 7, "chosen": "c", "rejected": "r"}, "non_string_value", "prompt is int"),
-    "empty_reply": ({"prompt": "q", "chosen": "  ", "rejected": "r"}, "empty_reply", "chosen reply is empty"),
-    "identical": ({"prompt": "q", "chosen": "same ", "rejected": "same"}, "identical_replies", "same text"),
+    "wrong_type": (
+        {"prompt": "q", "chosen": 3, "rejected": "r"},
+        "non_string_value",
+        "chosen is int",
+    ),
+    "prompt_wrong_type": (
+        {"prompt": 7, "chosen": "c", "rejected": "r"},
+        "non_string_value",
+        "prompt is int",
+    ),
+    "empty_reply": (
+        {"prompt": "q", "chosen": "  ", "rejected": "r"},
+        "empty_reply",
+        "chosen reply is empty",
+    ),
+    "identical": (
+        {"prompt": "q", "chosen": "same ", "rejected": "same"},
+        "identical_replies",
+        "same text",
+    ),
     "prompt_ends_in_assistant": (
-        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-         "chosen": "c", "rejected": "r"},
-        "prompt_not_ending_in_user_turn", "ends with a assistant turn",
+        {
+            "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "chosen": "c",
+            "rejected": "r",
+        },
+        "prompt_not_ending_in_user_turn",
+        "ends with a assistant turn",
     ),
     "empty_prompt_turn": ({"prompt": " ", "chosen": "c", "rejected": "r"}, "empty_value", "turn 0"),
-    "bad_role": ({"prompt": [{"role": "narrator", "content": "q"}], "chosen": "c", "rejected": "r"},
-                 "unknown_role", "'narrator'"),
-    "reply_from_user": ({"prompt": "q", "chosen": {"from": "human", "value": "c"}, "rejected": "r"},
-                        "malformed_record", "not an assistant reply"),
-}  # fmt: skip
+    "bad_role": (
+        {"prompt": [{"role": "narrator", "content": "q"}], "chosen": "c", "rejected": "r"},
+        "unknown_role",
+        "'narrator'",
+    ),
+    "reply_from_user": (
+        {"prompt": "q", "chosen": {"from": "human", "value": "c"}, "rejected": "r"},
+        "malformed_record",
+        "not an assistant reply",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -167,14 +238,25 @@ def test_bad_record_is_counted_or_strict_error(tmp_path, case):
 
 def test_messages_shape_bad_records(tmp_path):
     u = {"role": "user", "content": "q"}
-    src = write(tmp_path / "m.json", [
-        {"chosen": [u, {"role": "assistant", "content": "c"}], "rejected": [u, {"role": "assistant", "content": "r"}]},
-        {"chosen": [u, {"role": "assistant", "content": "c"}],
-         "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "r"}]},
-        {"chosen": [u, {"role": "assistant", "content": "c"}], "rejected": [u]},
-        {"chosen": [u, {"role": "assistant", "content": "c"}], "rejected": "r"},
-        {"chosen": [u, {"role": "assistant", "content": "c"}]},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "m.json",
+        [
+            {
+                "chosen": [u, {"role": "assistant", "content": "c"}],
+                "rejected": [u, {"role": "assistant", "content": "r"}],
+            },
+            {
+                "chosen": [u, {"role": "assistant", "content": "c"}],
+                "rejected": [
+                    {"role": "user", "content": "other"},
+                    {"role": "assistant", "content": "r"},
+                ],
+            },
+            {"chosen": [u, {"role": "assistant", "content": "c"}], "rejected": [u]},
+            {"chosen": [u, {"role": "assistant", "content": "c"}], "rejected": "r"},
+            {"chosen": [u, {"role": "assistant", "content": "c"}]},
+        ],
+    )
     pairs, rep = read(src)
     assert len(pairs) == 1
     assert rep.dropped == {"prompts_differ": 1, "malformed_record": 2, "missing_field": 1}
@@ -205,11 +287,20 @@ def test_truncated_json_and_unknown_shape_are_data_errors(tmp_path):
 
 def test_pair_real_alpaca_files(tmp_path, data_dir):
     gpt4 = json.loads((data_dir / GPT4).read_text())
-    davinci = {(" ".join(r["instruction"].split()), " ".join(r["input"].split())): r["output"]
-               for r in json.loads((data_dir / DAVINCI).read_text())}  # fmt: skip
+    davinci = {
+        (" ".join(r["instruction"].split()), " ".join(r["input"].split())): r["output"]
+        for r in json.loads((data_dir / DAVINCI).read_text())
+    }
     train, held, report = tmp_path / "train.jsonl", tmp_path / "held.json", tmp_path / "rep.json"
-    rep = pair(str(data_dir / GPT4), str(data_dir / DAVINCI), str(train), heldout=100,
-               heldout_out=str(held), seed=0, report=str(report))  # fmt: skip
+    rep = pair(
+        str(data_dir / GPT4),
+        str(data_dir / DAVINCI),
+        str(train),
+        heldout=100,
+        heldout_out=str(held),
+        seed=0,
+        report=str(report),
+    )
     # every one of the 1,000 GPT-4 records is in alpaca_data.json; 42 answers are the same, and
     # 14 records repeat an earlier one whole (13 prompts appear 2 or 3 times)
     assert rep.read == 1000 and rep.notes["matched"] == 1000 and rep.notes["unmatched"] == 0
@@ -236,25 +327,43 @@ def test_pair_real_alpaca_files(tmp_path, data_dir):
     assert len(pairs) == 844 and rep2.dropped_total == 0
     # the same seed holds out the same pairs; another seed others
     held2 = tmp_path / "held2.json"
-    pair(str(data_dir / GPT4), str(data_dir / DAVINCI), str(tmp_path / "t2.json"), heldout=100,
-         heldout_out=str(held2), seed=0)  # fmt: skip
+    pair(
+        str(data_dir / GPT4),
+        str(data_dir / DAVINCI),
+        str(tmp_path / "t2.json"),
+        heldout=100,
+        heldout_out=str(held2),
+        seed=0,
+    )
     assert json.loads(held2.read_text()) == ho
-    pair(str(data_dir / GPT4), str(data_dir / DAVINCI), str(tmp_path / "t3.json"), heldout=100,
-         heldout_out=str(held2), seed=1)  # fmt: skip
+    pair(
+        str(data_dir / GPT4),
+        str(data_dir / DAVINCI),
+        str(tmp_path / "t3.json"),
+        heldout=100,
+        heldout_out=str(held2),
+        seed=1,
+    )
     assert json.loads(held2.read_text()) != ho
 
 
 def test_pair_options_and_unmatched(tmp_path):
-    chosen = write(tmp_path / "c.json", [
-        {"instruction": "Say  hi", "input": "", "output": "Hi!"},
-        {"instruction": "Unknown", "input": "", "output": "x"},
-        {"instruction": "Same", "input": "", "output": "s"},
-        {"instruction": "No output", "input": ""},
-    ])  # fmt: skip
-    rejected = write(tmp_path / "r.json", [
-        {"instruction": "Say hi ", "input": "", "output": "hello"},
-        {"instruction": "Same", "input": "", "output": "s"},
-    ])  # fmt: skip
+    chosen = write(
+        tmp_path / "c.json",
+        [
+            {"instruction": "Say  hi", "input": "", "output": "Hi!"},
+            {"instruction": "Unknown", "input": "", "output": "x"},
+            {"instruction": "Same", "input": "", "output": "s"},
+            {"instruction": "No output", "input": ""},
+        ],
+    )
+    rejected = write(
+        tmp_path / "r.json",
+        [
+            {"instruction": "Say hi ", "input": "", "output": "hello"},
+            {"instruction": "Same", "input": "", "output": "s"},
+        ],
+    )
     out = str(tmp_path / "o.json")
     rep = pair(chosen, rejected, out)
     assert rep.read == 4 and rep.written == 1 and rep.notes["matched"] == 2
@@ -274,16 +383,21 @@ def test_pair_options_and_unmatched(tmp_path):
 
 
 def test_pair_drops_repeats_and_holds_out_whole_prompts(tmp_path):
-    chosen = write(tmp_path / "c.jsonl", [
-        {"instruction": f"Q{i % 5}", "input": "", "output": f"good {i}"} for i in range(10)
-    ] + [{"instruction": "Q0", "input": "", "output": "good 0"}], lines=True)  # fmt: skip
-    rejected = write(tmp_path / "r.json", [
-        {"instruction": f"Q{i}", "input": "", "output": f"bad {i}"} for i in range(5)
-    ])  # fmt: skip
+    chosen = write(
+        tmp_path / "c.jsonl",
+        [{"instruction": f"Q{i % 5}", "input": "", "output": f"good {i}"} for i in range(10)]
+        + [{"instruction": "Q0", "input": "", "output": "good 0"}],
+        lines=True,
+    )
+    rejected = write(
+        tmp_path / "r.json",
+        [{"instruction": f"Q{i}", "input": "", "output": f"bad {i}"} for i in range(5)],
+    )
     for seed in range(5):
         held = tmp_path / "h.jsonl"
-        rep = pair(chosen, rejected, str(tmp_path / "t.jsonl"), heldout=4,
-                   heldout_out=str(held), seed=seed)  # fmt: skip
+        rep = pair(
+            chosen, rejected, str(tmp_path / "t.jsonl"), heldout=4, heldout_out=str(held), seed=seed
+        )
         assert rep.read == 11 and rep.dropped == {"duplicate_pair": 1} and rep.written == 10
         tr = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
         ho = [json.loads(x) for x in held.read_text().splitlines()]
@@ -357,14 +471,26 @@ def test_rows_equal_sft_encoding(tmp_path, tokenizers, alpaca_pairs, flavour):
 
 
 def test_multi_turn_rows_train_only_the_final_reply(tmp_path, tokenizers):
-    src = write(tmp_path / "lf.json", [
-        {"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello, how can I help?"},
-                           {"from": "human", "value": "Tell me a joke."}],
-         "chosen": {"from": "gpt", "value": "Why did the chicken cross the road?"},
-         "rejected": {"from": "gpt", "value": "No."}, "system": "Be fun."},
-        {"conversations": [{"from": "human", "value": "What is the capital of France?"}],
-         "chosen": "Paris.", "rejected": "London."},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "lf.json",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hi there"},
+                    {"from": "gpt", "value": "Hello, how can I help?"},
+                    {"from": "human", "value": "Tell me a joke."},
+                ],
+                "chosen": {"from": "gpt", "value": "Why did the chicken cross the road?"},
+                "rejected": {"from": "gpt", "value": "No."},
+                "system": "Be fun.",
+            },
+            {
+                "conversations": [{"from": "human", "value": "What is the capital of France?"}],
+                "chosen": "Paris.",
+                "rejected": "London.",
+            },
+        ],
+    )
     pairs, _ = read(src)
     for flavour in ("llama", "llama-nonlegacy", "chatml"):
         tok, template = tokenizers[flavour]
@@ -377,11 +503,14 @@ def test_multi_turn_rows_train_only_the_final_reply(tmp_path, tokenizers):
 
 def test_truncation_cuts_the_reply_and_a_long_prompt_is_skipped(tmp_path, tokenizers):
     tok, template = tokenizers["llama"]
-    src = write(tmp_path / "t.json", [
-        {"prompt": "Tell me a story.", "chosen": "Once upon a time " * 40, "rejected": "No."},
-        {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"},
-        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye."},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "t.json",
+        [
+            {"prompt": "Tell me a story.", "chosen": "Once upon a time " * 40, "rejected": "No."},
+            {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"},
+            {"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye."},
+        ],
+    )
     ds, rep = build_preference_dataset(src, tok, template, 128, cache_dir=str(tmp_path), quiet=True)
     assert rep.read == 3 and rep.written == 2 and rep.dropped == {"prompt_too_long": 1}
     assert rep.truncated == 1 and rep.notes["truncated_by"] == {"chosen": 1}
@@ -411,12 +540,16 @@ def test_prompt_rendered_differently_per_reply_is_skipped(tmp_path, tokenizers):
     marking = copy.deepcopy(tok)
     marking.chat_template = tok.chat_template.replace(
         "'<|im_start|>' + message['role']",
-        "'<|im_start|>' + message['role'] + (' long' if loop.last and message['content'] | length > 20 else '')",
+        "'<|im_start|>' + message['role'] "
+        "+ (' long' if loop.last and message['content'] | length > 20 else '')",
     )
-    src = write(tmp_path / "m.json", [
-        {"prompt": "Hi", "chosen": "A reply that is rather long.", "rejected": "Short."},
-        {"prompt": "Hi", "chosen": "Fine.", "rejected": "Short."},
-    ])  # fmt: skip
+    src = write(
+        tmp_path / "m.json",
+        [
+            {"prompt": "Hi", "chosen": "A reply that is rather long.", "rejected": "Short."},
+            {"prompt": "Hi", "chosen": "Fine.", "rejected": "Short."},
+        ],
+    )
     ds, rep = build_preference_dataset(
         src, marking, "chat_template", 128, cache_dir=str(tmp_path), quiet=True
     )
@@ -440,16 +573,23 @@ class MergingAcrossBoundary(ConversationTokenizer):
 def test_prompt_tokens_that_differ_between_sides_are_skipped(tokenizers):
     tok, template = tokenizers["llama"]
     enc = MergingAcrossBoundary(tok, template)
-    pairs = [PreferencePair("a", "", msgs((USER, "Hi")), "!Hello", "Bye"),
-             PreferencePair("b", "", msgs((USER, "Hi")), "Hello", "Bye")]  # fmt: skip
+    pairs = [
+        PreferencePair("a", "", msgs((USER, "Hi")), "!Hello", "Bye"),
+        PreferencePair("b", "", msgs((USER, "Hi")), "Hello", "Bye"),
+    ]
     rows = encode_pairs(pairs, enc, 256)
     assert isinstance(rows[0], SkipRecord) and rows[0].reason == "prompt_tokens_differ"
     assert isinstance(rows[1], dict) and rows[1]["id"] == "b"
 
 
 def test_cache_hit_out_folder_and_errors(tmp_path, llama_dir):
-    src = write(tmp_path / "p.json", [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye."},
-                                      {"prompt": "Hi", "chosen": "same", "rejected": "same"}])  # fmt: skip
+    src = write(
+        tmp_path / "p.json",
+        [
+            {"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye."},
+            {"prompt": "Hi", "chosen": "same", "rejected": "same"},
+        ],
+    )
     cache, out = tmp_path / "cache", tmp_path / "out"
     ds, rep = build_preference_dataset(
         src, str(llama_dir), cache_dir=str(cache), out=str(out), quiet=True
@@ -479,22 +619,52 @@ def test_cache_hit_out_folder_and_errors(tmp_path, llama_dir):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "fastchat_data", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fastchat_data", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_pair_then_build_pairs(tmp_path, llama_dir, data_dir):
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
-    res = run("pair", "--chosen", data_dir / GPT4, "--rejected", data_dir / DAVINCI, "--out", train,
-              "--heldout", 100, "--heldout_out", held, "--seed", 0)  # fmt: skip
+    res = run(
+        "pair",
+        "--chosen",
+        data_dir / GPT4,
+        "--rejected",
+        data_dir / DAVINCI,
+        "--out",
+        train,
+        "--heldout",
+        100,
+        "--heldout_out",
+        held,
+        "--seed",
+        0,
+    )
     assert res.returncode == 0, res.stderr
     assert (
         "[pair] read 1,000  written 944  dropped 56" in res.stderr and "matched: 1000" in res.stderr
     )
     assert len(held.read_text().splitlines()) == 100
     out = tmp_path / "ds"
-    res = run("build_pairs", "--data", held, "--tokenizer", llama_dir, "--max_length", 512,
-              "--out", out, "--cache_dir", tmp_path / "cache", "--report", tmp_path / "r.json")  # fmt: skip
+    res = run(
+        "build_pairs",
+        "--data",
+        held,
+        "--tokenizer",
+        llama_dir,
+        "--max_length",
+        512,
+        "--out",
+        out,
+        "--cache_dir",
+        tmp_path / "cache",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert res.returncode == 0, res.stderr
     assert "[build_pairs] read 100  written 100" in res.stderr
     assert len(datasets.load_from_disk(str(out))) == 100

@@ -43,9 +43,21 @@ def zh_split(data_dir, tmp_path_factory):
 def english_base(llama_dir, data_dir, tmp_path_factory):
     """The tiny Llama after a full fine-tune on English Alpaca: a base that means something."""
     out = tmp_path_factory.mktemp("en-base")
-    train("single", 1, out, "--config", "tiny_cpu.yaml", "--model_name_or_path", llama_dir,
-          "--data_path", data_dir / "alpaca_gpt4_data_en_1k.json", "--max_steps", 60,
-          "--save_steps", 1000)  # fmt: skip
+    train(
+        "single",
+        1,
+        out,
+        "--config",
+        "tiny_cpu.yaml",
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        data_dir / "alpaca_gpt4_data_en_1k.json",
+        "--max_steps",
+        60,
+        "--save_steps",
+        1000,
+    )
     return out / "model"
 
 
@@ -53,8 +65,20 @@ def english_base(llama_dir, data_dir, tmp_path_factory):
 def adapted(english_base, zh_split, tmp_path_factory):
     """QLoRA on Chinese Alpaca, run in-process so the trained model can be inspected."""
     out = tmp_path_factory.mktemp("qlora")
-    cfg, _ = load_config([*QLORA_TINY, "--model_name_or_path", str(english_base), "--data_path",
-                          str(zh_split[0]), "--output_dir", str(out), "--max_steps", "40"], cls=QLoraConfig)  # fmt: skip
+    cfg, _ = load_config(
+        [
+            *QLORA_TINY,
+            "--model_name_or_path",
+            str(english_base),
+            "--data_path",
+            str(zh_split[0]),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "40",
+        ],
+        cls=QLoraConfig,
+    )
     run = recipe.setup(recipe.get("qlora"), cfg)
     recipe.train(run)
     adapter = recipe.save(run)
@@ -105,8 +129,13 @@ def test_reloaded_adapter_gives_the_same_loss(adapted, zh_split):
     trained = run.engine.module.train()
     before = batch_loss(trained, run.tokenizer, zh_split[1])
     reloaded = load_adapter(
-        load_base(run.model_path, torch.device("cpu"), quantization=run.cfg.quantization,
-                  double_quant=run.cfg.double_quant, bf16=run.cfg.bf16),
+        load_base(
+            run.model_path,
+            torch.device("cpu"),
+            quantization=run.cfg.quantization,
+            double_quant=run.cfg.double_quant,
+            bf16=run.cfg.bf16,
+        ),
         adapter,
     ).train()
     assert batch_loss(reloaded, run.tokenizer, zh_split[1]) == pytest.approx(before, abs=1e-6)
@@ -140,10 +169,36 @@ def test_merged_folder_matches_base_plus_adapter(adapted, tmp_path):
 def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_split, tmp_path):
     _, adapter = adapted
     out = tmp_path / "eval.json"
-    res = subprocess.run([sys.executable, "-m", "recipes.eval", "--model", str(english_base), "--data", str(zh_split[1]),
-                          "--adapter", str(adapter), "--shots", "3", "--shots_from", str(zh_split[0]),
-                          "--max_samples", "60", "--generate", "5", "--max_new_tokens", "24", "--out", str(out)],
-                         capture_output=True, text=True, cwd=REPO, env=env(), timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.eval",
+            "--model",
+            str(english_base),
+            "--data",
+            str(zh_split[1]),
+            "--adapter",
+            str(adapter),
+            "--shots",
+            "3",
+            "--shots_from",
+            str(zh_split[0]),
+            "--max_samples",
+            "60",
+            "--generate",
+            "5",
+            "--max_new_tokens",
+            "24",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mean ppl" in res.stdout and "few-shot (3 examples)" in res.stdout
     rows = {
@@ -159,13 +214,30 @@ def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_sp
 
 @pytest.mark.slow
 def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_path):
-    args = [*QLORA_TINY, "--model_name_or_path", llama_dir, "--data_path", zh_split[0],
-            "--max_steps", 16, "--save_steps", 4, "--logging_steps", 1]  # fmt: skip
+    args = [
+        *QLORA_TINY,
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        zh_split[0],
+        "--max_steps",
+        16,
+        "--save_steps",
+        4,
+        "--logging_steps",
+        1,
+    ]
     train("ddp", 1, tmp_path / "whole", *args, recipe=QLORA)
     out = tmp_path / "killed"
     slowed = command("ddp", 1, out, *args, recipe=QLORA, faults={"step_delay": 0.4})
-    proc = subprocess.Popen(slowed, env=env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        slowed,
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
@@ -183,8 +255,21 @@ def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_
 @pytest.mark.slow
 def test_two_process_qlora_is_one_job_and_saves_real_weights(llama_dir, zh_split, tmp_path):
     out = tmp_path / "ddp"
-    train("ddp", 2, out, *QLORA_TINY, "--model_name_or_path", llama_dir, "--data_path", zh_split[0],
-          "--max_steps", 6, "--gradient_accumulation_steps", 1, recipe=QLORA)  # fmt: skip
+    train(
+        "ddp",
+        2,
+        out,
+        *QLORA_TINY,
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        zh_split[0],
+        "--max_steps",
+        6,
+        "--gradient_accumulation_steps",
+        1,
+        recipe=QLORA,
+    )
     r0, r1 = ranks(out)
     assert r0["world_size"] == r1["world_size"] == 2
     assert not set(r0["sample_ids"]) & set(r1["sample_ids"])  # ranks see different data
@@ -195,8 +280,21 @@ def test_two_process_qlora_is_one_job_and_saves_real_weights(llama_dir, zh_split
 def test_lora_under_zero3_saves_the_same_real_weights_as_one_process(llama_dir, zh_split, tmp_path):
     """Under ZeRO-3 an adapter's parameters are partitioned; saved without a gather they would
     be empty. The exported adapter must equal a 1-process run's with the same global batch."""
-    args = [*QLORA_TINY, "--quantization", "none", "--optim", "adamw_torch", "--model_name_or_path", llama_dir,
-            "--data_path", zh_split[0], "--max_steps", 5, "--per_device_train_batch_size", 4]  # fmt: skip
+    args = [
+        *QLORA_TINY,
+        "--quantization",
+        "none",
+        "--optim",
+        "adamw_torch",
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        zh_split[0],
+        "--max_steps",
+        5,
+        "--per_device_train_batch_size",
+        4,
+    ]
     train("single", 1, tmp_path / "one", *args, "--gradient_accumulation_steps", 2, recipe=QLORA)
     train("zero3", 2, tmp_path / "z3", *args, "--gradient_accumulation_steps", 1, recipe=QLORA)
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
@@ -213,8 +311,23 @@ def test_lora_under_zero3_saves_the_same_real_weights_as_one_process(llama_dir, 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
 def test_prompt_learning_methods_train_save_and_reload(method, llama_dir, zh_split, tmp_path):
-    res = train("single", 1, tmp_path, *QLORA_TINY, "--peft_method", method, "--model_name_or_path", llama_dir,
-                "--data_path", zh_split[0], "--max_steps", 4, "--learning_rate", "3e-2", recipe=QLORA)  # fmt: skip
+    res = train(
+        "single",
+        1,
+        tmp_path,
+        *QLORA_TINY,
+        "--peft_method",
+        method,
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        zh_split[0],
+        "--max_steps",
+        4,
+        "--learning_rate",
+        "3e-2",
+        recipe=QLORA,
+    )
     assert "exported adapter" in res.stdout
     assert verify_adapter(tmp_path / "adapter")["tensors"] >= 1
     from transformers import AutoModelForCausalLM
@@ -224,8 +337,23 @@ def test_prompt_learning_methods_train_save_and_reload(method, llama_dir, zh_spl
 
 
 def test_int8_base_and_paged_8bit_optimizer(llama_dir, zh_split, tmp_path):
-    res = train("single", 1, tmp_path, *QLORA_TINY, "--quantization", "int8", "--optim", "paged_adamw_8bit",
-                "--model_name_or_path", llama_dir, "--data_path", zh_split[0], "--max_steps", 3, recipe=QLORA)  # fmt: skip
+    res = train(
+        "single",
+        1,
+        tmp_path,
+        *QLORA_TINY,
+        "--quantization",
+        "int8",
+        "--optim",
+        "paged_adamw_8bit",
+        "--model_name_or_path",
+        llama_dir,
+        "--data_path",
+        zh_split[0],
+        "--max_steps",
+        3,
+        recipe=QLORA,
+    )
     assert "8-bit base + lora" in res.stdout
     assert verify_adapter(tmp_path / "adapter")["tensors"] == 28
 
@@ -233,9 +361,26 @@ def test_int8_base_and_paged_8bit_optimizer(llama_dir, zh_split, tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_recipe(tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    res = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "1", str(QLORA), *QLORA_TINY,
-                          "--max_steps", "2", "--output_dir", str(tmp_path)],
-                         capture_output=True, text=True, cwd=REPO, env=env(), timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            str(QLORA),
+            *QLORA_TINY,
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     from transformers import AutoModelForCausalLM
 
@@ -256,12 +401,22 @@ def test_defaults_run_on_the_tiny_model_and_demo_data(tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 64
 
 
-# -- bad input: one clear message before any training step ------------------------------------------
+# -- bad input: one clear message before any training step ---------------------------------
 
 
 def test_unknown_target_module_is_named(llama_dir, tmp_path):
-    res = train("single", 1, tmp_path, *QLORA_TINY, "--model_name_or_path", llama_dir,
-                "--lora_target_modules", "q_proj,query_key_value", check=False, recipe=QLORA)  # fmt: skip
+    res = train(
+        "single",
+        1,
+        tmp_path,
+        *QLORA_TINY,
+        "--model_name_or_path",
+        llama_dir,
+        "--lora_target_modules",
+        "q_proj,query_key_value",
+        check=False,
+        recipe=QLORA,
+    )
     assert res.returncode == 2
     assert "query_key_value not in LlamaForCausalLM" in res.stderr and "q_proj" in res.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -297,15 +452,33 @@ def test_adapter_for_another_base_is_refused(adapted, corpus, tmp_path):
     other = tiny_model("llama", "small", texts=corpus, vocab_size=4000, cache_dir=REPO / ".cache")
     with pytest.raises(ConfigError, match="does not fit"):
         load_adapter(AutoModelForCausalLM.from_pretrained(other), adapter)
-    res = subprocess.run([sys.executable, "-m", "recipes.merge", "--adapter", str(adapter), "--base", str(other),
-                          "--out", str(tmp_path / "m")], capture_output=True, text=True, cwd=REPO, env=env())  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.merge",
+            "--adapter",
+            str(adapter),
+            "--base",
+            str(other),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+    )
     assert res.returncode == 2 and "does not fit" in res.stderr
 
 
 def test_config_conflicts_are_refused():
     for argv, message in [
         (["--strategy", "zero3"], "paged_adamw_32bit is a bitsandbytes optimizer"),
-        (["--strategy", "zero3", "--optim", "adamw_torch"], "base trains with strategy single, ddp"),
+        (
+            ["--strategy", "zero3", "--optim", "adamw_torch"],
+            "base trains with strategy single, ddp",
+        ),
         (["--strategy", "fsdp"], "adapters train with strategy single, ddp"),
         (["--peft_method", "prompt_tuning", "--packing", "True"], "cannot pack"),
         (["--quantization", "int4"], "quantization 'int4'"),
@@ -316,14 +489,30 @@ def test_config_conflicts_are_refused():
             load_config(argv, cls=QLoraConfig)
 
 
-# -- chat and metrics ---------------------------------------------------------------------------------
+# -- chat and metrics ------------------------------------------------------------------------
 
 
 def test_chat_streams_multi_turn_with_reset_and_exit(adapted):
     run, adapter = adapted
-    res = subprocess.run([sys.executable, "-m", "recipes.chat", "--model", run.model_path, "--adapter", str(adapter),
-                          "--max_new_tokens", "8"], input="你好\n再說一次\n/reset\n你好\n/exit\nnever read\n",
-                         capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.chat",
+            "--model",
+            run.model_path,
+            "--adapter",
+            str(adapter),
+            "--max_new_tokens",
+            "8",
+        ],
+        input="你好\n再說一次\n/reset\n你好\n/exit\nnever read\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     answers = [line for line in res.stdout.split("ASSISTANT: ")[1:]]
     assert len(answers) == 3 and "(new conversation)" in res.stdout

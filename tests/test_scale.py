@@ -17,8 +17,20 @@ from recipes.core.config import ConfigError, fsdp_strategy, load_config
 from recipes.core.ds_config import deepspeed_config
 from recipes.core.recipe import TrainConfig
 
-TWO = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", "100", "--max_steps", 4,
-       "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1]  # fmt: skip
+TWO = [
+    "--config",
+    "tiny_cpu.yaml",
+    "--learning_rate",
+    "1e-3",
+    "--save_steps",
+    "100",
+    "--max_steps",
+    4,
+    "--per_device_train_batch_size",
+    4,
+    "--gradient_accumulation_steps",
+    1,
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +79,17 @@ def test_zero_buffers_are_sized_from_the_hidden_size(tmp_path):
     assert ds["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
     assert ds["stage3_param_persistence_threshold"] == 40960
     mine = tmp_path / "ds.json"
-    mine.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345,
-                                                      "stage3_prefetch_bucket_size": "auto"}}))  # fmt: skip
+    mine.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage": 3,
+                    "reduce_bucket_size": 12345,
+                    "stage3_prefetch_bucket_size": "auto",
+                }
+            }
+        )
+    )
     ds = deepspeed_config(TrainConfig(strategy="zero3", deepspeed=str(mine)), hidden_size=64)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 12345  # the user's number wins
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
@@ -123,13 +144,39 @@ def test_two_launcher_invocations_as_two_nodes_match_one_node(strategy, full_loa
     recipe_args = ["--report_to", "none", *map(str, TWO)]
     model, data = tiny_assets()
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "launch.train", "--ngpu", "1", "--strategy", strategy,
-                          "--model", model, "--data", data,
-                          *nodes_args, "--node_rank", str(r), "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), "--out", str(out), "--", *recipe_args],
-                         env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                "--ngpu",
+                "1",
+                "--strategy",
+                strategy,
+                "--model",
+                model,
+                "--data",
+                data,
+                *nodes_args,
+                "--node_rank",
+                str(r),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "--out",
+                str(out),
+                "--",
+                *recipe_args,
+            ],
+            env=env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in (0, 1)
-    ]  # fmt: skip
+    ]
     outputs = [p.communicate(timeout=900)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     info = ranks(out)
@@ -140,8 +187,22 @@ def test_two_launcher_invocations_as_two_nodes_match_one_node(strategy, full_loa
 
 def test_launcher_dry_run_knows_the_new_strategies():
     for strategy in ("fsdp_offload", "fsdp_grad_op"):
-        res = subprocess.run([sys.executable, "-m", "launch.train", "--ngpu", "2", "--strategy", strategy,
-                              "--dry_run"], capture_output=True, text=True, cwd=REPO, env=env())  # fmt: skip
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                "--ngpu",
+                "2",
+                "--strategy",
+                strategy,
+                "--dry_run",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env(),
+        )
         assert (
             res.returncode == 0
             and "torchrun" in res.stdout
@@ -179,8 +240,14 @@ def test_launcher_preflight_refuses_what_clearly_does_not_fit(tmp_path):
     ]
 
     def ask(strategy, which="sft", data=None):
-        opts = LaunchOptions(config="vicuna_7b.yaml" if which == "sft" else "dpo_7b.yaml",
-                             strategy=strategy, ngpu=8, recipe=which, data=data, model=str(model))  # fmt: skip
+        opts = LaunchOptions(
+            config="vicuna_7b.yaml" if which == "sft" else "dpo_7b.yaml",
+            strategy=strategy,
+            ngpu=8,
+            recipe=which,
+            data=data,
+            model=str(model),
+        )
         return preflight(opts, recipe, 80 * 2**30)
 
     refusal = ask("ddp")

@@ -33,9 +33,22 @@ from recipes.core.safe_load import (
     load_dcp_metadata,
 )
 
-FAST = ["--config", "tiny_cpu.yaml", "--max_steps", 2, "--save_steps", 1, "--save_total_limit", 2,
-        "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1,
-        "--model_max_length", 256]  # fmt: skip
+FAST = [
+    "--config",
+    "tiny_cpu.yaml",
+    "--max_steps",
+    2,
+    "--save_steps",
+    1,
+    "--save_total_limit",
+    2,
+    "--per_device_train_batch_size",
+    2,
+    "--gradient_accumulation_steps",
+    1,
+    "--model_max_length",
+    256,
+]
 LORA = ["--quantization", "none", "--optim", "adamw_torch"]
 COMPLETE = "COMPLETE"
 
@@ -87,14 +100,14 @@ def payloads(marker: Path) -> dict[str, bytes]:
         + b"\x93"
         + _str("true")
         + b"\x85"
-        + b"\x85\x81.",  # fmt: skip
+        + b"\x85\x81.",
         "newobj_ex": p4
         + _str("subprocess")
         + _str("Popen")
         + b"\x93"
         + _str("true")
         + b"\x85"
-        + b"\x85}\x92.",  # fmt: skip
+        + b"\x85}\x92.",
         # BUILD with a __setstate__ reached through a global
         "build": p4 + _str("os") + _str("system") + b"\x93)\x81}b.",
         # extension codes (copyreg's registry): an unregistered one, refused as unreadable
@@ -242,8 +255,10 @@ def test_payloads_are_live(tmp_path):
     markers = {k: tmp_path / f"m-{k}" for k in ("pickle", "torch")}
     (tmp_path / "meta").write_bytes(payloads(markers["pickle"])["stack_global"])
     (tmp_path / "states.pt").write_bytes(torch_payloads(markers["torch"])["torch_save_reduce"])
-    code = (f"import pickle, torch; pickle.load(open({str(tmp_path / 'meta')!r}, 'rb')); "
-            f"torch.load({str(tmp_path / 'states.pt')!r}, weights_only=False)")  # fmt: skip
+    code = (
+        f"import pickle, torch; pickle.load(open({str(tmp_path / 'meta')!r}, 'rb')); "
+        f"torch.load({str(tmp_path / 'states.pt')!r}, weights_only=False)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert markers["pickle"].exists() and markers["torch"].exists()
 
@@ -302,8 +317,10 @@ def pickle_files(ckpt: Path) -> list[str]:
 @pytest.mark.parametrize("kind", ["single", "fsdp", "zero3", "lora", "zero2_lora"])
 def test_every_pickle_file_of_every_kind_is_refused_by_verification(kind, runs, tmp_path):
     marker = tmp_path / "PWNED"
-    evil = {".metadata": payloads(marker)["dotted_in_allowed_module"],
-            ".pt": torch_payloads(marker)["dotted_name_in_deepspeed_module"]}  # fmt: skip
+    evil = {
+        ".metadata": payloads(marker)["dotted_in_allowed_module"],
+        ".pt": torch_payloads(marker)["dotted_name_in_deepspeed_module"],
+    }
     source = runs[kind] / "checkpoints" / "step-00000002"
     names = pickle_files(source)
     assert names, f"{kind} wrote no pickle-bearing file?"
@@ -318,8 +335,19 @@ def test_every_pickle_file_of_every_kind_is_refused_by_verification(kind, runs, 
 
 def relaunch(strategy, nproc, out, llama_dir, *extra, recipe=None):
     kwargs = {"recipe": recipe} if recipe else {}
-    return train(strategy, nproc, out, *FAST, "--model_name_or_path", str(llama_dir), *extra,
-                 "--max_steps", 3, check=False, **kwargs)  # fmt: skip
+    return train(
+        strategy,
+        nproc,
+        out,
+        *FAST,
+        "--model_name_or_path",
+        str(llama_dir),
+        *extra,
+        "--max_steps",
+        3,
+        check=False,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("kind", ["single", "lora"])
@@ -358,12 +386,26 @@ def test_convert_checkpoint_refuses_a_planted_checkpoint(kind, runs, tmp_path):
     ckpt = tmp_path / "step-00000002"
     shutil.copytree(runs[kind] / "checkpoints" / "step-00000002", ckpt)
     name = next(n for n in pickle_files(ckpt) if n.endswith((".metadata", "model_states.pt")))
-    data = (payloads(marker)["inst"] if name.endswith(".metadata")
-            else torch_payloads(marker)["persistent_id_storage_type"])  # fmt: skip
+    data = (
+        payloads(marker)["inst"]
+        if name.endswith(".metadata")
+        else torch_payloads(marker)["persistent_id_storage_type"]
+    )
     plant(ckpt, name, data)
-    res = subprocess.run([sys.executable, "-m", "recipes.convert_checkpoint", str(ckpt),
-                          str(tmp_path / "converted")], capture_output=True, text=True,
-                         env=env(), cwd=REPO, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.convert_checkpoint",
+            str(ckpt),
+            str(tmp_path / "converted"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "failed verification" in res.stderr
     assert not marker.exists() and not (tmp_path / "converted").exists()
@@ -387,9 +429,11 @@ def test_struct_sanity():
     """The hand-built pickles above use the opcodes they claim (a guard on the test itself)."""
     import pickletools
 
-    ops = {name: {op.name for op, _, _ in pickletools.genops(data)}
-           for name, data in payloads(Path("/x")).items()
-           if name not in ("truncated", "not_a_pickle", "empty")}  # fmt: skip
+    ops = {
+        name: {op.name for op, _, _ in pickletools.genops(data)}
+        for name, data in payloads(Path("/x")).items()
+        if name not in ("truncated", "not_a_pickle", "empty")
+    }
     assert "STACK_GLOBAL" in ops["stack_global"] and "REDUCE" in ops["stack_global"]
     assert "INST" in ops["inst"] and "OBJ" in ops["obj"] and "NEWOBJ" in ops["newobj"]
     assert "NEWOBJ_EX" in ops["newobj_ex"] and "BUILD" in ops["build"]

@@ -69,8 +69,16 @@ def test_data_code_never_imports_training_code():
         assert not bad, f"{path.name} imports {bad}"
 
 
-STRATEGY_NAMES = ("single", "ddp", "fsdp", "fsdp_grad_op", "fsdp_offload", "zero2", "zero3",
-                  "zero3_offload")  # fmt: skip
+STRATEGY_NAMES = (
+    "single",
+    "ddp",
+    "fsdp",
+    "fsdp_grad_op",
+    "fsdp_offload",
+    "zero2",
+    "zero3",
+    "zero3_offload",
+)
 # a strategy name compared, or tested as a prefix, in code: what the registry replaces
 NAMES = "|".join(STRATEGY_NAMES)
 COMPARED = re.compile(
@@ -93,18 +101,24 @@ def test_strategy_names_are_compared_only_in_the_registry(folder):
 
 def test_objective_names_are_compared_only_in_the_registry():
     pattern = re.compile(r"""(==|!=)\s*["'](sft|dpo)["']|["'](sft|dpo)["']\s*(==|!=)""")
-    found = [f"{p.relative_to(REPO)}:{i}"
-             for p in [*(REPO / "recipes").rglob("*.py"), *(REPO / "launch").rglob("*.py")]
-             for i, line in enumerate(p.read_text().splitlines(), 1)
-             if pattern.search(line.split("#")[0])]  # fmt: skip
+    found = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in [*(REPO / "recipes").rglob("*.py"), *(REPO / "launch").rglob("*.py")]
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line.split("#")[0])
+    ]
     assert not found, found
 
 
 def test_no_fmt_skip_left():
     tree = [*SOURCES, *(REPO / "tests").glob("*.py"), *(REPO / "bench").glob("*.py")]
-    marked = [f"{p.relative_to(REPO)}:{i}" for p in tree if p != Path(__file__)
-              for i, line in enumerate(p.read_text().splitlines(), 1)
-              if "fmt: skip" in line]  # fmt: skip
+    marked = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in tree
+        if p != Path(__file__)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "fmt: skip" in line
+    ]
     assert not marked, f"{len(marked)} `# fmt: skip` markers: {marked[:10]}"
 
 

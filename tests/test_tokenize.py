@@ -16,10 +16,16 @@ from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
 
 FLAVOURS = ["llama", "llama-nonlegacy", "chatml"]
 SMALL_FILES = [
-    "fastchat_dummy_conversation.json", "sharegpt_v3_sample_1000.json", "sharegpt_gpt4_zh_1k.jsonl",
-    "glaive_toolcall_en_300_sharegpt.json", "oasst1_sft_zh_llamafactory.json", "lima_llamafactory.json",
-    "oasst1_val_qlora_953.jsonl", "alpaca_gpt4_data_en_1k.json", "alpaca_gpt4_data_zh_1k.json",
-]  # fmt: skip
+    "fastchat_dummy_conversation.json",
+    "sharegpt_v3_sample_1000.json",
+    "sharegpt_gpt4_zh_1k.jsonl",
+    "glaive_toolcall_en_300_sharegpt.json",
+    "oasst1_sft_zh_llamafactory.json",
+    "lima_llamafactory.json",
+    "oasst1_val_qlora_953.jsonl",
+    "alpaca_gpt4_data_en_1k.json",
+    "alpaca_gpt4_data_zh_1k.json",
+]
 
 
 def conv(*turns, system=""):
@@ -60,8 +66,9 @@ def test_masks_exact_on_full_alpaca(flavour, tokenizers, data_dir):
 def test_vicuna_rendering_is_fastchats():
     c = conv("Hi", "Hello!", "Again?", "Sure.")
     assert TEMPLATES["vicuna_v1.1"].prompt(c, "</s>") == (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT: Hello!</s>"
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. USER: Hi "
+        "ASSISTANT: Hello!</s>"
         "USER: Again? ASSISTANT: Sure.</s>"
     )
     assert (
@@ -87,7 +94,8 @@ def test_typed_special_tokens_stay_text(flavour, tokenizers):
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_ids_equal_the_tokenizers_own_on_the_rendered_text(flavour, tokenizers, data_dir):
-    """Masks come from offsets, but the ids are what `tokenizer(prompt)` gives: train == inference."""
+    """Masks come from offsets, but the ids are what `tokenizer(prompt)` gives: train ==
+    inference."""
     tok, template = tokenizers[flavour]
     ct = ConversationTokenizer(tok, template)
     assert ct.matches_tokenizer
@@ -220,8 +228,15 @@ def test_train_on_inputs(tokenizers):
 def test_tool_turns_are_masked(tokenizers):
     tok, template = tokenizers["chatml"]
     ct = ConversationTokenizer(tok, template)
-    c = Conversation("t", [Message(USER, "weather?"), Message(ASSISTANT, '{"name": "w"}'),
-                           Message(TOOL, "sunny"), Message(ASSISTANT, "It is sunny.")])  # fmt: skip
+    c = Conversation(
+        "t",
+        [
+            Message(USER, "weather?"),
+            Message(ASSISTANT, '{"name": "w"}'),
+            Message(TOOL, "sunny"),
+            Message(ASSISTANT, "It is sunny."),
+        ],
+    )
     enc = ct.encode(c)
     assert_exact(ct, c, enc)
     assert "sunny<" not in "".join(tok.decode(r) for r in trained_runs(enc.labels)).replace(
@@ -230,8 +245,32 @@ def test_tool_turns_are_masked(tokenizers):
 
 
 # -- generated conversations -------------------------------------------------------------------
-NASTY = ["</s>", "<s>", "<unk>", "<|im_end|>", "<|im_start|>", "USER:", "ASSISTANT:", " ASSISTANT: ", "###",
-         "\n", "\n\n", " ", "  ", "\t", "😀", "👩‍👩‍👧", "中文", "日本語", "한국어", "é", "\u200b", "```", "\r\n", "<0x0A>"]  # fmt: skip
+NASTY = [
+    "</s>",
+    "<s>",
+    "<unk>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "USER:",
+    "ASSISTANT:",
+    " ASSISTANT: ",
+    "###",
+    "\n",
+    "\n\n",
+    " ",
+    "  ",
+    "\t",
+    "😀",
+    "👩‍👩‍👧",
+    "中文",
+    "日本語",
+    "한국어",
+    "é",
+    "\u200b",
+    "```",
+    "\r\n",
+    "<0x0A>",
+]
 text = st.lists(
     st.one_of(st.sampled_from(NASTY), st.text(min_size=1, max_size=12)), min_size=1, max_size=12
 ).map("".join)
@@ -267,8 +306,13 @@ def test_masks_exact_on_generated_conversations(flavour, tokenizers, c):
     assert sum(lab != IGNORE_INDEX for lab in enc.labels) > 0
 
 
-SYSTEM_CASES = [("llama", "vicuna_v1.1"), ("llama", "alpaca"), ("llama", "qlora_oasst"),
-                ("llama-nonlegacy", "vicuna_v1.1"), ("chatml", "chat_template")]  # fmt: skip
+SYSTEM_CASES = [
+    ("llama", "vicuna_v1.1"),
+    ("llama", "alpaca"),
+    ("llama", "qlora_oasst"),
+    ("llama-nonlegacy", "vicuna_v1.1"),
+    ("chatml", "chat_template"),
+]
 
 
 @pytest.mark.parametrize("flavour, template", SYSTEM_CASES)

@@ -14,7 +14,8 @@ import torch
 from train_utils import command, complete_checkpoints, env, losses, ranks, train
 from transformers import AutoModelForCausalLM
 
-# The tiny model on the embedded data; global batch 8 = 4 x 2 accumulation x 1 rank = 4 x 1 x 2 ranks.
+# The tiny model on the identity data; global batch 8 = 4 x 2 accumulation x 1 rank
+# = 4 x 1 x 2 ranks.
 BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", "100"]
 
 
@@ -240,8 +241,20 @@ def test_fastchat_flags_are_mapped(tmp_path):
     from recipes.core.config import load_config
     from recipes.core.recipe import TrainConfig
 
-    cfg, notes = load_config(["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-                              "--lazy_preprocess", "True", "--bf16", "True", "--model_max_length", "1024"],
-                             TrainConfig)  # fmt: skip
+    cfg, notes = load_config(
+        [
+            "--fsdp",
+            "full_shard auto_wrap",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer",
+            "--lazy_preprocess",
+            "True",
+            "--bf16",
+            "True",
+            "--model_max_length",
+            "1024",
+        ],
+        TrainConfig,
+    )
     assert cfg.strategy == "fsdp" and cfg.bf16 and cfg.model_max_length == 1024
     assert any("decoder layer" in n for n in notes)

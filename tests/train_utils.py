@@ -55,8 +55,9 @@ def with_assets(args) -> list[str]:
     return args
 
 
-def command(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE,
-            faults: dict | None = None) -> list[str]:  # fmt: skip
+def command(
+    strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE, faults: dict | None = None
+) -> list[str]:
     """The recipe (or, with `faults`, tests/fault_recipe.py running it: {"nan_at": "3:1",
     "step_delay": 0.2}) on `nproc` processes; one process runs as a plain python process.
     Without a model or data in `args`: the tiny Llama on identity data (tiny_assets)."""
@@ -74,11 +75,23 @@ def command(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE,
     return job_command(name, strategy, nproc, recipe_args, program=program)
 
 
-
-def train(strategy: str, nproc: int, out: Path, *args, check: bool = True, recipe: Path = RECIPE,
-          faults: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-    res = subprocess.run(command(strategy, nproc, out, *args, recipe=recipe, faults=faults),
-                         capture_output=True, text=True, env=env(), cwd=REPO, timeout=900)  # fmt: skip
+def train(
+    strategy: str,
+    nproc: int,
+    out: Path,
+    *args,
+    check: bool = True,
+    recipe: Path = RECIPE,
+    faults: dict | None = None,
+) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        command(strategy, nproc, out, *args, recipe=recipe, faults=faults),
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=900,
+    )
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
@@ -100,13 +113,22 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return [c.path for c in RunFolder(out).complete_checkpoints()]
 
 
-def launched(strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE,
-             faults: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def launched(
+    strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE, faults: dict | None = None
+) -> subprocess.CompletedProcess:
     """As `train`, through launch.train's own job runner (signals, exit statuses, one line per
     failure): what `python -m launch.train` does once it has built the command."""
     cmd = command(strategy, nproc, out, *args, recipe=recipe, faults=faults)
     script = str(FAULTS if faults else recipe)
-    code = ("import json, sys; from launch.train import launch; "
-            "sys.exit(launch(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]))")  # fmt: skip
-    return subprocess.run([sys.executable, "-c", code, json.dumps(cmd), strategy, str(nproc), script],
-                          capture_output=True, text=True, env=env(), cwd=REPO, timeout=900)  # fmt: skip
+    code = (
+        "import json, sys; from launch.train import launch; "
+        "sys.exit(launch(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cmd), strategy, str(nproc), script],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=900,
+    )

@@ -45,8 +45,17 @@ def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return rows
 
 
-def sdpa_packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          position_ids=None, **kwargs):  # fmt: skip
+def sdpa_packed_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    position_ids=None,
+    **kwargs,
+):
     """transformers' attention-function signature: query/key/value (batch, heads, length, dim),
     returns (batch, length, heads, dim). Only a mask-free forward over the whole sequence
     (training, prefill) is split by conversation; everything else goes to sdpa."""
@@ -54,19 +63,33 @@ def sdpa_packed_attention(module, query, key, value, attention_mask, dropout=0.0
 
     q_len = query.shape[2]
     if attention_mask is not None or position_ids is None or q_len == 1 or key.shape[2] != q_len:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, position_ids=position_ids, **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_ids=position_ids,
+            **kwargs,
+        )
     position_ids = position_ids.expand(query.shape[0], -1)
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for b, spans in enumerate(_segments(position_ids)):
         parts = [
             F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+                query[b : b + 1, :, s:e],
+                key[b : b + 1, :, s:e],
+                value[b : b + 1, :, s:e],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
+                enable_gqa=gqa,
             )
             for s, e in spans
-        ]  # fmt: skip
+        ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 

@@ -55,8 +55,10 @@ def acquire_run_lock(folder: RunFolder):
         handle.seek(0)
         try:
             holder = json.loads(handle.read())
-            who = (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: "
-                   f"{holder['command']}")  # fmt: skip
+            who = (
+                f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: "
+                f"{holder['command']}"
+            )
         except (ValueError, KeyError):
             who = "a process that holds its lock"
         handle.close()
@@ -66,9 +68,16 @@ def acquire_run_lock(folder: RunFolder):
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                             "command": " ".join(sys.argv)}))  # fmt: skip
+    handle.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv),
+            }
+        )
+    )
     handle.flush()
     return handle
 
@@ -90,8 +99,11 @@ def model_fingerprint(path: str | Path) -> str:
 def run_identity(cfg, model_path: str) -> dict:
     """What makes two runs the same run: the settings (less where things are and what a
     relaunch may change), the starting model, and the data's content."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in RESUMABLE_CHANGES | PATH_SETTINGS}  # fmt: skip
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in RESUMABLE_CHANGES | PATH_SETTINGS
+    }
     data = {Path(p).name: cached_sha256(p) for p in data_paths(cfg.data_path)}
     return {"settings": settings, "model": model_fingerprint(model_path), "data": data}
 
@@ -102,8 +114,11 @@ def identity_key(identity: dict) -> str:
 
 def identity_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two identities, in words."""
-    changes = sorted(k for k in {**saved.get("settings", {}), **now["settings"]}
-                     if saved.get("settings", {}).get(k) != now["settings"].get(k))  # fmt: skip
+    changes = sorted(
+        k
+        for k in {**saved.get("settings", {}), **now["settings"]}
+        if saved.get("settings", {}).get(k) != now["settings"].get(k)
+    )
     out = [f"settings differ: {', '.join(changes)}"] if changes else []
     if saved.get("model") != now["model"]:
         out.append("the starting model differs (its config.json or weight files)")
@@ -111,10 +126,14 @@ def identity_changes(saved: dict, now: dict) -> list[str]:
     if old != new:
         edited = [n for n in new if n in old and old[n] != new[n]]
         if edited:
-            out.append(f"the data changed: {', '.join(edited)} (sha256 {old[edited[0]][:12]}... "
-                       f"-> {new[edited[0]][:12]}...)")  # fmt: skip
+            out.append(
+                f"the data changed: {', '.join(edited)} (sha256 {old[edited[0]][:12]}... "
+                f"-> {new[edited[0]][:12]}...)"
+            )
         if set(old) != set(new):
-            out.append(f"the data files differ: {', '.join(sorted(old))} -> {', '.join(sorted(new))}")
+            out.append(
+                f"the data files differ: {', '.join(sorted(old))} -> {', '.join(sorted(new))}"
+            )
     return out
 
 
@@ -123,8 +142,11 @@ def claim_output_dir(cfg, folder: RunFolder, identity: dict) -> str | None:
     other run's checkpoints and metrics move aside (never deleted) and a note says where.
     Returns that note, or None. Called on rank 0 with the run lock held."""
     for stale in folder.incomplete_checkpoints():
-        print(f"warning: {stale.path} has no {stale.complete.name} manifest (its save never "
-              "finished): it is not resumed from, and kept", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {stale.path} has no {stale.complete.name} manifest (its save never "
+            "finished): it is not resumed from, and kept",
+            file=sys.stderr,
+        )
     latest = folder.latest_checkpoint()
     if latest is None:
         return None
@@ -137,13 +159,19 @@ def claim_output_dir(cfg, folder: RunFolder, identity: dict) -> str | None:
         return None
     only_data = all(c.startswith("the data") for c in changes)
     if only_data and cfg.resume_with_changed_data:
-        return f"resuming on changed data ({'; '.join(changes)}), as --resume_with_changed_data asks"
+        return (
+            f"resuming on changed data ({'; '.join(changes)}), as --resume_with_changed_data asks"
+        )
     if not cfg.overwrite_output_dir:
-        fix = ("restore the data, or continue on the new data with --resume_with_changed_data "
-               "True" if only_data else "choose another --output_dir, or move the old run aside "
-               "with --overwrite_output_dir True (its checkpoints are kept in OUT/replaced/)")  # fmt: skip
-        raise ConfigError(f"{folder.root} holds checkpoints of another run ({'; '.join(changes)}): "
-                          f"{fix}")  # fmt: skip
+        fix = (
+            "restore the data, or continue on the new data with --resume_with_changed_data True"
+            if only_data
+            else "choose another --output_dir, or move the old run aside "
+            "with --overwrite_output_dir True (its checkpoints are kept in OUT/replaced/)"
+        )
+        raise ConfigError(
+            f"{folder.root} holds checkpoints of another run ({'; '.join(changes)}): {fix}"
+        )
     aside = folder.replaced()
     aside.mkdir(parents=True)
     for path in (folder.checkpoints, folder.metrics, folder.trackers, folder.model, folder.adapter):
@@ -163,8 +191,10 @@ def save_rng(path: Path) -> None:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
-    meta = {"python": json.dumps([version, list(mt), gauss]),
-            "numpy": json.dumps([name, keys.tolist(), pos, has_gauss, cached])}  # fmt: skip
+    meta = {
+        "python": json.dumps([version, list(mt), gauss]),
+        "numpy": json.dumps([name, keys.tolist(), pos, has_gauss, cached]),
+    }
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -187,14 +217,18 @@ def load_rng(path: Path) -> None:
 
 def checkpoint_files(folder: Path) -> list[str]:
     return sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "COMPLETE"
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "COMPLETE"
     )
 
 
 def describe_files(folder: Path, names: list[str]) -> dict:
     from fastchat_data.io import sha256_file
 
-    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
+    return {
+        n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names
+    }
 
 
 def _check_file(folder: Path, name: str, expected: dict) -> str | None:
@@ -226,8 +260,9 @@ def verify_checkpoint(path: Path | CheckpointFolder, world=None) -> list[str]:
     names = sorted(files)
     problems = [p for n in names[rank::size] if (p := _check_file(folder.path, n, files[n]))]
     if rank == 0:
-        problems += [f"{n} is not in the manifest" for n in checkpoint_files(folder.path)
-                     if n not in files]  # fmt: skip
+        problems += [
+            f"{n} is not in the manifest" for n in checkpoint_files(folder.path) if n not in files
+        ]
     if world is not None:
         problems = [p for part in world.gather_objects(problems) for p in part]
     return sorted(problems)
@@ -247,8 +282,11 @@ def resumable_checkpoint(folder: RunFolder, world) -> CheckpointFolder | None:
             kept = folder.damaged(ckpt)
             ckpt.path.rename(kept)
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            print(f"warning: checkpoint {ckpt.path} failed verification: {problems[0]}{more}; "
-                  f"kept as {kept.name}; trying the previous checkpoint", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: checkpoint {ckpt.path} failed verification: {problems[0]}{more}; "
+                f"kept as {kept.name}; trying the previous checkpoint",
+                file=sys.stderr,
+            )
         world.barrier()
     if found and world.main:
         print("warning: no intact checkpoint left; training starts from step 0", file=sys.stderr)
@@ -258,14 +296,16 @@ def resumable_checkpoint(folder: RunFolder, world) -> CheckpointFolder | None:
 # ---------------------------------------------------------------------------- save and load
 
 
-def save_checkpoint(engine, world, folder: RunFolder, step: int, trainer_state: dict,
-                    keep: int) -> CheckpointFolder:  # fmt: skip
+def save_checkpoint(
+    engine, world, folder: RunFolder, step: int, trainer_state: dict, keep: int
+) -> CheckpointFolder:
     """Every rank writes its share into the staging folder; rank 0 writes the manifest and
     swaps the folder in, then rotates: the newest `keep` complete checkpoints stay (0: all),
     the one just written always among them."""
     final = folder.checkpoint(step)
-    stage = StagedDir(final.path, marker=final.complete.name, flag="checkpoint",
-                      staging=folder.staging(step))  # fmt: skip
+    stage = StagedDir(
+        final.path, marker=final.complete.name, flag="checkpoint", staging=folder.staging(step)
+    )
     if world.main:
         stage.begin()
     world.barrier()
@@ -273,8 +313,12 @@ def save_checkpoint(engine, world, folder: RunFolder, step: int, trainer_state: 
     engine.save(staged)
     save_rng(staged.rng(world.rank))
     if world.main:
-        state = {**trainer_state, "step": step, "world_size": world.size,
-                 "strategy": world.strategy.name}  # fmt: skip
+        state = {
+            **trainer_state,
+            "step": step,
+            "world_size": world.size,
+            "strategy": world.strategy.name,
+        }
         staged.trainer_state.write_text(json.dumps(state, indent=2))
     world.barrier()
     names = checkpoint_files(staged.path)  # each rank checksums its share of the files

@@ -71,13 +71,19 @@ def apply_liger(model, cfg) -> None:
 
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would skip it with a log line
-        raise ConfigError(f"--use_liger_kernel True: Liger has no kernels for model type "
-                          f"{model_type!r}; pass --use_liger_kernel False")  # fmt: skip
+        raise ConfigError(
+            f"--use_liger_kernel True: Liger has no kernels for model type "
+            f"{model_type!r}; pass --use_liger_kernel False"
+        )
     fused = cfg.loss_chunk_size == 0
     _apply_liger_kernel_to_instance(
-        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
         fused_linear_cross_entropy=fused,
-    )  # fmt: skip
+    )
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -78,8 +78,11 @@ def _bounded(cfg, name: str, low: float, high: float, *, low_open=False, high_op
     ok = ok and (number < high if high_open else number <= high)
     if not ok:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        span = f" in {left}{low:g}, {high:g}{right}" if high < math.inf else (
-            f" {'>' if low_open else '>='} {low:g}")  # fmt: skip
+        span = (
+            f" in {left}{low:g}, {high:g}{right}"
+            if high < math.inf
+            else (f" {'>' if low_open else '>='} {low:g}")
+        )
         raise ConfigError(f"{name} must be a finite number{span}, got {value}")
 
 
@@ -163,8 +166,10 @@ class DataArgs:
 
             known = (*TEMPLATES, CHAT_TEMPLATE)
             if cfg.template not in known:
-                raise ConfigError(f"template {cfg.template!r} is not one of {', '.join(known)} "
-                                  "(or a YAML/JSON file of template fields)")  # fmt: skip
+                raise ConfigError(
+                    f"template {cfg.template!r} is not one of {', '.join(known)} "
+                    "(or a YAML/JSON file of template fields)"
+                )
         elif isinstance(cfg.template, str) and not Path(cfg.template).is_file():
             raise ConfigError(f"template: {cfg.template} does not exist")
         for path in data_paths(cfg.data_path):
@@ -281,8 +286,10 @@ class ParallelArgs:
         if cfg.deepspeed:  # read now: a malformed file stops the run before anything starts
             read_structured(Path(cfg.deepspeed), json.loads, "JSON")
         if cfg.loss_chunk_size < 0:
-            raise ConfigError(f"loss_chunk_size must be 0 (transformers' loss) or positive, "
-                              f"got {cfg.loss_chunk_size}")  # fmt: skip
+            raise ConfigError(
+                f"loss_chunk_size must be 0 (transformers' loss) or positive, "
+                f"got {cfg.loss_chunk_size}"
+            )
 
 
 @dataclass
@@ -330,16 +337,22 @@ class AdapterArgs:
         strategy = parallel.get(cfg.strategy)
         able = [s.name for s in parallel.STRATEGIES.values() if s.adapters]
         if not strategy.adapters:
-            raise ConfigError(f"adapters train with strategy {', '.join(able)}; "
-                              f"{strategy.name} shards the model for a full fine-tune")  # fmt: skip
+            raise ConfigError(
+                f"adapters train with strategy {', '.join(able)}; "
+                f"{strategy.name} shards the model for a full fine-tune"
+            )
         if cfg.quantization != "none" and not strategy.quantized_base:
             able = [s.name for s in parallel.STRATEGIES.values() if s.quantized_base]
-            raise ConfigError(f"a {cfg.quantization} base trains with strategy {', '.join(able)}; "
-                              f"{strategy.name} needs --quantization none")  # fmt: skip
+            raise ConfigError(
+                f"a {cfg.quantization} base trains with strategy {', '.join(able)}; "
+                f"{strategy.name} needs --quantization none"
+            )
         if cfg.peft_method != "lora" and not strategy.prompt_learning:
             able = [s.name for s in parallel.STRATEGIES.values() if s.prompt_learning]
-            raise ConfigError(f"{cfg.peft_method} trains with strategy {', '.join(able)}; "
-                              f"{strategy.name} is for LoRA")  # fmt: skip
+            raise ConfigError(
+                f"{cfg.peft_method} trains with strategy {', '.join(able)}; "
+                f"{strategy.name} is for LoRA"
+            )
 
 
 @dataclass
@@ -391,8 +404,10 @@ class LogArgs:
             or set(trackers) - {*TRACKERS, "none"}
             or ("none" in trackers and len(trackers) > 1)
         ):
-            raise ConfigError(f"report_to {cfg.report_to!r}: give none or any of "
-                              f"{', '.join(TRACKERS)} (comma-separated)")  # fmt: skip
+            raise ConfigError(
+                f"report_to {cfg.report_to!r}: give none or any of "
+                f"{', '.join(TRACKERS)} (comma-separated)"
+            )
 
 
 SECTIONS = (ModelArgs, DataArgs, OptimArgs, ParallelArgs, AdapterArgs, CheckpointArgs, LogArgs)
@@ -586,15 +601,25 @@ def config_parser(cls) -> argparse.ArgumentParser:
         "accepted so that FastChat's commands carry over: mapped, or noted and ignored",
     )
     for key, why in FASTCHAT_FLAGS.items():
-        group.add_argument(f"--{key}", action=_FastChatFlag, nargs="?", const="True",
-                           metavar="VALUE", default=argparse.SUPPRESS, help=why)  # fmt: skip
+        group.add_argument(
+            f"--{key}",
+            action=_FastChatFlag,
+            nargs="?",
+            const="True",
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=why,
+        )
     return parser
 
 
 def config_yaml(cfg, notes: list[str] = ()) -> str:
     """Every setting of `cfg` as a YAML recipe: `--config FILE` reruns the same run
     (the same run_fingerprint())."""
-    head = [f"# {type(cfg).__name__}, resolved; rerun with --config FILE", *(f"# {n}" for n in notes)]
+    head = [
+        f"# {type(cfg).__name__}, resolved; rerun with --config FILE",
+        *(f"# {n}" for n in notes),
+    ]
     body = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
     return "\n".join(head) + "\n" + body
 
@@ -638,8 +663,9 @@ def load_config(argv: list[str] | None, cls):
     parser = config_parser(cls)
     # the recipe's values as the defaults (shown by --help, overridden by the command line)
     defaults = cls()
-    parser.set_defaults(**{f.name: loaded.get(f.name, getattr(defaults, f.name))
-                           for f in fields(cls)})  # fmt: skip
+    parser.set_defaults(
+        **{f.name: loaded.get(f.name, getattr(defaults, f.name)) for f in fields(cls)}
+    )
     try:
         cfg, rest, extra = parser.parse_args_into_dataclasses(
             argv, return_remaining_strings=True, look_for_args_file=False
@@ -650,7 +676,9 @@ def load_config(argv: list[str] | None, cls):
         if extra[0].startswith("--"):
             error = unknown_option(extra[0][2:].partition("=")[0], type_hints(cls))
             raise ConfigError(str(error))
-        raise ConfigError(f"command line: unexpected argument {extra[0]!r}: options are --key value")
+        raise ConfigError(
+            f"command line: unexpected argument {extra[0]!r}: options are --key value"
+        )
     given = set(loaded) | {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
     if cfg.deepspeed and not {"strategy", "fsdp"} & given:
         cfg.strategy = strategy_of_deepspeed_config(cfg.deepspeed)

@@ -22,9 +22,15 @@ MEGABATCH = 50  # length grouping sorts within 50 global batches, as HF's Length
 
 def load_train_set(cfg, data_path: str, tokenizer, world):
     """Rank 0 tokenizes (or finds it cached); the others then load the cached Arrow files."""
-    args = dict(template=cfg.template, max_length=cfg.model_max_length, train_on_inputs=cfg.train_on_inputs,
-                num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, max_source_length=cfg.max_source_length,
-                max_target_length=cfg.max_target_length)  # fmt: skip
+    args = dict(
+        template=cfg.template,
+        max_length=cfg.model_max_length,
+        train_on_inputs=cfg.train_on_inputs,
+        num_proc=cfg.num_proc,
+        cache_dir=cfg.cache_dir,
+        max_source_length=cfg.max_source_length,
+        max_target_length=cfg.max_target_length,
+    )
     paths = data_paths(data_path)  # one file, or several comma-separated
     ds, report = built_by_rank0_first(world, build_dataset, paths, tokenizer, **args)
     return ds.with_format("numpy"), report
@@ -58,7 +64,8 @@ class BatchPlan:
         if len(lengths) < self.global_size:
             raise ConfigError(
                 f"the training set has {len(lengths)} conversations, fewer than one global batch "
-                f"({self.micro} per device x {self.accum} accumulation x {self.world} ranks = {self.global_size}); "
+                f"({self.micro} per device x {self.accum} accumulation x {self.world} ranks = "
+                f"{self.global_size}); "
                 "add data or lower the batch size"
             )
         self.steps_per_epoch = len(lengths) // self.global_size
@@ -96,7 +103,8 @@ class BatchPlan:
 
 
 def trained_token_counts(ds) -> np.ndarray:
-    """Trained tokens per sample, as the shifted causal-LM loss counts them (label 0 predicts nothing)."""
+    """Trained tokens per sample, as the shifted causal-LM loss counts them (label 0 predicts
+    nothing)."""
     return np.array(
         [int((np.asarray(lab[1:]) != IGNORE_INDEX).sum()) for lab in ds["labels"]], dtype=np.int64
     )

@@ -53,5 +53,3 @@ def deepspeed_config(cfg, hidden_size: int | None = None) -> dict:
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
-
-

@@ -42,7 +42,8 @@ def decoder_layer_classes(model) -> set[type]:
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
         raise ConfigError(
-            f"{type(model).__name__} declares no decoder layer class (_no_split_modules) to shard by"
+            f"{type(model).__name__} declares no decoder layer class (_no_split_modules) to "
+            "shard by"
         )
     return classes
 
@@ -127,8 +128,12 @@ class DcpState:
         model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp_load(state, folder.dcp)  # the restricted reader (recipes/core/safe_load.py)
-        set_state_dict(engine.module, engine.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])  # fmt: skip
+        set_state_dict(
+            engine.module,
+            engine.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
         engine.scheduler.load_state_dict(load_json_state(folder.scheduler))
 
 
@@ -147,8 +152,9 @@ class AdapterState:
         from safetensors.torch import load_file
 
         device = str(engine.world.device)
-        set_peft_model_state_dict(engine.module, load_file(str(folder.adapter / ADAPTER_WEIGHTS),
-                                                           device=device))  # fmt: skip
+        set_peft_model_state_dict(
+            engine.module, load_file(str(folder.adapter / ADAPTER_WEIGHTS), device=device)
+        )
         optimizer = torch.load(folder.optimizer, map_location=device, weights_only=True)
         engine.optimizer.load_state_dict(optimizer)
         engine.scheduler.load_state_dict(load_json_state(folder.scheduler))
@@ -165,8 +171,15 @@ class TorchEngine:
     A model on the meta device (recipes/core/loading.py) is sharded first, then this rank's
     shards are materialised and read from `weights_from`."""
 
-    def __init__(self, model, cfg, world: World, total_steps: int,
-                 weights_from: str | None = None, state=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        cfg,
+        world: World,
+        total_steps: int,
+        weights_from: str | None = None,
+        state=None,
+    ):
         self.cfg, self.world, self.strategy = cfg, world, world.strategy
         self.state = state or DcpState()
         strategy = self.strategy
@@ -374,8 +387,15 @@ class DeepSpeedEngine:
         return sd
 
 
-def make_engine(model, cfg, world: World, total_steps: int, *, weights_from: str | None = None,
-                adapter: bool = False):  # fmt: skip
+def make_engine(
+    model,
+    cfg,
+    world: World,
+    total_steps: int,
+    *,
+    weights_from: str | None = None,
+    adapter: bool = False,
+):
     """The engine the strategy declares; an adapter's checkpoints hold the adapter only."""
     if world.strategy.engine == "deepspeed":
         return DeepSpeedEngine(model, cfg, world, total_steps)

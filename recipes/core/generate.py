@@ -41,8 +41,15 @@ def load_for_inference(path: str, quantization: str = "none", adapter: str | Non
     return model.eval()
 
 
-def reply(model, tokenizer, history: list[tuple[str, str]], question: str, template: str = "vicuna_v1.1",
-          max_new_tokens: int = 64, streamer=None) -> str:  # fmt: skip
+def reply(
+    model,
+    tokenizer,
+    history: list[tuple[str, str]],
+    question: str,
+    template: str = "vicuna_v1.1",
+    max_new_tokens: int = 64,
+    streamer=None,
+) -> str:
     """Greedy answer to `question` after `history` [(user, assistant), ...]."""
     messages = [
         Message(role, text) for q, a in history for role, text in ((USER, q), (ASSISTANT, a))
@@ -52,10 +59,13 @@ def reply(model, tokenizer, history: list[tuple[str, str]], question: str, templ
     ids = encoder.encode_prompt(conv)
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, streamer=streamer,
+            torch.tensor([ids], device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            streamer=streamer,
             **stop_kwargs(encoder),
-        )  # fmt: skip
+        )
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
 
 

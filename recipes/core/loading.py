@@ -43,7 +43,6 @@ def load_model(model_path: str, cfg, world):
         import deepspeed
         from transformers.initialization import no_init_weights
 
-
         # Partitioned as constructed; then each rank reads only its partition from the files.
         # (transformers' own ZeRO-3 path, HfDeepSpeedConfig + from_pretrained, reads every
         # checkpoint file whole on every rank: N copies of the model while loading.)
@@ -69,14 +68,25 @@ def weight_files(model_path: str) -> dict[str, Path]:
         return {name: folder / file for name, file in names.items()}
     single = folder / "model.safetensors"
     if not single.exists():
-        raise ConfigError(f"{folder}: no model.safetensors(.index.json); sharded loading reads "
-                          "safetensors (pass --sharded_load False to load other formats)")  # fmt: skip
+        raise ConfigError(
+            f"{folder}: no model.safetensors(.index.json); sharded loading reads "
+            "safetensors (pass --sharded_load False to load other formats)"
+        )
     return dict.fromkeys(safetensors_header(single)[0], single)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -112,8 +122,10 @@ def _tensors_by_file(model, model_path: str) -> dict[Path, list[tuple[str, torch
     params = dict(model.named_parameters())  # a tied weight appears once, under its first name
     missing = [n for n in params if n not in files]
     if missing:
-        raise ConfigError(f"{model_path}: the checkpoint has no tensor for {', '.join(missing[:5])}"
-                          f"{' ...' if len(missing) > 5 else ''}")  # fmt: skip
+        raise ConfigError(
+            f"{model_path}: the checkpoint has no tensor for {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}"
+        )
     by_file: dict[Path, list] = {}
     for name, param in params.items():
         by_file.setdefault(files[name], []).append((name, param))

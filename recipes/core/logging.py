@@ -49,7 +49,8 @@ TRACKER_PACKAGES = {
     "mlflow": "mlflow",
     "trackio": "trackio",
 }
-PROJECT = "camelid"  # wandb project, MLflow experiment and trackio project unless the environment names one
+# wandb project, MLflow experiment and trackio project unless the environment names one
+PROJECT = "camelid"
 
 
 def peak_flops(override_tflops: float | None) -> float | None:
@@ -69,8 +70,10 @@ def tracker_names(report_to: str | list[str] | None) -> list[str]:
     names = [t.strip() for t in items if t.strip() and t.strip() != "none"]
     unknown = [t for t in names if t not in TRACKER_PACKAGES]
     if unknown:
-        raise ConfigError(f"report_to: unknown tracker(s) {', '.join(unknown)}; "
-                          f"choose from {', '.join(TRACKER_PACKAGES)} or none")  # fmt: skip
+        raise ConfigError(
+            f"report_to: unknown tracker(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(TRACKER_PACKAGES)} or none"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -120,8 +123,10 @@ class RunLog:
         names = tracker_names(report_to)
         missing = [n for n in names if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None]
         if missing:  # every rank stops here, before any tracker opens
-            raise ConfigError(f"--report_to {','.join(missing)}: not installed; pip install "
-                              f"{' '.join(TRACKER_PACKAGES[n] for n in missing)} (or camelid[tracking])")  # fmt: skip
+            raise ConfigError(
+                f"--report_to {','.join(missing)}: not installed; pip install "
+                f"{' '.join(TRACKER_PACKAGES[n] for n in missing)} (or camelid[tracking])"
+            )
         if main:
             from tqdm import tqdm
 
@@ -155,8 +160,16 @@ class RunLog:
         """One step's row; `extra`: the recipe's own statistics (DPO's rewards), logged alike."""
         now = time.perf_counter()
         dt, self._t = now - self._t, now
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-               "tokens_per_s": tokens / dt, "real_token_share": real_share, "step_s": dt}  # fmt: skip
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_per_s": tokens / dt,
+            "real_token_share": real_share,
+            "step_s": dt,
+        }
         if self.peak:
             row["mfu"] = 6 * self.n_params * tokens / dt / (self.peak * self.world)
         row.update(extra or {})
@@ -171,8 +184,10 @@ class RunLog:
             if log:
                 mfu = f"  mfu {row['mfu']:.1%}" if "mfu" in row else ""
                 more = "".join(f"  {k.split('/')[-1]} {v:.4f}" for k, v in (extra or {}).items())
-                self.bar.write(f"step {step:>6}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
-                               f"tok/s {row['tokens_per_s']:,.0f}{mfu}{more}")  # fmt: skip
+                self.bar.write(
+                    f"step {step:>6}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
+                    f"tok/s {row['tokens_per_s']:,.0f}{mfu}{more}"
+                )
         return row
 
     def _close_trackers(self, ok: bool) -> None:
@@ -257,9 +272,15 @@ class Wandb:
         import wandb
 
         online = os.environ.get("WANDB_MODE") or wandb_has_key()
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT),
-                              name=os.environ.get("WANDB_NAME", out.name), id=run_id, resume="allow",
-                              dir=str(out), config=config, mode=None if online else "offline")  # fmt: skip
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", PROJECT),
+            name=os.environ.get("WANDB_NAME", out.name),
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=config,
+            mode=None if online else "offline",
+        )
         self.run_id = self.run.id
 
     def log(self, scalars: dict, step: int) -> None:
@@ -277,7 +298,8 @@ class MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             uri = (out / "mlruns").resolve().as_uri()
-            # MLflow 3 keeps the file store but asks for this opt-in (its database store needs SQLAlchemy)
+            # MLflow 3 keeps the file store but asks for this opt-in (its database store needs
+            # SQLAlchemy)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
@@ -302,12 +324,18 @@ class MLflow:
         logged = run.data.params
         params = {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in config.items()}
         entries = [Param(k, v) for k, v in params.items() if k not in logged]
-        entries += [RunTag(f"resumed_at_step_{start_step}/{k}", v)
-                    for k, v in params.items() if k in logged and logged[k] != v]  # fmt: skip
+        entries += [
+            RunTag(f"resumed_at_step_{start_step}/{k}", v)
+            for k, v in params.items()
+            if k in logged and logged[k] != v
+        ]
         for i in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
             batch = entries[i : i + MAX_PARAMS_TAGS_PER_BATCH]
-            self.client.log_batch(self.run_id, params=[e for e in batch if isinstance(e, Param)],
-                                  tags=[e for e in batch if isinstance(e, RunTag)])  # fmt: skip
+            self.client.log_batch(
+                self.run_id,
+                params=[e for e in batch if isinstance(e, Param)],
+                tags=[e for e in batch if isinstance(e, RunTag)],
+            )
 
     def log(self, scalars: dict, step: int) -> None:
         from mlflow.entities import Metric
@@ -338,10 +366,17 @@ class Trackio:
                 del os.environ["TRACKIO_DIR"]
 
         if Path(TRACKIO_DIR) != Path(wanted):
-            print(f"warning: trackio was imported earlier in this process and logs to {TRACKIO_DIR}",
-                  file=sys.stderr)  # fmt: skip
-        self.run = trackio.init(project=PROJECT, name=run_id or f"{out.name}-{uuid.uuid4().hex[:6]}",
-                                resume="allow", config=config, embed=False)  # fmt: skip
+            print(
+                f"warning: trackio was imported earlier in this process and logs to {TRACKIO_DIR}",
+                file=sys.stderr,
+            )
+        self.run = trackio.init(
+            project=PROJECT,
+            name=run_id or f"{out.name}-{uuid.uuid4().hex[:6]}",
+            resume="allow",
+            config=config,
+            embed=False,
+        )
         self.run_id = self.run.name
 
     def log(self, scalars: dict, step: int) -> None:

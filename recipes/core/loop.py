@@ -97,13 +97,22 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
     from transformers import AutoTokenizer
 
     if not cfg.model_name_or_path:
-        raise ConfigError("--model_name_or_path: give the model folder to train (a Hugging Face "
-                          "folder with config.json); `make demo` shows a tiny one")  # fmt: skip
+        raise ConfigError(
+            "--model_name_or_path: give the model folder to train (a Hugging Face "
+            "folder with config.json); `make demo` shows a tiny one"
+        )
     if not cfg.data_path:
         raise ConfigError(f"--data_path: give the training data ({objective.noun})")
     world = init_world(cfg.strategy)
-    run = Run(cfg, world, RunFolder(Path(cfg.output_dir)), objective, hooks or Hooks(),
-              notes=list(notes or []), model_path=str(cfg.model_name_or_path))  # fmt: skip
+    run = Run(
+        cfg,
+        world,
+        RunFolder(Path(cfg.output_dir)),
+        objective,
+        hooks or Hooks(),
+        notes=list(notes or []),
+        model_path=str(cfg.model_name_or_path),
+    )
     torch.manual_seed(cfg.seed)
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -111,8 +120,11 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
     run.data = objective.data(cfg, run.tokenizer, world)
     run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.dp_size)
     # as Trainer counts them: a fraction of an epoch's steps rounds up (1.5 x 3 steps -> 5)
-    run.total_steps = (cfg.max_steps if cfg.max_steps > 0
-                       else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch))  # fmt: skip
+    run.total_steps = (
+        cfg.max_steps
+        if cfg.max_steps > 0
+        else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch)
+    )
     run.identity = checkpoint.run_identity(cfg, run.model_path)
 
     def claim_output_dir():
@@ -147,14 +159,26 @@ def start(run: Run, model, engine, what: str = "") -> Run:
         trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained != n_params else ""
         units = len(run.data.units)
         packed = f" in {units} packed rows" if getattr(run.data, "packing", False) else ""
-        print(f"{world.strategy.name} on {world.size} x {world.device.type}: {what}"
-              f"{n_params / 1e6:.1f}M parameters{trained}, {len(run.data.ds)} "
-              f"{run.objective.noun}{packed}, {run.plan.steps_per_epoch} steps/epoch, "
-              f"{run.total_steps} steps, global batch {run.plan.global_size}", flush=True)  # fmt: skip
+        print(
+            f"{world.strategy.name} on {world.size} x {world.device.type}: {what}"
+            f"{n_params / 1e6:.1f}M parameters{trained}, {len(run.data.ds)} "
+            f"{run.objective.noun}{packed}, {run.plan.steps_per_epoch} steps/epoch, "
+            f"{run.total_steps} steps, global batch {run.plan.global_size}",
+            flush=True,
+        )
     record_rank(run)
     # MFU counts the forward+backward of all parameters (6N per token), frozen ones included
-    run.log = RunLog(run.folder, world.main, run.total_steps, run.step, n_params, world.size,
-                     peak_flops(cfg.peak_tflops), cfg.report_to, cfg)  # fmt: skip
+    run.log = RunLog(
+        run.folder,
+        world.main,
+        run.total_steps,
+        run.step,
+        n_params,
+        world.size,
+        peak_flops(cfg.peak_tflops),
+        cfg.report_to,
+        cfg,
+    )
     install_signal_handlers(run)
     PHASES.next("train")
     run.hooks.started(run)
@@ -170,7 +194,9 @@ def install_signal_handlers(run: Run) -> None:
             raise KeyboardInterrupt
         run.stop_requested = True
 
-    run.previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    run.previous_handlers = {
+        s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)
+    }
 
 
 def restore_signal_handlers(run) -> None:
@@ -195,9 +221,19 @@ def record_rank(run: Run) -> None:
     path = run.folder.rank_file(world.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     actual = torch.distributed.get_world_size() if world.distributed else 1
-    path.write_text(json.dumps({"rank": world.rank, "world_size": actual, "dp_rank": world.dp_rank,
-                                "strategy": world.strategy.name, "device": str(world.device),
-                                "step": run.step, "sample_ids": ids}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "rank": world.rank,
+                "world_size": actual,
+                "dp_rank": world.dp_rank,
+                "strategy": world.strategy.name,
+                "device": str(world.device),
+                "step": run.step,
+                "sample_ids": ids,
+            }
+        )
+    )
 
 
 def train_step(run: Run) -> dict:
@@ -233,11 +269,19 @@ def train_step(run: Run) -> dict:
     loss, tokens, padded, nonfinite, *summed = world.all_sums(
         [loss_sum, tokens, padded, nonfinite, *(stats[k] for k in names)]
     )
-    bad_samples = [] if loss_finite else sorted(i for part in world.gather_objects(bad_ids)
-                                                for i in part)  # fmt: skip
-    return {"stats": dict(zip(names, summed)), "loss": loss, "tokens": int(tokens),
-            "real_token_share": tokens / padded, "grad_norm": grad_norm, "applied": applied,
-            "nonfinite_weights": int(nonfinite), "bad_samples": bad_samples}  # fmt: skip
+    bad_samples = (
+        [] if loss_finite else sorted(i for part in world.gather_objects(bad_ids) for i in part)
+    )
+    return {
+        "stats": dict(zip(names, summed)),
+        "loss": loss,
+        "tokens": int(tokens),
+        "real_token_share": tokens / padded,
+        "grad_norm": grad_norm,
+        "applied": applied,
+        "nonfinite_weights": int(nonfinite),
+        "bad_samples": bad_samples,
+    }
 
 
 def check_finite(run: Run, out: dict) -> None:
@@ -254,12 +298,18 @@ def check_finite(run: Run, out: dict) -> None:
     if out["applied"]:
         return
     run.bad_steps += 1
-    what = (f"loss {out['loss']} on samples {out['bad_samples'][:20]}" if out["bad_samples"]
-            else f"gradient norm {out['grad_norm']}")  # fmt: skip
+    what = (
+        f"loss {out['loss']} on samples {out['bad_samples'][:20]}"
+        if out["bad_samples"]
+        else f"gradient norm {out['grad_norm']}"
+    )
     if run.bad_steps <= run.cfg.max_bad_steps:
         if run.world.main:
-            print(f"warning: step {run.step}: non-finite {what}; step skipped, not applied "
-                  f"({run.bad_steps} of --max_bad_steps {run.cfg.max_bad_steps})", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: step {run.step}: non-finite {what}; step skipped, not applied "
+                f"({run.bad_steps} of --max_bad_steps {run.cfg.max_bad_steps})",
+                file=sys.stderr,
+            )
         return
     raise NonFiniteError(
         f"step {run.step}: non-finite {what}; the step was not applied and the run stops "
@@ -269,10 +319,15 @@ def check_finite(run: Run, out: dict) -> None:
 
 
 def save(run: Run) -> CheckpointFolder:
-    trainer_state = {"total_steps": run.total_steps, "bad_steps": run.bad_steps,
-                     "identity": run.identity, "config": vars(run.cfg)}  # fmt: skip
-    saved = checkpoint.save_checkpoint(run.engine, run.world, run.folder, run.step, trainer_state,
-                                       keep=run.cfg.save_total_limit)  # fmt: skip
+    trainer_state = {
+        "total_steps": run.total_steps,
+        "bad_steps": run.bad_steps,
+        "identity": run.identity,
+        "config": vars(run.cfg),
+    }
+    saved = checkpoint.save_checkpoint(
+        run.engine, run.world, run.folder, run.step, trainer_state, keep=run.cfg.save_total_limit
+    )
     run.last_checkpoint = saved.path
     return saved
 
@@ -284,9 +339,16 @@ def train(run: Run) -> None:
         out = train_step(run)
         run.step += 1
         last = run.step == run.total_steps
-        run.log.step(run.step, out["loss"], lr, out["grad_norm"], out["tokens"],
-                     out["real_token_share"], log=run.step % cfg.logging_steps == 0 or last,
-                     extra=out["stats"])  # fmt: skip
+        run.log.step(
+            run.step,
+            out["loss"],
+            lr,
+            out["grad_norm"],
+            out["tokens"],
+            out["real_token_share"],
+            log=run.step % cfg.logging_steps == 0 or last,
+            extra=out["stats"],
+        )
         check_finite(run, out)
         stop = run.world.all_sum(run.stop_requested) > 0  # all ranks agree before saving
         if stop or run.step % cfg.save_steps == 0 or last:
@@ -302,8 +364,13 @@ def train(run: Run) -> None:
 def run_info(run: Run) -> dict:
     """What an export records beside the weights: the template (as fields if custom), so chat
     and eval render prompts the way training did, and how it was trained."""
-    return {"written_by": "recipe", "template": portable_template(run.cfg.template),
-            "objective": run.objective.name, "steps": run.step, "base_model": run.model_path}  # fmt: skip
+    return {
+        "written_by": "recipe",
+        "template": portable_template(run.cfg.template),
+        "objective": run.objective.name,
+        "steps": run.step,
+        "base_model": run.model_path,
+    }
 
 
 def finish(run: Run) -> None:
@@ -320,7 +387,9 @@ def finish(run: Run) -> None:
     if run.world.main and png:
         print(f"loss curve: {png}")
     if run.world.main and run.bad_steps:
-        print(f"note: {run.bad_steps} non-finite step(s) were skipped (--max_bad_steps "
-              f"{run.cfg.max_bad_steps}); see the warnings above")  # fmt: skip
+        print(
+            f"note: {run.bad_steps} non-finite step(s) were skipped (--max_bad_steps "
+            f"{run.cfg.max_bad_steps}); see the warnings above"
+        )
     restore_signal_handlers(run)
     shutdown(run.world)

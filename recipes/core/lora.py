@@ -40,8 +40,10 @@ def load_base(
         method = (
             existing.get("quant_method") if isinstance(existing, dict) else existing.quant_method
         )
-        raise ConfigError(f"{path} is already quantized ({method}); bitsandbytes cannot quantize it again: "
-                          "use its full-precision base, or --quantization none")  # fmt: skip
+        raise ConfigError(
+            f"{path} is already quantized ({method}); bitsandbytes cannot quantize it again: "
+            "use its full-precision base, or --quantization none"
+        )
     if quantization == "int8":
         bnb = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -58,8 +60,10 @@ def load_base(
     except (ValueError, RuntimeError, ImportError) as e:
         raise ConfigError(f"bitsandbytes cannot quantize {path}: {e}") from None
     if not quantized_modules(model):
-        raise ConfigError(f"bitsandbytes found no linear layer to quantize in {path} "
-                          f"({type(model).__name__}); train it with --quantization none")  # fmt: skip
+        raise ConfigError(
+            f"bitsandbytes found no linear layer to quantize in {path} "
+            f"({type(model).__name__}); train it with --quantization none"
+        )
     return model
 
 
@@ -94,8 +98,11 @@ def peft_config(cfg, model):
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens
         )
     if cfg.peft_method == "p_tuning":
-        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
-                                   encoder_hidden_size=model.config.hidden_size)  # fmt: skip
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            encoder_hidden_size=model.config.hidden_size,
+        )
     available = linear_module_names(model)
     if cfg.lora_target_modules == "all-linear":
         targets = available
@@ -103,10 +110,18 @@ def peft_config(cfg, model):
         targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
         missing = [t for t in targets if t not in available]
         if missing:
-            raise ConfigError(f"lora_target_modules: {', '.join(missing)} not in {type(model).__name__}; "
-                              f"its linear layers are {', '.join(available)}")  # fmt: skip
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets, bias="none")  # fmt: skip
+            raise ConfigError(
+                f"lora_target_modules: {', '.join(missing)} not in {type(model).__name__}; "
+                f"its linear layers are {', '.join(available)}"
+            )
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
 
 
 def add_adapter(model, cfg):
@@ -177,16 +192,22 @@ def load_adapter(model, adapter: str | Path):
                 name = key.split(".lora_")[0].removeprefix("base_model.model.")
                 layer = modules.get(name)
                 if layer is None:
-                    raise ConfigError(f"adapter {adapter} was trained on a model with a layer {name}, "
-                                      f"which {base_arch} ({model.name_or_path}) lacks")  # fmt: skip
+                    raise ConfigError(
+                        f"adapter {adapter} was trained on a model with a layer {name}, "
+                        f"which {base_arch} ({model.name_or_path}) lacks"
+                    )
                 fan_in, fan_out = layer.in_features, layer.out_features
                 want = shape[1] if ".lora_A" in key else shape[0]
                 have = fan_in if ".lora_A" in key else fan_out
                 if want != have:
-                    raise ConfigError(f"adapter {adapter} does not fit {model.name_or_path}: layer {name} "
-                                      f"has {have} features there, the adapter expects {want} "
-                                      f"(trained on {config.base_model_name_or_path})")  # fmt: skip
+                    raise ConfigError(
+                        f"adapter {adapter} does not fit {model.name_or_path}: layer {name} "
+                        f"has {have} features there, the adapter expects {want} "
+                        f"(trained on {config.base_model_name_or_path})"
+                    )
             elif "prompt_embeddings" in key and shape[-1] != model.config.hidden_size:
-                raise ConfigError(f"adapter {adapter} has prompts of width {shape[-1]}; {model.name_or_path} "
-                                  f"has hidden size {model.config.hidden_size}")  # fmt: skip
+                raise ConfigError(
+                    f"adapter {adapter} has prompts of width {shape[-1]}; {model.name_or_path} "
+                    f"has hidden size {model.config.hidden_size}"
+                )
     return PeftModel.from_pretrained(model, str(adapter))

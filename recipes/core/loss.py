@@ -143,7 +143,7 @@ def chunked_sequence_logps(
             rows[s : s + chunk_size],
             target[s : s + chunk_size],
             use_reentrant=False,
-        )  # fmt: skip
+        )
         for s in range(0, chunk_count(len(target), chunk_size, head) * chunk_size, chunk_size)
     ]
     per_token = torch.cat(parts)

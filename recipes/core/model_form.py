@@ -51,7 +51,9 @@ class FullModel:
         model = load_model(run.model_path, cfg, run.world)
         apply_liger(model, cfg)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             model.config.use_cache = False
         # after activation checkpointing, before the engine shards (torchtune's order)
         compile_layers(model, cfg, main=run.world.main)
@@ -65,11 +67,17 @@ class FullModel:
         state_dict = engine.full_state_dict()  # collective: every rank takes part
         out = run.folder.model
         if world.main:
-            with StagedDir(out, inputs=_export_inputs(run), marker=written_by_command("recipe")) as tmp:
+            with StagedDir(
+                out, inputs=_export_inputs(run), marker=written_by_command("recipe")
+            ) as tmp:
                 engine.module.config.use_cache = True
                 # save_pretrained takes the gathered state dict; the (sharded) module the config
-                engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
-                                              max_shard_size=max_shard_size)  # fmt: skip
+                engine.module.save_pretrained(
+                    tmp,
+                    state_dict=state_dict,
+                    safe_serialization=True,
+                    max_shard_size=max_shard_size,
+                )
                 info = _finish_export(engine, run.tokenizer, tmp, info)
                 (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
         world.barrier()
@@ -84,9 +92,14 @@ class Adapter:
 
     def build(self, run):
         cfg = run.cfg
-        base = load_base(run.model_path, run.world.device, quantization=cfg.quantization,
-                         double_quant=cfg.double_quant, bf16=cfg.bf16,
-                         attention=attention_kwargs(cfg))  # fmt: skip
+        base = load_base(
+            run.model_path,
+            run.world.device,
+            quantization=cfg.quantization,
+            double_quant=cfg.double_quant,
+            bf16=cfg.bf16,
+            attention=attention_kwargs(cfg),
+        )
         apply_liger(base, cfg)  # on the base model, before the adapter wraps its layers
         model = add_adapter(base, cfg)
         engine = make_engine(model, cfg, run.world, run.total_steps, adapter=True)
@@ -99,7 +112,9 @@ class Adapter:
         state_dict = engine.full_state_dict(trainable_only=True)  # collective under ZeRO-3
         out = run.folder.adapter
         if world.main:
-            with StagedDir(out, inputs=_export_inputs(run), marker=written_by_command("recipe")) as tmp:
+            with StagedDir(
+                out, inputs=_export_inputs(run), marker=written_by_command("recipe")
+            ) as tmp:
                 engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 info = _finish_export(engine, run.tokenizer, tmp, info)
                 info["weights"] = verify_adapter(tmp)

@@ -25,15 +25,25 @@ class PairData:
         chosen = np.asarray(ds["chosen_length"], dtype=np.int64)
         rejected = np.asarray(ds["rejected_length"], dtype=np.int64)
         self.lengths = chosen + rejected
-        self.trained = np.array([int((np.asarray(a) != IGNORE_INDEX).sum() + (np.asarray(b) != IGNORE_INDEX).sum())
-                                 for a, b in zip(ds["chosen_labels"], ds["rejected_labels"])])  # fmt: skip
+        self.trained = np.array(
+            [
+                int((np.asarray(a) != IGNORE_INDEX).sum() + (np.asarray(b) != IGNORE_INDEX).sum())
+                for a, b in zip(ds["chosen_labels"], ds["rejected_labels"])
+            ]
+        )
         self.units = [np.array([i]) for i in range(len(ds))]
         self.reference: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
 
     def batch(self, unit_ids, with_reference: bool = True) -> dict[str, torch.Tensor]:
         pairs = [self.ds[int(u)] for u in unit_ids]
-        out = collate([{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
-                       for side in ("chosen", "rejected") for p in pairs], self.pad_id)  # fmt: skip
+        out = collate(
+            [
+                {"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
+                for side in ("chosen", "rejected")
+                for p in pairs
+            ],
+            self.pad_id,
+        )
         if with_reference:
             if self.reference is None:
                 raise RuntimeError("reference log-probabilities are not computed yet")
@@ -62,15 +72,28 @@ def sequence_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def preference_scores(model, tokenizer, pairs_path: str, template="vicuna_v1.1", max_length: int = 2048,
-                      batch_size: int = 4, cache_dir: str | None = None) -> dict:  # fmt: skip
+def preference_scores(
+    model,
+    tokenizer,
+    pairs_path: str,
+    template="vicuna_v1.1",
+    max_length: int = 2048,
+    batch_size: int = 4,
+    cache_dir: str | None = None,
+) -> dict:
     """How often `model` prefers the chosen reply of held-out pairs: its summed log-probability
     above the rejected one's (`accuracy`), and per reply token (`accuracy_per_token`, blind to
     length), with the mean margin of each."""
     from fastchat_data.preference import build_preference_dataset
 
-    ds, _ = build_preference_dataset([pairs_path], tokenizer, template=template, max_length=max_length,
-                                     cache_dir=cache_dir, quiet=True)  # fmt: skip
+    ds, _ = build_preference_dataset(
+        [pairs_path],
+        tokenizer,
+        template=template,
+        max_length=max_length,
+        cache_dir=cache_dir,
+        quiet=True,
+    )
     data = PairData(ds.with_format("numpy"), pad_token_id(tokenizer))
 
     device = next(model.parameters()).device
@@ -84,16 +107,25 @@ def preference_scores(model, tokenizer, pairs_path: str, template="vicuna_v1.1",
         margins += (chosen - rejected).tolist()
         per_token += (chosen / n_chosen.clamp(min=1) - rejected / n_rejected.clamp(min=1)).tolist()
     n = len(margins)
-    return {"pairs": n, "accuracy": sum(m > 0 for m in margins) / n, "mean_margin": sum(margins) / n,
-            "accuracy_per_token": sum(m > 0 for m in per_token) / n,
-            "mean_margin_per_token": sum(per_token) / n}  # fmt: skip
+    return {
+        "pairs": n,
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "mean_margin": sum(margins) / n,
+        "accuracy_per_token": sum(m > 0 for m in per_token) / n,
+        "mean_margin_per_token": sum(per_token) / n,
+    }
 
 
 def format_preference_table(rows: list[dict]) -> str:
-    head = f"{'model':<44}{'pairs':>7}{'accuracy':>10}{'margin':>10}{'acc/token':>11}{'margin/token':>14}"
+    head = (
+        f"{'model':<44}{'pairs':>7}{'accuracy':>10}{'margin':>10}{'acc/token':>11}"
+        f"{'margin/token':>14}"
+    )
     lines = [head]
     for r in rows:
         name = r["model"] if len(r["model"]) <= 42 else "..." + r["model"][-39:]
-        lines.append(f"{name:<44}{r['pairs']:>7}{r['accuracy']:>10.3f}{r['mean_margin']:>10.2f}"
-                     f"{r['accuracy_per_token']:>11.3f}{r['mean_margin_per_token']:>14.4f}")  # fmt: skip
+        lines.append(
+            f"{name:<44}{r['pairs']:>7}{r['accuracy']:>10.3f}{r['mean_margin']:>10.2f}"
+            f"{r['accuracy_per_token']:>11.3f}{r['mean_margin_per_token']:>14.4f}"
+        )
     return "\n".join(lines)

@@ -15,13 +15,22 @@ import warnings
 
 # (warning category, message pattern, why it is filtered)
 WARNINGS = (
-    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized",
-     "torch DCP, on every single-process save and load: a single process is what it is"),
-    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated",
-     "DeepSpeed's ZeRO calls torch's old collective names: hundreds of lines a run, its code"),
-    (FutureWarning, r".*`torch\.cpu\.amp\.autocast",
-     "DeepSpeed's CPU accelerator uses torch's old autocast name"),
-)  # fmt: skip
+    (
+        UserWarning,
+        r"torch\.distributed is disabled, unavailable or uninitialized",
+        "torch DCP, on every single-process save and load: a single process is what it is",
+    ),
+    (
+        FutureWarning,
+        r"`torch\.distributed\.\w+` is deprecated",
+        "DeepSpeed's ZeRO calls torch's old collective names: hundreds of lines a run, its code",
+    ),
+    (
+        FutureWarning,
+        r".*`torch\.cpu\.amp\.autocast",
+        "DeepSpeed's CPU accelerator uses torch's old autocast name",
+    ),
+)
 # loggers whose messages are noise for a camelid user, at the level they are cut below
 LOGGERS = {
     # on CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional 4-bit inference kernel

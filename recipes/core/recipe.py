@@ -204,8 +204,12 @@ def main(name: str, argv: list[str] | None = None, hooks: Hooks | None = None) -
         return e.exit_status
     except KeyboardInterrupt:
         if rank0:
-            print("interrupted: stopped at once (second Ctrl-C); the newest checkpoint is the "
-                  "last one saved", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                "interrupted: stopped at once (second Ctrl-C); the newest checkpoint is the "
+                "last one saved",
+                file=sys.stderr,
+                flush=True,
+            )
         return 130
     cleanup(run)
     if exported:

@@ -1,19 +1,19 @@
 """The one owner of a run folder's layout: every path in it, and in a checkpoint, is named here.
 
-    OUT/
-      run.lock                    held by the running job's rank 0 (pid, host, command)
-      metrics.jsonl               one row per step, appended; a resume drops rows past its step
-      loss.png                    the loss curve, at the end
-      ranks/rank{r}.json          what each rank is and trained on first, its peak memory
-      trackers.json               tracker run ids, so a relaunch continues the same runs
-      tensorboard/ wandb/ mlruns/ trackio/   the trackers' own folders
-      checkpoints/step-00000010/  one complete checkpoint (see CheckpointFolder)
-      checkpoints/.tmp-step-...   a checkpoint being written (never resumed from)
-      checkpoints/damaged-step-N/ a checkpoint that failed verification, kept for inspection
-      replaced/<time>/            checkpoints and metrics of an earlier run, moved aside by
-                                  --overwrite_output_dir (never deleted)
-      model/                      the exported Hugging Face model (full fine-tune)
-      adapter/                    the exported PEFT adapter (adapter runs)
+OUT/
+  run.lock                    held by the running job's rank 0 (pid, host, command)
+  metrics.jsonl               one row per step, appended; a resume drops rows past its step
+  loss.png                    the loss curve, at the end
+  ranks/rank{r}.json          what each rank is and trained on first, its peak memory
+  trackers.json               tracker run ids, so a relaunch continues the same runs
+  tensorboard/ wandb/ mlruns/ trackio/   the trackers' own folders
+  checkpoints/step-00000010/  one complete checkpoint (see CheckpointFolder)
+  checkpoints/.tmp-step-...   a checkpoint being written (never resumed from)
+  checkpoints/damaged-step-N/ a checkpoint that failed verification, kept for inspection
+  replaced/<time>/            checkpoints and metrics of an earlier run, moved aside by
+                              --overwrite_output_dir (never deleted)
+  model/                      the exported Hugging Face model (full fine-tune)
+  adapter/                    the exported PEFT adapter (adapter runs)
 """
 
 from __future__ import annotations
@@ -155,8 +155,11 @@ class RunFolder:
         """Every checkpoints/step-N folder, complete or not, oldest first."""
         if not self.checkpoints.is_dir():
             return []
-        found = [CheckpointFolder(p) for p in self.checkpoints.iterdir()
-                 if p.is_dir() and STEP_DIR.fullmatch(p.name)]  # fmt: skip
+        found = [
+            CheckpointFolder(p)
+            for p in self.checkpoints.iterdir()
+            if p.is_dir() and STEP_DIR.fullmatch(p.name)
+        ]
         return sorted(found, key=lambda c: c.step)
 
     def complete_checkpoints(self) -> list[CheckpointFolder]:

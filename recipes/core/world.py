@@ -122,8 +122,13 @@ def init_world(strategy_name: str, sp: int = 1) -> World:
         torch.cuda.set_device(device)
     if strategy.multi_process and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # started as a plain process: a group of one
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                              RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # fmt: skip
+            os.environ.update(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()),
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+            )
         backend = "nccl" if cuda else "gloo"
         if strategy.engine == "deepspeed":
             import deepspeed

@@ -44,8 +44,13 @@ class DPOArgs:
             raise ConfigError(f"beta must be a finite number in (0, 10000], got {cfg.beta}")
 
 
-def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor, beta: float,
-               loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def dpo_losses(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    tokens: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the implicit rewards beta * (log pi - log ref) of each side.
 
     Rows are [chosen..., rejected...]. sigmoid: -log sigmoid(beta * margin) (DPO);
@@ -72,8 +77,9 @@ def dpo_objective(run, batch: dict) -> tuple[torch.Tensor, dict]:
     statistics DPO users read beside it (each a share of its global mean too)."""
     reference = batch.pop("reference_logps")
     policy, tokens = sequence_logps(run.engine, batch)
-    losses, chosen, rejected = dpo_losses(policy, reference.to(policy.dtype), tokens,
-                                          run.cfg.beta, run.cfg.loss_type)  # fmt: skip
+    losses, chosen, rejected = dpo_losses(
+        policy, reference.to(policy.dtype), tokens, run.cfg.beta, run.cfg.loss_type
+    )
     pairs = run.plan.global_size
     stats = {
         "rewards/chosen": chosen.sum() / pairs,
@@ -97,8 +103,14 @@ def weights_key(path: str) -> str:
 
 def reference_path(run) -> Path:
     cfg = run.cfg
-    key = json.dumps({"model": weights_key(run.model_path), "bf16": cfg.bf16,
-                      "quantization": getattr(cfg, "quantization", "none")}, sort_keys=True)  # fmt: skip
+    key = json.dumps(
+        {
+            "model": weights_key(run.model_path),
+            "bf16": cfg.bf16,
+            "quantization": getattr(cfg, "quantization", "none"),
+        },
+        sort_keys=True,
+    )
     folder = Path(run.data.ds.cache_files[0]["filename"]).parent
     return folder / REFERENCE.format(key=hashlib.sha256(key.encode()).hexdigest()[:16])
 
@@ -154,10 +166,10 @@ def compute_reference(run) -> None:
         print(f"reference log-probs: cached {path}")
     data.reference = load_file(str(path))["reference_logps"]
     if data.reference.shape != (len(data.units), 2):
-        raise RuntimeError(f"{path}: holds {tuple(data.reference.shape)} scores for "
-                           f"{len(data.units)} pairs; delete it to recompute")  # fmt: skip
-
-
+        raise RuntimeError(
+            f"{path}: holds {tuple(data.reference.shape)} scores for "
+            f"{len(data.units)} pairs; delete it to recompute"
+        )
 
 
 class DPO:

@@ -17,8 +17,13 @@ class SFT:
     def data(self, cfg, tokenizer, world) -> TrainData:
         """Conversations, tokenized with assistant-only labels, one or several per row."""
         train_set, _ = load_train_set(cfg, cfg.data_path, tokenizer, world)
-        return TrainData(train_set, cfg.packing, cfg.model_max_length, pad_token_id(tokenizer),
-                         row_tokens=cfg.packing_row_tokens)  # fmt: skip
+        return TrainData(
+            train_set,
+            cfg.packing,
+            cfg.model_max_length,
+            pad_token_id(tokenizer),
+            row_tokens=cfg.packing_row_tokens,
+        )
 
     def before_resume(self, run) -> None:
         pass
