@@ -6,6 +6,8 @@ tests start it: `python tests/fault_recipe.py --recipe sft [--nan_at STEP[:RANK]
   batch would;
 - `--nan_weight_at 3` turns one weight NaN right after step 3's update, as a degenerate
   update (an epsilon of 0, an overflow) would;
+- `--full_disk_at 4` makes the engine's checkpoint writes fail from step 4 on with ENOSPC, as
+  a full disk would during that step's checkpoint;
 - `--step_delay 0.2` pauses after each step, so that an external kill lands at a chosen step
   of a tiny model whose steps take milliseconds.
 """
@@ -24,8 +26,15 @@ from recipes.core.loop import Hooks  # noqa: E402
 
 
 class Faults(Hooks):
-    def __init__(self, nan_at: str | None, step_delay: float, nan_weight_at: int | None = None):
+    def __init__(
+        self,
+        nan_at: str | None,
+        step_delay: float,
+        nan_weight_at: int | None = None,
+        full_disk_at: int | None = None,
+    ):
         self.step_delay, self.nan_weight_at = step_delay, nan_weight_at
+        self.full_disk_at = full_disk_at
         self.nan_step, self.nan_rank = None, None
         if nan_at:
             step, _, rank = nan_at.partition(":")
@@ -36,6 +45,13 @@ class Faults(Hooks):
         return loss * float("nan") if poisoned else loss
 
     def after_update(self, run):
+        if run.step + 1 == self.full_disk_at:
+            import errno
+
+            def full_disk(folder):
+                raise OSError(errno.ENOSPC, "No space left on device", str(folder.path))
+
+            run.engine.save = full_disk
         if run.step + 1 == self.nan_weight_at:
             import torch
 
@@ -59,12 +75,10 @@ def main() -> int:
     recipe_args += [a for a in own if a.startswith("--local_rank")]
     own = [a for a in own if not a.startswith("--local_rank")]
     options = dict(zip(own[::2], own[1::2]))
-    nan_weight_at = options.get("--nan_weight_at")
-    faults = Faults(
-        options.get("--nan_at"),
-        float(options.get("--step_delay", 0)),
-        int(nan_weight_at) if nan_weight_at else None,
-    )
+    numbers = {
+        k: int(options[f"--{k}"]) for k in ("nan_weight_at", "full_disk_at") if f"--{k}" in options
+    }
+    faults = Faults(options.get("--nan_at"), float(options.get("--step_delay", 0)), **numbers)
     name = options.get("--recipe", "sft")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return recipe.main(name, recipe_args, hooks=faults)

@@ -103,6 +103,21 @@ def test_nonfinite_weights_after_an_update_are_never_saved(strategy, tmp_path):
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000002"]
 
 
+def test_a_full_disk_during_a_save_stops_in_one_line_and_resumes(tmp_path):
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    args = [*ONE, "--max_steps", 6, "--save_steps", 2]
+    res = run_with("single", 1, out, *args, faults={"full_disk_at": 4})
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "checkpoint" in res.stderr and "could not be written: No space left" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # nothing half-written is left
+    res = train("single", 1, out, *args)
+    assert "(step 2)" in res.stdout
+    train("single", 1, straight, *args)
+    assert losses(out) == pytest.approx(losses(straight), abs=1e-6)
+
+
 def test_degenerate_optimizer_settings_are_refused_up_front(tmp_path):
     for args, message in (
         (["--adam_epsilon", "0"], "adam_epsilon must be a finite number in (0, 1]"),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fastchat_data.io import cached_sha256
+from fastchat_data.options import RunStopped
 from fastchat_data.outputs import StagedDir
 
 from .config import RESUMABLE_CHANGES, ConfigError, data_paths
@@ -296,43 +297,79 @@ def resumable_checkpoint(folder: RunFolder, world) -> CheckpointFolder | None:
 # ---------------------------------------------------------------------------- save and load
 
 
+class WriteFailed(RunStopped):
+    """A checkpoint or an export could not be written (a full disk, a vanished folder): the
+    run stops with exit status 3; the previous checkpoint is intact and resumable."""
+
+    exit_status = 3
+
+
+def agree_written(world, error: OSError | None, what: str) -> None:
+    """Every rank learns whether any failed to write its share, and all stop together (a
+    rank that raised alone would leave the others waiting at the next collective)."""
+    if world.all_sum(error is not None) > 0:
+        why = f"{error.strerror or error} ({error.filename})" if error else "another rank failed"
+        raise WriteFailed(
+            f"{what} could not be written: {why}; free the space (or fix the folder) and "
+            "relaunch to resume from the last checkpoint"
+        )
+
+
 def save_checkpoint(
     engine, world, folder: RunFolder, step: int, trainer_state: dict, keep: int
 ) -> CheckpointFolder:
     """Every rank writes its share into the staging folder; rank 0 writes the manifest and
     swaps the folder in, then rotates: the newest `keep` complete checkpoints stay (0: all),
-    the one just written always among them."""
+    the one just written always among them. A failed write stops every rank together and
+    leaves no staged folder behind."""
     final = folder.checkpoint(step)
     stage = StagedDir(
         final.path, marker=final.complete.name, flag="checkpoint", staging=folder.staging(step)
     )
-    if world.main:
-        stage.begin()
-    world.barrier()
+    what = f"checkpoint {final.path}"
+    error = None
+    try:
+        if world.main:
+            stage.begin()
+    except OSError as e:
+        error = e
+    agree_written(world, error, what)
     staged = CheckpointFolder(stage.staging)
-    engine.save(staged)
-    save_rng(staged.rng(world.rank))
-    if world.main:
-        state = {
-            **trainer_state,
-            "step": step,
-            "world_size": world.size,
-            "strategy": world.strategy.name,
-        }
-        staged.trainer_state.write_text(json.dumps(state, indent=2))
-    world.barrier()
+    try:
+        engine.save(staged)
+        save_rng(staged.rng(world.rank))
+        if world.main:
+            state = {
+                **trainer_state,
+                "step": step,
+                "world_size": world.size,
+                "strategy": world.strategy.name,
+            }
+            staged.trainer_state.write_text(json.dumps(state, indent=2))
+    except OSError as e:
+        error = e
+    try:
+        agree_written(world, error, what)
+    except WriteFailed:
+        if world.main:
+            stage.abort()
+        raise
     names = checkpoint_files(staged.path)  # each rank checksums its share of the files
     parts = world.gather_objects(describe_files(staged.path, names[world.rank :: world.size]))
     if world.main:
-        files = {k: v for part in parts for k, v in part.items()}
-        with open(staged.complete, "w") as f:
-            json.dump({"step": step, "files": dict(sorted(files.items()))}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        stage.commit()
-        for old in folder.complete_checkpoints()[:-keep] if keep > 0 else []:
-            shutil.rmtree(old.path, ignore_errors=True)
-    world.barrier()
+        try:
+            files = {k: v for part in parts for k, v in part.items()}
+            with open(staged.complete, "w") as f:
+                json.dump({"step": step, "files": dict(sorted(files.items()))}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            stage.commit()
+            for old in folder.complete_checkpoints()[:-keep] if keep > 0 else []:
+                shutil.rmtree(old.path, ignore_errors=True)
+        except OSError as e:
+            error = e
+            stage.abort()
+    agree_written(world, error, what)
     return final
 
 

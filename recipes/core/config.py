@@ -96,6 +96,16 @@ def _at_least(cfg, names, minimum: int = 1) -> None:
 # ---------------------------------------------------------------------------- the sections
 
 
+MODEL_SIZE_LIMITS = {
+    "vocab_size": 10_000_000,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_hidden_layers": 10_000,
+    "num_attention_heads": 1 << 16,
+    "num_key_value_heads": 1 << 16,
+}
+
+
 @dataclass
 class ModelArgs:
     """Model"""
@@ -121,6 +131,15 @@ class ModelArgs:
                 f"model_name_or_path: {path} {why}; give a Hugging Face model folder "
                 "(with config.json)"
             )
+        config = read_structured(folder / "config.json", json.loads, "JSON")
+        # sizes a model could have: beyond them the first allocation fails deep inside torch
+        for key, high in MODEL_SIZE_LIMITS.items():
+            value = config.get(key)
+            if value is not None and not (isinstance(value, int) and 0 < value <= high):
+                raise ConfigError(
+                    f"model_name_or_path: {folder / 'config.json'}: {key} is "
+                    f"{value!r}; it must be a whole number from 1 to {high:,}"
+                )
 
 
 @dataclass

@@ -98,6 +98,48 @@ def repair_metrics(path: Path, start_step: int) -> None:
         os.truncate(path, keep)
 
 
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to `url`'s host and port opens within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_trackers(report_to) -> None:
+    """Trackers that would talk to a server that cannot be reached fail now, in one line,
+    instead of retrying for minutes mid-run: wandb with an API key (online), MLflow with a
+    remote tracking URI."""
+    names = tracker_names(report_to)
+    if "wandb" in names and wandb_online():
+        url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if not reachable(url):
+            raise ConfigError(
+                f"--report_to wandb: an API key is set but {url} cannot be reached; "
+                "set WANDB_MODE=offline to log locally (wandb sync uploads it "
+                "later), or leave wandb out of --report_to"
+            )
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in names and uri.startswith(("http://", "https://")) and not reachable(uri):
+        raise ConfigError(
+            f"--report_to mlflow: MLFLOW_TRACKING_URI {uri} cannot be reached; "
+            "unset it to log to OUT/mlruns, or leave mlflow out of --report_to"
+        )
+
+
+def wandb_online() -> bool:
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        return False
+    return mode == "online" or wandb_has_key()
+
+
 class RunLog:
     """`report_to`: the trackers (as --report_to gives them); `config`: the run's config (a
     dataclass or dict), logged as the tracker runs' config / params."""
@@ -271,7 +313,7 @@ class Wandb:
     def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
         import wandb
 
-        online = os.environ.get("WANDB_MODE") or wandb_has_key()
+        online = wandb_online()
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", PROJECT),
             name=os.environ.get("WANDB_NAME", out.name),

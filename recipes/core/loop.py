@@ -29,7 +29,7 @@ from fastchat_data.templates import portable_template
 from . import checkpoint
 from .config import ConfigError
 from .data import BatchPlan
-from .logging import PHASES, RunLog, peak_flops
+from .logging import PHASES, RunLog, check_trackers, peak_flops
 from .run_folder import CheckpointFolder, RunFolder
 from .world import World, init_world, shutdown
 
@@ -94,8 +94,6 @@ class Run:
 def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None = None) -> Run:
     """Process group, the output directory's claim, tokenizer, the training units, the batch
     plan. Nothing is written before the settings and the data are known to be usable."""
-    from transformers import AutoTokenizer
-
     if not cfg.model_name_or_path:
         raise ConfigError(
             "--model_name_or_path: give the model folder to train (a Hugging Face "
@@ -116,7 +114,7 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
     torch.manual_seed(cfg.seed)
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    run.tokenizer = AutoTokenizer.from_pretrained(run.model_path)
+    run.tokenizer = load_tokenizer(run.model_path)
     run.data = objective.data(cfg, run.tokenizer, world)
     run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.dp_size)
     # as Trainer counts them: a fraction of an epoch's steps rounds up (1.5 x 3 steps -> 5)
@@ -128,6 +126,7 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
     run.identity = checkpoint.run_identity(cfg, run.model_path)
 
     def claim_output_dir():
+        check_trackers(cfg.report_to)  # an unreachable tracker server: now, not in minutes
         run.lock = checkpoint.acquire_run_lock(run.folder)
         note = checkpoint.claim_output_dir(cfg, run.folder, run.identity)
         if note:
@@ -138,6 +137,21 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
         for note in run.notes:
             print(f"note: {note}", flush=True)
     return run
+
+
+def load_tokenizer(path: str):
+    """The model folder's tokenizer, or one line saying why it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"model_name_or_path: {path}: its tokenizer cannot be loaded ({why}); "
+            "a model folder holds its tokenizer (tokenizer.json, or tokenizer.model, "
+            "with tokenizer_config.json)"
+        ) from None
 
 
 def start(run: Run, model, engine, what: str = "") -> Run:

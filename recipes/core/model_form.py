@@ -12,8 +12,9 @@ from fastchat_data.io import save_tokenizer
 from fastchat_data.outputs import StagedDir
 
 from .attention import attention_kwargs
+from .checkpoint import agree_written
 from .compile import apply_liger, compile_layers
-from .config import data_paths
+from .config import ConfigError, data_paths
 from .engines import make_engine
 from .loading import load_model
 from .lora import add_adapter, load_base, verify_adapter
@@ -34,9 +35,34 @@ def _finish_export(engine, tokenizer, folder: Path, info: dict) -> dict:
     return info
 
 
+def _written_by_rank0(world, write, out: Path) -> Path | None:
+    """`write()` on rank 0; every rank learns whether it failed (see agree_written)."""
+    error = None
+    if world.main:
+        try:
+            write()
+        except OSError as e:
+            error = e
+    agree_written(world, error, f"the export {out}")
+    return out if world.main else None
+
+
 def _export_inputs(run) -> list:
     """What an export must never overwrite: the run's starting model and its data."""
     return [run.model_path, *data_paths(run.cfg.data_path)]
+
+
+def loaded(load, path: str):
+    """`load()`, with what a broken model folder raises as one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        why = " ".join(str(e).split())[:240]
+        raise ConfigError(
+            f"model_name_or_path: {path}: the model cannot be loaded ({why})"
+        ) from None
 
 
 class FullModel:
@@ -48,7 +74,7 @@ class FullModel:
     def build(self, run):
         cfg = run.cfg
         # FSDP2 and ZeRO-3 load sharded (no rank holds the whole model); others one copy per rank
-        model = load_model(run.model_path, cfg, run.world)
+        model = loaded(lambda: load_model(run.model_path, cfg, run.world), run.model_path)
         apply_liger(model, cfg)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(

@@ -181,6 +181,9 @@ def main(name: str, argv: list[str] | None = None, hooks: Hooks | None = None) -
     exit status 2; a run that stops (a non-finite step: 3; SIGTERM / Ctrl-C after saving a
     checkpoint: 75) says why in one line. The last line of a run names what it produced."""
     quiet(verbose_requested(argv))
+    # a recipe reads local folders only (model_name_or_path must hold config.json): no hub calls,
+    # so a mistyped path fails at once instead of after a minute of retries
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipe = get(name)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     run = None

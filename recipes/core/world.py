@@ -107,6 +107,13 @@ def init_world(strategy_name: str, sp: int = 1) -> World:
     a launcher (a one-rank group on a free local port)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ:
+        if "WORLD_SIZE" not in os.environ:  # accelerate's simple launcher: one process only
+            raise ConfigError(
+                "accelerate launch asked for several processes (--num_processes) but started "
+                "one: on CPU add --multi_gpu (accelerate launch --multi_gpu --num_processes N), "
+                "or use python -m launch.train --ngpu N"
+            )
     strategy = resolve_strategy(strategy_name, size)
     try:
         dims = ParallelDims(size, sp)

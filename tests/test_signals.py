@@ -1,0 +1,137 @@
+"""SIGTERM (a scheduler, a container runtime) or Ctrl-C (SIGINT to the terminal's process group)
+sent to `python -m launch.train` reaches every rank, under torchrun and under the deepspeed
+launcher: each saves a checkpoint at the next step boundary, the job exits 75 ("stopped,
+resumable") with one line and no traceback, no process is left behind, and relaunching the
+same command continues the loss curve of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_utils import REPO, complete_checkpoints, env, losses, tiny_assets
+
+STEPS = 40
+ARGS = [
+    "--config",
+    "tiny_cpu.yaml",
+    "--max_steps",
+    str(STEPS),
+    "--save_steps",
+    "1000",
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--report_to",
+    "none",
+]
+
+
+def launch(strategy: str, out: Path) -> list[str]:
+    model, data = tiny_assets()
+    return [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--ngpu",
+        "2",
+        "--strategy",
+        strategy,
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--",
+        *ARGS,
+    ]
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found += [child]
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted curve (fsdp and zero3 agree to ~1e-6: tests/test_train.py)."""
+    out = tmp_path_factory.mktemp("straight")
+    res = subprocess.run(
+        launch("fsdp", out), capture_output=True, text=True, env=env(), cwd=REPO, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return losses(out)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "signum"),
+    [
+        ("fsdp", signal.SIGTERM),
+        pytest.param("zero3", signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param("fsdp", signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param("zero3", signal.SIGTERM, marks=pytest.mark.slow),
+    ],
+    ids=["torchrun-sigterm", "deepspeed-ctrl-c", "torchrun-ctrl-c", "deepspeed-sigterm"],
+)
+def test_a_signal_to_the_launcher_stops_every_rank_resumably(strategy, signum, straight, tmp_path):
+    out = tmp_path / "run"
+    job = subprocess.Popen(
+        launch(strategy, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    ranks = [p for p in descendants(job.pid) if alive(p)]
+    if signum == signal.SIGINT:
+        os.killpg(job.pid, signal.SIGINT)  # Ctrl-C: the terminal signals its foreground group
+    else:
+        job.send_signal(signal.SIGTERM)  # a scheduler signals the job's main process
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("stopped:") == 1, stderr[-3000:]
+    time.sleep(0.5)
+    assert not [p for p in ranks if alive(p)], "processes left behind"
+    saved = complete_checkpoints(out)
+    assert saved, stderr[-2000:]
+    step = int(saved[-1].name.split("-")[1])
+    assert 3 <= step < STEPS and len(losses(out)) == step
+    res = subprocess.run(
+        launch(strategy, out), capture_output=True, text=True, env=env(), cwd=REPO, timeout=900
+    )
+    assert res.returncode == 0 and f"(step {step})" in res.stdout, res.stderr[-3000:]
+    assert losses(out) == pytest.approx(straight, abs=1e-5)
