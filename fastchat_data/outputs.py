@@ -80,10 +80,45 @@ def check_not_input(out: Path, inputs: Iterable, flag: str) -> None:
             raise OutputRefused(out, flag, f"is inside the input folder {src}")
 
 
-def guard_file(path: str | os.PathLike, inputs: Iterable = (), flag: str = "--out") -> Path:
+OWNED = ".camelid-owned"  # in a folder that declares the paths in it that its owner writes
+
+
+def owned_by_another(path: Path) -> Path | None:
+    """The folder whose owner writes `path` (it lists `path`, or a folder above it, in its
+    OWNED file: a training run's folder lists its checkpoints, metrics and exports), if any."""
+    path = _resolved(path)
+    for folder in path.parents:
+        listing = folder / OWNED
+        if listing.is_file():
+            try:
+                owned = {line.strip() for line in listing.read_text().splitlines() if line.strip()}
+            except OSError:
+                return None
+            first = path.relative_to(folder).parts[0]
+            return folder if first in owned else None
+    return None
+
+
+def check_not_owned(path: Path, flag: str, owner: Path | None) -> None:
+    """Refuse to replace what another command's folder owns (a run's checkpoints, metrics,
+    export), unless this writer is that folder's owner."""
+    folder = owned_by_another(path) if path.exists() or path.is_symlink() else None
+    if folder is not None and (owner is None or _resolved(Path(owner)) != folder):
+        raise OutputRefused(
+            path,
+            flag,
+            f"belongs to the run in {folder} (its {OWNED} lists it); "
+            "refusing to replace it: choose a path outside it",
+        )
+
+
+def guard_file(
+    path: str | os.PathLike, inputs: Iterable = (), flag: str = "--out", owner: Path | None = None
+) -> Path:
     """Check a file output; returns the path to write (a symlink's target, else `path`)."""
     path = Path(path)
     check_not_input(path, inputs, flag)
+    check_not_owned(path, flag, owner)
     try:  # through links: /dev/stdout -> /proc/self/fd/1 -> a pipe, which no path resolves to
         kind = os.stat(path).st_mode
     except OSError:
@@ -117,13 +152,16 @@ def guard_dir(
     inputs: Iterable = (),
     flag: str = "--out",
     marker: str | Callable[[Path], bool] | None = None,
+    owner: Path | None = None,
 ) -> Path:
     """Check a folder output that will be replaced whole; returns the path to write (a
     symlink's target). An existing non-empty folder must be one this kind of output wrote
     before: it holds the file `marker`, or `marker(folder)` says so; with no marker any
-    existing non-empty folder is refused."""
+    existing non-empty folder is refused. `owner`: the folder this writer owns (a run writing
+    its own checkpoints and export)."""
     path = Path(path)
     check_not_input(path, inputs, flag)
+    check_not_owned(path, flag, owner)
     if path.is_symlink():
         path = _resolved(path)
         check_not_input(path, inputs, flag)
@@ -216,8 +254,9 @@ class StagedDir:
         flag: str = "--out",
         marker: str | Callable[[Path], bool] | None = None,
         staging: Path | None = None,
+        owner: Path | None = None,
     ):
-        self.final = guard_dir(final, inputs, flag, marker)
+        self.final = guard_dir(final, inputs, flag, marker, owner)
         self.staging = staging or self.final.with_name(f".tmp-{self.final.name}")
 
     def begin(self) -> Path:
@@ -252,11 +291,12 @@ def staged_file(
     *,
     inputs: Iterable = (),
     flag: str = "--out",
+    owner: Path | None = None,
     mode: str = "w",
     encoding: str | None = "utf-8",
 ) -> Iterator:
     """An open file whose content appears at `path` only once complete (see the guard)."""
-    target = guard_file(path, inputs, flag)
+    target = guard_file(path, inputs, flag, owner)
     kind = target.stat().st_mode if target.exists() else 0
     binary = "b" in mode
     if stat.S_ISFIFO(kind) or stat.S_ISCHR(kind):  # a pipe or a device: stream into it

@@ -30,6 +30,11 @@ class DemoOptions:
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 
+def args(text: str, **paths) -> list[str]:
+    """A command line from a string of fixed options and the run's paths."""
+    return [*text.split(), *(x for k, v in paths.items() for x in (f"--{k}", str(v)))]
+
+
 def assets(out: Path, quiet: bool = False) -> tuple[Path, Path]:
     """The identity conversations and the tiny Llama trained on their text: (model, data)."""
     from fastchat_data import demo as data_demo

@@ -12,18 +12,35 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from fastchat_data.options import entry_point, option, parse
+from recipes.core.quiet import quiet, verbose_requested
+from recipes.demo import args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main(out: Path = REPO / "runs" / "dpo-demo") -> int:
+@dataclass
+class DPODemoOptions:
+    out: str = option(str(REPO / "runs" / "dpo-demo"), "the demo's folder")
+    data_dir: str | None = option(
+        None, "the shared data folder (alpaca_data.json, ...); none: ../shared/data"
+    )
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    quiet(verbose_requested(argv))
+    opts = parse(DPODemoOptions, argv, prog="python -m recipes.dpo_demo", description=__doc__)
     from fastchat_data.preference import pair
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from recipes import dpo, full_finetune
     from recipes import eval as evaluation
 
-    data = shared_data_dir()
+    out, data = Path(opts.out), Path(opts.data_dir or shared_data_dir())
     (out / "data").mkdir(parents=True, exist_ok=True)
     pairs, heldout = out / "data" / "pairs.json", out / "data" / "heldout_pairs.json"
     print("\n== 1. pairs: python -m fastchat_data pair (GPT-4 chosen, text-davinci-003 rejected)")
@@ -49,74 +66,41 @@ def main(out: Path = REPO / "runs" / "dpo-demo") -> int:
         "\n== 2. SFT: python recipes/full_finetune.py (2,000 other Alpaca instructions, 100 steps)",
         flush=True,
     )
-    full_finetune.main(
-        [
-            "--config",
-            "tiny_cpu.yaml",
-            "--strategy",
-            "single",
-            "--model_name_or_path",
-            str(model),
-            "--data_path",
-            str(out / "data" / "sft.json"),
-            "--max_steps",
-            "100",
-            "--model_max_length",
-            "384",
-            "--learning_rate",
-            "2e-3",
-            "--output_dir",
-            str(out / "sft"),
-            "--overwrite_output_dir",
-            "True",
-            "--report_to",
-            "none",
-            "--logging_steps",
-            "40",
-        ]
+    code = full_finetune.main(
+        args(
+            "--config tiny_cpu.yaml --strategy single --max_steps 100 --model_max_length 384 "
+            "--learning_rate 2e-3 --overwrite_output_dir True --report_to none --logging_steps 40",
+            model_name_or_path=model,
+            data_path=out / "data" / "sft.json",
+            output_dir=out / "sft",
+        )
     )
+    if code:
+        return code
     sft_model = out / "sft" / "model"
 
     print("\n== 3. DPO: python recipes/dpo.py --config dpo_tiny_cpu.yaml", flush=True)
-    dpo.main(
-        [
-            "--config",
-            "dpo_tiny_cpu.yaml",
-            "--strategy",
-            "single",
-            "--model_name_or_path",
-            str(sft_model),
-            "--data_path",
-            str(pairs),
-            "--max_steps",
-            "80",
-            "--model_max_length",
-            "384",
-            "--output_dir",
-            str(out / "dpo"),
-            "--overwrite_output_dir",
-            "True",
-            "--report_to",
-            "none",
-            "--logging_steps",
-            "10",
-        ]
+    code = dpo.main(
+        args(
+            "--config dpo_tiny_cpu.yaml --strategy single --max_steps 80 --model_max_length 384 "
+            "--overwrite_output_dir True --report_to none --logging_steps 10",
+            model_name_or_path=sft_model,
+            data_path=pairs,
+            output_dir=out / "dpo",
+        )
     )
+    if code:
+        return code
 
     print("\n== 4. held-out pairs: python -m recipes.eval --pairs ...", flush=True)
     return evaluation.main(
-        [
-            "--model",
-            str(sft_model),
-            "--compare",
-            str(out / "dpo" / "model"),
-            "--pairs",
-            str(heldout),
-            "--max_length",
-            "384",
-            "--out",
-            str(out / "eval.json"),
-        ]
+        args(
+            "--max_length 384",
+            model=sft_model,
+            compare=out / "dpo" / "model",
+            pairs=heldout,
+            out=out / "eval.json",
+        )
     )
 
 

@@ -39,6 +39,7 @@ from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer
 from recipes.core.config import ConfigError
 from recipes.core.data import collate, pad_token_id
 from recipes.core.generate import load_for_inference, trained_template
+from recipes.core.logging import progress
 from recipes.core.metrics import text_scores
 from recipes.core.preference import format_preference_table, preference_scores
 from recipes.core.quiet import quiet, verbose_requested
@@ -107,7 +108,7 @@ def perplexities(
         (i for i, r in enumerate(rows) if r), key=lambda i: len(rows[i]["input_ids"])
     )  # less padding
     result = [math.nan] * len(rows)
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), "perplexity"):
         idx = order[start : start + batch_size]
         batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in idx], pad).items()}
         logits = model(
@@ -131,7 +132,7 @@ def answers(
     """Greedy answers to each conversation's last question, and the reference answers."""
     preds, refs = [], []
     tok = encoder.tokenizer
-    for conv in convs:
+    for conv in progress(convs, "generating"):
         last = max(i for i, m in enumerate(conv.messages) if m.role == ASSISTANT)
         question = Conversation(conv.id, list(conv.messages[:last]), system=conv.system)
         budget = (encoder.max_length or 1 << 30) - max_new_tokens

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from fastchat_data.options import entry_point, option, parse
+from recipes.core.quiet import quiet, verbose_requested
+from recipes.demo import args
 
 REPO = Path(__file__).resolve().parents[1]
 # NTU ADL 2023 HW3's instruction prompt, as a camelid template file
@@ -24,12 +29,24 @@ ADL_PROMPT = (
 )
 
 
-def main(out: Path = REPO / "runs" / "qlora-demo") -> int:
+@dataclass
+class QLoraDemoOptions:
+    out: str = option(str(REPO / "runs" / "qlora-demo"), "the demo's folder")
+    data_dir: str | None = option(
+        None, "the shared data folder (alpaca_gpt4_data_*_1k.json, ...); none: ../shared/data"
+    )
+    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    quiet(verbose_requested(argv))
+    opts = parse(QLoraDemoOptions, argv, prog="python -m recipes.qlora_demo", description=__doc__)
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from recipes import eval as evaluation
     from recipes import full_finetune, merge, qlora
 
-    data = shared_data_dir()
+    out, data = Path(opts.out), Path(opts.data_dir or shared_data_dir())
     zh = json.loads((data / "alpaca_gpt4_data_zh_1k.json").read_text())
     (out / "data").mkdir(parents=True, exist_ok=True)
     train_zh, heldout_zh = out / "data" / "zh_train.json", out / "data" / "zh_heldout.json"
@@ -45,81 +62,49 @@ def main(out: Path = REPO / "runs" / "qlora-demo") -> int:
         flush=True,
     )
     mix = f"{data / 'alpaca_gpt4_data_en_1k.json'},{data / 'sharegpt_gpt4_zh_1k.jsonl'}"
-    full_finetune.main(
-        [
-            "--config",
-            "tiny_cpu.yaml",
-            "--strategy",
-            "single",
-            "--model_name_or_path",
-            str(model),
-            "--data_path",
-            mix,
-            "--max_steps",
-            "150",
-            "--learning_rate",
-            "2e-3",
-            "--output_dir",
-            str(out / "base"),
-            "--overwrite_output_dir",
-            "True",
-            "--report_to",
-            "none",
-            "--logging_steps",
-            "25",
-        ]
+    code = full_finetune.main(
+        args(
+            "--config tiny_cpu.yaml --strategy single --max_steps 150 --learning_rate 2e-3 "
+            "--overwrite_output_dir True --report_to none --logging_steps 25",
+            model_name_or_path=model,
+            data_path=mix,
+            output_dir=out / "base",
+        )
     )
+    if code:
+        return code
     base = out / "base" / "model"
     print(
         "\n== 2. QLoRA on Chinese Alpaca (python recipes/qlora.py --config qlora_tiny_cpu.yaml)",
         flush=True,
     )
-    qlora.main(
-        [
-            "--config",
-            "qlora_tiny_cpu.yaml",
-            "--model_name_or_path",
-            str(base),
-            "--data_path",
-            str(train_zh),
-            "--template",
-            str(template),
-            "--max_steps",
-            "60",
-            "--output_dir",
-            str(out / "qlora"),
-            "--overwrite_output_dir",
-            "True",
-            "--logging_steps",
-            "10",
-        ]
+    code = qlora.main(
+        args(
+            "--config qlora_tiny_cpu.yaml --max_steps 60 --overwrite_output_dir True "
+            "--logging_steps 10",
+            model_name_or_path=base,
+            data_path=train_zh,
+            template=template,
+            output_dir=out / "qlora",
+        )
     )
+    if code:
+        return code
     adapter = out / "qlora" / "adapter"
     print("\n== 3. evaluate (python -m recipes.eval)", flush=True)
-    rc = evaluation.main(
-        [
-            "--model",
-            str(base),
-            "--data",
-            str(heldout_zh),
-            "--adapter",
-            str(adapter),
-            "--shots",
-            "3",
-            "--shots_from",
-            str(train_zh),
-            "--template",
-            str(template),
-            "--generate",
-            "20",
-            "--max_new_tokens",
-            "64",
-            "--out",
-            str(out / "eval.json"),
-        ]
+    code = evaluation.main(
+        args(
+            "--shots 3 --generate 20 --max_new_tokens 64",
+            model=base,
+            data=heldout_zh,
+            adapter=adapter,
+            shots_from=train_zh,
+            template=template,
+            out=out / "eval.json",
+        )
     )
-    if rc:
-        return rc
+    if code:
+        return code
     print("\n== 4. merge (python -m recipes.merge) and chat (python -m recipes.chat)", flush=True)
     merged = merge.merge(str(adapter), str(out / "merged"))
     from transformers import AutoModelForCausalLM, AutoTokenizer

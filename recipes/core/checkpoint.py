@@ -324,7 +324,11 @@ def save_checkpoint(
     leaves no staged folder behind."""
     final = folder.checkpoint(step)
     stage = StagedDir(
-        final.path, marker=final.complete.name, flag="checkpoint", staging=folder.staging(step)
+        final.path,
+        marker=final.complete.name,
+        flag="checkpoint",
+        staging=folder.staging(step),
+        owner=folder.root,
     )
     what = f"checkpoint {final.path}"
     error = None

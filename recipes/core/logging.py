@@ -53,6 +53,32 @@ TRACKER_PACKAGES = {
 PROJECT = "camelid"
 
 
+def progress(iterable, desc: str, total: int | None = None, main: bool = True):
+    """A progress bar for a long phase, on a terminal only (logs get the phase's summary
+    line from its caller), on the main rank only."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        disable=None if main else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def took(seconds: float) -> str:
+    """A duration as people read it: 0.4 s, 12 s, 3m05s, 1h02m."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs} s"
+    )
+
+
 def peak_flops(override_tflops: float | None) -> float | None:
     if override_tflops:
         return override_tflops * 1e12

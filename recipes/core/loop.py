@@ -124,10 +124,18 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
         else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch)
     )
     run.identity = checkpoint.run_identity(cfg, run.model_path)
+    if getattr(run.data, "packing", False) and len(run.data.units) == len(run.data.ds):
+        run.notes.append(
+            f"--packing True packed nothing: rows are capped at {run.data.row_tokens} tokens "
+            f"(the longest conversation, or --packing_row_tokens) and no two of the "
+            f"{len(run.data.ds)} conversations fit together; raise --packing_row_tokens "
+            f"(up to --model_max_length {cfg.model_max_length}) to pack them"
+        )
 
     def claim_output_dir():
         check_trackers(cfg.report_to)  # an unreachable tracker server: now, not in minutes
         run.lock = checkpoint.acquire_run_lock(run.folder)
+        run.folder.declare_owned()
         note = checkpoint.claim_output_dir(cfg, run.folder, run.identity)
         if note:
             run.notes.append(note)

@@ -92,10 +92,15 @@ class FullModel:
         engine, world = run.engine, run.world
         state_dict = engine.full_state_dict()  # collective: every rank takes part
         out = run.folder.model
-        if world.main:
-            with StagedDir(
-                out, inputs=_export_inputs(run), marker=written_by_command("recipe")
-            ) as tmp:
+
+        def write():
+            staged = StagedDir(
+                out,
+                inputs=_export_inputs(run),
+                owner=run.folder.root,
+                marker=written_by_command("recipe"),
+            )
+            with staged as tmp:
                 engine.module.config.use_cache = True
                 # save_pretrained takes the gathered state dict; the (sharded) module the config
                 engine.module.save_pretrained(
@@ -104,10 +109,10 @@ class FullModel:
                     safe_serialization=True,
                     max_shard_size=max_shard_size,
                 )
-                info = _finish_export(engine, run.tokenizer, tmp, info)
-                (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
-        world.barrier()
-        return out if world.main else None
+                record = _finish_export(engine, run.tokenizer, tmp, info)
+                (tmp / RUN_INFO).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+
+        return _written_by_rank0(world, write, out)
 
 
 class Adapter:
@@ -118,13 +123,16 @@ class Adapter:
 
     def build(self, run):
         cfg = run.cfg
-        base = load_base(
+        base = loaded(
+            lambda: load_base(
+                run.model_path,
+                run.world.device,
+                quantization=cfg.quantization,
+                double_quant=cfg.double_quant,
+                bf16=cfg.bf16,
+                attention=attention_kwargs(cfg),
+            ),
             run.model_path,
-            run.world.device,
-            quantization=cfg.quantization,
-            double_quant=cfg.double_quant,
-            bf16=cfg.bf16,
-            attention=attention_kwargs(cfg),
         )
         apply_liger(base, cfg)  # on the base model, before the adapter wraps its layers
         model = add_adapter(base, cfg)
@@ -137,16 +145,21 @@ class Adapter:
         engine, world = run.engine, run.world
         state_dict = engine.full_state_dict(trainable_only=True)  # collective under ZeRO-3
         out = run.folder.adapter
-        if world.main:
-            with StagedDir(
-                out, inputs=_export_inputs(run), marker=written_by_command("recipe")
-            ) as tmp:
+
+        def write():
+            staged = StagedDir(
+                out,
+                inputs=_export_inputs(run),
+                owner=run.folder.root,
+                marker=written_by_command("recipe"),
+            )
+            with staged as tmp:
                 engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                info = _finish_export(engine, run.tokenizer, tmp, info)
-                info["weights"] = verify_adapter(tmp)
-                (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False))
-        world.barrier()
-        return out if world.main else None
+                record = _finish_export(engine, run.tokenizer, tmp, info)
+                record["weights"] = verify_adapter(tmp)
+                (tmp / RUN_INFO).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+
+        return _written_by_rank0(world, write, out)
 
 
 def model_form(cfg) -> FullModel | Adapter:

@@ -13,6 +13,7 @@ import torch
 from fastchat_data.tokenize import IGNORE_INDEX
 
 from .data import collate, pad_token_id
+from .logging import progress
 
 
 class PairData:
@@ -98,7 +99,7 @@ def preference_scores(
 
     device = next(model.parameters()).device
     margins, per_token = [], []
-    for start in range(0, len(data.units), batch_size):
+    for start in progress(range(0, len(data.units), batch_size), "preference pairs"):
         ids = list(range(start, min(start + batch_size, len(data.units))))
         batch = {k: v.to(device) for k, v in data.batch(ids, with_reference=False).items()}
         logps, tokens = sequence_logps(PlainForward(model), batch)

@@ -179,3 +179,21 @@ class RunFolder:
 
     def export(self, adapter: bool) -> Path:
         return self.adapter if adapter else self.model
+
+    def declare_owned(self) -> None:
+        """List the run's own entries in OUT/.camelid-owned (rank 0, at the run's start)."""
+        from fastchat_data.outputs import OWNED
+
+        entries = [
+            self.lock,
+            self.metrics,
+            self.loss_png,
+            self.trackers,
+            self.ranks,
+            self.checkpoints,
+            self.model,
+            self.adapter,
+            self.root / "replaced",
+            *(self.tracker_dir(n) for n in ("tensorboard", "wandb", "mlflow", "trackio")),
+        ]
+        (self.root / OWNED).write_text("".join(f"{p.name}\n" for p in entries))

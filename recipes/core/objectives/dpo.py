@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,7 @@ from fastchat_data.options import option
 
 from ..config import ConfigError, data_paths
 from ..data import built_by_rank0_first, pad_token_id
+from ..logging import progress, took
 from ..preference import PairData, sequence_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
@@ -121,7 +123,7 @@ def score_pairs(engine, data: PairData, ids: list[int], micro: int, world) -> di
     the same number of forwards: FSDP2 and ZeRO-3 gather parameters collectively."""
     steps = max(world.gather_objects(-(-len(ids) // micro)))
     scores = {}
-    for s in range(steps):
+    for s in progress(range(steps), "reference log-probs", main=world.main):
         part = ids[s * micro : (s + 1) * micro] or [0]  # an idle rank still joins the forward
         batch = {k: v.to(world.device) for k, v in data.batch(part, with_reference=False).items()}
         logps, _ = sequence_logps(engine, batch)
@@ -151,6 +153,7 @@ def compute_reference(run) -> None:
         modes = {m: m.training for m in run.engine.module.modules()}
         for m in modes:  # dropout off, as at inference; bitsandbytes layers see _bnb_layer
             m.train(_bnb_layer(m))
+        started = time.perf_counter()
         scores = score_pairs(run.engine, data, share, run.cfg.per_device_train_batch_size, world)
         for m, mode in modes.items():
             m.train(mode)
@@ -160,7 +163,10 @@ def compute_reference(run) -> None:
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             save_file({"reference_logps": table}, str(tmp))
             os.replace(tmp, path)  # atomic: a killed run never leaves half a table
-            print(f"reference log-probs of {n} pairs: {path}")
+            print(
+                f"reference log-probs of {n} pairs scored in "
+                f"{took(time.perf_counter() - started)}: {path}"
+            )
         world.barrier()
     elif world.main:
         print(f"reference log-probs: cached {path}")
