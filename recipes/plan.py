@@ -964,9 +964,12 @@ del model, opt
 torch.distributed.destroy_process_group()
 argv = {recipe_argv!r}
 if argv is not None:
+    from recipes.core import objectives
     from recipes.core.config import load_config
     from recipes.core.loop import prepare
-    run = prepare(*load_config(argv))
+    from recipes.core.recipe import TrainConfig
+    cfg, notes = load_config(argv, TrainConfig)
+    run = prepare(cfg, objectives.get("sft"), notes)
 t = pathlib.Path("/proc/self/status").read_text()
 print(int(re.search(r"VmRSS:\\s+(\\d+)", t).group(1)) * 1024)
 """

@@ -1,0 +1,123 @@
+"""Adding a strategy or an objective is one declaration each, with no edit anywhere else: this
+file registers a toy strategy (DDP under another name, another launcher-independent cost) and
+a toy objective (SFT whose loss also counts the prompt tokens, with an option of its own), and
+trains a recipe made of them end to end through the shared recipe interface; the planner and
+the launcher's command builder know the toy strategy too."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import pytest
+from train_utils import tiny_assets
+
+from fastchat_data.options import option
+from launch.train import job_command
+from recipes.core import objectives, parallel
+from recipes.core import recipe as recipes
+from recipes.core.config import ConfigError, load_config
+from recipes.core.data import TrainData, load_train_set, pad_token_id
+from recipes.plan import plan
+
+# -- the toy strategy: one declaration --------------------------------------------------------
+TOY_STRATEGY = parallel.Strategy(
+    "toy_ddp", "DDP, declared again under another name", "torch", cost_rank=99
+)
+
+
+# -- the toy objective: one class and its option section ---------------------------------------
+@dataclass
+class ToyArgs:
+    """Toy objective"""
+
+    prompt_weight: float = option(1.0, "how much the prompt tokens count beside the reply's")
+
+    @staticmethod
+    def check(cfg) -> None:
+        if cfg.prompt_weight < 0:
+            raise ConfigError(f"prompt_weight must be >= 0, got {cfg.prompt_weight}")
+
+
+class PromptAndReply:
+    name, section, noun, rows_per_unit = "prompt_and_reply", ToyArgs, "conversations", 1
+
+    def check(self, cfg) -> None:
+        pass
+
+    def data(self, cfg, tokenizer, world):
+        cfg = dataclasses.replace(cfg, train_on_inputs=True)  # the prompt has labels too
+        train_set, _ = load_train_set(cfg, cfg.data_path, tokenizer, world)
+        return TrainData(train_set, False, cfg.model_max_length, pad_token_id(tokenizer))
+
+    def before_resume(self, run) -> None:
+        pass
+
+    def loss(self, run, batch):
+        tokens = run.plan.global_trained_tokens(run.step)
+        out = run.engine.forward(**batch, num_items_in_batch=tokens, use_cache=False)
+        share = run.cfg.gradient_accumulation_steps * run.world.dp_size  # micro-batches per step
+        return out.loss * run.cfg.prompt_weight, {"toy/weight": run.cfg.prompt_weight / share}
+
+    def describe(self, cfg) -> str:
+        return f"toy objective (prompt weight {cfg.prompt_weight}), "
+
+
+@pytest.fixture
+def registered():
+    parallel.register(TOY_STRATEGY)
+    objectives.register(PromptAndReply())
+    yield
+    del parallel.STRATEGIES[TOY_STRATEGY.name]
+    del objectives.OBJECTIVES["prompt_and_reply"]
+
+
+def test_a_toy_strategy_and_objective_train_end_to_end(registered, tmp_path):
+    toy = recipes.Recipe(
+        "toy",
+        "prompt_and_reply",
+        "ToyConfig",
+        "full_finetune.py",
+        "tiny_cpu.yaml",
+        "tiny_cpu.yaml",
+        "A toy recipe.",
+    )
+    model, data = tiny_assets()
+    argv = [
+        "--config",
+        "tiny_cpu.yaml",
+        "--strategy",
+        "toy_ddp",
+        "--max_steps",
+        "3",
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        data,
+        "--prompt_weight",
+        "0.5",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--report_to",
+        "none",
+    ]
+    cfg, _ = load_config(argv, toy.config_class)
+    with pytest.raises(ConfigError, match="prompt_weight must be >= 0"):
+        load_config([*argv, "--prompt_weight", "-1"], toy.config_class)
+    run = recipes.setup(toy, cfg)
+    assert run.world.strategy is TOY_STRATEGY and run.engine.model is not run.engine.module  # DDP
+    recipes.train(run)
+    exported = recipes.save(run)
+    recipes.cleanup(run)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["toy/weight"] == 0.5
+    assert (exported / "model.safetensors").exists()
+
+
+def test_the_planner_and_the_launcher_know_a_new_strategy(registered):
+    rows = plan("llama-2-7b", 2, strategies=["toy_ddp", "ddp"])
+    toy, ddp = (next(r for r in rows if r.strategy == n) for n in ("toy_ddp", "ddp"))
+    assert toy.total == ddp.total
+    command = job_command("sft", "toy_ddp", 2, ["--max_steps", "1"])
+    assert "torchrun" in command[0] and "--strategy" in command and "toy_ddp" in command
