@@ -37,10 +37,21 @@ def load_train_set(cfg, data_path: str, tokenizer, world):
 
 
 def built_by_rank0_first(world, build, *args, **kwargs):
-    """`build(...)` on rank 0 (which tokenizes, or finds it cached, and reports); then the
-    other ranks, which find it in the cache, quietly."""
-    built = world.main_first(lambda: build(*args, **kwargs))
-    return built if world.main else build(*args, quiet=True, **kwargs)
+    """`build(...)` on rank 0 (which tokenizes, or finds it cached); then the other ranks,
+    which find it in the cache. Rank 0 reports in one line, or with the whole report when
+    something was dropped or cut (what a user must see)."""
+    built = world.main_first(lambda: build(*args, quiet=True, **kwargs))
+    if not world.main:
+        return build(*args, quiet=True, **kwargs)
+    _, report = built
+    if report.dropped_total or report.truncated:
+        report.emit()
+    else:
+        tokens = report.notes.get("tokens")
+        how = "cached" if "hit" in str(report.notes.get("cache", "")) else "built"
+        size = f", {tokens:,} tokens" if isinstance(tokens, int) else ""
+        print(f"training set: {report.written:,} rows{size} ({how})", flush=True)
+    return built
 
 
 def pad_token_id(tokenizer) -> int:
