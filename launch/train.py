@@ -51,14 +51,14 @@ def job_command(
     """The command that starts `nproc` processes per node of `recipe` under `strategy`'s
     launcher, with `recipe_args` (the recipe's own options, --strategy added). `program`
     replaces the recipe's script (a harness that runs the recipe, with its own arguments)."""
-    bin_dir = Path(sys.executable).parent
     spec = parallel.get(strategy) if strategy != "auto" else None
     script = [*(program or [str(RECIPES[recipe].path)]), "--strategy", strategy, *recipe_args]
     # a fixed port is agreed across nodes; on one node a free one, so two jobs never collide
     port = master_port or (29500 if nnodes > 1 or hostfile else free_port())
     if spec is not None and spec.launcher == "deepspeed":
-        runner = bin_dir / "deepspeed"
-        launcher = [str(runner) if runner.exists() else "deepspeed", "--log_level", "critical"]
+        # the launchers as modules of this interpreter: no console script needs to be on PATH
+        # (an installed wheel's virtualenv, a cluster's module system)
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "critical"]
         if hostfile:
             launcher += [
                 "--hostfile",
@@ -73,8 +73,7 @@ def job_command(
         else:
             launcher += ["--num_gpus", str(nproc), "--master_port", str(port)]
         return launcher + script
-    torchrun = bin_dir / "torchrun"
-    launcher = [str(torchrun) if torchrun.exists() else "torchrun"]
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes > 1:
         launcher += [
             "--nnodes",
@@ -283,8 +282,8 @@ class Job:
     def run(self, command: list[str], env: dict, torch_strategy: bool) -> int:
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            if torch_strategy:
-                return self._torchrun(command[1:], env)
+            if torch_strategy:  # [python, -m, torch.distributed.run, torchrun's arguments...]
+                return self._torchrun(command[3:], env)
             import subprocess
 
             # a session of its own: the terminal's Ctrl-C reaches this process, which

@@ -174,7 +174,7 @@ def rank_batches(rank: int) -> list[dict]:
 
 def full_grad(engine, param) -> torch.Tensor:
     """The whole gradient of one parameter, whatever the strategy sharded."""
-    if engine.strategy.startswith("zero"):
+    if engine.strategy.engine == "deepspeed":
         from deepspeed.utils import safe_get_full_grad
 
         return safe_get_full_grad(param).detach().clone()
@@ -188,9 +188,9 @@ def worker(strategy: str, chunk: int, out: str) -> None:
     turns a gradient of ~1e-9 into a step of lr * sign, so rounding noise would dominate.)"""
     from pathlib import Path
 
-    from recipes.core.distributed import init_world, make_engine
-
-    from recipes.core.config import TrainConfig
+    from recipes.core.engines import make_engine
+    from recipes.core.recipe import TrainConfig
+    from recipes.core.world import init_world
 
     world = init_world(strategy)
     cfg = TrainConfig(
@@ -224,28 +224,19 @@ def worker(strategy: str, chunk: int, out: str) -> None:
 
 
 def launch(strategy: str, chunk: int, out) -> dict:
+    """This file's worker on 2 ranks, started by the launcher's one command builder."""
     import subprocess
-    import sys
     from pathlib import Path
 
-    from train_utils import BIN, REPO, env
+    from train_utils import REPO, env
 
-    args = [str(Path(__file__)), "--worker", strategy, str(chunk), str(out)]
-    if strategy.startswith("zero"):
-        cmd = [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(29600 + chunk),
-            *args,
-        ]
-    else:
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
+    from launch.train import job_command
+
+    worker_args = ["--worker", str(chunk), str(out)]
+    cmd = job_command("sft", strategy, 2, worker_args, program=[str(Path(__file__))])
     e = {**env(), "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert sys.executable  # the launchers run this interpreter's environment
     return torch.load(Path(out) / f"{strategy}-{chunk}.pt", weights_only=False)
 
 
@@ -270,9 +261,11 @@ def test_two_ranks_same_gradients_as_transformers_loss(strategy, tmp_path):
 if __name__ == "__main__":
     import sys
 
+    # as job_command starts it: --strategy S --worker CHUNK OUT (and --local_rank=N first
+    # under the deepspeed launcher)
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    if argv[:1] == ["--worker"]:
-        worker(argv[1], int(argv[2]), argv[3])
+    if argv[:1] == ["--strategy"] and argv[2:3] == ["--worker"]:
+        worker(argv[1], int(argv[3]), argv[4])
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])

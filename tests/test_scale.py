@@ -205,7 +205,7 @@ def test_launcher_dry_run_knows_the_new_strategies():
         )
         assert (
             res.returncode == 0
-            and "torchrun" in res.stdout
+            and "torch.distributed.run" in res.stdout
             and f"--strategy {strategy}" in res.stdout
         )
 
