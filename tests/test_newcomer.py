@@ -1,0 +1,75 @@
+"""What a newcomer tries first: every entry point answers --help, lists its options, and writes
+nothing (no run folder, no cache, no data), from a folder of their own. One interpreter runs
+them all in-process (each `main` is what `python -m ...` runs), to keep it cheap."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from train_utils import REPO
+
+# module (as `python -m` runs it, or a recipe script's module), an option its help must list
+ENTRY_POINTS = {
+    "recipes.full_finetune": "--learning_rate",
+    "recipes.qlora": "--lora_r",
+    "recipes.dpo": "--beta",
+    "recipes.demo": "--assets_only",
+    "recipes.qlora_demo": "--data_dir",
+    "recipes.dpo_demo": "--data_dir",
+    "recipes.eval": "--pairs",
+    "recipes.merge": "--adapter",
+    "recipes.chat": "--temperature",
+    "recipes.plan": "--sequence_parallel_size",
+    "recipes.convert_checkpoint": "--max_shard_size",
+    "launch.train": "--ngpu",
+    "fastchat_data.demo": "--name",
+    "fastchat_data.cli": "convert",
+}
+
+PROBE = """
+import contextlib, importlib, io, json, sys
+results = {}
+for name, expect in json.loads(sys.argv[1]).items():
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = importlib.import_module(name).main(["--help"])
+    except SystemExit as e:
+        code = e.code
+    results[name] = [code, expect in out.getvalue(), out.getvalue()[-300:]]
+print(json.dumps(results))
+"""
+
+
+def snapshot(*folders) -> set:
+    return {str(p) for folder in folders if folder.exists() for p in folder.rglob("*")}
+
+
+def test_every_entry_point_answers_help_and_writes_nothing(tmp_path):
+    home, cwd = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    cwd.mkdir()
+    before = snapshot(REPO / "runs", REPO / ".cache" / "demo")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "CAMELID_CACHE": str(home / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(ENTRY_POINTS)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, (code, listed, tail) in results.items():
+        assert code in (0, None) and listed, f"{name}: exit {code}, help: {tail}"
+    assert not list(cwd.iterdir()) and not snapshot(home), "--help wrote files"
+    assert snapshot(REPO / "runs", REPO / ".cache" / "demo") == before
