@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import check_format, iter_conversations
@@ -276,6 +277,121 @@ def truncation_fix(report: Report, max_length: int, unit: str = "conversations")
     report.notes["truncation"] = f"{report.truncated:,} {unit} cut: " + "; ".join(fixes)
 
 
+def checked_paths(
+    data, tokenizer, template, max_length, num_proc, out, report_path, check_fmt
+) -> list[str]:
+    """The checks both tokenized sets run on their arguments before anything is read."""
+    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+    check_tokenizer(tokenizer)
+    paths = check_inputs([str(p) for p in paths])
+    check_count("--max_length", max_length)
+    check_num_proc(num_proc)
+    check_fmt()
+    check_rereadable(paths)
+    check_outputs(paths, {"--report": report_path})
+    if out:
+        check_output_dir(Path(out), paths)
+    check_template_name(template)
+    return paths
+
+
+@dataclass(frozen=True)
+class TokenizedSet:
+    """What differs between the two tokenized sets (conversations for SFT, preference pairs
+    for DPO); `tokenize_cached` builds, caches, reports and copies both the same way."""
+
+    command: str  # the report's name
+    unit: str  # one row is one ...
+    key_prefix: str  # of the cache folder's name
+    batch_size: int
+    nothing: str | None = None  # what nothing_trainable says (None: its default)
+
+    def tokenize_cached(
+        self,
+        paths: list[str],
+        tok,
+        encoder: ConversationTokenizer,
+        template,
+        key: dict,
+        read_rows,  # Report -> list of raw rows, each with its "system"
+        encode,  # the batched map function
+        encode_kwargs: dict,
+        features,
+        add_notes,  # (dataset, report) -> None: the set's own notes
+        *,
+        num_proc: int,
+        cache_dir: str | None,
+        strict: bool,
+        out: str | None,
+        quiet: bool,
+        report_path: str | None,
+    ):
+        import datasets
+
+        # a custom template (a dict or a file) is keyed by its content, not its name
+        template_key = (
+            repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
+        )
+        key_src = json.dumps(
+            {
+                **key,
+                "data": [sha256_file(Path(p)) for p in paths],
+                "tokenizer": tokenizer_fingerprint(tok),
+                "template": template_key,
+            },
+            sort_keys=True,
+        )
+        digest = self.key_prefix + hashlib.sha256(key_src.encode()).hexdigest()[:20]
+        root = Path(cache_dir or default_cache_dir()) / "datasets"
+        cached = root / digest
+        if hit := load_cached(cached, self.command, strict):
+            ds, report = hit
+        else:
+            report = Report(self.command, strict=strict)
+            rows = read_rows(report)
+            nothing = (self.nothing,) if self.nothing else ()
+            if not rows:
+                raise nothing_trainable(paths, report, *nothing)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(
+                    str(root), "cache", f"cannot be written: {e.strerror or e}"
+                ) from None
+            with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+                raw = datasets.Dataset.from_list(rows)
+                encoded = raw.map(
+                    encode,
+                    fn_kwargs={"encoder": encoder, **encode_kwargs},
+                    batched=True,
+                    batch_size=self.batch_size,
+                    features=features,
+                    num_proc=num_proc if num_proc > 1 and len(rows) >= MIN_PARALLEL else None,
+                    remove_columns=raw.column_names,
+                    cache_file_name=str(Path(tmp) / "encoded.arrow"),
+                    new_fingerprint=digest,
+                    desc=f"tokenizing {self.unit}s",
+                )
+                ds = keep_encoded(encoded, report, Path(tmp), self.unit)
+                if not report.written:
+                    raise nothing_trainable(paths, report, *nothing)
+                add_notes(ds, report)
+                report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
+                save_cached(ds, report, key_src, Path(tmp), cached)
+            ds = datasets.load_from_disk(str(cached))
+            report.notes["cache"] = f"built {cached}"
+            if note := unused_num_proc(num_proc, len(rows), f"{self.unit}s"):
+                report.notes["num_proc"] = note
+        if out:
+            copy_out(cached, out, report)
+        if not quiet:
+            report.emit(report_path)
+        return ds, report
+
+
+CONVERSATIONS = TokenizedSet("build", "conversation", "", batch_size=512)
+
+
 def build_dataset(
     data: str | list[str],
     tokenizer,
@@ -293,17 +409,9 @@ def build_dataset(
     max_target_length: int | None = None,
 ):
     """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
-    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
-    check_tokenizer(tokenizer)
-    paths = check_inputs([str(p) for p in paths])
-    check_count("--max_length", max_length)
-    check_num_proc(num_proc)
-    check_format(fmt)
-    check_rereadable(paths)
-    check_outputs(paths, {"--report": report_path})
-    if out:
-        check_output_dir(Path(out), paths)
-    check_template_name(template)
+    paths = checked_paths(
+        data, tokenizer, template, max_length, num_proc, out, report_path, lambda: check_format(fmt)
+    )
     import datasets  # after the checks of the arguments: importing it takes a second
 
     datasets.disable_progress_bars()
@@ -316,77 +424,46 @@ def build_dataset(
         max_source_length=max_source_length,
         max_target_length=max_target_length,
     )
-    # a custom template (a dict or a file) is keyed by its content, not its name
-    template_key = (
-        repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
+
+    def add_notes(ds, report):
+        lengths = ds["length"]
+        report.notes.update(
+            {
+                "template": getattr(encoder.template, "name", str(template)),
+                "max_length": max_length,
+                "tokens": int(sum(lengths)),
+                "max_tokens": int(max(lengths, default=0)),
+                "boundary_splits": encoder.boundary_splits,
+            }
+        )
+        truncation_fix(report, max_length)
+
+    key = {
+        "version": CACHE_VERSION,
+        "max_length": max_length,
+        "max_source_length": max_source_length,
+        "max_target_length": max_target_length,
+        "format": fmt,
+        "train_on_inputs": train_on_inputs,
+    }
+    return CONVERSATIONS.tokenize_cached(
+        paths,
+        tok,
+        encoder,
+        template,
+        key,
+        lambda report: [_rows(c) for c in read_trainable(paths, report, fmt)],
+        _encode_rows,
+        {},
+        _features(),
+        add_notes,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
+        strict=strict,
+        out=out,
+        quiet=quiet,
+        report_path=report_path,
     )
-    key_src = json.dumps(
-        {
-            "version": CACHE_VERSION,
-            "data": [sha256_file(Path(p)) for p in paths],
-            "tokenizer": tokenizer_fingerprint(tok),
-            "template": template_key,
-            "max_length": max_length,
-            "max_source_length": max_source_length,
-            "max_target_length": max_target_length,
-            "format": fmt,
-            "train_on_inputs": train_on_inputs,
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    root = Path(cache_dir or default_cache_dir()) / "datasets"
-    cached = root / key
-    if hit := load_cached(cached, "build", strict):
-        ds, report = hit
-    else:
-        report = Report("build", strict=strict)
-        rows = [_rows(c) for c in read_trainable(paths, report, fmt)]
-        if not rows:
-            raise nothing_trainable(paths, report)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
-        with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
-            raw = datasets.Dataset.from_list(rows)
-            encoded = raw.map(
-                _encode_rows,
-                fn_kwargs={"encoder": encoder},
-                batched=True,
-                batch_size=512,
-                features=_features(),
-                num_proc=num_proc if num_proc > 1 and len(rows) >= MIN_PARALLEL else None,
-                remove_columns=raw.column_names,
-                cache_file_name=str(Path(tmp) / "encoded.arrow"),
-                new_fingerprint=key,
-                desc="tokenizing",
-            )
-            ds = keep_encoded(encoded, report, Path(tmp), "conversation")
-            if not report.written:
-                raise nothing_trainable(paths, report)
-            lengths = ds["length"]
-            report.notes.update(
-                {
-                    "template": getattr(encoder.template, "name", str(template)),
-                    "max_length": max_length,
-                    "tokens": int(sum(lengths)),
-                    "max_tokens": int(max(lengths, default=0)),
-                    "boundary_splits": encoder.boundary_splits,
-                }
-            )
-            truncation_fix(report, max_length)
-            report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
-            save_cached(ds, report, key_src, Path(tmp), cached)
-        ds = datasets.load_from_disk(str(cached))
-        report.notes["cache"] = f"built {cached}"
-        if note := unused_num_proc(num_proc, len(rows)):
-            report.notes["num_proc"] = note
-    if out:
-        copy_out(cached, out, report)
-    if not quiet:
-        report.emit(report_path)
-    return ds, report
 
 
 def template_notes(encoder: ConversationTokenizer, systems: list[str]) -> dict:

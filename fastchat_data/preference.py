@@ -24,32 +24,15 @@ on the final reply, and caches the result in Arrow like `build_dataset`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .build import (
-    MIN_PARALLEL,
-    cache_errors,
-    check_num_proc,
-    check_rereadable,
-    check_tokenizer,
-    copy_out,
-    keep_encoded,
-    load_cached,
-    load_tokenizer,
-    save_cached,
-    template_notes,
-    tokenizer_fingerprint,
-    unused_num_proc,
-)
+from .build import TokenizedSet, check_tokenizer, checked_paths, load_tokenizer
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -62,11 +45,8 @@ from .formats import (
 )
 from .io import (
     check_inputs,
-    check_output_dir,
     check_outputs,
-    default_cache_dir,
     read_records,
-    sha256_file,
     write_records,
 )
 from .report import Report, nothing_trainable, refuse_empty
@@ -82,7 +62,6 @@ from .schema import (
     check_count,
     validate,
 )
-from .templates import SeparatorTemplate, check_template_name
 from .tokenize import IGNORE_INDEX, ConversationTokenizer
 
 PREFERENCE_CACHE_VERSION = "1"  # bump when the preference encoding changes
@@ -493,6 +472,9 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer, max_length: int) -
     return out
 
 
+PAIRS = TokenizedSet("build_pairs", "pair", "pref-", batch_size=256, nothing=NO_PAIRS)
+
+
 def build_preference_dataset(
     data: str | list[str],
     tokenizer,
@@ -511,94 +493,56 @@ def build_preference_dataset(
     Rows: id, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels,
     chosen_length, rejected_length, prompt_length. Cached under `cache_dir`/datasets by the
     data's bytes, the tokenizer, the template, max_length and fmt; `out` copies it to a folder."""
-    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
-    check_tokenizer(tokenizer)
-    paths = check_inputs([str(p) for p in paths])
-    check_count("--max_length", max_length)
-    check_num_proc(num_proc)
-    check_shape(fmt)
-    check_rereadable(paths)
-    check_outputs(paths, {"--report": report_path})
-    if out:
-        check_output_dir(Path(out), paths)
-    check_template_name(template)
+    paths = checked_paths(
+        data, tokenizer, template, max_length, num_proc, out, report_path, lambda: check_shape(fmt)
+    )
     import datasets
 
     datasets.disable_progress_bars()
     tok = load_tokenizer(tokenizer)
     encoder = ConversationTokenizer(tok, template)
     encoder.check_budget(max_length)
-    template_key = (
-        repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
-    )
-    key_src = json.dumps(
-        {
-            "kind": "preference",
-            "version": PREFERENCE_CACHE_VERSION,
-            "data": [sha256_file(Path(p)) for p in paths],
-            "tokenizer": tokenizer_fingerprint(tok),
-            "template": template_key,
-            "max_length": max_length,
-            "format": fmt,
-        },
-        sort_keys=True,
-    )
-    key = "pref-" + hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    root = Path(cache_dir or default_cache_dir()) / "datasets"
-    cached = root / key
-    if hit := load_cached(cached, "build_pairs", strict):
-        ds, report = hit
-    else:
-        report = Report("build_pairs", strict=strict)
-        rows = [_raw_row(p) for p in read_pairs(paths, report, fmt)]
-        if not rows:
-            raise nothing_trainable(paths, report, NO_PAIRS)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
-        with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
-            raw = datasets.Dataset.from_list(rows)
-            encoded = raw.map(
-                _encode_rows,
-                fn_kwargs={"encoder": encoder, "max_length": max_length},
-                batched=True,
-                batch_size=256,
-                features=_features(),
-                remove_columns=raw.column_names,
-                num_proc=num_proc if num_proc > 1 and len(rows) >= MIN_PARALLEL else None,
-                cache_file_name=str(Path(tmp) / "encoded.arrow"),
-                new_fingerprint=key,
-                desc="tokenizing pairs",
+
+    def add_notes(ds, report):
+        report.notes.update(
+            {
+                "template": getattr(encoder.template, "name", str(template)),
+                "max_length": max_length,
+                "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
+                "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
+                "boundary_splits": encoder.boundary_splits,
+            }
+        )
+        if report.truncated:
+            report.notes["truncation"] = (
+                f"{report.truncated:,} pairs had a side cut at --max_length {max_length}, "
+                "losing the end of its reply: raise --max_length"
             )
-            ds = keep_encoded(encoded, report, Path(tmp), "pair")
-            if not report.written:
-                raise nothing_trainable(paths, report, NO_PAIRS)
-            report.notes.update(
-                {
-                    "template": getattr(encoder.template, "name", str(template)),
-                    "max_length": max_length,
-                    "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
-                    "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
-                    "boundary_splits": encoder.boundary_splits,
-                }
-            )
-            if report.truncated:
-                report.notes["truncation"] = (
-                    f"{report.truncated:,} pairs had a side cut at --max_length {max_length}, "
-                    "losing the end of its reply: raise --max_length"
-                )
-            report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
-            save_cached(ds, report, key_src, Path(tmp), cached)
-        ds = datasets.load_from_disk(str(cached))
-        report.notes["cache"] = f"built {cached}"
-        if note := unused_num_proc(num_proc, len(rows), "pairs"):
-            report.notes["num_proc"] = note
-    if out:
-        copy_out(cached, out, report)
-    if not quiet:
-        report.emit(report_path)
-    return ds, report
+
+    key = {
+        "kind": "preference",
+        "version": PREFERENCE_CACHE_VERSION,
+        "max_length": max_length,
+        "format": fmt,
+    }
+    return PAIRS.tokenize_cached(
+        paths,
+        tok,
+        encoder,
+        template,
+        key,
+        lambda report: [_raw_row(p) for p in read_pairs(paths, report, fmt)],
+        _encode_rows,
+        {"max_length": max_length},
+        _features(),
+        add_notes,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
+        strict=strict,
+        out=out,
+        quiet=quiet,
+        report_path=report_path,
+    )
 
 
 # -- commands --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, complete_checkpoints, env, losses, tiny_assets
+from train_utils import REPO, complete_checkpoints, descendants, env, losses, tiny_assets
 
 STEPS = 40
 ARGS = [
@@ -54,22 +54,6 @@ def launch(strategy: str, out: Path) -> list[str]:
         "--",
         *ARGS,
     ]
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found += [child]
-            todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import command, complete_checkpoints, env, losses, ranks, train
+from train_utils import command, complete_checkpoints, descendants, env, losses, ranks, train
 from transformers import AutoModelForCausalLM
 
 # The tiny model on the identity data; global batch 8 = 4 x 2 accumulation x 1 rank
@@ -72,23 +72,6 @@ def test_two_ranks_match_one_process(strategy, reference, tmp_path):
     torch.testing.assert_close(
         logits(tmp_path / "model"), logits(reference / "model"), atol=1e-4, rtol=1e-4
     )
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts its workers in sessions of their own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_when(cmd, metrics, step):

@@ -47,6 +47,14 @@ def _written_by_rank0(world, write, out: Path) -> Path | None:
     return out if world.main else None
 
 
+def _export_folder(run, out: Path) -> StagedDir:
+    """Where an export is staged: guarded against the run's inputs, owned by the run, and
+    replaced whole only if a recipe wrote it."""
+    return StagedDir(
+        out, inputs=_export_inputs(run), owner=run.folder.root, marker=written_by_command("recipe")
+    )
+
+
 def _export_inputs(run) -> list:
     """What an export must never overwrite: the run's starting model and its data."""
     return [run.model_path, *data_paths(run.cfg.data_path)]
@@ -94,13 +102,7 @@ class FullModel:
         out = run.folder.model
 
         def write():
-            staged = StagedDir(
-                out,
-                inputs=_export_inputs(run),
-                owner=run.folder.root,
-                marker=written_by_command("recipe"),
-            )
-            with staged as tmp:
+            with _export_folder(run, out) as tmp:
                 engine.module.config.use_cache = True
                 # save_pretrained takes the gathered state dict; the (sharded) module the config
                 engine.module.save_pretrained(
@@ -147,13 +149,7 @@ class Adapter:
         out = run.folder.adapter
 
         def write():
-            staged = StagedDir(
-                out,
-                inputs=_export_inputs(run),
-                owner=run.folder.root,
-                marker=written_by_command("recipe"),
-            )
-            with staged as tmp:
+            with _export_folder(run, out) as tmp:
                 engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 record = _finish_export(engine, run.tokenizer, tmp, info)
                 record["weights"] = verify_adapter(tmp)
