@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastchat_data.options import UsageError, entry_point, option, parse
-from fastchat_data.outputs import StagedDir
+from fastchat_data.outputs import StagedDir, guard_dir
 from recipes.core.checkpoint import verify_checkpoint
 from recipes.core.config import ConfigError
 from recipes.core.quiet import quiet, verbose_requested
@@ -125,6 +125,10 @@ def convert(
     from recipes.core.generate import save_for_inference
 
     ckpt = CheckpointFolder(Path(checkpoint))
+    # the output is never the checkpoint or the run folder holding it: refused before anything
+    in_run = ckpt.path.parent.name == "checkpoints"  # RUN/checkpoints/step-N
+    inputs = [ckpt.path, *([ckpt.path.parent.parent] if in_run else [])]
+    guard_dir(out, inputs, "--out", written_by_command("convert_checkpoint"))
     if not ckpt.path.is_dir() or not ckpt.trainer_state.exists():
         raise ConfigError(f"{checkpoint} is not a camelid checkpoint (no trainer_state.json)")
     if not ckpt.complete.exists():

@@ -22,7 +22,7 @@ import torch
 
 from fastchat_data.io import save_tokenizer
 from fastchat_data.options import UsageError, entry_point, option, parse
-from fastchat_data.outputs import StagedDir
+from fastchat_data.outputs import StagedDir, guard_dir
 from recipes.core.config import ConfigError
 from recipes.core.generate import save_for_inference, trained_template
 from recipes.core.lora import load_adapter, read_adapter_config
@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    guard_dir(out, [adapter, *([base] if base else [])], "--out", written_by_command("merge"))
     base = base or read_adapter_config(adapter).base_model_name_or_path
     if not base or not Path(base).exists():
         raise ConfigError(f"base model {base!r} not found; pass --base PATH")

@@ -1278,7 +1278,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         shape = Shape.from_config(arguments.pop("model"))
         rows = plan(shape, **arguments)
     except PlanError as e:
-        print(f"python -m recipes.plan: error: {_printable(str(e))}", file=sys.stderr)
+        print(f"error: {_printable(str(e))}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
     if options.json:
         setup = {k: v for k, v in asdict(options).items() if k != "json"}

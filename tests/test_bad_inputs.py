@@ -108,6 +108,30 @@ def zero2(args: str) -> tuple:
     return ZERO2 + tuple(shlex.split(args))
 
 
+def tool(module: str, args: str) -> tuple:
+    """A camelid tool's command line: `python -m module` and its arguments."""
+    return (PY, "-m", module, *shlex.split(args))
+
+
+LLAMA_CONFIG = json.dumps(
+    {
+        "model_type": "llama",
+        "vocab_size": 100,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+).encode()
+HUGE_VOCAB = json.dumps({"model_type": "llama", "vocab_size": 10**12, "hidden_size": 8}).encode()
+FAKE_ADAPTER = {"adapter_config.json": b'{"peft_type": "LORA", "base_model_name_or_path": "x"}'}
+FAKE_CHECKPOINT = {
+    "trainer_state.json": b'{"step": 1, "config": {}}',
+    "COMPLETE": b'{"step": 1, "files": {}}',
+}
+PAIRS = js([{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}])
+
+
 def row(rid, files, cmd, expect, names, marks=()):
     """files: name -> bytes (or ("symlink", target), ("hardlink", name), ("fifo",),
     ("mode", mode, bytes), or ("dir", {name: bytes}));
@@ -1205,6 +1229,256 @@ ROWS = [
         train("--config {d}/c.yaml"),
         "c.yaml",
         "c.yaml",
+    ),
+    # the recipes beyond the data: model folders, settings that would crash later
+    row(
+        "train_model_config_malformed",
+        {"m": ("dir", {"config.json": b'{"model_type": "llama",'})},
+        train("--model_name_or_path {d}/m"),
+        "malformed JSON",
+        "config.json",
+    ),
+    row(
+        "train_model_without_tokenizer",
+        {"m": ("dir", {"config.json": LLAMA_CONFIG}), "a.json": GOOD_JSON},
+        train("--model_name_or_path {d}/m --data_path {d}/a.json"),
+        "its tokenizer cannot be loaded",
+        "/m",
+    ),
+    row(
+        "train_model_absurd_vocabulary",
+        {"m": ("dir", {"config.json": HUGE_VOCAB})},
+        train("--model_name_or_path {d}/m"),
+        "vocab_size is 1000000000000",
+        "config.json",
+    ),
+    row(
+        "train_no_model_given",
+        {"a.json": GOOD_JSON},
+        TRAIN[:-2] + ("--data_path", "{d}/a.json"),
+        "--model_name_or_path: give the model folder",
+        "model_name_or_path",
+    ),
+    row("train_no_data_given", {}, train(""), "--data_path: give the training data", "data_path"),
+    row(
+        "train_adam_epsilon_zero",
+        {},
+        train("--adam_epsilon 0"),
+        "adam_epsilon must be a finite number in (0, 1]",
+        "adam_epsilon",
+    ),
+    row(
+        "train_adam_beta2_one",
+        {},
+        train("--adam_beta2 1"),
+        "adam_beta2 must be a finite number in [0, 1)",
+        "adam_beta2",
+    ),
+    row(
+        "train_learning_rate_absurd",
+        {},
+        train("--learning_rate 1e4"),
+        "learning_rate must be a finite number in [0, 1]",
+        "learning_rate",
+    ),
+    row(
+        "train_seed_negative",
+        {},
+        train("--seed -1"),
+        "seed must be a whole number from 0 to 2^32 - 1",
+        "seed",
+    ),
+    row(
+        "train_scheduler_the_loop_cannot_drive",
+        {},
+        train("--lr_scheduler_type reduce_lr_on_plateau"),
+        "lr_scheduler_type 'reduce_lr_on_plateau' is not one of",
+        "lr_scheduler_type",
+    ),
+    row(
+        "train_max_grad_norm_zero",
+        {},
+        train("--max_grad_norm 0"),
+        "max_grad_norm must be a finite number > 0",
+        "max_grad_norm",
+    ),
+    row(
+        "train_lora_rank_zero",
+        {},
+        train("--peft_method lora --lora_r 0"),
+        "lora_r must be at least 1",
+        "lora_r",
+    ),
+    row(
+        "train_lora_dropout_above_one",
+        {},
+        train("--peft_method lora --lora_dropout 1.5"),
+        "lora_dropout must be a finite number in [0, 1)",
+        "lora_dropout",
+    ),
+    row(
+        "train_quantized_without_adapter",
+        {},
+        train("--quantization nf4"),
+        "add --peft_method lora",
+        "quantization",
+    ),
+    row(
+        "train_adapter_under_fsdp",
+        {},
+        train("--peft_method lora --strategy fsdp"),
+        "adapters train with strategy",
+        "fsdp",
+    ),
+    row(
+        "train_compile_under_zero3",
+        {},
+        zero2("--strategy zero3 --compile True"),
+        "ZeRO-3 gathers each parameter",
+        "zero3",
+    ),
+    row(
+        "train_sequence_of_strategies_unknown",
+        {},
+        train("--strategy zero4"),
+        "strategy 'zero4' is not one of",
+        "zero4",
+    ),
+    row(
+        "train_report_to_unknown",
+        {},
+        train("--report_to wandb,neptune"),
+        "report_to 'wandb,neptune'",
+        "report_to",
+    ),
+    row(
+        "dpo_beta_infinite",
+        {"p.json": PAIRS},
+        (
+            PY,
+            str(REPO / "recipes" / "dpo.py"),
+            *TRAIN[2:],
+            "--data_path",
+            "{d}/p.json",
+            "--beta",
+            "inf",
+        ),
+        "beta must be a finite number in (0, 10000]",
+        "beta",
+    ),
+    # the tools: outputs that are inputs, absurd values
+    row(
+        "eval_out_is_the_data",
+        {"a.json": GOOD_JSON},
+        tool("recipes.eval", "--model {tok} --data {d}/a.json --out {d}/a.json"),
+        "is also an input file",
+        "a.json",
+    ),
+    row(
+        "eval_out_is_the_pairs",
+        {"p.json": PAIRS},
+        tool("recipes.eval", "--model {tok} --pairs {d}/p.json --out {d}/p.json"),
+        "is also an input file",
+        "p.json",
+    ),
+    row(
+        "eval_batch_size_zero",
+        {"a.json": GOOD_JSON},
+        tool("recipes.eval", "--model {tok} --data {d}/a.json --batch_size 0"),
+        "--batch_size must be at least 1",
+        "batch_size",
+    ),
+    row("eval_nothing_to_do", {}, tool("recipes.eval", "--model {tok}"), "give --data", "--data"),
+    row(
+        "merge_out_is_the_adapter",
+        {"ad": ("dir", FAKE_ADAPTER)},
+        tool("recipes.merge", "--adapter {d}/ad --out {d}/ad"),
+        "is also an input folder",
+        "ad",
+    ),
+    row(
+        "merge_out_is_the_adapters_run",
+        {"run": ("dir", {"adapter": ("dir", FAKE_ADAPTER)})},
+        tool("recipes.merge", "--adapter {d}/run/adapter --out {d}/run"),
+        "holds the input",
+        "run",
+    ),
+    row(
+        "convert_out_is_the_checkpoint",
+        {"ck": ("dir", FAKE_CHECKPOINT)},
+        tool("recipes.convert_checkpoint", "{d}/ck {d}/ck"),
+        "is also an input folder",
+        "ck",
+    ),
+    row(
+        "convert_out_is_the_run_folder",
+        {"run": ("dir", {"checkpoints": ("dir", {"step-00000001": ("dir", FAKE_CHECKPOINT)})})},
+        tool("recipes.convert_checkpoint", "{d}/run/checkpoints/step-00000001 {d}/run"),
+        "holds the input",
+        "run",
+    ),
+    row(
+        "convert_shard_size_malformed",
+        {"ck": ("dir", FAKE_CHECKPOINT)},
+        tool("recipes.convert_checkpoint", "{d}/ck {o}/hf --max_shard_size 2gigs"),
+        "--max_shard_size '2gigs'",
+        "max_shard_size",
+    ),
+    row(
+        "convert_not_a_checkpoint",
+        {"x": ("dir", {})},
+        tool("recipes.convert_checkpoint", "{d}/x {o}/hf"),
+        "is not a camelid checkpoint",
+        "/x",
+    ),
+    row(
+        "chat_model_missing",
+        {},
+        tool("recipes.chat", "--model {d}/nope"),
+        "is not a model folder",
+        "nope",
+    ),
+    row(
+        "plan_config_nested_too_deep",
+        {"m": ("dir", {"config.json": b"[" * 200_000 + b"]" * 200_000})},
+        tool("recipes.plan", "--model {d}/m"),
+        "nested too deeply",
+        "config.json",
+    ),
+    row(
+        "plan_ngpu_zero",
+        {},
+        tool("recipes.plan", "--model llama-2-7b --ngpu 0"),
+        "--ngpu 0",
+        "ngpu",
+    ),
+    row(
+        "plan_gpu_memory_nonsense",
+        {},
+        tool("recipes.plan", "--model llama-2-7b --gpu_memory abc"),
+        "not a size",
+        "gpu_memory",
+    ),
+    row(
+        "launch_ngpu_zero",
+        {},
+        tool("launch.train", "--ngpu 0 --strategy fsdp"),
+        "--ngpu 0: give at least 1 process",
+        "ngpu",
+    ),
+    row(
+        "launch_single_on_two",
+        {},
+        tool("launch.train", "--ngpu 2 --strategy single"),
+        "runs one process",
+        "single",
+    ),
+    row(
+        "launch_unknown_recipe",
+        {},
+        tool("launch.train", "--recipe kto"),
+        "--recipe 'kto' is not one of",
+        "kto",
     ),
 ]
 
