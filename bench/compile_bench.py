@@ -52,14 +52,14 @@ def settings(args) -> dict:
 def worker(variant: str, p: dict) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
-    from recipes.core.distributed import World, make_engine
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
+    from bench import loop_run
     from recipes.core.compile import compile_layers
-    from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
-    from recipes.core.loop import Run, train_step
+    from recipes.core.loop import train_step
+    from recipes.core.recipe import TrainConfig
 
     torch.set_num_threads(p["threads"])
     model_dir, ds, pad = model_and_data(p["max_length"])
@@ -75,15 +75,13 @@ def worker(variant: str, p: dict) -> dict:
     )
     data = TrainData(ds, cfg.packing, cfg.model_max_length, pad)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
-    world = World(0, 0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     with contextlib.redirect_stdout(io.StringIO()) as note:
         compile_layers(model, cfg)
-        run = Run(cfg, world, plan=plan, data=data, total_steps=total)
-        run.engine = make_engine(model, cfg, world, total)
+        run = loop_run(cfg, model, data, plan, total)
         times, tokens, losses, graphs = [], [], [], []
         for step in range(total):
             run.step = step

@@ -110,27 +110,24 @@ def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
 
 def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
     """Tokenize the training set once here, so that no run's rank 0 builds it while measured."""
-    import torch
-    from recipes.core.distributed import World
     from transformers import AutoTokenizer
 
     from recipes.core.config import load_config
     from recipes.core.data import load_train_set
+    from recipes.core.recipe import TrainConfig
+    from recipes.core.world import init_world
 
-    cfg, _ = load_config(recipe_args(model, data, cache, out))
+    cfg, _ = load_config(
+        [*recipe_args(model, data, cache, out), "--strategy", "single"], TrainConfig
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        load_train_set(
-            cfg,
-            str(data),
-            AutoTokenizer.from_pretrained(model),
-            World(0, 0, 1, torch.device("cpu")),
-        )
+        load_train_set(cfg, str(data), AutoTokenizer.from_pretrained(model), init_world("single"))
 
 
-def loader_of_recipe() -> str:
-    """ "full" while recipes/full_finetune.py loads the whole model on every rank."""
-    src = (REPO / "recipes" / "full_finetune.py").read_text()
-    return "full" if "AutoModelForCausalLM.from_pretrained(run.model_path" in src else "streaming"
+# What the recipe does: recipes/core/loading.py loads sharded (each rank its own rows) wherever
+# the strategy declares `sharded_load`, a full copy per rank elsewhere; the planner's
+# "streaming" model reads the same attribute.
+RECIPE_LOADING = "streaming"
 
 
 def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out: Path) -> dict:
@@ -326,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--loading",
         choices=("auto", "full", "streaming"),
         default="auto",
-        help="the planner's loading model; auto: read recipes/full_finetune.py",
+        help="the planner's loading model; auto: what the recipe does (streaming)",
     )
     a = ap.parse_args(argv)
     if a.rescore:
@@ -351,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     models = build_models(names, cache)
     os.environ.update(LIVE_MALLOC)  # for the runtime measurements, as for the runs
-    loading = loader_of_recipe() if a.loading == "auto" else a.loading
+    loading = RECIPE_LOADING if a.loading == "auto" else a.loading
     res: dict = {
         "settings": {
             "quick": a.quick,

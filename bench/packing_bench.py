@@ -78,13 +78,13 @@ def variants() -> dict[str, dict]:
 
 def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
     import torch
-    from recipes.core.distributed import World, make_engine
     from transformers import AutoModelForCausalLM
 
+    from bench import loop_run
     from recipes.core.attention import register
-    from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
-    from recipes.core.loop import Run, train_step
+    from recipes.core.loop import train_step
+    from recipes.core.recipe import TrainConfig
 
     cfg = TrainConfig(
         model_max_length=p["max_length"],
@@ -99,14 +99,12 @@ def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
     rows = p["max_length"] if spec.get("row_tokens") == "capacity" else None
     data = TrainData(ds, cfg.packing, cfg.model_max_length, pad, row_tokens=rows)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
-    world = World(0, 0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     register()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=spec["attn"]
     )
-    run = Run(cfg, world, plan=plan, data=data, total_steps=p["steps"])
-    run.engine = make_engine(model, cfg, world, p["steps"])
+    run = loop_run(cfg, model, data, plan, p["steps"])
     times, tokens = [], []
     for step in range(p["steps"]):
         run.step = step

@@ -64,13 +64,14 @@ def model_bytes(model) -> dict:
 
 def base_bytes(path: Path) -> dict:
     """bf16 and nf4 + double quantization, both through recipes/qlora.py's own loader."""
-    from recipes.core.lora import QLoraConfig, load_base
+    from recipes.core.attention import attention_kwargs
+    from recipes.core.lora import load_base
+    from recipes.core.recipe import QLoraConfig
 
-    cpu = torch.device("cpu")
-    bf16 = model_bytes(load_base(str(path), QLoraConfig(quantization="none", bf16=True), cpu))
-    nf4 = model_bytes(
-        load_base(str(path), QLoraConfig(quantization="nf4", double_quant=True, bf16=True), cpu)
-    )
+    cpu, cfg = torch.device("cpu"), QLoraConfig()  # the recipe's --attn_implementation
+    kw = dict(bf16=True, attention=attention_kwargs(cfg))
+    bf16 = model_bytes(load_base(str(path), cpu, quantization="none", **kw))
+    nf4 = model_bytes(load_base(str(path), cpu, quantization="nf4", double_quant=True, **kw))
     return {
         "bf16": bf16,
         "nf4": nf4,

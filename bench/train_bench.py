@@ -137,16 +137,16 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    if any(a.startswith("zero") for a in argv):
-        import deepspeed  # noqa: F401
-    from recipes import full_finetune as ff
-    from recipes.core import loop
+    from recipes.core import checkpoint, loop, parallel, recipe
     from recipes.core.config import load_config
 
+    sft = recipe.get("sft")
+    cfg, notes = load_config(argv, sft.config_class)
+    if cfg.strategy != "auto" and parallel.get(cfg.strategy).engine == "deepspeed":
+        import deepspeed  # noqa: F401
     ph.end("runtime")
-    cfg, notes = load_config(argv)
     ph.start()
-    run = ff.setup(cfg, notes)
+    run = recipe.setup(sft, cfg, notes)
     ph.end("setup")
     rank, world_size = run.world.rank, run.world.size
 
@@ -167,9 +167,8 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     run.data.batch = timed(run.data.batch, "collate")
     run.world.all_sums = timed(run.world.all_sums, "all_sum")  # all_sum goes through it too
     run.log.step = timed(run.log.step, "log")
-    ff.checkpoint.save_checkpoint = timed(
-        ff.checkpoint.save_checkpoint, "checkpoint"
-    )  # the last step's
+    # the last step's checkpoint (the loop calls it through the checkpoint module)
+    checkpoint.save_checkpoint = timed(checkpoint.save_checkpoint, "checkpoint")
 
     _trim()
     ph.start()
@@ -191,10 +190,10 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
         run.engine.full_state_dict = full_state_dict_no_offload
     ph.start()
     t0 = time.perf_counter()
-    ff.save(run)
+    recipe.save(run)
     export_s = time.perf_counter() - t0
     ph.end("export")
-    ff.cleanup(run)
+    recipe.cleanup(run)
     out = Path(spec["out"]) / f"bench-rank{rank}.json"
     out.write_text(
         json.dumps(
@@ -343,13 +342,15 @@ def launch(
     spec: dict, nproc: int = 1, strategy: str = "single", recipe_args=(), env_extra=None
 ) -> list[dict]:
     """One configuration in its own process(es); returns each rank's measurements."""
+    from recipes.core import parallel
+
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     args = [str(a) for a in recipe_args]
     if nproc == 1:
         cmd = [sys.executable, "-m", "bench.train_bench", *args]
-    elif strategy.startswith("zero"):
+    elif parallel.get(strategy).launcher == "deepspeed":
         cmd = [
             str(bin_dir / "deepspeed"),
             "--num_gpus",
@@ -450,8 +451,8 @@ def epoch_real_share(
     ds, pad_id: int, max_length: int, batch: int, accum: int, packing: bool
 ) -> float:
     """The real-token share of a whole camelid epoch, from the batch plan (as collate pads)."""
-    from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
+    from recipes.core.recipe import TrainConfig
 
     kw = {"packing": True} if packing else {}
     cfg = TrainConfig(
@@ -594,6 +595,14 @@ def throughput(
 # fixed 64 KiB mmap threshold every large block goes back to the OS when freed, so RSS tracks
 # the memory actually in use, which is what the model-state formula predicts.
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# memory runs: name -> (strategy, export variant, glibc's default malloc instead of LIVE_MALLOC)
+MEM_RUNS = {
+    "ddp": ("ddp", None, False),
+    "fsdp": ("fsdp", None, False),
+    "zero3": ("zero3", None, False),
+    "fsdp_no_offload": ("fsdp", "no_offload", False),
+    "fsdp_glibc_default": ("fsdp", None, True),
+}
 
 
 def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
@@ -614,10 +623,12 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
         },
         "runs": {},
     }
+    from recipes.core import parallel
+
     for name in p["mem_runs"]:
-        strategy = name.split("_")[0]
-        export = "no_offload" if "no_offload" in name else None
-        env = {} if name.endswith("glibc_default") else LIVE_MALLOC
+        strategy, export, default_malloc = MEM_RUNS[name]
+        env = {} if default_malloc else LIVE_MALLOC
+        shards = n if parallel.get(strategy).shards_params else 1  # what a rank holds 1/shards of
         out = tmp / f"b-{name}"
         print(f"  {name} x {n} ...", end=" ", flush=True)
         args = recipe_args(
@@ -639,6 +650,8 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
         res["runs"][name] = [
             {
                 "rank": r["rank"],
+                "strategy": strategy,
+                "shards": shards,
                 "runtime_mb": r["phases"]["runtime"]["end_mb"],
                 "setup_peak_mb": r["phases"]["setup"]["peak_mb"],
                 "train_peak_mb": r["phases"]["train"]["peak_mb"],
@@ -724,10 +737,10 @@ def report(results: dict) -> None:
         f"{'tensors':>8}{'12Psi/N':>8}{'mmapped':>8}"
     )
     for name, runs in m["runs"].items():
-        if "no_offload" in name:
+        if MEM_RUNS[name][1]:  # the export variants: section c only
             continue
-        shards = 1 if name.startswith("ddp") else n
         for r in runs:
+            shards = r["shards"]
             who = f"{name} rank {r['rank']}"
             print(
                 f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}{r['train_peak_mb']:>9,.0f}"
@@ -778,7 +791,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fastchat_data.commands import clean, convert
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
-    from recipes.core.config import TrainConfig
+    from recipes.core.recipe import TrainConfig
 
     has_packing = "packing" in TrainConfig.__dataclass_fields__
     if args.quick:
