@@ -1,6 +1,7 @@
 """torch.compile benchmark: training steps/s of the ~17M tiny Llama, eager vs --compile True.
 
-    python -m bench.compile_bench [--steps 6] [--warmup 3] [--rounds 2] [--out bench/results/compile_bench.json]
+    python -m bench.compile_bench [--quick] [--steps 6] [--warmup 3] [--rounds 2]
+                                  [--out bench/results/compile_bench.json]
 
 1 process on CPU (inductor's C++ backend), the ~17M "small" tiny Llama (vocab 4,000) on
 alpaca_gpt4_data_en_1k (converted, cleaned), max length 2048, batch 2 x accumulation 2,

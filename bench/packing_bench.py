@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     base_name = names[0]
     print(
-        f"\n{'':44}{'row cap':>8}{'rows':>6}{'real tok/s':>12}{'vs first':>10}  (median of {args.rounds} rounds)"
+        f"\n{'':44}{'row cap':>8}{'rows':>6}{'real tok/s':>12}{'vs first':>10}  "
+        f"(median of {args.rounds} rounds)"
     )
     for name in names:
         tps = statistics.median(r[name]["real_tokens_per_s"] for r in rounds)

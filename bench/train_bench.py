@@ -11,7 +11,7 @@ a. Throughput, 1 process, the ~17M "small" tiny Llama (legacy tokenizer, 4,000 t
    ...), so a change of machine load hits both sides alike; ratios are taken per round.
 b. Per-rank memory at 2 ranks of DDP, FSDP2 and ZeRO-3 on the ~91M "base" model, fp32 + AdamW,
    against the model-state count 16*Psi bytes per rank (DDP) and 16*Psi/N (full sharding).
-c. Rank 0's memory during the final export (checkpoint.export_hf): FSDP2 gathering with
+c. Rank 0's memory during the final export (model_form.FullModel.export): FSDP2 gathering with
    cpu_offload=True (camelid's code) against a gather without it.
 
 Every configuration runs in its own process(es), launched as users launch the recipe (python,
@@ -390,7 +390,8 @@ def launch(
     (out / "log.txt").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(cmd)} failed ({res.returncode}); log: {out / 'log.txt'}\n{res.stderr[-3000:]}"
+            f"{' '.join(cmd)} failed ({res.returncode}); log: {out / 'log.txt'}\n"
+            f"{res.stderr[-3000:]}"
         )
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("bench-rank*.json"))]
     if len(ranks) != nproc:
@@ -673,9 +674,9 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
 
 def report_throughput(a: dict, s: dict, title: str) -> None:
     print(
-        f"\n== {title}: 1 process, {s['model_a']}, {a['data']} (cleaned), max length {s['max_length']}, "
-        f"batch {s['batch']} x accumulation {s['accum']}, {s['steps'] - 1} timed steps after 1 warm-up, "
-        f"{len(a['rounds'])} interleaved round(s)"
+        f"\n== {title}: 1 process, {s['model_a']}, {a['data']} (cleaned), "
+        f"max length {s['max_length']}, batch {s['batch']} x accumulation {s['accum']}, "
+        f"{s['steps'] - 1} timed steps after 1 warm-up, {len(a['rounds'])} interleaved round(s)"
     )
     labels = {
         "fastchat": "FastChat (pad to max)",
@@ -683,8 +684,8 @@ def report_throughput(a: dict, s: dict, title: str) -> None:
         "camelid_packed": "camelid --packing",
     }
     print(
-        f"{'':26}{'real tok/s':>11}{'all tok/s':>10}{'pad share':>10}{'epoch pad':>10}{'peak RSS':>9}"
-        f"{'vs FastChat':>12}"
+        f"{'':26}{'real tok/s':>11}{'all tok/s':>10}{'pad share':>10}{'epoch pad':>10}"
+        f"{'peak RSS':>9}{'vs FastChat':>12}"
     )
     for i, rnd in enumerate(a["rounds"]):
         for key, label in labels.items():
@@ -695,18 +696,21 @@ def report_throughput(a: dict, s: dict, title: str) -> None:
             ratio = f"{rnd[key + '_vs_fastchat']:.2f}x" if key != "fastchat" else ""
             print(
                 f"{who:26}{r['real_tokens_per_s']:>11,.0f}{r['padded_tokens_per_s']:>10,.0f}"
-                f"{1 - r['real_token_share']:>10.1%}{1 - epoch:>10.1%}{r['peak_rss_mb']:>9,.0f}{ratio:>12}"
+                f"{1 - r['real_token_share']:>10.1%}{1 - epoch:>10.1%}{r['peak_rss_mb']:>9,.0f}"
+                f"{ratio:>12}"
             )
     print(
         f"camelid / FastChat real tokens/s, median over rounds: {a['camelid_vs_fastchat']:.2f}x "
         f"(target >= 3x); padding alone bounds it at {a['camelid_padding_bound']:.2f}x "
-        f"(epoch real-token share {a['camelid_epoch_real_share']:.1%} vs {a['fastchat_epoch_real_share']:.1%})"
+        f"(epoch real-token share {a['camelid_epoch_real_share']:.1%} "
+        f"vs {a['fastchat_epoch_real_share']:.1%})"
     )
     if "camelid_packed_vs_fastchat" in a:
         share = statistics.mean(r["camelid_packed"]["real_token_share"] for r in a["rounds"])
         print(
-            f"camelid --packing: {a['camelid_packed_vs_fastchat']:.2f}x; real-token share with packing "
-            f"{share:.1%} in the timed steps, {a['camelid_packed_epoch_real_share']:.1%} over an epoch (target >= 95%)"
+            f"camelid --packing: {a['camelid_packed_vs_fastchat']:.2f}x; real-token share with "
+            f"packing {share:.1%} in the timed steps, "
+            f"{a['camelid_packed_epoch_real_share']:.1%} over an epoch (target >= 95%)"
         )
     elif s["packing_available"] is False:
         print("camelid --packing: not available (no --packing option in recipes/core/config.py)")
@@ -722,14 +726,15 @@ def report(results: dict) -> None:
     m = results["memory"]
     psi, n = m["parameters"], m["ranks"]
     print(
-        f"\n== b. per-rank memory (MiB), {n} ranks, {s['model_b']} ({psi / 1e6:.1f}M params), fp32 + AdamW, "
-        f"length {s['mem_length']}, batch 1, {s['mem_steps']} steps, "
+        f"\n== b. per-rank memory (MiB), {n} ranks, {s['model_b']} ({psi / 1e6:.1f}M params), "
+        f"fp32 + AdamW, length {s['mem_length']}, batch 1, {s['mem_steps']} steps, "
         f"{' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}"
     )
     print(
-        "formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = 16 bytes per\n"
-        "parameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); DDP replicates them: 16*Psi per rank;\n"
-        "FSDP / ZeRO-3 shard all three: 16*Psi/N. After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
+        "formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = "
+        "16 bytes per\nparameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); "
+        "DDP replicates them: 16*Psi per rank;\nsharding strategies shard all three: 16*Psi/N. "
+        "After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
         "runtime = the process before any model or data (python, torch, transformers, deepspeed)."
     )
     print(
@@ -743,16 +748,20 @@ def report(results: dict) -> None:
             shards = r["shards"]
             who = f"{name} rank {r['rank']}"
             print(
-                f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}{r['train_peak_mb']:>9,.0f}"
-                f"{r['train_peak_mb'] - r['runtime_mb']:>11,.0f}{16 * psi / shards / MB:>8,.0f}"
-                f"{r['live_tensor_mb']:>8,.0f}{12 * psi / shards / MB:>8,.0f}{r['train_end_file_mb']:>8,.0f}"
+                f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}"
+                f"{r['train_peak_mb']:>9,.0f}{r['train_peak_mb'] - r['runtime_mb']:>11,.0f}"
+                f"{16 * psi / shards / MB:>8,.0f}{r['live_tensor_mb']:>8,.0f}"
+                f"{12 * psi / shards / MB:>8,.0f}{r['train_end_file_mb']:>8,.0f}"
             )
     print(
-        "  tensors: storage Python can reach after training (params + Adam states + DeepSpeed buffers);\n"
-        "  mmapped: file-backed RSS at the end of training (the safetensors file every rank maps to load the model)"
+        "  tensors: storage Python can reach after training "
+        "(params + Adam states + DeepSpeed buffers);\n"
+        "  mmapped: file-backed RSS at the end of training "
+        "(the safetensors file every rank maps to load the model)"
     )
     print(
-        f"\n== c. export (checkpoint.export_hf), {n} ranks, one fp32 copy of the model = {m['model_fp32_mb']:,.0f} MiB"
+        f"\n== c. export (model_form.FullModel.export), {n} ranks, "
+        f"one fp32 copy of the model = {m['model_fp32_mb']:,.0f} MiB"
     )
     print(f"{'':32}{'before':>8}{'peak':>8}{'increase':>9}{'copies':>7}{'seconds':>8}")
     labels = {
@@ -766,13 +775,15 @@ def report(results: dict) -> None:
         for r in m["runs"].get(name, []):
             who = f"{label} r{r['rank']}"
             print(
-                f"{who:32}{r['after_train_mb']:>8,.0f}{r['export_peak_mb']:>8,.0f}{r['export_increase_mb']:>9,.0f}"
+                f"{who:32}{r['after_train_mb']:>8,.0f}{r['export_peak_mb']:>8,.0f}"
+                f"{r['export_increase_mb']:>9,.0f}"
                 f"{r['export_increase_mb'] / m['model_fp32_mb']:>7.2f}{r['export_s']:>8.1f}"
             )
     print(
-        "  before = RSS after training (freed heap trimmed); increase = export peak - before. On CPU the\n"
-        "  'offload' copies nothing (the gathered tensors are CPU tensors already): what differs is that with\n"
-        "  cpu_offload=True only rank 0 keeps the gathered state dict, without it every rank keeps a full copy."
+        "  before = RSS after training (freed heap trimmed); increase = export peak - before. On "
+        "CPU the\n  'offload' copies nothing (the gathered tensors are CPU tensors already): what "
+        "differs is that with\n  cpu_offload=True only rank 0 keeps the gathered state dict, "
+        "without it every rank keeps a full copy."
     )
 
 
@@ -806,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
             mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload"],
             short_data=None,
         )
-    else:  # FastChat's model_max_length and per-device batch; accumulation 2 (FastChat: 16) to fit the time
+    else:  # FastChat's model_max_length and per-device batch; accumulation 2 (FastChat: 16)
         p = dict(
             max_length=2048,
             batch=2,
