@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=6, help="measured steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=3, help="steps that hold the compilation")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--quick", action="store_true", help="2 warm-up and 2 measured steps, one round"
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compile_bench.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         variant, p = json.loads(args.worker)
         print(json.dumps(worker(variant, p)))
         return {}
+    if args.quick:
+        args.steps, args.warmup, args.rounds = 2, 2, 1
     p = settings(args)
     # build (or find) the model and the tokenized data once, untimed
     model_and_data(p["max_length"])

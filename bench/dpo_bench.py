@@ -1,7 +1,8 @@
 """DPO benchmark: a DPO step against an SFT step on the same sequences, and the memory a
 precomputed reference saves over a live reference model.
 
-    python -m bench.dpo_bench [--pairs 256] [--steps 12] [--out bench/results/dpo_bench.json]
+    python -m bench.dpo_bench [--quick] [--pairs 256] [--steps 12]
+                              [--out bench/results/dpo_bench.json]
 
 Three variants of the ~17M tiny Llama, one process, fp32, each in a fresh process (peak RSS of
 the training phase, VmHWM reset when training starts):
@@ -174,12 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="32 pairs, 5 steps (3 timed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dpo_bench.json"))
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.worker[0], json.loads(a.worker[1]))))
         return {}
+    if a.quick:
+        a.pairs, a.steps = 32, 5
     cache = REPO / ".cache" / "bench"
     spec = {
         **prepare_inputs(a.pairs, cache),

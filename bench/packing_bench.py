@@ -1,6 +1,7 @@
 """Packing benchmark: real tokens/s of length-grouped batches vs packed rows, and the loss.
 
-    python -m bench.packing_bench [--steps 4] [--rounds 2] [--out bench/results/packing_bench.json]
+    python -m bench.packing_bench [--quick] [--steps 4] [--rounds 2]
+                                  [--out bench/results/packing_bench.json]
 
 1 process, the ~17M "small" tiny Llama (vocab 4,000), alpaca_gpt4_data_en_1k (converted,
 cleaned), max length 2048, batch 2 x accumulation 2, sdpa, as bench.train_bench's short-data
@@ -128,8 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="3 steps (2 timed), one round")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "packing_bench.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 3, 1
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
