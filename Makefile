@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: lint-check setup demo qlora-demo dpo-demo test test-fast bench bench-peers lint clean train-vicuna train-dpo \
+.PHONY: lint-check setup demo qlora-demo dpo-demo test test-fast bench bench-compare bench-peers lint clean train-vicuna train-dpo \
         gpu-wheels gpu-check gpu-dry-run
 
 setup: $(STAMP)
@@ -80,6 +80,14 @@ bench: setup
 	$(BIN)/python -m bench.fault_bench
 	$(BIN)/python -m bench.compile_bench
 	$(BIN)/python -m bench.dpo_bench
+
+# Old tree vs this one, the same training measurement interleaved on this machine (not part of
+# `bench`: it needs a checkout of the old tree): make bench-compare BASELINE=/path/to/old/tree
+BASELINE ?=
+COMPARE_ARGS ?=
+bench-compare: setup
+	$(BIN)/python -m bench.compare_trees --baseline $(or $(BASELINE),$(error BASELINE=... is needed: \
+	  a checkout of the tree to compare with)) $(COMPARE_ARGS)
 
 # The GPU proof kit (README "On a GPU"). Here: the wheels the bare GPU image lacks, into .whl/
 # (ignored), the total printed against the device tool's 64 MiB.

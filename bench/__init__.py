@@ -8,3 +8,28 @@ def write_json(path, result) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
+
+
+def loop_run(cfg, model, data, plan, total_steps: int, objective: str = "sft"):
+    """A Run of the shared loop in this process, ready for recipes.core.loop.train_step: the
+    world `cfg.strategy` declares, the objective from its registry, the engine from
+    make_engine. Nothing is written (no output folder claimed, no checkpoint, no run log): what
+    the benchmarks time one optimizer step with."""
+    from recipes.core import objectives
+    from recipes.core.engines import make_engine
+    from recipes.core.loop import Run
+    from recipes.core.run_folder import RunFolder
+    from recipes.core.world import init_world
+
+    world = init_world(cfg.strategy)
+    run = Run(
+        cfg,
+        world,
+        RunFolder(Path(cfg.output_dir)),
+        objectives.get(objective),
+        data=data,
+        plan=plan,
+        total_steps=total_steps,
+    )
+    run.engine = make_engine(model, cfg, world, total_steps)
+    return run

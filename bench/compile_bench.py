@@ -1,6 +1,7 @@
 """torch.compile benchmark: training steps/s of the ~17M tiny Llama, eager vs --compile True.
 
-    python -m bench.compile_bench [--steps 6] [--warmup 3] [--rounds 2] [--out bench/results/compile_bench.json]
+    python -m bench.compile_bench [--quick] [--steps 6] [--warmup 3] [--rounds 2]
+                                  [--out bench/results/compile_bench.json]
 
 1 process on CPU (inductor's C++ backend), the ~17M "small" tiny Llama (vocab 4,000) on
 alpaca_gpt4_data_en_1k (converted, cleaned), max length 2048, batch 2 x accumulation 2,
@@ -52,14 +53,14 @@ def settings(args) -> dict:
 def worker(variant: str, p: dict) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
-    from recipes.core.distributed import World, make_engine
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
+    from bench import loop_run
     from recipes.core.compile import compile_layers
-    from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
-    from recipes.core.loop import Run, train_step
+    from recipes.core.loop import train_step
+    from recipes.core.recipe import TrainConfig
 
     torch.set_num_threads(p["threads"])
     model_dir, ds, pad = model_and_data(p["max_length"])
@@ -75,15 +76,13 @@ def worker(variant: str, p: dict) -> dict:
     )
     data = TrainData(ds, cfg.packing, cfg.model_max_length, pad)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
-    world = World(0, 0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     with contextlib.redirect_stdout(io.StringIO()) as note:
         compile_layers(model, cfg)
-        run = Run(cfg, world, plan=plan, data=data, total_steps=total)
-        run.engine = make_engine(model, cfg, world, total)
+        run = loop_run(cfg, model, data, plan, total)
         times, tokens, losses, graphs = [], [], [], []
         for step in range(total):
             run.step = step
@@ -137,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=6, help="measured steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=3, help="steps that hold the compilation")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--quick", action="store_true", help="2 warm-up and 2 measured steps, one round"
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compile_bench.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         variant, p = json.loads(args.worker)
         print(json.dumps(worker(variant, p)))
         return {}
+    if args.quick:
+        args.steps, args.warmup, args.rounds = 2, 2, 1
     p = settings(args)
     # build (or find) the model and the tokenized data once, untimed
     model_and_data(p["max_length"])

@@ -115,23 +115,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     tokenizer = AutoTokenizer.from_pretrained(model)
     rows = [bench_file(name, tokenizer, args.quick) for name in FILES]
-    head = f"{'file':34} {'convs':>7} {'camelid/s':>10} {'floor/s':>10} {'vs floor':>9} {'FastChat/s':>11} {'speed-up':>9} {'FC masked':>9} {'real@2048':>9} {'real dyn':>9} {'real grp':>9}"
+    head = (
+        f"{'file':34} {'convs':>7} {'camelid/s':>10} {'floor/s':>10} {'vs floor':>9} "
+        f"{'FastChat/s':>11} {'speed-up':>9} {'FC masked':>9} {'real@2048':>9} {'real dyn':>9} "
+        f"{'real grp':>9}"
+    )
     print(
-        "\ndata pipeline: template + tokenize + mask (legacy Llama tokenizer, vicuna_v1.1, max 2,048)"
+        "\ndata pipeline: template + tokenize + mask "
+        "(legacy Llama tokenizer, vicuna_v1.1, max 2,048)"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['file']:34} {r['conversations']:>7,} {r['camelid_conv_per_s']:>10,.0f} {r['floor_conv_per_s']:>10,.0f} "
-            f"{r['camelid_over_floor_time']:>8.2f}x {r['fastchat_conv_per_s']:>11,.0f} {r['speedup_vs_fastchat']:>8.1f}x "
-            f"{r['fastchat_masked_away']:>9} {r['real_tokens_pad_to_2048']:>9.1%} {r['real_tokens_dynamic_padding_b8']:>9.1%} "
+            f"{r['file']:34} {r['conversations']:>7,} {r['camelid_conv_per_s']:>10,.0f} "
+            f"{r['floor_conv_per_s']:>10,.0f} {r['camelid_over_floor_time']:>8.2f}x "
+            f"{r['fastchat_conv_per_s']:>11,.0f} {r['speedup_vs_fastchat']:>8.1f}x "
+            f"{r['fastchat_masked_away']:>9} {r['real_tokens_pad_to_2048']:>9.1%} "
+            f"{r['real_tokens_dynamic_padding_b8']:>9.1%} "
             f"{r['real_tokens_length_grouped_b8']:>9.1%}"
         )
     print(
-        "vs floor: camelid's time / plain batch tokenization of the same rendered text (target <= 1.5x); "
-        "FastChat timed on its first 'FastChat conversations timed' (JSON); real@2048: real-token share when "
-        "padding to 2,048 as FastChat does; dyn / grp: per micro-batch of 8, random / length-grouped."
+        "vs floor: camelid's time / plain batch tokenization of the same rendered text "
+        "(target <= 1.5x); FastChat timed on its first 'FastChat conversations timed' (JSON); "
+        "real@2048: real-token share when padding to 2,048 as FastChat does; dyn / grp: per "
+        "micro-batch of 8, random / length-grouped."
     )
     write_json(args.out, rows)
     return rows

@@ -1,7 +1,8 @@
 """DPO benchmark: a DPO step against an SFT step on the same sequences, and the memory a
 precomputed reference saves over a live reference model.
 
-    python -m bench.dpo_bench [--pairs 256] [--steps 12] [--out bench/results/dpo_bench.json]
+    python -m bench.dpo_bench [--quick] [--pairs 256] [--steps 12]
+                              [--out bench/results/dpo_bench.json]
 
 Three variants of the ~17M tiny Llama, one process, fp32, each in a fresh process (peak RSS of
 the training phase, VmHWM reset when training starts):
@@ -60,15 +61,39 @@ def prepare_inputs(n_pairs: int, cache: Path) -> dict:
     return {"pairs": str(pairs), "conversations": str(convs), "model": str(model)}
 
 
-def worker(variant: str, spec: dict) -> dict:
+def live_reference_objective(reference):
+    """recipes/dpo.py's objective with the reference kept as a second, frozen model and
+    scored in every step instead of once before training."""
     import torch
+
+    from recipes.core.objectives.dpo import DPO, dpo_losses
+    from recipes.core.preference import PlainForward, sequence_logps
+
+    class LiveReference(DPO):
+        def before_resume(self, run) -> None:
+            run.data.reference = torch.zeros(len(run.data.units), 2)  # unused: scored live
+
+        def loss(self, run, batch):
+            batch.pop("reference_logps", None)
+            with torch.no_grad():
+                ref, _ = sequence_logps(PlainForward(reference), dict(batch))
+            policy, tokens = sequence_logps(run.engine, batch)
+            cfg = run.cfg
+            losses, _, _ = dpo_losses(policy, ref, tokens, cfg.beta, cfg.loss_type)
+            return losses.sum() / run.plan.global_size, {}
+
+        def describe(self, cfg) -> str:
+            return "DPO with a live reference model, "
+
+    return LiveReference()
+
+
+def worker(variant: str, spec: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from recipes import dpo, full_finetune
-    from recipes.core.config import TrainConfig, load_config
-    from recipes.core.loading import load_model
-    from recipes.core.loop import finish, prepare, start, train
-    from recipes.core.preference import PlainForward, dpo_losses, sequence_logps
+    from recipes.core import loop, recipe
+    from recipes.core.config import load_config
+    from recipes.core.model_form import model_form
 
     out = Path(spec["out"]) / variant
     common = [
@@ -98,36 +123,29 @@ def worker(variant: str, spec: dict) -> dict:
         spec["cache"],
     ]
     if variant == "sft":  # two conversations per pair: the rows of a DPO micro-batch of 2 pairs
+        sft = recipe.get("sft")
         cfg, _ = load_config(
             [*common, "--data_path", spec["conversations"], "--per_device_train_batch_size", "4"],
-            cls=TrainConfig,
+            sft.config_class,
         )
-        run = full_finetune.setup(cfg)
+        run = recipe.setup(sft, cfg)
     else:
+        dpo = recipe.get("dpo")
         cfg, _ = load_config(
             [*common, "--data_path", spec["pairs"], "--per_device_train_batch_size", "2"],
-            cls=dpo.DPOConfig,
+            dpo.config_class,
         )
         if variant == "dpo":
-            run = dpo.setup(cfg)
-        else:
-            run = prepare(cfg, build_data=dpo.pair_data)
-            reference = AutoModelForCausalLM.from_pretrained(run.model_path).requires_grad_(False)
-            reference.eval()
-
-            def live_objective(run, batch):
-                batch.pop("reference_logps", None)
-                with torch.no_grad():
-                    ref, _ = sequence_logps(PlainForward(reference), dict(batch))
-                policy, tokens = sequence_logps(run.engine, batch)
-                losses, _, _ = dpo_losses(policy, ref, tokens, cfg.beta, cfg.loss_type)
-                return losses.sum() / run.plan.global_size, {}
-
-            run.data.reference = torch.zeros(len(run.data.units), 2)  # unused: scored live
-            run.objective = live_objective
-            run = start(run, load_model(run.model_path, cfg, run.world))
-    train(run)
-    finish(run)
+            run = recipe.setup(dpo, cfg)
+        else:  # recipe.setup's steps, with the live-reference objective
+            reference = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path)
+            reference.requires_grad_(False).eval()
+            run = loop.prepare(cfg, live_reference_objective(reference))
+            run.form = model_form(cfg)
+            model, engine, _ = run.form.build(run)
+            run = loop.start(run, model, engine)
+    recipe.train(run)
+    recipe.cleanup(run)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((out / "ranks" / "rank0.json").read_text())
     timed = rows[2:]  # the first steps warm up the allocator and caches
@@ -157,12 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="32 pairs, 5 steps (3 timed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dpo_bench.json"))
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.worker[0], json.loads(a.worker[1]))))
         return {}
+    if a.quick:
+        a.pairs, a.steps = 32, 5
     cache = REPO / ".cache" / "bench"
     spec = {
         **prepare_inputs(a.pairs, cache),

@@ -26,12 +26,24 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
-def command(out: Path, steps: int) -> list[str]:
+def assets() -> tuple[Path, Path]:
+    """The demo's tiny Llama and identity conversations (what `make train-vicuna` trains on
+    when no MODEL is given), built once under .cache/fault_bench."""
+    from fastchat_data import demo
+
+    return demo.model_and_data(REPO / ".cache" / "fault_bench", quiet=True)
+
+
+def command(out: Path, steps: int, model: Path, data: Path) -> list[str]:
     return [
         sys.executable,
         str(REPO / "recipes" / "full_finetune.py"),
         "--config",
         "tiny_cpu.yaml",
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        str(data),
         "--strategy",
         "single",
         "--output_dir",
@@ -73,7 +85,9 @@ def logged_steps(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def run_with_kills(out: Path, steps: int, kills: int, rng: random.Random) -> dict:
+def run_with_kills(
+    out: Path, steps: int, kills: int, rng: random.Random, model: Path, data: Path
+) -> dict:
     events, launches = [], 0
     while True:
         before = complete_steps(out)
@@ -81,7 +95,7 @@ def run_with_kills(out: Path, steps: int, kills: int, rng: random.Random) -> dic
         log = out.parent / f"{out.name}-launch{launches}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen(
-                command(out, steps),
+                command(out, steps, model, data),
                 env=environment(),
                 cwd=REPO,
                 stdout=f,
@@ -133,22 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--quick", action="store_true", help="4 kills in a 30-step run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=str(RESULTS / "fault_bench.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.kills, args.steps = 4, 30
     rng = random.Random(args.seed)
+    model, data = assets()
     with tempfile.TemporaryDirectory(prefix="camelid-faults-") as tmp:
         straight, faulty = Path(tmp) / "straight", Path(tmp) / "faulty"
         t0 = time.time()
         subprocess.run(
-            command(straight, args.steps),
+            command(straight, args.steps, model, data),
             env=environment(),
             cwd=REPO,
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = run_with_kills(faulty, args.steps, args.kills, rng)
+        result = run_with_kills(faulty, args.steps, args.kills, rng, model, data)
         ref, got = losses(straight), losses(faulty)
         events = result["events"]
         # each relaunch (the one after kill i) resumed from the newest complete checkpoint

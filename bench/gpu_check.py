@@ -10,7 +10,8 @@ a LlamaConfig (no hub), ShareGPT conversations and DPO pairs of those words. Eve
 row is camelid's own command line (recipes/full_finetune.py, dpo.py, qlora.py; torchrun for
 fsdp and zero3) run through bench/gpu_row.py, which records the process's peak
 `max_memory_allocated` over all of camelid's phases and ends the run where the final
-checkpoint would start (all steps done and logged). Of recipes/core only the strategy registry (parallel.py, no torch) is imported.
+checkpoint would start (all steps done and logged). Of recipes/core only the strategy registry
+(parallel.py, no torch) is imported.
 
 What runs, in this order. A row is skipped, with the reason, when its package or device is
 missing or when its estimated cost (Row.est_s, ~20 s for a 1B row: start-up, load, 7 steps;
@@ -959,7 +960,8 @@ def table(report: dict) -> str:
             "",
             f"QLoRA, 7B shape with 32 layers, extrapolated ({q['method']}): peak "
             f"{fmt(q.get('peak_gb'), '.2f', '?')} GB (camelid's plan: "
-            f"{fmt(q.get('plan_total_gb'), '.2f', '?')} GB), {fmt(q.get('tokens_per_s'), ',.0f', '?')} tok/s",
+            f"{fmt(q.get('plan_total_gb'), '.2f', '?')} GB), "
+            f"{fmt(q.get('tokens_per_s'), ',.0f', '?')} tok/s",
         ]
     lines += ["", "| check | result | value | tolerance | detail |", "|---|---|---|---|---|"]
     for c in report["checks"]:
@@ -1084,7 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
             why = "not in this run's row set (--rows" + (", dry run)" if dry else ")")
         elapsed = time.perf_counter() - t0
         if why is None and not dry and elapsed + row.est_s > budget:
-            why = f"time budget: {budget - elapsed:.0f} s of {budget:.0f} left, the row needs ~{row.est_s:.0f}"
+            why = (
+                f"time budget: {budget - elapsed:.0f} s of {budget:.0f} left, "
+                f"the row needs ~{row.est_s:.0f}"
+            )
         if why:
             entry.update(status="skipped", reason=why)
         else:

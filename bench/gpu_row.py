@@ -13,8 +13,8 @@ Nothing of camelid is imported or patched here; two torch entry points are wrapp
   status 0. The kit sets --save_steps beyond --max_steps, so the first save is the one after
   the last step: every step has run and is in metrics.jsonl, and the 1B model's checkpoint
   (13 GB of fp32 weights and Adam states, each file checksummed) and its 4.4 GB export are
-  not paid for on a GPU lease. Without a checkpoint save (an adapter's checkpoint is small and not stopped at)
-  the run ends normally and the record is written at exit.
+  not paid for on a GPU lease. Without a checkpoint save (an adapter's checkpoint is small and
+  not stopped at) the run ends normally and the record is written at exit.
 
 The record (JSON): peak_allocated_mb (max over the whole run), segments_mb (each phase
 segment's peak, in order), peak_reserved_mb (the allocator's, over the whole run),

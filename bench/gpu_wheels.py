@@ -149,7 +149,9 @@ NOT_CARRIED = {
     "flash-attn": "no wheel fits: PyPI has no wheel of it (an sdist that compiles CUDA kernels for "
     "about an hour), and prebuilt release wheels are hundreds of MB, tied to one torch/CUDA build; "
     "the kit measures flex_attention and sdpa instead and skips flash_attention_2 rows",
-    "fire": "not imported by the recipes (only the `camelid-data` command line, fastchat_data/cli.py)",
+    "fire": (
+        "not imported by the recipes (only the `camelid-data` command line, fastchat_data/cli.py)"
+    ),
 }
 
 # import name -> distribution, where they differ (for the import audit)
@@ -442,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         note = f" [{r['slim']}]" if r["slim"] else ""
         print(f"{r['file']:<{width}} {r['bytes'] / 2**20:>6.2f}  {r['why']}{note}")
     print(
-        f"\nwheels {manifest['wheels_bytes'] / 2**20:.2f} MiB + working tree {tree / 2**20:.2f} MiB "
+        f"\nwheels {manifest['wheels_bytes'] / 2**20:.2f} MiB + working tree "
+        f"{tree / 2**20:.2f} MiB "
         f"= {total / 2**20:.2f} MiB of the {args.budget_mib:g} MiB budget "
         f"({'fits' if total <= budget else 'OVER BUDGET'})"
     )

@@ -1,6 +1,7 @@
 """Loss benchmark: peak memory and time of the causal-LM loss, transformers' vs chunked.
 
-    python -m bench.loss_bench [--tokens 2048] [--vocab 32000] [--out bench/results/loss_bench.json]
+    python -m bench.loss_bench [--quick] [--tokens 2048] [--vocab 32000]
+                               [--out bench/results/loss_bench.json]
 
 Two measurements, each variant in a fresh process (torch's CPU allocator keeps no statistics,
 so the peak is the process's peak RSS, VmHWM, reset through /proc/self/clear_refs just before
@@ -129,8 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunks", default="0,4096,1024,512")
+    ap.add_argument("--quick", action="store_true", help="1,024 tokens; transformers vs 512 rows")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_bench.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.chunks = 1024, "0,512"
     chunks = [int(c) for c in args.chunks.split(",")]
     full_logits_mb = args.tokens * args.vocab * 4 / MB
     results = {

@@ -110,27 +110,24 @@ def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
 
 def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
     """Tokenize the training set once here, so that no run's rank 0 builds it while measured."""
-    import torch
-    from recipes.core.distributed import World
     from transformers import AutoTokenizer
 
     from recipes.core.config import load_config
     from recipes.core.data import load_train_set
+    from recipes.core.recipe import TrainConfig
+    from recipes.core.world import init_world
 
-    cfg, _ = load_config(recipe_args(model, data, cache, out))
+    cfg, _ = load_config(
+        [*recipe_args(model, data, cache, out), "--strategy", "single"], TrainConfig
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        load_train_set(
-            cfg,
-            str(data),
-            AutoTokenizer.from_pretrained(model),
-            World(0, 0, 1, torch.device("cpu")),
-        )
+        load_train_set(cfg, str(data), AutoTokenizer.from_pretrained(model), init_world("single"))
 
 
-def loader_of_recipe() -> str:
-    """ "full" while recipes/full_finetune.py loads the whole model on every rank."""
-    src = (REPO / "recipes" / "full_finetune.py").read_text()
-    return "full" if "AutoModelForCausalLM.from_pretrained(run.model_path" in src else "streaming"
+# What the recipe does: recipes/core/loading.py loads sharded (each rank its own rows) wherever
+# the strategy declares `sharded_load`, a full copy per rank elsewhere; the planner's
+# "streaming" model reads the same attribute.
+RECIPE_LOADING = "streaming"
 
 
 def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out: Path) -> dict:
@@ -227,18 +224,19 @@ def check_targets(rows: list[dict]) -> dict:
 def report(res: dict) -> None:
     s = res["settings"]
     print(
-        f"\n== per-rank peak RSS (MiB), measured / planner (--device cpu), fp32 + AdamW, batch 1 x {SEQ} "
-        f"tokens, {STEPS} steps; loading {s['loading']}"
+        f"\n== per-rank peak RSS (MiB), measured / planner (--device cpu), fp32 + AdamW, "
+        f"batch 1 x {SEQ} tokens, {STEPS} steps; loading {s['loading']}"
     )
     rts = "; ".join(
         f"{m} {v['torch']:,.0f} / {v['deepspeed']:,.0f}" for m, v in s["runtime_mb"].items()
     )
     print(
-        f"runtime (imports, gloo, one tiny step, the run's tokenizer and data), MiB, torch / with deepspeed: {rts}"
+        "runtime (imports, gloo, one tiny step, the run's tokenizer and data), MiB, "
+        f"torch / with deepspeed: {rts}"
     )
     print(
-        f"{'model':8}{'strategy':14}{'rank':>4}{'load':>8}{'pred':>8}{'ratio':>7}{'train':>8}{'pred':>8}"
-        f"{'ratio':>7}{'export':>8}{'pred':>8}{'ratio':>7}"
+        f"{'model':8}{'strategy':14}{'rank':>4}{'load':>8}{'pred':>8}{'ratio':>7}{'train':>8}"
+        f"{'pred':>8}{'ratio':>7}{'export':>8}{'pred':>8}{'ratio':>7}"
     )
     for r in res["rows"]:
         who = f"{r['model']:8}{r['strategy'] + ' x' + str(r['nproc']):14}"
@@ -251,26 +249,30 @@ def report(res: dict) -> None:
             )
             print(f"{who}{x['rank']:>4}{cells}")
             who = " " * 22
+        whole_run = "" if r["ranks"][0]["per_phase"] else "  [no phase_peak_rss_mb: whole-run peak]"
         print(
-            f"{'':22}    load summed over ranks: {r['load_sum_copies']:.2f} fp32 model copies beyond the "
-            f"runtime ({r['model_fp32_mb']:,.0f} MiB each){'' if r['ranks'][0]['per_phase'] else '  [no phase_peak_rss_mb: whole-run peak]'}"
+            f"{'':22}    load summed over ranks: {r['load_sum_copies']:.2f} fp32 model copies "
+            f"beyond the runtime ({r['model_fp32_mb']:,.0f} MiB each){whole_run}"
         )
     t = res["targets"]
     print("\ntargets:")
     print(
-        f"  planner within 15% of every rank's training peak: {'met' if t['train_within_15pct'] else 'NOT met'} "
+        "  planner within 15% of every rank's training peak: "
+        f"{'met' if t['train_within_15pct'] else 'NOT met'} "
         f"(largest error {t['train_max_error']:.1%})"
         if t["train_max_error"] is not None
         else "  no runs"
     )
     if t["load_max_copies"] is not None:
         print(
-            f"  load summed over ranks <= 1.3 model copies + runtime: {'met' if t['load_sum_at_most_1_3_copies'] else 'NOT met'} "
+            "  load summed over ranks <= 1.3 model copies + runtime: "
+            f"{'met' if t['load_sum_at_most_1_3_copies'] else 'NOT met'} "
             f"(largest {t['load_max_copies']:.2f} copies)"
         )
     z = ", ".join(f"{k} {v:.2f}x" for k, v in t["zero3_over_fsdp"].items())
     print(
-        f"  ZeRO-3 peak within 1.2x of FSDP2's: {'met' if t['zero3_within_1_2x_fsdp'] else 'NOT met'} ({z})"
+        "  ZeRO-3 peak within 1.2x of FSDP2's: "
+        f"{'met' if t['zero3_within_1_2x_fsdp'] else 'NOT met'} ({z})"
     )
 
 
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--loading",
         choices=("auto", "full", "streaming"),
         default="auto",
-        help="the planner's loading model; auto: read recipes/full_finetune.py",
+        help="the planner's loading model; auto: what the recipe does (streaming)",
     )
     a = ap.parse_args(argv)
     if a.rescore:
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     models = build_models(names, cache)
     os.environ.update(LIVE_MALLOC)  # for the runtime measurements, as for the runs
-    loading = loader_of_recipe() if a.loading == "auto" else a.loading
+    loading = RECIPE_LOADING if a.loading == "auto" else a.loading
     res: dict = {
         "settings": {
             "quick": a.quick,
@@ -403,14 +405,16 @@ def main(argv: list[str] | None = None) -> dict:
                     ph["export"] + pred["export_other_mb"] * (nproc - 1),
                 )
                 print(
-                    f"{model_name} {strategy} x{nproc}: predicted {need / MB:,.0f} MiB over ranks ...",
+                    f"{model_name} {strategy} x{nproc}: "
+                    f"predicted {need / MB:,.0f} MiB over ranks ...",
                     end=" ",
                     flush=True,
                 )
                 if need > 0.8 * mem_available():  # others share this machine: keep a margin
                     avail = mem_available() / 2**30
                     row["skipped"] = (
-                        f"skipped: predicted {need / 2**30:.1f} GiB > 80% of available {avail:.1f} GiB"
+                        f"skipped: predicted {need / 2**30:.1f} GiB "
+                        f"> 80% of available {avail:.1f} GiB"
                     )
                 else:
                     row.update(

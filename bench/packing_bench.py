@@ -1,6 +1,7 @@
 """Packing benchmark: real tokens/s of length-grouped batches vs packed rows, and the loss.
 
-    python -m bench.packing_bench [--steps 4] [--rounds 2] [--out bench/results/packing_bench.json]
+    python -m bench.packing_bench [--quick] [--steps 4] [--rounds 2]
+                                  [--out bench/results/packing_bench.json]
 
 1 process, the ~17M "small" tiny Llama (vocab 4,000), alpaca_gpt4_data_en_1k (converted,
 cleaned), max length 2048, batch 2 x accumulation 2, sdpa, as bench.train_bench's short-data
@@ -78,13 +79,13 @@ def variants() -> dict[str, dict]:
 
 def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
     import torch
-    from recipes.core.distributed import World, make_engine
     from transformers import AutoModelForCausalLM
 
+    from bench import loop_run
     from recipes.core.attention import register
-    from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
-    from recipes.core.loop import Run, train_step
+    from recipes.core.loop import train_step
+    from recipes.core.recipe import TrainConfig
 
     cfg = TrainConfig(
         model_max_length=p["max_length"],
@@ -99,14 +100,12 @@ def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
     rows = p["max_length"] if spec.get("row_tokens") == "capacity" else None
     data = TrainData(ds, cfg.packing, cfg.model_max_length, pad, row_tokens=rows)
     plan = BatchPlan(data.lengths, data.trained, cfg, 1)
-    world = World(0, 0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     register()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=spec["attn"]
     )
-    run = Run(cfg, world, plan=plan, data=data, total_steps=p["steps"])
-    run.engine = make_engine(model, cfg, world, p["steps"])
+    run = loop_run(cfg, model, data, plan, p["steps"])
     times, tokens = [], []
     for step in range(p["steps"]):
         run.step = step
@@ -130,8 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="3 steps (2 timed), one round")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "packing_bench.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 3, 1
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     base_name = names[0]
     print(
-        f"\n{'':44}{'row cap':>8}{'rows':>6}{'real tok/s':>12}{'vs first':>10}  (median of {args.rounds} rounds)"
+        f"\n{'':44}{'row cap':>8}{'rows':>6}{'real tok/s':>12}{'vs first':>10}  "
+        f"(median of {args.rounds} rounds)"
     )
     for name in names:
         tps = statistics.median(r[name]["real_tokens_per_s"] for r in rounds)

@@ -612,12 +612,16 @@ def summarize(rounds: list[dict], names: list[str]) -> dict:
 def report(results: dict) -> None:
     s = results["settings"]
     print(
-        f"\n== peers: 1 process, {s['model']}, fp32, sdpa, max length {s['max_length']}, batch {s['batch']} x "
-        f"accumulation {s['accum']}, {s['steps']} steps ({s['steps'] - WARMUP} timed), {s['threads']} threads, "
-        f"{s['rounds']} interleaved round(s); real tok/s = median over timed steps, then over rounds"
+        f"\n== peers: 1 process, {s['model']}, fp32, sdpa, max length {s['max_length']}, "
+        f"batch {s['batch']} x accumulation {s['accum']}, {s['steps']} steps "
+        f"({s['steps'] - WARMUP} timed), {s['threads']} threads, {s['rounds']} interleaved "
+        "round(s); real tok/s = median over timed steps, then over rounds"
     )
     failed: list[str] = []
-    head = f"{'file':8}{'system':34}{'real tok/s':>11}{'real share':>11}{'packed/this':>12}{'grouped/this':>13}"
+    head = (
+        f"{'file':8}{'system':34}{'real tok/s':>11}{'real share':>11}{'packed/this':>12}"
+        f"{'grouped/this':>13}"
+    )
     print(head)
     for f in results["files"].values():
         for name, row in f["summary"].items():
@@ -630,11 +634,12 @@ def report(results: dict) -> None:
                 for k, w in (("camelid_packed_over_this", 11), ("camelid_grouped_over_this", 12))
             )
             print(
-                f"{f['tag']:8}{name:34}{row['real_tokens_per_s']:>11,.0f}{row['real_token_share']:>11.1%}{ratios}"
+                f"{f['tag']:8}{name:34}{row['real_tokens_per_s']:>11,.0f}"
+                f"{row['real_token_share']:>11.1%}{ratios}"
             )
     print(
-        "packed/this, grouped/this: camelid packed (sdpa_packed) resp. grouped (sdpa) real tok/s over the row's, "
-        "per round, median over rounds"
+        "packed/this, grouped/this: camelid packed (sdpa_packed) resp. grouped (sdpa) real tok/s "
+        "over the row's, per round, median over rounds"
     )
     for line in failed:
         print("could not run: " + line)

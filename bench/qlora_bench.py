@@ -64,13 +64,14 @@ def model_bytes(model) -> dict:
 
 def base_bytes(path: Path) -> dict:
     """bf16 and nf4 + double quantization, both through recipes/qlora.py's own loader."""
-    from recipes.core.lora import QLoraConfig, load_base
+    from recipes.core.attention import attention_kwargs
+    from recipes.core.lora import load_base
+    from recipes.core.recipe import QLoraConfig
 
-    cpu = torch.device("cpu")
-    bf16 = model_bytes(load_base(str(path), QLoraConfig(quantization="none", bf16=True), cpu))
-    nf4 = model_bytes(
-        load_base(str(path), QLoraConfig(quantization="nf4", double_quant=True, bf16=True), cpu)
-    )
+    cpu, cfg = torch.device("cpu"), QLoraConfig()  # the recipe's --attn_implementation
+    kw = dict(bf16=True, attention=attention_kwargs(cfg))
+    bf16 = model_bytes(load_base(str(path), cpu, quantization="none", **kw))
+    nf4 = model_bytes(load_base(str(path), cpu, quantization="nf4", double_quant=True, **kw))
     return {
         "bf16": bf16,
         "nf4": nf4,
@@ -182,14 +183,17 @@ def report(results: dict) -> str:
     for model, runs in results["methods"].items():
         lines += [
             "",
-            f"== b. one process, {model}, {s['data']}, batch 4, max length 512, {runs[0]['steps']} steps, fp32 compute",
-            f"{'method':<34}{'step s':>9}{'tok/s':>9}{'peak RSS MB':>13}{'step vs full':>14}{'mem vs full':>13}",
+            f"== b. one process, {model}, {s['data']}, batch 4, max length 512, "
+            f"{runs[0]['steps']} steps, fp32 compute",
+            f"{'method':<34}{'step s':>9}{'tok/s':>9}{'peak RSS MB':>13}{'step vs full':>14}"
+            f"{'mem vs full':>13}",
         ]
         full = next(r for r in runs if r["method"].startswith("full"))
         for r in runs:
             lines.append(
-                f"{r['method']:<34}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['peak_rss_mb']:>13,.0f}"
-                f"{r['step_s'] / full['step_s']:>13.2f}x{r['peak_rss_mb'] / full['peak_rss_mb']:>12.2f}x"
+                f"{r['method']:<34}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}"
+                f"{r['peak_rss_mb']:>13,.0f}{r['step_s'] / full['step_s']:>13.2f}x"
+                f"{r['peak_rss_mb'] / full['peak_rss_mb']:>12.2f}x"
             )
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ a. Throughput, 1 process, the ~17M "small" tiny Llama (legacy tokenizer, 4,000 t
    ...), so a change of machine load hits both sides alike; ratios are taken per round.
 b. Per-rank memory at 2 ranks of DDP, FSDP2 and ZeRO-3 on the ~91M "base" model, fp32 + AdamW,
    against the model-state count 16*Psi bytes per rank (DDP) and 16*Psi/N (full sharding).
-c. Rank 0's memory during the final export (checkpoint.export_hf): FSDP2 gathering with
+c. Rank 0's memory during the final export (model_form.FullModel.export): FSDP2 gathering with
    cpu_offload=True (camelid's code) against a gather without it.
 
 Every configuration runs in its own process(es), launched as users launch the recipe (python,
@@ -137,16 +137,16 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    if any(a.startswith("zero") for a in argv):
-        import deepspeed  # noqa: F401
-    from recipes import full_finetune as ff
-    from recipes.core import loop
+    from recipes.core import checkpoint, loop, parallel, recipe
     from recipes.core.config import load_config
 
+    sft = recipe.get("sft")
+    cfg, notes = load_config(argv, sft.config_class)
+    if cfg.strategy != "auto" and parallel.get(cfg.strategy).engine == "deepspeed":
+        import deepspeed  # noqa: F401
     ph.end("runtime")
-    cfg, notes = load_config(argv)
     ph.start()
-    run = ff.setup(cfg, notes)
+    run = recipe.setup(sft, cfg, notes)
     ph.end("setup")
     rank, world_size = run.world.rank, run.world.size
 
@@ -167,9 +167,8 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
     run.data.batch = timed(run.data.batch, "collate")
     run.world.all_sums = timed(run.world.all_sums, "all_sum")  # all_sum goes through it too
     run.log.step = timed(run.log.step, "log")
-    ff.checkpoint.save_checkpoint = timed(
-        ff.checkpoint.save_checkpoint, "checkpoint"
-    )  # the last step's
+    # the last step's checkpoint (the loop calls it through the checkpoint module)
+    checkpoint.save_checkpoint = timed(checkpoint.save_checkpoint, "checkpoint")
 
     _trim()
     ph.start()
@@ -191,10 +190,10 @@ def recipe_worker(spec: dict, argv: list[str]) -> None:
         run.engine.full_state_dict = full_state_dict_no_offload
     ph.start()
     t0 = time.perf_counter()
-    ff.save(run)
+    recipe.save(run)
     export_s = time.perf_counter() - t0
     ph.end("export")
-    ff.cleanup(run)
+    recipe.cleanup(run)
     out = Path(spec["out"]) / f"bench-rank{rank}.json"
     out.write_text(
         json.dumps(
@@ -343,13 +342,15 @@ def launch(
     spec: dict, nproc: int = 1, strategy: str = "single", recipe_args=(), env_extra=None
 ) -> list[dict]:
     """One configuration in its own process(es); returns each rank's measurements."""
+    from recipes.core import parallel
+
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     args = [str(a) for a in recipe_args]
     if nproc == 1:
         cmd = [sys.executable, "-m", "bench.train_bench", *args]
-    elif strategy.startswith("zero"):
+    elif parallel.get(strategy).launcher == "deepspeed":
         cmd = [
             str(bin_dir / "deepspeed"),
             "--num_gpus",
@@ -389,7 +390,8 @@ def launch(
     (out / "log.txt").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(cmd)} failed ({res.returncode}); log: {out / 'log.txt'}\n{res.stderr[-3000:]}"
+            f"{' '.join(cmd)} failed ({res.returncode}); log: {out / 'log.txt'}\n"
+            f"{res.stderr[-3000:]}"
         )
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("bench-rank*.json"))]
     if len(ranks) != nproc:
@@ -450,8 +452,8 @@ def epoch_real_share(
     ds, pad_id: int, max_length: int, batch: int, accum: int, packing: bool
 ) -> float:
     """The real-token share of a whole camelid epoch, from the batch plan (as collate pads)."""
-    from recipes.core.config import TrainConfig
     from recipes.core.data import BatchPlan, TrainData
+    from recipes.core.recipe import TrainConfig
 
     kw = {"packing": True} if packing else {}
     cfg = TrainConfig(
@@ -594,6 +596,14 @@ def throughput(
 # fixed 64 KiB mmap threshold every large block goes back to the OS when freed, so RSS tracks
 # the memory actually in use, which is what the model-state formula predicts.
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# memory runs: name -> (strategy, export variant, glibc's default malloc instead of LIVE_MALLOC)
+MEM_RUNS = {
+    "ddp": ("ddp", None, False),
+    "fsdp": ("fsdp", None, False),
+    "zero3": ("zero3", None, False),
+    "fsdp_no_offload": ("fsdp", "no_offload", False),
+    "fsdp_glibc_default": ("fsdp", None, True),
+}
 
 
 def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
@@ -614,10 +624,12 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
         },
         "runs": {},
     }
+    from recipes.core import parallel
+
     for name in p["mem_runs"]:
-        strategy = name.split("_")[0]
-        export = "no_offload" if "no_offload" in name else None
-        env = {} if name.endswith("glibc_default") else LIVE_MALLOC
+        strategy, export, default_malloc = MEM_RUNS[name]
+        env = {} if default_malloc else LIVE_MALLOC
+        shards = n if parallel.get(strategy).shards_params else 1  # what a rank holds 1/shards of
         out = tmp / f"b-{name}"
         print(f"  {name} x {n} ...", end=" ", flush=True)
         args = recipe_args(
@@ -639,6 +651,8 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
         res["runs"][name] = [
             {
                 "rank": r["rank"],
+                "strategy": strategy,
+                "shards": shards,
                 "runtime_mb": r["phases"]["runtime"]["end_mb"],
                 "setup_peak_mb": r["phases"]["setup"]["peak_mb"],
                 "train_peak_mb": r["phases"]["train"]["peak_mb"],
@@ -660,9 +674,9 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
 
 def report_throughput(a: dict, s: dict, title: str) -> None:
     print(
-        f"\n== {title}: 1 process, {s['model_a']}, {a['data']} (cleaned), max length {s['max_length']}, "
-        f"batch {s['batch']} x accumulation {s['accum']}, {s['steps'] - 1} timed steps after 1 warm-up, "
-        f"{len(a['rounds'])} interleaved round(s)"
+        f"\n== {title}: 1 process, {s['model_a']}, {a['data']} (cleaned), "
+        f"max length {s['max_length']}, batch {s['batch']} x accumulation {s['accum']}, "
+        f"{s['steps'] - 1} timed steps after 1 warm-up, {len(a['rounds'])} interleaved round(s)"
     )
     labels = {
         "fastchat": "FastChat (pad to max)",
@@ -670,8 +684,8 @@ def report_throughput(a: dict, s: dict, title: str) -> None:
         "camelid_packed": "camelid --packing",
     }
     print(
-        f"{'':26}{'real tok/s':>11}{'all tok/s':>10}{'pad share':>10}{'epoch pad':>10}{'peak RSS':>9}"
-        f"{'vs FastChat':>12}"
+        f"{'':26}{'real tok/s':>11}{'all tok/s':>10}{'pad share':>10}{'epoch pad':>10}"
+        f"{'peak RSS':>9}{'vs FastChat':>12}"
     )
     for i, rnd in enumerate(a["rounds"]):
         for key, label in labels.items():
@@ -682,18 +696,21 @@ def report_throughput(a: dict, s: dict, title: str) -> None:
             ratio = f"{rnd[key + '_vs_fastchat']:.2f}x" if key != "fastchat" else ""
             print(
                 f"{who:26}{r['real_tokens_per_s']:>11,.0f}{r['padded_tokens_per_s']:>10,.0f}"
-                f"{1 - r['real_token_share']:>10.1%}{1 - epoch:>10.1%}{r['peak_rss_mb']:>9,.0f}{ratio:>12}"
+                f"{1 - r['real_token_share']:>10.1%}{1 - epoch:>10.1%}{r['peak_rss_mb']:>9,.0f}"
+                f"{ratio:>12}"
             )
     print(
         f"camelid / FastChat real tokens/s, median over rounds: {a['camelid_vs_fastchat']:.2f}x "
         f"(target >= 3x); padding alone bounds it at {a['camelid_padding_bound']:.2f}x "
-        f"(epoch real-token share {a['camelid_epoch_real_share']:.1%} vs {a['fastchat_epoch_real_share']:.1%})"
+        f"(epoch real-token share {a['camelid_epoch_real_share']:.1%} "
+        f"vs {a['fastchat_epoch_real_share']:.1%})"
     )
     if "camelid_packed_vs_fastchat" in a:
         share = statistics.mean(r["camelid_packed"]["real_token_share"] for r in a["rounds"])
         print(
-            f"camelid --packing: {a['camelid_packed_vs_fastchat']:.2f}x; real-token share with packing "
-            f"{share:.1%} in the timed steps, {a['camelid_packed_epoch_real_share']:.1%} over an epoch (target >= 95%)"
+            f"camelid --packing: {a['camelid_packed_vs_fastchat']:.2f}x; real-token share with "
+            f"packing {share:.1%} in the timed steps, "
+            f"{a['camelid_packed_epoch_real_share']:.1%} over an epoch (target >= 95%)"
         )
     elif s["packing_available"] is False:
         print("camelid --packing: not available (no --packing option in recipes/core/config.py)")
@@ -709,14 +726,15 @@ def report(results: dict) -> None:
     m = results["memory"]
     psi, n = m["parameters"], m["ranks"]
     print(
-        f"\n== b. per-rank memory (MiB), {n} ranks, {s['model_b']} ({psi / 1e6:.1f}M params), fp32 + AdamW, "
-        f"length {s['mem_length']}, batch 1, {s['mem_steps']} steps, "
+        f"\n== b. per-rank memory (MiB), {n} ranks, {s['model_b']} ({psi / 1e6:.1f}M params), "
+        f"fp32 + AdamW, length {s['mem_length']}, batch 1, {s['mem_steps']} steps, "
         f"{' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}"
     )
     print(
-        "formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = 16 bytes per\n"
-        "parameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); DDP replicates them: 16*Psi per rank;\n"
-        "FSDP / ZeRO-3 shard all three: 16*Psi/N. After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
+        "formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = "
+        "16 bytes per\nparameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); "
+        "DDP replicates them: 16*Psi per rank;\nsharding strategies shard all three: 16*Psi/N. "
+        "After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
         "runtime = the process before any model or data (python, torch, transformers, deepspeed)."
     )
     print(
@@ -724,22 +742,26 @@ def report(results: dict) -> None:
         f"{'tensors':>8}{'12Psi/N':>8}{'mmapped':>8}"
     )
     for name, runs in m["runs"].items():
-        if "no_offload" in name:
+        if MEM_RUNS[name][1]:  # the export variants: section c only
             continue
-        shards = 1 if name.startswith("ddp") else n
         for r in runs:
+            shards = r["shards"]
             who = f"{name} rank {r['rank']}"
             print(
-                f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}{r['train_peak_mb']:>9,.0f}"
-                f"{r['train_peak_mb'] - r['runtime_mb']:>11,.0f}{16 * psi / shards / MB:>8,.0f}"
-                f"{r['live_tensor_mb']:>8,.0f}{12 * psi / shards / MB:>8,.0f}{r['train_end_file_mb']:>8,.0f}"
+                f"{who:25}{r['runtime_mb']:>8,.0f}{r['setup_peak_mb']:>9,.0f}"
+                f"{r['train_peak_mb']:>9,.0f}{r['train_peak_mb'] - r['runtime_mb']:>11,.0f}"
+                f"{16 * psi / shards / MB:>8,.0f}{r['live_tensor_mb']:>8,.0f}"
+                f"{12 * psi / shards / MB:>8,.0f}{r['train_end_file_mb']:>8,.0f}"
             )
     print(
-        "  tensors: storage Python can reach after training (params + Adam states + DeepSpeed buffers);\n"
-        "  mmapped: file-backed RSS at the end of training (the safetensors file every rank maps to load the model)"
+        "  tensors: storage Python can reach after training "
+        "(params + Adam states + DeepSpeed buffers);\n"
+        "  mmapped: file-backed RSS at the end of training "
+        "(the safetensors file every rank maps to load the model)"
     )
     print(
-        f"\n== c. export (checkpoint.export_hf), {n} ranks, one fp32 copy of the model = {m['model_fp32_mb']:,.0f} MiB"
+        f"\n== c. export (model_form.FullModel.export), {n} ranks, "
+        f"one fp32 copy of the model = {m['model_fp32_mb']:,.0f} MiB"
     )
     print(f"{'':32}{'before':>8}{'peak':>8}{'increase':>9}{'copies':>7}{'seconds':>8}")
     labels = {
@@ -753,13 +775,15 @@ def report(results: dict) -> None:
         for r in m["runs"].get(name, []):
             who = f"{label} r{r['rank']}"
             print(
-                f"{who:32}{r['after_train_mb']:>8,.0f}{r['export_peak_mb']:>8,.0f}{r['export_increase_mb']:>9,.0f}"
+                f"{who:32}{r['after_train_mb']:>8,.0f}{r['export_peak_mb']:>8,.0f}"
+                f"{r['export_increase_mb']:>9,.0f}"
                 f"{r['export_increase_mb'] / m['model_fp32_mb']:>7.2f}{r['export_s']:>8.1f}"
             )
     print(
-        "  before = RSS after training (freed heap trimmed); increase = export peak - before. On CPU the\n"
-        "  'offload' copies nothing (the gathered tensors are CPU tensors already): what differs is that with\n"
-        "  cpu_offload=True only rank 0 keeps the gathered state dict, without it every rank keeps a full copy."
+        "  before = RSS after training (freed heap trimmed); increase = export peak - before. On "
+        "CPU the\n  'offload' copies nothing (the gathered tensors are CPU tensors already): what "
+        "differs is that with\n  cpu_offload=True only rank 0 keeps the gathered state dict, "
+        "without it every rank keeps a full copy."
     )
 
 
@@ -778,7 +802,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fastchat_data.commands import clean, convert
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
-    from recipes.core.config import TrainConfig
+    from recipes.core.recipe import TrainConfig
 
     has_packing = "packing" in TrainConfig.__dataclass_fields__
     if args.quick:
@@ -793,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
             mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload"],
             short_data=None,
         )
-    else:  # FastChat's model_max_length and per-device batch; accumulation 2 (FastChat: 16) to fit the time
+    else:  # FastChat's model_max_length and per-device batch; accumulation 2 (FastChat: 16)
         p = dict(
             max_length=2048,
             batch=2,
