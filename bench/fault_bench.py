@@ -1,7 +1,9 @@
-"""Fault injection: kill -9 a training run at random moments (most land inside a checkpoint
-write, since the tiny model saves every step) and relaunch it, again and again. Every
-relaunch must resume from the newest complete checkpoint, and the run must end on exactly the
-loss curve of an uninterrupted run.
+"""Fault injection: kill -9 a training run at random moments and relaunch it, again and again.
+The kills rotate over three moments: inside a checkpoint write (the tiny model saves every
+step), while a relaunch is resuming (verifying and loading the checkpoint, repairing the
+metrics log, before its first new step), and at any moment. Every relaunch must resume from
+the newest complete checkpoint, and the run must end on exactly the loss curve of an
+uninterrupted run.
 
     python -m bench.fault_bench [--kills 20] [--steps 120] [--seed 0]
 
@@ -61,6 +63,9 @@ def command(out: Path, steps: int, model: Path, data: Path) -> list[str]:
     ]
 
 
+MOMENTS = ("mid_save", "during_resume", "any")
+
+
 def environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -105,16 +110,26 @@ def run_with_kills(
             killed = None
             if len(events) < kills:
                 start = logged_steps(out)
-                # wait until this launch trains (startup takes seconds), then: every other kill
-                # lands at a random moment inside a checkpoint write (its .tmp folder exists),
-                # the others at any random moment
+                # mid_save: once this launch trains, at a random moment inside a checkpoint
+                # write (its .tmp folder exists); during_resume: right after the relaunch
+                # loaded its checkpoint; any: once it trains, at any random moment
                 while proc.poll() is None and logged_steps(out) <= start:
                     time.sleep(0.01)
-                if len(events) % 2 == 0:
+                moment = MOMENTS[len(events) % len(MOMENTS)]
+                if moment == "during_resume" and before:
+                    # as soon as the relaunch has loaded the checkpoint, before its first step
+                    while proc.poll() is None and "resumed from" not in log.read_text():
+                        time.sleep(0.001)
+                elif moment == "during_resume":
+                    moment = "any"  # nothing to resume yet: the first launch
+                if moment != "during_resume":
+                    while proc.poll() is None and logged_steps(out) <= start:
+                        time.sleep(0.01)
+                if moment == "mid_save":
                     while proc.poll() is None and not list(out.glob("checkpoints/.tmp-step-*")):
                         time.sleep(0.001)
                     time.sleep(rng.uniform(0.0, 0.02))
-                else:
+                elif moment == "any":
                     time.sleep(rng.uniform(0.0, 0.6))
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -129,6 +144,8 @@ def run_with_kills(
             "damaged_reported": "failed verification" in text,
             "exit": proc.returncode,
         }
+        if killed:
+            event["moment"] = moment
         if killed:
             tmp = (
                 list((out / "checkpoints").glob(".tmp-step-*"))
@@ -147,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--quick", action="store_true", help="4 kills in a 30-step run")
+    ap.add_argument("--quick", action="store_true", help="6 kills in a 30-step run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=str(RESULTS / "fault_bench.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.kills, args.steps = 4, 30
+        args.kills, args.steps = 6, 30
     rng = random.Random(args.seed)
     model, data = assets()
     with tempfile.TemporaryDirectory(prefix="camelid-faults-") as tmp:
@@ -175,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "kills": len(events),
             "kills_mid_checkpoint_write": sum(e["mid_save"] for e in events),
+            "kills_during_resume": sum(e["moment"] == "during_resume" for e in events),
             "relaunches": len(relaunches),
             "relaunches_resumed_from_newest_complete": resumed_right,
             "damaged_checkpoints_reported": sum(e["damaged_reported"] for e in relaunches),
