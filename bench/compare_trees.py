@@ -173,6 +173,7 @@ def summarize(rounds: list[dict]) -> dict:
             "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "ratio_quartiles": statistics.quantiles(ratios, n=4),
             "ratios": [round(x, 4) for x in ratios],
         }
     total = {
@@ -213,6 +214,8 @@ def report(res: dict) -> None:
         f"pooled over all timed steps: old {pooled['old']['real_tokens_per_s']:,.1f}, new "
         f"{pooled['new']['real_tokens_per_s']:,.1f} real tok/s, new/old {pooled['ratio']:.3f}"
     )
+    q1, _, q3 = res["summary"]["real_tokens_per_s"]["ratio_quartiles"]
+    print(f"new/old per round, middle half: {q1:.3f} - {q3:.3f}")
     ratio = res["summary"]["real_tokens_per_s"]["ratio_median"]
     verdict = "met" if ratio >= TARGET else "NOT met"
     print(
