@@ -242,8 +242,9 @@ def test_a_registered_strategy_gets_a_row_without_a_planner_edit(toy):
     assert list(rows)[-1] == "toy"  # cost_rank 99: last
     for attr in ("per_rank", "per_node_cpu", "load_model_copies_per_node", "fits", "fails"):
         assert getattr(rows["toy"], attr) == getattr(rows["ddp"], attr), attr
-    # one process: a torch strategy runs as single, as ddp does
-    assert "toy" not in {r.strategy for r in P.plan("llama-2-7b", ngpu=1)}
+    # one process: a multi-process strategy runs over a one-rank mesh, and has a row as ddp does
+    one = {r.strategy for r in P.plan("llama-2-7b", ngpu=1)}
+    assert "ddp" in one and "toy" in one
     assert "toy" in P.option_parser()._option_string_actions["--strategy"].help
 
 
@@ -421,7 +422,6 @@ LLAMA = {
         (["--runtime_mb", "nan", "--device", "cpu"], "--runtime_mb nan"),
         (["--strategy", "foo"], "--strategy 'foo': not one of single, ddp"),
         (["--strategy", "fsdp", "--peft", "lora"], "--strategy fsdp: does not train adapters"),
-        (["--strategy", "ddp"], "--strategy ddp: with one process"),
         (["--peft", "dora"], "peft 'dora' is not one of lora, qlora"),
         (["--gpu_mem", "80"], "unknown option 'gpu_mem' (did you mean gpu_memory?)"),
         (
