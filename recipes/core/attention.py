@@ -19,6 +19,10 @@ masking_utils detects the packing from the position ids and builds a document ma
 
 auto: flash_attention_2 where it runs; else for packed rows flex_attention on CUDA,
 sdpa_packed on CPU; else sdpa.
+
+With --sequence_parallel_size > 1 the model runs camelid's "ulysses" attention
+(recipes/core/sequence_parallel.py), which computes sdpa_packed on the whole row for a share
+of the heads; auto, sdpa and sdpa_packed mean that, the others are refused.
 """
 
 from __future__ import annotations
@@ -145,8 +149,18 @@ def resolve(name: str, packing: bool, cuda: bool | None = None) -> str:
     return "sdpa"
 
 
+# under sequence parallelism attention runs on the whole row in sequence_parallel.py, over
+# sdpa_packed's per-conversation sdpa; these names mean that (or nothing else is exact there)
+SEQUENCE_PARALLEL_OK = ("auto", "sdpa", PACKED_SDPA)
+
+
 def attention_kwargs(cfg) -> dict:
     """Keyword arguments for `from_pretrained` / `from_config`: splat them into the call."""
+    if getattr(cfg, "sequence_parallel_size", 1) > 1:
+        from . import sequence_parallel
+
+        sequence_parallel.register()
+        return {"attn_implementation": sequence_parallel.NAME}
     name = resolve(cfg.attn_implementation, cfg.packing)
     if name == PACKED_SDPA:
         register()
