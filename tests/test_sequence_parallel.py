@@ -247,24 +247,75 @@ def long_args(data: str, steps: int = 3) -> list:
     ]
 
 
+def with_accumulation(args: list, accum: int) -> list:
+    args = list(args)
+    args[args.index("--gradient_accumulation_steps") + 1] = accum
+    return args
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    return long_conversations(tmp_path_factory.mktemp("long"))
+
+
+@pytest.fixture(scope="module")
+def one_process(long_data, tmp_path_factory):
+    """One process, the same global batches: 2 rows x 2 accumulation (x dp ranks)."""
+    outs = {}
+    for accum in (2, 4):
+        outs[accum] = tmp_path_factory.mktemp(f"one{accum}")
+        train("single", 1, outs[accum], *with_accumulation(long_args(long_data), accum))
+    return outs
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_sp2_under_fsdp_trains_as_one_process(tmp_path):
-    data = long_conversations(tmp_path)
-    train("single", 1, tmp_path / "one", *long_args(data))
-    res = train("fsdp", 2, tmp_path / "sp", *long_args(data), "--sequence_parallel_size", 2)
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3", "ddp"])
+def test_sp2_trains_as_one_process(strategy, long_data, one_process, tmp_path):
+    res = train(strategy, 2, tmp_path, *long_args(long_data), "--sequence_parallel_size", 2)
     assert "rows split over 2, 1 data-parallel" in res.stdout
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    ref, got = losses(one_process[2]), losses(tmp_path)
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
     # the two ranks of the sp group train on the same samples, each its own shard
-    info = ranks(tmp_path / "sp")
+    info = ranks(tmp_path)
     assert [(r["dp_rank"], r["sp_rank"]) for r in info] == [(0, 0), (0, 1)]
     assert info[0]["sample_ids"] == info[1]["sample_ids"]
     # the run's reported tokens are the one process's (counted once per sp group)
-    rows = [
-        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-        for d in ("one", "sp")
+    assert [r["tokens"] for r in metrics(one_process[2])] == [
+        r["tokens"] for r in metrics(tmp_path)
     ]
-    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+
+
+@pytest.mark.slow
+def test_sp2_times_dp2_on_four_ranks_trains_as_one_process(long_data, one_process, tmp_path):
+    args = [*long_args(long_data), "--sequence_parallel_size", 2]
+    res = train("fsdp", 4, tmp_path, *args)
+    assert "rows split over 2, 2 data-parallel" in res.stdout
+    ref, got = losses(one_process[4]), losses(tmp_path)
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+    info = ranks(tmp_path)
+    assert [(r["dp_rank"], r["sp_rank"]) for r in info] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert info[0]["sample_ids"] == info[1]["sample_ids"]
+    assert info[2]["sample_ids"] == info[3]["sample_ids"]
+    assert not set(info[0]["sample_ids"]) & set(info[2]["sample_ids"])
+
+
+@pytest.mark.slow
+def test_sp2_run_killed_then_relaunched_continues_the_same_curve(long_data, tmp_path):
+    from test_train import kill_when
+    from train_utils import command, complete_checkpoints
+
+    args = [*long_args(long_data, steps=4), "--sequence_parallel_size", 2, "--save_steps", 2]
+    train("fsdp", 2, tmp_path / "straight", *args)
+    out = tmp_path / "killed"
+    kill_when(command("fsdp", 2, out, *args, faults={"step_delay": 1.0}), out / "metrics.jsonl", 3)
+    assert [p.name for p in complete_checkpoints(out)][-1] == "step-00000002"
+    res = train("fsdp", 2, out, *args)
+    assert "(step 2)" in res.stdout
+    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -280,10 +331,10 @@ def test_refused_head_count_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_rope_scaling_is_trained_with_and_exported(tmp_path):
+def test_rope_scaling_is_trained_with_and_exported(long_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    data = long_conversations(tmp_path)
+    data = long_data
     scaling = {"rope_type": "linear", "factor": 4}
     args = [*long_args(data, steps=1), "--packing", "False"]
     train("single", 1, tmp_path / "plain", *args)
