@@ -351,3 +351,58 @@ def test_rope_scaling_is_trained_with_and_exported(long_data, tmp_path):
     # another loss on the same long rows
     first = losses(tmp_path / "plain")[0], losses(tmp_path / "scaled")[0]
     assert abs(first[0] - first[1]) > 1e-4, first
+
+
+def _saved_bytes_worker(rank, world, kv, rows):
+    """What one decoder layer saves for backward on one rank of an sp group, against the
+    planner's formula (recipes/plan.py: layer_activation_bytes with sp)."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipes import plan as P
+    from recipes.core import sequence_parallel as sp
+
+    sp.register()
+    sp.use_group(dist.new_group(list(range(world))))
+    cfg = LlamaConfig(
+        vocab_size=500,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        attn_implementation=sp.NAME,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, inside = {}, [False]
+
+    def pack(t):
+        if inside[0] and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    seq = 64
+    batch = {
+        "input_ids": torch.randint(0, 500, (rows, seq)),
+        "labels": torch.zeros(rows, seq, dtype=torch.long),
+        "attention_mask": torch.ones(rows, seq, dtype=torch.long),  # collate's padding mask
+    }
+    shard = shard_batch(batch, world, rank)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False)
+    shape = P.Shape.from_config(cfg.to_dict())
+    want = P.layer_activation_bytes(shape, seq, rows, 4, sp=world) + P.rope_bytes(
+        shape, seq, rows, 4, sp=world
+    )
+    assert sum(saved.values()) == want, (sum(saved.values()), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv,rows", [(4, 1), (2, 1), (2, 2)])
+def test_what_a_layer_saves_is_what_the_planner_counts(kv, rows):
+    _spawned(_saved_bytes_worker, 2, kv, rows)
