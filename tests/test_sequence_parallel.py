@@ -406,3 +406,24 @@ def _saved_bytes_worker(rank, world, kv, rows):
 @pytest.mark.parametrize("kv,rows", [(4, 1), (2, 1), (2, 2)])
 def test_what_a_layer_saves_is_what_the_planner_counts(kv, rows):
     _spawned(_saved_bytes_worker, 2, kv, rows)
+
+
+def test_launcher_preflight_counts_the_sequence_split(tmp_path):
+    """A 7B at 256K tokens per row on 8 x 80 GB: FSDP2 alone needs ~144 GB per GPU (refused
+    before starting); with the row split over the 8 GPUs, ~35 GB (allowed)."""
+    from launch.train import LaunchOptions, preflight
+    from recipes.plan import PRESETS
+
+    model = tmp_path / "llama-2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", **PRESETS["llama-2-7b"]}))
+    opts = LaunchOptions(config="vicuna_7b.yaml", strategy="fsdp", ngpu=8, model=str(model))
+    recipe = ["--bf16", "True", "--gradient_checkpointing", "True", "--model_max_length", "262144"]
+    recipe += ["--per_device_train_batch_size", "1"]
+    refusal = preflight(opts, recipe, 80 * 2**30)
+    assert refusal and "fsdp needs ~144" in refusal and "--sequence_parallel_size" in refusal
+    split = [*recipe, "--sequence_parallel_size", "8"]
+    assert preflight(opts, split, 80 * 2**30) is None
+    # (the pre-flight ran: at 8x the length the split row does not fit either)
+    longer = [*split, "--model_max_length", str(8 * 262144)]
+    assert "fsdp needs ~" in preflight(opts, longer, 80 * 2**30)
