@@ -427,3 +427,18 @@ def test_launcher_preflight_counts_the_sequence_split(tmp_path):
     # (the pre-flight ran: at 8x the length the split row does not fit either)
     longer = [*split, "--model_max_length", str(8 * 262144)]
     assert "fsdp needs ~" in preflight(opts, longer, 80 * 2**30)
+
+
+def test_an_objective_that_does_not_split_sequences_is_refused(tmp_path, capsys):
+    from recipes.core.recipe import main
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text("[]")
+    argv = ["--model_name_or_path", tiny_assets()[0], "--data_path", str(pairs)]
+    argv += ["--strategy", "ddp", "--sequence_parallel_size", "2", "--output_dir", str(tmp_path)]
+    assert main("dpo", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --sequence_parallel_size 2: the dpo objective does not train on split "
+        "sequences (sft does); use --sequence_parallel_size 1"
+    ]
