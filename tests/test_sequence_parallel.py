@@ -126,8 +126,9 @@ def _attention_worker(rank, world):
     import torch.distributed as dist
 
     from recipes.core import sequence_parallel as sp
-    from recipes.core.attention import sdpa_packed_attention
+    from recipes.core.attention import sdpa_packed_attention, sdpa_packed_mask
 
+    sp.register(sdpa_packed_attention, sdpa_packed_mask)
     sp.use_group(dist.new_group(list(range(world))))
     torch.manual_seed(0)
     # GQA (8 query heads on 4 key/value heads); two conversations, the second crossing shards
@@ -159,8 +160,9 @@ def _isolation_worker(rank, world, model_path):
     from transformers import AutoModelForCausalLM
 
     from recipes.core import sequence_parallel as sp
+    from recipes.core.attention import sdpa_packed_attention, sdpa_packed_mask
 
-    sp.register()
+    sp.register(sdpa_packed_attention, sdpa_packed_mask)
     sp.use_group(dist.new_group(list(range(world))))
     model = AutoModelForCausalLM.from_pretrained(
         model_path, attn_implementation=sp.NAME, dtype=torch.float64
@@ -361,8 +363,9 @@ def _saved_bytes_worker(rank, world, kv, rows):
 
     from recipes import plan as P
     from recipes.core import sequence_parallel as sp
+    from recipes.core.attention import sdpa_packed_attention, sdpa_packed_mask
 
-    sp.register()
+    sp.register(sdpa_packed_attention, sdpa_packed_mask)
     sp.use_group(dist.new_group(list(range(world))))
     cfg = LlamaConfig(
         vocab_size=500,

@@ -32,6 +32,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from . import sequence_parallel
 from .config import ConfigError
 
 PACKED_SDPA = "sdpa_packed"
@@ -149,17 +150,12 @@ def resolve(name: str, packing: bool, cuda: bool | None = None) -> str:
     return "sdpa"
 
 
-# under sequence parallelism attention runs on the whole row in sequence_parallel.py, over
-# sdpa_packed's per-conversation sdpa; these names mean that (or nothing else is exact there)
-SEQUENCE_PARALLEL_OK = ("auto", "sdpa", PACKED_SDPA)
-
-
 def attention_kwargs(cfg) -> dict:
     """Keyword arguments for `from_pretrained` / `from_config`: splat them into the call."""
     if getattr(cfg, "sequence_parallel_size", 1) > 1:
-        from . import sequence_parallel
-
-        sequence_parallel.register()
+        # sdpa_packed on the whole row, between Ulysses' all-to-alls (exact for packed rows;
+        # sequence_parallel.check allows only the names that mean it)
+        sequence_parallel.register(sdpa_packed_attention, sdpa_packed_mask)
         return {"attn_implementation": sequence_parallel.NAME}
     name = resolve(cfg.attn_implementation, cfg.packing)
     if name == PACKED_SDPA:

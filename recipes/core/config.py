@@ -366,9 +366,7 @@ class ParallelArgs:
                     "through, and DeepSpeed's own engine.compile() is not supported here; use "
                     "--strategy fsdp (FSDP2, compiled per layer), zero2, ddp, or --compile False"
                 )
-        _at_least(cfg, ("sequence_parallel_size",))
-        if cfg.sequence_parallel_size > 1:
-            check_sequence_parallel(cfg)
+        _at_least(cfg, ("sequence_parallel_size",))  # the rest: sequence_parallel.check
         if cfg.deepspeed:  # read now: a malformed file stops the run before anything starts
             read_structured(Path(cfg.deepspeed), json.loads, "JSON")
         if cfg.loss_chunk_size < 0:
@@ -376,33 +374,6 @@ class ParallelArgs:
                 f"loss_chunk_size must be 0 (transformers' loss) or positive, "
                 f"got {cfg.loss_chunk_size}"
             )
-
-
-def check_sequence_parallel(cfg) -> None:
-    """What --sequence_parallel_size > 1 trains with (recipes/core/sequence_parallel.py)."""
-    from .attention import SEQUENCE_PARALLEL_OK
-    from .sequence_parallel import check_heads
-
-    sp = cfg.sequence_parallel_size
-    if cfg.strategy != "auto" and not parallel.get(cfg.strategy).multi_process:
-        raise ConfigError(
-            f"--sequence_parallel_size {sp} shares rows between processes; strategy "
-            f"{cfg.strategy} runs one (use fsdp, zero3 or ddp)"
-        )
-    if cfg.attn_implementation not in SEQUENCE_PARALLEL_OK:
-        raise ConfigError(
-            f"--attn_implementation {cfg.attn_implementation} with --sequence_parallel_size "
-            f"{sp}: sequence parallelism runs its own attention over sdpa; use "
-            f"{', '.join(SEQUENCE_PARALLEL_OK)}"
-        )
-    if cfg.peft_method != "none" or cfg.compile:
-        what = f"--peft_method {cfg.peft_method}" if cfg.peft_method != "none" else "--compile"
-        raise ConfigError(
-            f"--sequence_parallel_size {sp} trains the full model uncompiled; drop {what}"
-        )
-    if cfg.model_name_or_path:  # checked by ModelArgs: a folder with a readable config.json
-        config = read_structured(Path(cfg.model_name_or_path) / "config.json", json.loads, "JSON")
-        check_heads(config, sp, f"{cfg.model_name_or_path}")
 
 
 @dataclass

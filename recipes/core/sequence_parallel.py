@@ -26,20 +26,29 @@ AttentionInterface and torch.distributed, the same code under every engine.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastchat_data.tokenize import IGNORE_INDEX
 
-from .config import ConfigError
+from . import parallel
+from .config import ConfigError, read_structured
 
 NAME = "ulysses"
 
-# The sp group of this process: set once by the loop (use_group) before the model runs. A
-# module-level setting because transformers calls attention functions by name, with no room
-# for a process group.
+# The sp group of this process (set once by the loop, use_group, before the model runs) and
+# the attention computed on the whole row (set by register). Module-level settings because
+# transformers calls attention functions by name, with no room for either.
 _group = None
+_whole_row_attention = None
+
+# --attn_implementation values that mean the whole-row attention attention.py registers here
+# (sdpa_packed: one causal sdpa per conversation, exact for packed and unpacked rows alike)
+ATTENTION_OK = ("auto", "sdpa", "sdpa_packed")
 
 
 def use_group(group) -> None:
@@ -115,29 +124,30 @@ def ulysses_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
 ):
     """transformers' attention-function signature: (b, heads, local tokens, dim) in,
-    (b, local tokens, heads, dim) out. The attention itself is sdpa_packed's: one causal sdpa
-    per conversation of the whole row, found from the whole row's position ids."""
-    from .attention import sdpa_packed_attention
-
+    (b, local tokens, heads, dim) out. The attention itself is register's `whole_row` (camelid
+    registers sdpa_packed's: one causal sdpa per conversation of the whole row, found from the
+    whole row's position ids)."""
     if attention_mask is not None:  # shard_batch never gives one: padding is causal-safe
         raise RuntimeError("sequence parallelism takes no attention mask (see shard_batch)")
     positions = whole_positions(kwargs.pop("position_ids"), _group).expand(query.shape[0], -1)
     q, k, v = scatter_heads(query, key, value, _group)
-    out, _ = sdpa_packed_attention(
+    out, _ = _whole_row_attention(
         module, q, k, v, None, dropout=dropout, scaling=scaling, position_ids=positions, **kwargs
     )
     return gather_heads(out, _group), None
 
 
-def register() -> None:
-    """Make "ulysses" an attn_implementation transformers accepts (idempotent)."""
+def register(whole_row, mask) -> None:
+    """Make "ulysses" an attn_implementation transformers accepts (idempotent): `whole_row`, an
+    attention function that separates packed conversations by their position ids, runs on
+    the whole row; `mask`, the mask function it goes with (none without a padding mask)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from .attention import sdpa_packed_mask
-
+    global _whole_row_attention
+    _whole_row_attention = whole_row
     AttentionInterface.register(NAME, ulysses_attention)
-    AttentionMaskInterface.register(NAME, sdpa_packed_mask)  # no mask without a padding mask
+    AttentionMaskInterface.register(NAME, mask)
 
 
 def shard_batch(batch: dict, sp: int, rank: int) -> dict[str, torch.Tensor]:
@@ -178,3 +188,29 @@ def check_heads(model_config: dict, sp: int, where: str = "the model") -> None:
                 f"--sequence_parallel_size {sp} does not divide the {count} {what} of {where} "
                 f"(each rank attends with 1/{sp} of them); use a divisor of {count}"
             )
+
+
+def check(cfg) -> None:
+    """What --sequence_parallel_size > 1 trains with: a config check of every recipe."""
+    sp = cfg.sequence_parallel_size
+    if sp <= 1:
+        return
+    if cfg.strategy != "auto" and not parallel.get(cfg.strategy).multi_process:
+        raise ConfigError(
+            f"--sequence_parallel_size {sp} shares rows between processes; strategy "
+            f"{cfg.strategy} runs one (use fsdp, zero3 or ddp)"
+        )
+    if cfg.attn_implementation not in ATTENTION_OK:
+        raise ConfigError(
+            f"--attn_implementation {cfg.attn_implementation} with --sequence_parallel_size "
+            f"{sp}: sequence parallelism runs its own attention over sdpa; use "
+            f"{', '.join(ATTENTION_OK)}"
+        )
+    if cfg.peft_method != "none" or cfg.compile:
+        what = f"--peft_method {cfg.peft_method}" if cfg.peft_method != "none" else "--compile"
+        raise ConfigError(
+            f"--sequence_parallel_size {sp} trains the full model uncompiled; drop {what}"
+        )
+    if cfg.model_name_or_path:  # checked by ModelArgs: a folder with a readable config.json
+        config = read_structured(Path(cfg.model_name_or_path) / "config.json", json.loads, "JSON")
+        check_heads(config, sp, str(cfg.model_name_or_path))
