@@ -70,6 +70,7 @@ def test_head_counts_it_does_not_divide_are_refused_with_the_numbers():
         (["--strategy", "single"], "strategy single runs one"),
         (["--attn_implementation", "eager"], "sequence parallelism runs its own attention"),
         (["--compile", "True"], "drop --compile"),
+        (["--peft_method", "lora"], "drop --peft_method lora"),
         (["--sequence_parallel_size", "3"], "does not divide the 4 attention heads"),
         (["--sequence_parallel_size", "0"], "sequence_parallel_size must be at least 1"),
     ],
