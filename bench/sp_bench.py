@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,10 +91,13 @@ def run(model: Path, data: Path, cache: Path, out: Path, length: int, sp: int) -
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(REPO),
     }
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (never a resumed one)
     t0 = time.perf_counter()
     res = subprocess.run(
         [*cmd, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600
     )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "log.txt").write_text(res.stdout + "\n--- stderr ---\n" + res.stderr)
     if res.returncode:
         raise SystemExit(f"{cmd} failed:\n{res.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]

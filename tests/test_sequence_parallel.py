@@ -290,6 +290,16 @@ def test_sp2_trains_as_one_process(strategy, long_data, one_process, tmp_path):
     assert [r["tokens"] for r in metrics(one_process[2])] == [
         r["tokens"] for r in metrics(tmp_path)
     ]
+    # the export is a plain transformers model (no "ulysses" in it) with the same weights
+    from transformers import AutoModelForCausalLM
+
+    got, want = (
+        AutoModelForCausalLM.from_pretrained(d / "model") for d in (tmp_path, one_process[2])
+    )
+    ids = torch.randint(
+        3, want.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
