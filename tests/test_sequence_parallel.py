@@ -456,3 +456,45 @@ def test_an_objective_that_does_not_split_sequences_is_refused(tmp_path, capsys)
         "error: --sequence_parallel_size 2: the dpo objective does not train on split "
         "sequences (sft does); use --sequence_parallel_size 1"
     ]
+
+
+def _loss_worker(rank, world, model_path):
+    """Both loss paths on shards (camelid's chunked loss, and transformers' own through its
+    shift_labels) sum over the sp group to the whole row's loss."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from recipes.core import sequence_parallel as sp
+    from recipes.core.attention import register, sdpa_packed_attention, sdpa_packed_mask
+    from recipes.core.loss import forward_with_loss
+
+    register()
+    sp.register(sdpa_packed_attention, sdpa_packed_mask)
+    sp.use_group(dist.new_group(list(range(world))))
+
+    def model(name):
+        kw = dict(attn_implementation=name, dtype=torch.float64)
+        return AutoModelForCausalLM.from_pretrained(model_path, **kw)
+
+    whole, split = model("sdpa_packed"), model(sp.NAME)
+    torch.manual_seed(0)
+    ids = torch.randint(3, whole.config.vocab_size, (2, 41))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[:, 20] = -100  # a packed conversation's first token
+    positions = torch.cat([torch.arange(20), torch.arange(21)]).expand(2, -1)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    n = int((labels[:, 1:] != -100).sum())
+    want = forward_with_loss(whole, whole, 512, **batch, num_items_in_batch=n).loss
+    for chunk in (512, 0):
+        shard = sp.shard_batch(batch, world, rank)
+        got = forward_with_loss(split, split, chunk, **shard, num_items_in_batch=n).loss
+        total = got.detach().clone()
+        dist.all_reduce(total)
+        # the loss itself is float32 (both paths upcast the logits to float32, not 64)
+        torch.testing.assert_close(total, want.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_both_loss_paths_sum_over_shards_to_the_whole_row():
+    _spawned(_loss_worker, 2, tiny_assets()[0])
