@@ -9,6 +9,9 @@ heads between two all-to-alls (DeepSpeed-Ulysses, Jacobs et al. 2023).
                        the local tokens for all heads -> the whole row for H/sp heads (one
                        all-to-all), per-conversation causal attention (packing's segments from
                        the whole row's position ids), -> local tokens for all heads (a second)
+    check              the settings it trains with (a recipe-level config check): a
+                       multi-process strategy, sdpa-based attention, the full model uncompiled,
+                       sp dividing the attention and key/value heads
 
 Everything outside attention (embeddings, norms, MLP, the loss) is per token and runs on the
 local shard unchanged. Ranks of one group see the same batch (dealt by dp_rank); each rank's
