@@ -214,6 +214,7 @@ def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> st
             checkpointing=cfg.gradient_checkpointing,
             gpu_memory=gpu_bytes,
             loss_chunk=cfg.loss_chunk_size,
+            sp=cfg.sequence_parallel_size,  # each rank holds 1/sp of every row's activations
         )
     except PlanError as e:  # a model the planner cannot count: no pre-flight, say so
         print(f"note: no memory pre-flight ({e})", file=sys.stderr)
@@ -226,12 +227,14 @@ def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> st
         f"strategies that fit: {', '.join(fitting)}"
         if fitting
         else "nothing fits: add GPUs or nodes, --gradient_checkpointing True, a shorter "
-        "--model_max_length, or QLoRA"
+        "--model_max_length, --sequence_parallel_size, or QLoRA"
     )
+    sp = cfg.sequence_parallel_size
+    sp_flag = f" --sequence_parallel_size {sp}" if sp > 1 else ""
     return (
         f"{opts.strategy} needs ~{chosen.total / GB:,.1f} GB per GPU for this model, batch "
         f"and length, more than the {gpu_bytes / GB:,.1f} GB each GPU has ({instead}); see "
-        f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {opts.ngpu}; "
+        f"python -m recipes.plan --model {cfg.model_name_or_path} --ngpu {opts.ngpu}{sp_flag}; "
         "--skip_preflight starts anyway"
     )
 

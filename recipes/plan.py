@@ -33,8 +33,9 @@ Method (bytes per rank; N = ngpu x nnodes ranks, n = ngpu ranks per node, Psi pa
   ranks, s/sp tokens each (rounded up: the recipe pads a row to a multiple of sp). Everything
   outside attention runs on the local tokens, so every activation above, the checkpointed
   layer inputs, RoPE's cos/sin and the logits rows are those of s/sp tokens. Attention runs on
-  the whole sequence for H/sp heads (and kv/sp key/value heads) between two all-to-alls: the
-  kernel's saved q, k, v, output and logsumexp hold s x H/sp heads, the same bytes as s/sp x H.
+  the whole sequence for H/sp heads (and kv/sp key/value heads, never repeated: the rows carry
+  no padding mask) between two all-to-alls (recipes/core/sequence_parallel.py): the kernel's
+  saved q, k, v, output and logsumexp hold s x H/sp heads, the same bytes as s/sp x H.
   One tensor more per layer: the kernel keeps its own output (head-sharded) for backward while
   o_proj keeps the output received back in the sequence layout, p (s/sp) b q_dim (without sp
   they are one tensor). All-to-all buffers ("a2a"): each exchange makes its input contiguous in
@@ -410,7 +411,9 @@ def layer_activation_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int =
     """What autograd keeps for one Llama decoder layer's backward on one rank (see the module
     docstring); checked tensor by tensor against saved_tensors_hooks in tests/test_plan.py."""
     sb, h = local_tokens(seq, sp) * batch, shape.hidden
-    kv = shape.kv_dim if batch == 1 else shape.q_dim  # a padding mask makes HF repeat k and v
+    # a padding mask makes HF repeat k and v; sequence parallelism drops the mask (padding is
+    # at the end, where causal attention never reaches it) and attends with GQA's own k and v
+    kv = shape.kv_dim if batch == 1 or sp > 1 else shape.q_dim
     # per RMSNorm: fp32 input, normalised and scaled outputs, fp32 1/rms per token
     norms = 2 * ((4 + 2 * p) * h + 4)
     # q, k, v, and the fused kernel's output (already in o_proj's layout), fp32 logsumexp
@@ -1240,7 +1243,8 @@ def table(rows: list[Row], shape: Shape, setup: dict) -> str:
         if shape.positions and any((r.max_length or 0) > shape.positions for r in rows):
             lines.append(
                 f"the model has {shape.positions:,} positions (max_position_embeddings): "
-                "longer rows need RoPE scaling or a long-context model"
+                "longer rows need RoPE scaling (the recipes' --rope_scaling) or a long-context "
+                "model"
             )
     if rows and rows[0].fits is not None and not any(r.fits for r in rows):
         fixes = "--gradient_checkpointing, a shorter --model_max_length, --sequence_parallel_size"

@@ -19,6 +19,10 @@ masking_utils detects the packing from the position ids and builds a document ma
 
 auto: flash_attention_2 where it runs; else for packed rows flex_attention on CUDA,
 sdpa_packed on CPU; else sdpa.
+
+With --sequence_parallel_size > 1 the model runs camelid's "ulysses" attention
+(recipes/core/sequence_parallel.py), which computes sdpa_packed on the whole row for a share
+of the heads; auto, sdpa and sdpa_packed mean that, the others are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from . import sequence_parallel
 from .config import ConfigError
 
 PACKED_SDPA = "sdpa_packed"
@@ -147,6 +152,11 @@ def resolve(name: str, packing: bool, cuda: bool | None = None) -> str:
 
 def attention_kwargs(cfg) -> dict:
     """Keyword arguments for `from_pretrained` / `from_config`: splat them into the call."""
+    if getattr(cfg, "sequence_parallel_size", 1) > 1:
+        # sdpa_packed on the whole row, between Ulysses' all-to-alls (exact for packed rows;
+        # sequence_parallel.check allows only the names that mean it)
+        sequence_parallel.register(sdpa_packed_attention, sdpa_packed_mask)
+        return {"attn_implementation": sequence_parallel.NAME}
     name = resolve(cfg.attn_implementation, cfg.packing)
     if name == PACKED_SDPA:
         register()

@@ -116,6 +116,11 @@ class ModelArgs:
     attn_implementation: Attention = option(
         "auto", "attention kernel (recipes/core/attention.py); auto: the fastest exact one here"
     )
+    rope_scaling: str | None = option(
+        None,
+        'RoPE scaling as JSON, e.g. \'{"rope_type": "linear", "factor": 4}\' (a 2K model '
+        "trained at 8K); saved in the exported config.json; none: the model's own",
+    )
 
     @staticmethod
     def check(cfg) -> None:
@@ -140,6 +145,60 @@ class ModelArgs:
                     f"model_name_or_path: {folder / 'config.json'}: {key} is "
                     f"{value!r}; it must be a whole number from 1 to {high:,}"
                 )
+        if cfg.rope_scaling is not None:
+            rope_parameters(cfg.rope_scaling, path)
+
+
+def rope_parameters(text: str, model_path: str | None = None) -> dict:
+    """--rope_scaling's JSON, checked: a known rope_type with the keys it needs (transformers
+    only warns about them), a factor >= 1. With `model_path`: checked against its config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--rope_scaling {text!r} is not JSON ({e.msg})") from None
+    if not isinstance(given, dict):
+        raise ConfigError(
+            f'--rope_scaling {text!r}: give a JSON object, e.g. {{"rope_type": "linear", '
+            '"factor": 4}'
+        )
+    kind = given.get("rope_type", given.get("type"))
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise ConfigError(
+            f"--rope_scaling: rope_type {kind!r} is not one of {', '.join(ROPE_INIT_FUNCTIONS)}"
+        )
+    factor = given.get("factor")
+    if factor is not None and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1
+    ):
+        raise ConfigError(f"--rope_scaling: factor must be a number >= 1, got {factor!r}")
+    if model_path is not None:
+        scaled_config(model_path, text)
+    return given
+
+
+def scaled_config(model_path: str, rope_scaling: str | None):
+    """The model's transformers config, with --rope_scaling's parameters in place of its own
+    (its rope_theta kept): what the model is built from, and what its export says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    if rope_scaling is None:
+        return config
+    given = json.loads(rope_scaling)
+    if not hasattr(config, "rope_parameters"):
+        raise ConfigError(f"--rope_scaling: {model_path} is not a RoPE model")
+    old = config.rope_parameters or {}
+    keep = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
+    config.rope_parameters = {**keep, **given}
+    try:
+        config.standardize_rope_params()
+        config.validate_rope()
+    except (KeyError, ValueError, TypeError) as e:
+        why = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"--rope_scaling {rope_scaling}: {' '.join(str(why).split())}") from None
+    return config
 
 
 @dataclass
@@ -281,6 +340,11 @@ class ParallelArgs:
         "0: transformers' loss",
     )
     compile: bool = option(False, "torch.compile each decoder layer")
+    sequence_parallel_size: int = option(
+        1,
+        "Ulysses sequence parallelism: ranks sharing each row, split into that many contiguous "
+        "shards (it divides the processes and the model's attention and key/value heads)",
+    )
     use_liger_kernel: bool = option(False, "Liger's fused kernels (needs liger-kernel and a GPU)")
 
     @staticmethod
@@ -302,6 +366,7 @@ class ParallelArgs:
                     "through, and DeepSpeed's own engine.compile() is not supported here; use "
                     "--strategy fsdp (FSDP2, compiled per layer), zero2, ddp, or --compile False"
                 )
+        _at_least(cfg, ("sequence_parallel_size",))  # the rest: sequence_parallel.check
         if cfg.deepspeed:  # read now: a malformed file stops the run before anything starts
             read_structured(Path(cfg.deepspeed), json.loads, "JSON")
         if cfg.loss_chunk_size < 0:
@@ -342,6 +407,11 @@ class AdapterArgs:
             )
         if cfg.peft_method == "none":
             return
+        if cfg.rope_scaling is not None:
+            raise ConfigError(
+                "--rope_scaling is saved in the exported model's config.json; an adapter's "
+                "export has none (train the full model: --peft_method none)"
+            )
         if cfg.compile:
             raise ConfigError(
                 "--compile True compiles the full model's decoder layers; an adapter's "

@@ -217,6 +217,8 @@ class TorchEngine:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         world, strategy = self.world, self.strategy
+        # over every rank, sequence-parallel ones too (see parallel.py): the ranks sharing a
+        # row hold different tokens, their gradients add up like data-parallel ones
         mesh = init_device_mesh(world.device.type, (world.size,))
         if self.cfg.bf16:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

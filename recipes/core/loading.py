@@ -17,24 +17,24 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, scaled_config
 from .ds_config import deepspeed_config
 
 
 def load_model(model_path: str, cfg, world):
     """The causal LM for the world's strategy, in fp32. Under FSDP2 it comes back on the meta
     device, to be sharded and filled by the engine (see fill_sharded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .attention import attention_kwargs
 
     kwargs = {"dtype": torch.float32, **attention_kwargs(cfg)}
+    config = scaled_config(model_path, getattr(cfg, "rope_scaling", None))  # --rope_scaling
     strategy = world.strategy
     sharded = cfg.sharded_load and strategy.sharded_load
     if sharded and strategy.fsdp:
         from accelerate import init_empty_weights
 
-        config = AutoConfig.from_pretrained(model_path)
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         model.tie_weights()
@@ -46,7 +46,6 @@ def load_model(model_path: str, cfg, world):
         # Partitioned as constructed; then each rank reads only its partition from the files.
         # (transformers' own ZeRO-3 path, HfDeepSpeedConfig + from_pretrained, reads every
         # checkpoint file whole on every rank: N copies of the model while loading.)
-        config = AutoConfig.from_pretrained(model_path)
         ds_config = deepspeed_config(cfg, config.hidden_size)
         # no_init_weights: transformers' switch for exactly this (weights loaded right after)
         # no_init_weights first: entering it imports transformers' modeling code, which must
@@ -56,7 +55,7 @@ def load_model(model_path: str, cfg, world):
         model.tie_weights()
         fill_zero3_partitions(model, model_path)
         return model
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_path, config=config, **kwargs)
 
 
 def weight_files(model_path: str) -> dict[str, Path]:

@@ -26,7 +26,7 @@ import torch
 from fastchat_data.options import RunStopped
 from fastchat_data.templates import portable_template
 
-from . import checkpoint
+from . import checkpoint, sequence_parallel
 from .config import ConfigError
 from .data import BatchPlan
 from .logging import PHASES, RunLog, check_trackers, peak_flops
@@ -101,7 +101,14 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
         )
     if not cfg.data_path:
         raise ConfigError(f"--data_path: give the training data ({objective.noun})")
-    world = init_world(cfg.strategy)
+    sp = getattr(cfg, "sequence_parallel_size", 1)
+    if sp > 1 and not getattr(objective, "splits_sequences", False):
+        raise ConfigError(
+            f"--sequence_parallel_size {sp}: the {objective.name} objective does not train on "
+            "split sequences (sft does); use --sequence_parallel_size 1"
+        )
+    world = init_world(cfg.strategy, sp)
+    sequence_parallel.use_group(world.sp_group)
     run = Run(
         cfg,
         world,
@@ -181,8 +188,10 @@ def start(run: Run, model, engine, what: str = "") -> Run:
         trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained != n_params else ""
         units = len(run.data.units)
         packed = f" in {units} packed rows" if getattr(run.data, "packing", False) else ""
+        sp = world.dims.sp
+        sp_words = f" (rows split over {sp}, {world.dp_size} data-parallel)" if sp > 1 else ""
         print(
-            f"{world.strategy.name} on {world.size} x {world.device.type}: {what}"
+            f"{world.strategy.name} on {world.size} x {world.device.type}{sp_words}: {what}"
             f"{n_params / 1e6:.1f}M parameters{trained}, {len(run.data.ds)} "
             f"{run.objective.noun}{packed}, {run.plan.steps_per_epoch} steps/epoch, "
             f"{run.total_steps} steps, global batch {run.plan.global_size}",
@@ -249,6 +258,7 @@ def record_rank(run: Run) -> None:
                 "rank": world.rank,
                 "world_size": actual,
                 "dp_rank": world.dp_rank,
+                "sp_rank": world.sp_rank,
                 "strategy": world.strategy.name,
                 "device": str(world.device),
                 "step": run.step,
@@ -266,9 +276,13 @@ def train_step(run: Run) -> dict:
     micro = plan.micro_batches(run.step, world.dp_rank)
     loss_sum, tokens, padded, bad_ids, stats = 0.0, 0, 0, [], {}
     for m, ids in enumerate(micro):
-        batch = {k: v.to(world.device) for k, v in run.data.batch(ids).items()}
-        tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
-        padded += batch["input_ids"].numel()
+        batch = run.data.batch(ids)
+        if world.dims.sp > 1:  # this rank's shard of each row; its sp group shares the batch
+            batch = sequence_parallel.shard_batch(batch, world.dims.sp, world.sp_rank)
+        batch = {k: v.to(world.device) for k, v in batch.items()}
+        if world.sp_rank == 0:  # counted once per sp group
+            tokens += int(run.data.lengths[ids].sum())  # real tokens, padding excluded
+        padded += batch["input_ids"].numel()  # shards: they add up to the padded rows
         last = m == len(micro) - 1
         with engine.sync_gradients(last):
             loss, micro_stats = run.objective.loss(run, batch)
@@ -292,7 +306,9 @@ def train_step(run: Run) -> dict:
         [loss_sum, tokens, padded, nonfinite, *(stats[k] for k in names)]
     )
     bad_samples = (
-        [] if loss_finite else sorted(i for part in world.gather_objects(bad_ids) for i in part)
+        []  # a set: the ranks of one sp group train on the same samples
+        if loss_finite
+        else sorted({i for part in world.gather_objects(bad_ids) for i in part})
     )
     return {
         "stats": dict(zip(names, summed)),

@@ -97,12 +97,18 @@ def chunked_causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 512,
     ignore_index: int = IGNORE_INDEX,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """ForCausalLMLoss(head(hidden), labels, ...) computed on labelled positions only, in
-    chunks of `chunk_size` rows whose logits are recomputed in backward."""
+    chunks of `chunk_size` rows whose logits are recomputed in backward. `shifted`: labels
+    already hold position t's target at t (a sequence-parallel shard's, shifted before
+    splitting)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    target = _shifted_targets(labels, hidden.device, ignore_index)
+    if shifted:
+        target = labels.reshape(-1).to(hidden.device)
+    else:
+        target = _shifted_targets(labels, hidden.device, ignore_index)
     keep = target != ignore_index
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]
     target = target[keep]
@@ -210,11 +216,21 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
 
     With `return_sequence_logps=True` the output's `loss` is instead, per row, the summed
     log-probabilities of its labels (chunked_sequence_logps): in `loss` because FSDP2 hooks
-    its backward (re-gathering the output embedding) only on an output's declared fields."""
+    its backward (re-gathering the output embedding) only on an output's declared fields.
+
+    `shifted_labels` instead of `labels`: targets already shifted (a sequence-parallel shard,
+    recipes/core/sequence_parallel.py); transformers' loss takes them as its shift_labels."""
+    shifted = batch.pop("shifted_labels", None)
+    if shifted is not None:
+        batch["labels"] = shifted
     labels = batch.get("labels")
     want_logps = batch.pop("return_sequence_logps", False)
+    if want_logps and shifted is not None:
+        raise ValueError("sequence log-probabilities of shifted (split) rows are not supported")
     if chunk_size <= 0 or labels is None or not supports_chunked_loss(model):
         if not want_logps:
+            if shifted is not None:
+                return call(**batch, shift_labels=shifted)
             return call(**batch)
         labels = batch.pop("labels")
         batch.pop("num_items_in_batch", None)
@@ -235,7 +251,9 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
         if want_logps:
             output["loss"] = chunked_sequence_logps(hidden, head, labels, chunk_size)
         else:
-            output["loss"] = chunked_causal_lm_loss(hidden, head, labels, num_items, chunk_size)
+            output["loss"] = chunked_causal_lm_loss(
+                hidden, head, labels, num_items, chunk_size, shifted=shifted is not None
+            )
         return output
 
     handles = [

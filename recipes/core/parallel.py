@@ -6,9 +6,13 @@ supports. The config, the engines, the loader, the planner, the launcher, the be
 the tests read these attributes; nothing else compares a strategy's name. A new strategy is
 one `register(Strategy(...))` call.
 
-`ParallelDims` names the mesh's dimensions (torchtitan's idea): data parallel now, with room
-for sequence parallel. Batches are dealt, and losses normalised, over the data-parallel
-group: `dp_rank` / `dp_size`, kept apart from the global rank.
+`ParallelDims` names the mesh's dimensions (torchtitan's idea): data parallel (dp) and
+sequence parallel (sp, --sequence_parallel_size: recipes/core/sequence_parallel.py). Batches
+are dealt, and losses normalised, over the data-parallel group: `dp_rank` / `dp_size`, kept
+apart from the global rank. Model states are sharded (FSDP2, ZeRO) and gradients reduced over
+all ranks, sp included: the ranks of one sp group hold different tokens, so for the weights
+they are data-parallel ranks like any other (DeepSpeed ALST's choice, torchtitan's
+dp_shard_cp), and sp costs no more memory per rank for model states than dp.
 """
 
 from __future__ import annotations
@@ -233,8 +237,8 @@ ZERO3_OFFLOAD = register(
 @dataclass(frozen=True)
 class ParallelDims:
     """The mesh's named dimensions: `world = dp x sp`. Data parallel (dp) splits the global
-    batch; sequence parallel (sp) would split each sequence over `sp` ranks, which then share
-    one data-parallel rank."""
+    batch; sequence parallel (sp) splits each sequence over `sp` ranks, which then share one
+    data-parallel rank."""
 
     world: int
     sp: int = 1

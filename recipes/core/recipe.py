@@ -23,7 +23,7 @@ from pathlib import Path
 from fastchat_data.options import InputError, RunStopped
 
 from . import config as config_module
-from . import objectives
+from . import objectives, sequence_parallel
 from .compile import check_liger
 from .loop import Hooks, NonFiniteError, finish, prepare, restore_signal_handlers, run_info, start
 from .loop import train as train_loop
@@ -64,7 +64,7 @@ class Recipe:
             sections,
             self.defaults,
             doc=self.summary,
-            checks=(objective.check,),
+            checks=(objective.check, sequence_parallel.check),
         )
 
 

@@ -27,6 +27,7 @@ class World:
     device: torch.device
     strategy: Strategy
     dims: ParallelDims
+    sp_group: object = None  # the ranks sharing this rank's rows (sequence parallel), or None
 
     @property
     def main(self) -> bool:
@@ -40,6 +41,11 @@ class World:
     @property
     def dp_size(self) -> int:
         return self.dims.dp
+
+    @property
+    def sp_rank(self) -> int:
+        """Which shard of each row this rank holds (0 without sequence parallelism)."""
+        return self.dims.sp_rank(self.rank)
 
     @property
     def distributed(self) -> bool:
@@ -145,7 +151,20 @@ def init_world(strategy_name: str, sp: int = 1) -> World:
                 atexit.register(remove_shm_buffer, local_rank)
         else:
             dist.init_process_group(backend, device_id=device if cuda else None)
-    return World(rank, local_rank, size, device, strategy, dims)
+    return World(rank, local_rank, size, device, strategy, dims, sp_group(dims, rank))
+
+
+def sp_group(dims: ParallelDims, rank: int):
+    """This rank's sequence-parallel group: consecutive ranks (ParallelDims.dp_rank). Every
+    rank creates every group, as torch.distributed.new_group requires."""
+    if dims.sp == 1:
+        return None
+    mine = None
+    for first in range(0, dims.world, dims.sp):
+        group = dist.new_group(list(range(first, first + dims.sp)))
+        if first <= rank < first + dims.sp:
+            mine = group
+    return mine
 
 
 def remove_shm_buffer(local_rank: int) -> None:

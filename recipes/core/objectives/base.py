@@ -20,6 +20,9 @@ class Objective(Protocol):
     section: type | None  # its options (a dataclass), or None
     noun: str  # what one training unit is, for the log ("conversations", "pairs")
     rows_per_unit: int  # sequences in a batch per unit (a pair is a chosen and a rejected row)
+    # optional, False when absent: trains under --sequence_parallel_size > 1 (its loss, a sum
+    # over tokens, is the sum of the shards' losses; see recipes/core/sequence_parallel.py)
+    splits_sequences: bool
 
     def check(self, cfg) -> None:
         """Refuse settings it cannot train with (a ConfigError naming them)."""

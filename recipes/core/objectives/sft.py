@@ -10,6 +10,7 @@ class SFT:
     section = None
     noun = "conversations"
     rows_per_unit = 1
+    splits_sequences = True  # its loss is a sum over tokens: shards of a row add up
 
     def check(self, cfg) -> None:
         pass
