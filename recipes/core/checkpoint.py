@@ -468,23 +468,22 @@ def check_loadable(ckpt: CheckpointFolder, state: dict, world) -> None:
 
     writer = parallel.get(state["strategy"])
     fmt, size = checkpoint_format(ckpt), state["world_size"]
-    if fmt == "adapter":
-        return
     ours = world.strategy.checkpoint_format
-    if fmt == ours == "dcp":
+    if fmt == "adapter" and ours == "dcp":
+        return
+    if fmt == "dcp":  # torch engines reshard it; DeepSpeed reads it one parameter at a time
         return
     if fmt == ours and writer.zero_stage == world.strategy.zero_stage and size == world.size:
         return
-    same_kind = [
-        s.name
-        for s in parallel.STRATEGIES.values()
-        if s.checkpoint_format == fmt and (fmt == "dcp" or s.zero_stage == writer.zero_stage)
-    ]
-    how = (
-        f"with strategy {' or '.join(same_kind)}"
-        if fmt == "dcp"
-        else f"on {size} processes with strategy {' or '.join(same_kind)}"
-    )
+    if fmt == "adapter":
+        able = [s.name for s in parallel.STRATEGIES.values() if s.checkpoint_format == "dcp"]
+        how = f"with strategy {' or '.join(able)} (any number of processes)"
+    else:
+        able = [s.name for s in parallel.STRATEGIES.values() if s.zero_stage == writer.zero_stage]
+        how = (
+            f"on {size} processes with strategy {' or '.join(able)} (DeepSpeed's own files "
+            "move to no other world size, ZeRO stage or engine)"
+        )
     raise ConfigError(
         f"{ckpt.path} was written by {writer.name} on {size} processes, and this job "
         f"({world.strategy.name} on {world.size}) cannot restore its optimizer state: resume "

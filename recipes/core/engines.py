@@ -49,9 +49,14 @@ def decoder_layer_classes(model) -> set[type]:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, not on norms and biases (as HF Trainer does)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Weight decay on matrices only, not on norms and biases (as HF Trainer does). A ZeRO-3
+    parameter built partitioned is an empty vector: its shape is ds_shape."""
+
+    def matrix(p) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -360,10 +365,70 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(folder.deepspeed), tag="state")
 
     def load(self, folder: CheckpointFolder) -> None:
+        if not folder.deepspeed.is_dir() and folder.dcp.is_dir():
+            self.load_dcp(folder)
+            return
         with deepspeed_loads_weights_only():  # DeepSpeed's torch.load(weights_only=False) calls
             load_path, _ = self.model.load_checkpoint(str(folder.deepspeed), tag="state")
         if load_path is None:
             raise ConfigError(f"DeepSpeed found no checkpoint in {folder.deepspeed}")
+
+    def load_dcp(self, folder: CheckpointFolder) -> None:
+        """A torch engine's checkpoint (DCP shards under full parameter names, any world size)
+        into ZeRO: one parameter at a time, every rank reads its full fp32 value and AdamW
+        moments and keeps its own partition; the model's working copy gets the same value."""
+        from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from .safe_load import SafeFileSystemReader, dcp_load
+
+        meta = SafeFileSystemReader(folder.dcp).read_metadata().state_dict_metadata
+
+        def read(*path: str) -> torch.Tensor:
+            key = ".".join(path)
+            if key not in meta or not hasattr(meta[key], "size"):
+                raise ConfigError(
+                    f"{folder.path} holds no tensor {key}: not a full-model checkpoint"
+                )
+            tensor = torch.empty(meta[key].size, dtype=meta[key].properties.dtype)
+            nested = tensor
+            for part in reversed(path):
+                nested = {part: nested}
+            dcp_load(nested, folder.dcp, no_dist=True)
+            return tensor
+
+        zero, base = self.optimizer, self.optimizer.optimizer  # base: torch AdamW
+        # ZeRO's flat fp32 partitions (stage 3 / stage 2), whose AdamW state stage 3 creates at
+        # the first step only: created here so that the moments can be set
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+            zero, "single_partition_of_fp32_groups", []
+        )
+        for flat in flats:
+            if "exp_avg" not in base.state[flat]:
+                base.state[flat].update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(flat),
+                    exp_avg_sq=torch.zeros_like(flat),
+                )
+        steps = set()
+        device = self.world.device
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            value = read("model", name).to(device)
+            safe_set_full_fp32_param(param, value)
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(
+                    param, read("optim", "state", name, key).to(device), key
+                )
+            steps.add(float(read("optim", "state", name, "step")))
+            with GatheredParameters([param], modifier_rank=0):  # ZeRO-3: partitioned again
+                param.data.copy_(value.to(param.dtype))
+        (step,) = steps  # torch's AdamW counts one step for every parameter
+        for state in base.state.values():
+            state["step"] = torch.tensor(step)
+        self.model.global_steps = int(step)
+        self.scheduler.load_state_dict(load_json_state(folder.scheduler))
 
     def full_state_dict(self, trainable_only: bool = False) -> dict:
         """ZeRO-3: parameters gathered one by one in 16 bit (the model's dtype) onto rank 0's
