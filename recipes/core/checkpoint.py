@@ -460,35 +460,67 @@ def checkpoint_format(ckpt: CheckpointFolder) -> str:
     return "adapter" if ckpt.adapter.is_dir() else "dcp"
 
 
-def check_loadable(ckpt: CheckpointFolder, state: dict, world) -> None:
-    """Refuse, in one line, a checkpoint this job's engine cannot restore. DCP checkpoints
-    (torch engines) reshard to any torch strategy and world size; an adapter checkpoint is
-    whole; DeepSpeed's own files restore under the same ZeRO stage and world size only."""
+def load_route(ckpt: CheckpointFolder, state: dict, world) -> str:
+    """How this job's engine restores a checkpoint: "native" (its own format: DCP reshards to
+    any torch strategy and world size, an adapter is whole, DeepSpeed's files need the same ZeRO
+    stage and world size), "dcp" (a torch checkpoint into ZeRO, parameter by parameter) or
+    "universal" (DeepSpeed's files made universal first, into any engine). An adapter
+    checkpoint under DeepSpeed is refused in one line."""
     from . import parallel
 
-    writer = parallel.get(state["strategy"])
-    fmt, size = checkpoint_format(ckpt), state["world_size"]
-    ours = world.strategy.checkpoint_format
-    if fmt == "adapter" and ours == "dcp":
-        return
-    if fmt == "dcp":  # torch engines reshard it; DeepSpeed reads it one parameter at a time
-        return
-    if fmt == ours and writer.zero_stage == world.strategy.zero_stage and size == world.size:
-        return
+    writer, ours = parallel.get(state["strategy"]), world.strategy
+    fmt = checkpoint_format(ckpt)
     if fmt == "adapter":
+        if ours.checkpoint_format == "dcp":
+            return "native"
         able = [s.name for s in parallel.STRATEGIES.values() if s.checkpoint_format == "dcp"]
-        how = f"with strategy {' or '.join(able)} (any number of processes)"
-    else:
-        able = [s.name for s in parallel.STRATEGIES.values() if s.zero_stage == writer.zero_stage]
-        how = (
-            f"on {size} processes with strategy {' or '.join(able)} (DeepSpeed's own files "
-            "move to no other world size, ZeRO stage or engine)"
+        raise ConfigError(
+            f"{ckpt.path} holds an adapter written by {writer.name}; {ours.name} cannot "
+            f"restore it: resume it with strategy {' or '.join(able)} (any number of processes)"
         )
-    raise ConfigError(
-        f"{ckpt.path} was written by {writer.name} on {size} processes, and this job "
-        f"({world.strategy.name} on {world.size}) cannot restore its optimizer state: resume "
-        f"it {how}"
+    if fmt == "dcp":
+        return "native" if ours.checkpoint_format == "dcp" else "dcp"
+    native = (
+        ours.checkpoint_format == "deepspeed"
+        and writer.zero_stage == ours.zero_stage
+        and state["world_size"] == world.size
     )
+    return "native" if native else "universal"
+
+
+def load_universal(engine, world, ckpt: CheckpointFolder) -> None:
+    """DeepSpeed's files into another ZeRO stage, world size or engine: rank 0 converts them
+    with DeepSpeed's own converter into checkpoints/.universal-step-N (a shared file system
+    across nodes), every rank reads it, rank 0 removes it. The checkpoint is left as it is."""
+    from .engines import UniversalParams, deepspeed_to_universal
+
+    tmp = ckpt.path.parent / f".universal-{ckpt.path.name}"
+    error = None
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion a kill interrupted
+        try:
+            deepspeed_to_universal(ckpt, tmp)
+        except Exception as e:  # noqa: BLE001 - any failure of DeepSpeed's converter, in one line
+            error = e
+    if world.all_sum(error is not None) > 0:
+        why = " ".join(str(error).split())[:200] if error else "on rank 0"
+        raise ConfigError(
+            f"{ckpt.path}: DeepSpeed could not convert its files for {world.strategy.name} x "
+            f"{world.size} ({type(error).__name__ if error else 'failed'}: {why}); resume it "
+            f"with {state_hint(ckpt)}"
+        )
+    try:
+        engine.load_params(UniversalParams(tmp, ckpt))
+    finally:
+        world.barrier()
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def state_hint(ckpt: CheckpointFolder) -> str:
+    """The strategy and world size that wrote a checkpoint, as a resume would give them."""
+    state = json.loads(ckpt.trainer_state.read_text())
+    return f"--strategy {state['strategy']} on {state['world_size']} processes"
 
 
 def load_rng_for(ckpt: CheckpointFolder, state: dict, world) -> str | None:
@@ -533,8 +565,15 @@ def load_checkpoint(engine, world, ckpt: CheckpointFolder) -> dict:
     """Restore a verified checkpoint (see resumable_checkpoint) into the engine and RNGs. The
     returned state carries "notes": what a move to another world size changed."""
     state = json.loads(ckpt.trainer_state.read_text())
-    check_loadable(ckpt, state, world)
-    engine.load(ckpt)
+    route = load_route(ckpt, state, world)
+    if route == "native":
+        engine.load(ckpt)
+    elif route == "dcp":
+        from .engines import DcpParams
+
+        engine.load_params(DcpParams(ckpt))
+    else:
+        load_universal(engine, world, ckpt)
     continue_schedule(engine.scheduler)
     note = load_rng_for(ckpt, state, world)
     state["notes"] = [note] if note else []
