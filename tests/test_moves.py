@@ -52,15 +52,15 @@ def moved(src: Path, dst: Path, step: int = K) -> str:
     return f"{dst.parent}/./{dst.name}/"
 
 
-def resumed(strategy: str, nproc: int, out: str, *extra) -> list[float]:
-    res = train(strategy, nproc, Path(out), *args(nproc), *extra)
-    assert f"(step {K})" in res.stdout and "resumed from" in res.stdout, res.stdout[-2000:]
+def resumed(strategy: str, nproc: int, out: str, at: int = K) -> list[float]:
+    res = train(strategy, nproc, Path(out), *args(nproc))
+    assert f"(step {at})" in res.stdout and "resumed from" in res.stdout, res.stdout[-2000:]
     return losses(Path(out))
 
 
-def assert_same_curve(got: list[float], reference: list[float]) -> None:
+def assert_same_curve(got: list[float], reference: list[float], at: int = K) -> None:
     assert len(got) == len(reference) == STEPS
-    worst = max(abs(a - b) for a, b in zip(got[K:], reference[K:]))
+    worst = max(abs(a - b) for a, b in zip(got[at:], reference[at:]))
     assert worst < 1e-5, (got, reference)
 
 
@@ -76,6 +76,15 @@ def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "run"
     train("fsdp", 2, out, *args(2))
     return out
+
+
+@pytest.fixture(scope="module")
+def zero3_run(fsdp_run, tmp_path_factory):
+    """FSDP2 x 2 to step 3, then ZeRO-3 x 2 (checkpoints 4..6 are DeepSpeed's own)."""
+    out = moved(fsdp_run, tmp_path_factory.mktemp("zero3") / "run")
+    res = train("zero3", 2, Path(out), *args(2))
+    assert f"(step {K})" in res.stdout, res.stdout[-2000:]
+    return Path(out)
 
 
 def test_moved_folder_and_another_spelling_resume_exactly(reference, tmp_path):
@@ -115,7 +124,10 @@ def test_global_batch_change_is_refused_then_allowed_with_the_flag(reference, tm
     doubled = [*args(1), "--per_device_train_batch_size", 8]  # 8 x 2 = 16
     line = one_line_error(train("single", 1, out, *doubled, check=False))
     assert "the global batch size differs: 8 -> 16" in line
-    assert "resume with a global batch" in line and "of 8" in line
+    assert (
+        "resume with a global batch" in line
+        and "of 8 (here: --gradient_accumulation_steps 1" in line
+    )
     assert "--allow_global_batch_change True" in line and "overwrite" not in line
     assert len(losses(out)) == STEPS  # nothing written by the refused command
     res = train("single", 1, out, *doubled, "--allow_global_batch_change", "True")
@@ -181,3 +193,43 @@ def test_identity_of_a_checkpoint_from_before_holds_its_global_batch():
     assert identity_changes(saved_identity(old), now) == []
     now["settings"]["global_batch_size"] = 16
     assert identity_changes(saved_identity(old), now) == ["the global batch size differs: 8 -> 16"]
+
+
+@pytest.mark.slow
+def test_fsdp_two_to_zero3_two(reference, zero3_run):
+    assert_same_curve(losses(zero3_run), losses(reference))
+    assert (zero3_run / "checkpoints" / "step-00000006" / "deepspeed").is_dir()
+
+
+@pytest.mark.slow
+def test_zero3_two_to_zero2_two(reference, zero3_run, tmp_path):
+    out = moved(zero3_run, tmp_path / "m", step=K + 1)
+    assert_same_curve(resumed("zero2", 2, out, at=K + 1), losses(reference), at=K + 1)
+    # the conversion DeepSpeed needed is gone; the checkpoint it read is as it was
+    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir()) == [
+        f"step-{s:08d}" for s in range(1, STEPS + 1)
+    ]
+
+
+@pytest.mark.slow
+def test_zero3_two_to_one_process(reference, zero3_run, tmp_path):
+    out = moved(zero3_run, tmp_path / "m", step=K + 1)
+    assert_same_curve(resumed("single", 1, out, at=K + 1), losses(reference), at=K + 1)
+
+
+def test_an_adapter_checkpoint_under_deepspeed_is_refused_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from recipes.core import parallel
+    from recipes.core.checkpoint import load_route
+    from recipes.core.config import ConfigError
+    from recipes.core.run_folder import CheckpointFolder
+
+    ckpt = CheckpointFolder(tmp_path / "step-00000003")
+    ckpt.adapter.mkdir(parents=True)
+    state = {"strategy": "ddp", "world_size": 2}
+    torch_world = SimpleNamespace(strategy=parallel.get("fsdp"), size=4)
+    assert load_route(ckpt, state, torch_world) == "native"
+    zero = SimpleNamespace(strategy=parallel.get("zero2"), size=2)
+    with pytest.raises(ConfigError, match="holds an adapter written by ddp; zero2 cannot"):
+        load_route(ckpt, state, zero)

@@ -242,7 +242,7 @@ def claim_output_dir(cfg, folder: RunFolder, identity: dict) -> str | None:
     elif batch and not data:
         fix = (
             "resume with a global batch (per device x accumulation x data-parallel ranks) of "
-            f"{was}, or change it deliberately with "
+            f"{was}{accumulation_hint(cfg, was, now)}, or change it deliberately with "
             "--allow_global_batch_change True"
         )
     elif data and not batch:
@@ -254,6 +254,18 @@ def claim_output_dir(cfg, folder: RunFolder, identity: dict) -> str | None:
         )
     raise ConfigError(
         f"{folder.root} holds checkpoints of another run ({'; '.join(refused)}): {fix}"
+    )
+
+
+def accumulation_hint(cfg, was: int, now: int) -> str:
+    """The accumulation that gives the saved global batch on this job's ranks, if one does."""
+    ranks = now // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)
+    per_step = cfg.per_device_train_batch_size * ranks
+    if not isinstance(was, int) or was % per_step:
+        return ""
+    return (
+        f" (here: --gradient_accumulation_steps {was // per_step} with "
+        f"--per_device_train_batch_size {cfg.per_device_train_batch_size})"
     )
 
 
