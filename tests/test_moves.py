@@ -61,6 +61,7 @@ def resumed(strategy: str, nproc: int, out: str, at: int = K) -> list[float]:
 def assert_same_curve(got: list[float], reference: list[float], at: int = K) -> None:
     assert len(got) == len(reference) == STEPS
     worst = max(abs(a - b) for a, b in zip(got[at:], reference[at:]))
+    print(f"max |loss - reference| over steps {at + 1}..{STEPS}: {worst:.1e}")  # (with -s)
     assert worst < 1e-5, (got, reference)
 
 
