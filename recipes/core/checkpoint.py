@@ -36,6 +36,7 @@ from fastchat_data.io import cached_sha256
 from fastchat_data.options import RunStopped
 from fastchat_data.outputs import StagedDir
 
+from . import parallel
 from .config import RESUMABLE_CHANGES, ConfigError, data_paths
 from .run_folder import CheckpointFolder, RunFolder
 from .safe_load import UnsafeCheckpoint, check_pickle_file
@@ -478,8 +479,6 @@ def load_route(ckpt: CheckpointFolder, state: dict, world) -> str:
     stage and world size), "dcp" (a torch checkpoint into ZeRO, parameter by parameter) or
     "universal" (DeepSpeed's files made universal first, into any engine). An adapter
     checkpoint under DeepSpeed is refused in one line."""
-    from . import parallel
-
     writer, ours = parallel.get(state["strategy"]), world.strategy
     fmt = checkpoint_format(ckpt)
     if fmt == "adapter":
@@ -500,7 +499,7 @@ def load_route(ckpt: CheckpointFolder, state: dict, world) -> str:
     return "native" if native else "universal"
 
 
-def load_universal(engine, world, ckpt: CheckpointFolder) -> None:
+def load_universal(engine, world, ckpt: CheckpointFolder, state: dict) -> None:
     """DeepSpeed's files into another ZeRO stage, world size or engine: rank 0 converts them
     with DeepSpeed's own converter into checkpoints/.universal-step-N (a shared file system
     across nodes), every rank reads it, rank 0 removes it. The checkpoint is left as it is."""
@@ -519,7 +518,7 @@ def load_universal(engine, world, ckpt: CheckpointFolder) -> None:
         raise ConfigError(
             f"{ckpt.path}: DeepSpeed could not convert its files for {world.strategy.name} x "
             f"{world.size} ({type(error).__name__ if error else 'failed'}: {why}); resume it "
-            f"with {state_hint(ckpt)}"
+            f"with --strategy {state['strategy']} on {state['world_size']} processes"
         )
     try:
         engine.load_params(UniversalParams(tmp, ckpt))
@@ -527,12 +526,6 @@ def load_universal(engine, world, ckpt: CheckpointFolder) -> None:
         world.barrier()
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def state_hint(ckpt: CheckpointFolder) -> str:
-    """The strategy and world size that wrote a checkpoint, as a resume would give them."""
-    state = json.loads(ckpt.trainer_state.read_text())
-    return f"--strategy {state['strategy']} on {state['world_size']} processes"
 
 
 def load_rng_for(ckpt: CheckpointFolder, state: dict, world) -> str | None:
@@ -585,12 +578,10 @@ def load_checkpoint(engine, world, ckpt: CheckpointFolder) -> dict:
 
         engine.load_params(DcpParams(ckpt))
     else:
-        load_universal(engine, world, ckpt)
+        load_universal(engine, world, ckpt, state)
     continue_schedule(engine.scheduler)
     note = load_rng_for(ckpt, state, world)
     state["notes"] = [note] if note else []
-    from . import parallel
-
     if state["world_size"] != world.size or parallel.get(state["strategy"]) != world.strategy:
         state["notes"].insert(
             0,
