@@ -197,10 +197,13 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     )
     assert (
         res.returncode == 2
-        and "holds checkpoints of another run (settings differ: learning_rate)" in res.stderr
+        and "holds checkpoints of another run (settings differ: learning_rate 0.001 -> 0.0005)"
+        in res.stderr
     )
-    assert "--overwrite_output_dir True (its checkpoints are kept in OUT/replaced/)" in res.stderr
-    # overwriting starts afresh: the old run's checkpoints move aside (kept, never resumed)
+    # the refusal never suggests --overwrite_output_dir: it takes the run's checkpoints away
+    assert "another --output_dir" in res.stderr and "overwrite" not in res.stderr
+    # asked for, overwriting starts afresh: the old run's checkpoints move aside (kept, never
+    # resumed)
     res = train(
         "single",
         1,

@@ -36,6 +36,7 @@ from fastchat_data.io import cached_sha256
 from fastchat_data.options import RunStopped
 from fastchat_data.outputs import StagedDir
 
+from . import parallel
 from .config import RESUMABLE_CHANGES, ConfigError, data_paths
 from .run_folder import CheckpointFolder, RunFolder
 from .safe_load import UnsafeCheckpoint, check_pickle_file
@@ -43,6 +44,21 @@ from .safe_load import UnsafeCheckpoint, check_pickle_file
 # Settings that name where things are, not what is trained: a run's identity holds the
 # content they point to instead (the data's sha256, the model's config and files).
 PATH_SETTINGS = {"model_name_or_path", "data_path", "deepspeed", "cache_dir", "output_dir"}
+
+# Settings that say how the work is split and run, not what is trained: the global batch is a
+# function of the step and the global batch size alone (recipes/core/data.py), and every engine
+# takes the same step for a given global batch (recipes/core/engines.py), so a run may resume
+# under another strategy, world size, or split of its global batch. The identity holds the
+# global batch size instead.
+HOW_SETTINGS = {
+    "strategy",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "sharded_load",
+    "gradient_checkpointing",
+    "loss_chunk_size",
+}
+GLOBAL_BATCH = "global_batch_size"
 
 
 def acquire_run_lock(folder: RunFolder):
@@ -97,16 +113,35 @@ def model_fingerprint(path: str | Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def run_identity(cfg, model_path: str) -> dict:
-    """What makes two runs the same run: the settings (less where things are and what a
-    relaunch may change), the starting model, and the data's content."""
+def run_identity(cfg, model_path: str, global_batch_size: int) -> dict:
+    """What makes two runs the same run: the settings (less where things are, how the work is
+    split, and what a relaunch may change), the global batch size, the starting model, and the
+    data's content."""
     settings = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in RESUMABLE_CHANGES | PATH_SETTINGS
+        if k not in RESUMABLE_CHANGES | PATH_SETTINGS | HOW_SETTINGS
     }
+    settings[GLOBAL_BATCH] = global_batch_size
     data = {Path(p).name: cached_sha256(p) for p in data_paths(cfg.data_path)}
     return {"settings": settings, "model": model_fingerprint(model_path), "data": data}
+
+
+def saved_identity(state: dict) -> dict:
+    """A checkpoint's identity as this version compares it. Checkpoints from before identities
+    held the global batch size kept the split instead: their global batch is per device x
+    accumulation x the processes that wrote them (every strategy then was data parallel)."""
+    identity = dict(state["identity"])
+    old = dict(identity.get("settings", {}))
+    settings = {k: v for k, v in old.items() if k not in HOW_SETTINGS}
+    if GLOBAL_BATCH not in settings and "per_device_train_batch_size" in old:
+        settings[GLOBAL_BATCH] = (
+            old["per_device_train_batch_size"]
+            * old["gradient_accumulation_steps"]
+            * state.get("world_size", 1)
+        )
+    identity["settings"] = settings
+    return identity
 
 
 def identity_key(identity: dict) -> str:
@@ -115,12 +150,17 @@ def identity_key(identity: dict) -> str:
 
 def identity_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two identities, in words."""
+    before, after = saved.get("settings", {}), now["settings"]
     changes = sorted(
-        k
-        for k in {**saved.get("settings", {}), **now["settings"]}
-        if saved.get("settings", {}).get(k) != now["settings"].get(k)
+        k for k in {**before, **after} if k != GLOBAL_BATCH and before.get(k) != after.get(k)
     )
-    out = [f"settings differ: {', '.join(changes)}"] if changes else []
+    differ = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changes)
+    out = [f"settings differ: {differ}"] if changes else []
+    if before.get(GLOBAL_BATCH) != after.get(GLOBAL_BATCH):
+        out.append(
+            f"the global batch size differs: {before.get(GLOBAL_BATCH)} -> "
+            f"{after.get(GLOBAL_BATCH)}"
+        )
     if saved.get("model") != now["model"]:
         out.append("the starting model differs (its config.json or weight files)")
     old, new = saved.get("data", {}), now["data"]
@@ -152,33 +192,82 @@ def claim_output_dir(cfg, folder: RunFolder, identity: dict) -> str | None:
     if latest is None:
         return None
     try:
-        saved = json.loads(latest.trainer_state.read_text())["identity"]
+        saved = saved_identity(json.loads(latest.trainer_state.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: verification on resume reports it and falls back
     changes = identity_changes(saved, identity)
     if not changes:
         return None
-    only_data = all(c.startswith("the data") for c in changes)
-    if only_data and cfg.resume_with_changed_data:
-        return (
-            f"resuming on changed data ({'; '.join(changes)}), as --resume_with_changed_data asks"
-        )
-    if not cfg.overwrite_output_dir:
+    if cfg.overwrite_output_dir:
+        aside = folder.replaced()
+        aside.mkdir(parents=True)
+        for path in (
+            folder.checkpoints,
+            folder.metrics,
+            folder.trackers,
+            folder.model,
+            folder.adapter,
+        ):
+            if path.exists():
+                os.replace(path, aside / path.name)
+        return f"--overwrite_output_dir: the earlier run's checkpoints and metrics moved to {aside}"
+    data = [c for c in changes if c.startswith("the data")]
+    batch = [c for c in changes if c.startswith("the global batch")]
+    other = [c for c in changes if c not in data + batch]
+    allowed = (data if cfg.resume_with_changed_data else []) + (
+        batch if cfg.allow_global_batch_change else []
+    )
+    refused = [c for c in changes if c not in allowed]
+    was, now = saved["settings"].get(GLOBAL_BATCH), identity["settings"][GLOBAL_BATCH]
+    if not refused:
+        notes = []
+        if data:
+            notes.append(
+                f"resuming on changed data ({'; '.join(data)}), as --resume_with_changed_data asks"
+            )
+        if batch:
+            notes.append(
+                f"resuming with another global batch size ({was} -> {now}), as "
+                "--allow_global_batch_change asks: the step count and the learning-rate "
+                "schedule continue; each step from now on trains the global batch of that "
+                "step in the new batch size's data order (so this epoch may repeat or skip "
+                "some samples), and epochs count the new steps per epoch"
+            )
+        return "; ".join(notes)
+    # what to do: never --overwrite_output_dir, which moves the run's checkpoints out of reach
+    if other:
         fix = (
-            "restore the data, or continue on the new data with --resume_with_changed_data True"
-            if only_data
-            else "choose another --output_dir, or move the old run aside "
-            "with --overwrite_output_dir True (its checkpoints are kept in OUT/replaced/)"
+            "relaunch with the run's settings, model and data to resume it, or give this "
+            "run another --output_dir"
         )
-        raise ConfigError(
-            f"{folder.root} holds checkpoints of another run ({'; '.join(changes)}): {fix}"
+    elif batch and not data:
+        fix = (
+            "resume with a global batch (per device x accumulation x data-parallel ranks) of "
+            f"{was}{accumulation_hint(cfg, was, now)}, or change it deliberately with "
+            "--allow_global_batch_change True"
         )
-    aside = folder.replaced()
-    aside.mkdir(parents=True)
-    for path in (folder.checkpoints, folder.metrics, folder.trackers, folder.model, folder.adapter):
-        if path.exists():
-            os.replace(path, aside / path.name)
-    return f"--overwrite_output_dir: the earlier run's checkpoints and metrics moved to {aside}"
+    elif data and not batch:
+        fix = "restore the data, or continue on the new data with --resume_with_changed_data True"
+    else:
+        fix = (
+            "restore the data and the global batch size, or allow both with "
+            "--resume_with_changed_data True --allow_global_batch_change True"
+        )
+    raise ConfigError(
+        f"{folder.root} holds checkpoints of another run ({'; '.join(refused)}): {fix}"
+    )
+
+
+def accumulation_hint(cfg, was: int, now: int) -> str:
+    """The accumulation that gives the saved global batch on this job's ranks, if one does."""
+    ranks = now // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)
+    per_step = cfg.per_device_train_batch_size * ranks
+    if not isinstance(was, int) or was % per_step:
+        return ""
+    return (
+        f" (here: --gradient_accumulation_steps {was // per_step} with "
+        f"--per_device_train_batch_size {cfg.per_device_train_batch_size})"
+    )
 
 
 # ---------------------------------------------------------------------------- RNG state
@@ -377,14 +466,126 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine, world, ckpt: CheckpointFolder) -> dict:
-    """Restore a verified checkpoint (see resumable_checkpoint) into the engine and RNGs."""
-    state = json.loads(ckpt.trainer_state.read_text())
-    if state["world_size"] != world.size:
+def checkpoint_format(ckpt: CheckpointFolder) -> str:
+    """How a checkpoint holds its engine state: "dcp", "deepspeed" or "adapter"."""
+    if ckpt.deepspeed.is_dir():
+        return "deepspeed"
+    return "adapter" if ckpt.adapter.is_dir() else "dcp"
+
+
+def load_route(ckpt: CheckpointFolder, state: dict, world) -> str:
+    """How this job's engine restores a checkpoint: "native" (its own format: DCP reshards to
+    any torch strategy and world size, an adapter is whole, DeepSpeed's files need the same ZeRO
+    stage and world size), "dcp" (a torch checkpoint into ZeRO, parameter by parameter) or
+    "universal" (DeepSpeed's files made universal first, into any engine). An adapter
+    checkpoint under DeepSpeed is refused in one line."""
+    writer, ours = parallel.get(state["strategy"]), world.strategy
+    fmt = checkpoint_format(ckpt)
+    if fmt == "adapter":
+        if ours.checkpoint_format == "dcp":
+            return "native"
+        able = [s.name for s in parallel.STRATEGIES.values() if s.checkpoint_format == "dcp"]
         raise ConfigError(
-            f"{ckpt.path} was written by {state['world_size']} processes; resume it with "
-            f"{state['world_size']} (this job has {world.size})"
+            f"{ckpt.path} holds an adapter written by {writer.name}; {ours.name} cannot "
+            f"restore it: resume it with strategy {' or '.join(able)} (any number of processes)"
         )
-    engine.load(ckpt)
-    load_rng(ckpt.rng(world.rank))
+    if fmt == "dcp":
+        return "native" if ours.checkpoint_format == "dcp" else "dcp"
+    native = (
+        ours.checkpoint_format == "deepspeed"
+        and writer.zero_stage == ours.zero_stage
+        and state["world_size"] == world.size
+    )
+    return "native" if native else "universal"
+
+
+def load_universal(engine, world, ckpt: CheckpointFolder, state: dict) -> None:
+    """DeepSpeed's files into another ZeRO stage, world size or engine: rank 0 converts them
+    with DeepSpeed's own converter into checkpoints/.universal-step-N (a shared file system
+    across nodes), every rank reads it, rank 0 removes it. The checkpoint is left as it is."""
+    from .engines import UniversalParams, deepspeed_to_universal
+
+    tmp = ckpt.path.parent / f".universal-{ckpt.path.name}"
+    error = None
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion a kill interrupted
+        try:
+            deepspeed_to_universal(ckpt, tmp)
+        except Exception as e:  # noqa: BLE001 - any failure of DeepSpeed's converter, in one line
+            error = e
+    if world.all_sum(error is not None) > 0:
+        why = " ".join(str(error).split())[:200] if error else "on rank 0"
+        raise ConfigError(
+            f"{ckpt.path}: DeepSpeed could not convert its files for {world.strategy.name} x "
+            f"{world.size} ({type(error).__name__ if error else 'failed'}: {why}); resume it "
+            f"with --strategy {state['strategy']} on {state['world_size']} processes"
+        )
+    try:
+        engine.load_params(UniversalParams(tmp, ckpt))
+    finally:
+        world.barrier()
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_rng_for(ckpt: CheckpointFolder, state: dict, world) -> str | None:
+    """Each rank's random state. Rank r restores the writer's rank r; a rank the writer did not
+    have is seeded from (seed, step, rank), so its stream is new but reproducible. Data order
+    never depends on these (recipes/core/data.py): only dropout does. Returns a note when some
+    rank could not continue its stream."""
+    if world.rank < state["world_size"]:
+        load_rng(ckpt.rng(world.rank))
+    else:
+        seed = int(state.get("config", {}).get("seed", 0))
+        entropy = np.random.SeedSequence([seed, state["step"], world.rank]).generate_state(2)
+        mixed = int(entropy[0]) << 32 | int(entropy[1])
+        random.seed(mixed)
+        np.random.seed(entropy[0])
+        torch.manual_seed(mixed)
+    if world.size > state["world_size"]:
+        new = list(range(state["world_size"], world.size))
+        which = f"rank {new[0]}" if len(new) == 1 else f"ranks {new[0]}..{new[-1]}"
+        return (
+            f"{which} start(s) a new random stream (seeded from the seed, the step and the "
+            "rank): only dropout draws from it"
+        )
+    return None
+
+
+def continue_schedule(scheduler) -> None:
+    """The learning rate of the step about to run, from the schedule this job planned (its
+    total steps): a relaunch with a larger --max_steps follows the new schedule from its next
+    step on, instead of applying the rate the old schedule left in the optimizer first. With
+    the same total steps this computes the rate the saved schedule holds."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports (torch keeps it there)
+
+
+def load_checkpoint(engine, world, ckpt: CheckpointFolder) -> dict:
+    """Restore a verified checkpoint (see resumable_checkpoint) into the engine and RNGs. The
+    returned state carries "notes": what a move to another world size changed."""
+    state = json.loads(ckpt.trainer_state.read_text())
+    route = load_route(ckpt, state, world)
+    if route == "native":
+        engine.load(ckpt)
+    elif route == "dcp":
+        from .engines import DcpParams
+
+        engine.load_params(DcpParams(ckpt))
+    else:
+        load_universal(engine, world, ckpt, state)
+    continue_schedule(engine.scheduler)
+    note = load_rng_for(ckpt, state, world)
+    state["notes"] = [note] if note else []
+    if state["world_size"] != world.size or parallel.get(state["strategy"]) != world.strategy:
+        state["notes"].insert(
+            0,
+            f"moved: written by {state['strategy']} x {state['world_size']}, resumed by "
+            f"{world.strategy.name} x {world.size}",
+        )
     return state

@@ -459,6 +459,12 @@ class CheckpointArgs:
         "resume although the training data's content changed since the checkpoint (the data "
         "order is rebuilt from the new data at the same step)",
     )
+    allow_global_batch_change: bool = option(
+        False,
+        "resume although the global batch size (per device x accumulation x data-parallel "
+        "ranks) differs from the checkpoint's: the step count and the learning-rate schedule "
+        "continue, step s trains global batch s of the new batch size's data order",
+    )
     save_steps: int = option(500, "checkpoint every this many optimizer steps")
     save_total_limit: int = option(2, "complete checkpoints to keep, the newest; 0: all")
 
@@ -510,6 +516,7 @@ RESUMABLE_CHANGES = {
     "report_to",
     "overwrite_output_dir",
     "resume_with_changed_data",
+    "allow_global_batch_change",
     "output_dir",
     "num_proc",
     "cache_dir",

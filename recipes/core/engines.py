@@ -19,6 +19,7 @@ DeepSpeed's own files.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -49,9 +50,14 @@ def decoder_layer_classes(model) -> set[type]:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, not on norms and biases (as HF Trainer does)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Weight decay on matrices only, not on norms and biases (as HF Trainer does). A ZeRO-3
+    parameter built partitioned is an empty vector: its shape is ds_shape."""
+
+    def matrix(p) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -158,6 +164,123 @@ class AdapterState:
         optimizer = torch.load(folder.optimizer, map_location=device, weights_only=True)
         engine.optimizer.load_state_dict(optimizer)
         engine.scheduler.load_state_dict(load_json_state(folder.scheduler))
+
+
+# ---------------------------------------------------------------------------- moving state
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def fitted(ckpt: CheckpointFolder, name: str, shape, tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's saved value in the shape this model gives it, or one line saying why not."""
+    shape = torch.Size(shape)
+    if tensor.numel() != shape.numel():
+        raise ConfigError(
+            f"{ckpt.path}: {name} has {tensor.numel()} values, this model's has "
+            f"{shape.numel()}: not a checkpoint of this model"
+        )
+    return tensor.reshape(shape)
+
+
+class DcpParams:
+    """A ParamSource: a torch engine's DCP checkpoint seen parameter by parameter (full fp32
+    value, AdamW moments, by full name), each rank reading what it asks for on its own."""
+
+    def __init__(self, folder: CheckpointFolder):
+        from .safe_load import SafeFileSystemReader
+
+        self.folder = folder
+        self.meta = SafeFileSystemReader(folder.dcp).read_metadata().state_dict_metadata
+
+    def _read(self, *path: str) -> torch.Tensor:
+        from .safe_load import dcp_load
+
+        key = ".".join(path)
+        info = self.meta.get(key)
+        if info is None or not hasattr(info, "size"):
+            raise ConfigError(
+                f"{self.folder.path} holds no tensor {key}: not a full-model checkpoint of "
+                "this model"
+            )
+        tensor = torch.empty(info.size, dtype=info.properties.dtype)
+        nested = tensor
+        for part in reversed(path):
+            nested = {part: nested}
+        dcp_load(nested, self.folder.dcp, no_dist=True)
+        return tensor
+
+    def tensor(self, name: str, key: str, shape) -> torch.Tensor:
+        path = ("model", name) if key == "param" else ("optim", "state", name, key)
+        return fitted(self.folder, name, shape, self._read(*path))
+
+    def step(self) -> float:
+        """AdamW's step count (the same for every parameter: skipped steps count for none)."""
+        prefix, suffix = "optim.state.", ".step"
+        key = next(k for k in self.meta if k.startswith(prefix) and k.endswith(suffix))
+        return float(self._read("optim", "state", key[len(prefix) : -len(suffix)], "step"))
+
+    def scheduler(self) -> dict:
+        return load_json_state(self.folder.scheduler)
+
+
+class UniversalParams:
+    """A ParamSource: DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal of
+    a ZeRO checkpoint), one folder per parameter under zero/; read weights-only."""
+
+    def __init__(self, folder: Path, ckpt: CheckpointFolder):
+        (self.zero,) = {p.parent.parent for p in Path(folder).rglob("zero/*/fp32.pt")}
+        self.ckpt = ckpt
+
+    def tensor(self, name: str, key: str, shape) -> torch.Tensor:
+        path = self.zero / name / f"{'fp32' if key == 'param' else key}.pt"
+        if not path.is_file():
+            raise ConfigError(f"{self.ckpt.path} holds no {key} for {name}: not this model's")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return fitted(self.ckpt, name, shape, saved)  # (ZeRO-3's are flat)
+
+    def _states(self, name: str) -> dict:
+        from .safe_load import deepspeed_loads_weights_only
+
+        with deepspeed_loads_weights_only():
+            return torch.load(self.zero / name, map_location="cpu")
+
+    def step(self) -> float:
+        optim = self._states("optimizer_state.pt")["optimizer_state_dict"]
+        return float(next(iter(optim["state"].values()))["step"])
+
+    def scheduler(self) -> dict:
+        # every rank's model states hold the same scheduler
+        model_states = sorted((self.ckpt.deepspeed / "state").glob("*model_states.pt"))[0]
+        from .safe_load import deepspeed_loads_weights_only
+
+        with deepspeed_loads_weights_only():
+            return torch.load(model_states, map_location="cpu")["lr_scheduler"]
+
+
+def deepspeed_to_universal(ckpt: CheckpointFolder, out: Path) -> None:
+    """DeepSpeed's own converter, its pickles read weights-only (recipes/core/safe_load.py)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from .safe_load import deepspeed_loads_weights_only
+
+    args = Namespace(
+        input_folder=str(ckpt.deepspeed / "state"),
+        output_folder=str(out / "state"),  # (it writes latest_universal beside that folder)
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    chatter = io.StringIO()  # its progress bars and prints
+    with (
+        deepspeed_loads_weights_only(),
+        contextlib.redirect_stdout(chatter),
+        contextlib.redirect_stderr(chatter),
+    ):
+        ds_to_universal.main(args)
 
 
 # ---------------------------------------------------------------------------- torch engines
@@ -283,6 +406,35 @@ class TorchEngine:
     def load(self, folder: CheckpointFolder) -> None:
         self.state.load(self, folder)
 
+    def load_params(self, source) -> None:
+        """Another engine's checkpoint (a ParamSource: DeepSpeed's files made universal) into
+        this one: every rank fills the full state dicts, torch keeps each rank's share."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        # (torch creates AdamW's state, zeros, to have something to fill)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=opts)
+        params = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        model_sd = {
+            n: source.tensor(n, "param", t.shape) if n in params else t for n, t in model_sd.items()
+        }
+        step = torch.tensor(source.step())
+        for name, state in optim_sd["state"].items():
+            moments = {k: source.tensor(name, k, state[k].shape) for k in MOMENTS}
+            state.update(moments, step=step.clone())
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=model_sd,
+            optim_state_dict=optim_sd,
+            options=opts,
+        )
+        self.scheduler.load_state_dict(source.scheduler())
+
     def full_state_dict(self, trainable_only: bool = False) -> dict:
         """The whole model (or its trained parameters: an adapter, never under FSDP) on rank 0's
         CPU, gathered layer by layer (never whole on a GPU)."""
@@ -366,6 +518,47 @@ class DeepSpeedEngine:
             load_path, _ = self.model.load_checkpoint(str(folder.deepspeed), tag="state")
         if load_path is None:
             raise ConfigError(f"DeepSpeed found no checkpoint in {folder.deepspeed}")
+
+    def load_params(self, source) -> None:
+        """Another engine's or world size's checkpoint (a ParamSource) into ZeRO: one parameter
+        at a time, every rank reads its full fp32 value and AdamW moments and keeps its own
+        partition; the model's working copy gets the same value."""
+        from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero, base = self.optimizer, self.optimizer.optimizer  # base: torch AdamW
+        # ZeRO's flat fp32 partitions (stage 3 / stage 2), whose AdamW state stage 3 creates at
+        # the first step only: created here so that the moments can be set
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+            zero, "single_partition_of_fp32_groups", []
+        )
+        for flat in flats:
+            if "exp_avg" not in base.state[flat]:
+                base.state[flat].update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(flat),
+                    exp_avg_sq=torch.zeros_like(flat),
+                )
+        link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-2 maps parameters to their moments after its first step
+            link()
+        device = self.world.device
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3: partitioned
+            value = source.tensor(name, "param", shape).to(device)
+            safe_set_full_fp32_param(param, value)
+            for key in MOMENTS:
+                moment = source.tensor(name, key, shape).to(device)
+                safe_set_full_optimizer_state(param, moment, key)
+            with GatheredParameters([param], modifier_rank=0):  # ZeRO-3: partitioned again
+                param.data.copy_(value.to(param.dtype))
+        step = source.step()
+        for state in base.state.values():
+            state["step"] = torch.tensor(step)
+        self.model.global_steps = int(step)
+        self.scheduler.load_state_dict(source.scheduler())
 
     def full_state_dict(self, trainable_only: bool = False) -> dict:
         """ZeRO-3: parameters gathered one by one in 16 bit (the model's dtype) onto rank 0's

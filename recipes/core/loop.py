@@ -130,7 +130,7 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
         if cfg.max_steps > 0
         else math.ceil(cfg.num_train_epochs * run.plan.steps_per_epoch)
     )
-    run.identity = checkpoint.run_identity(cfg, run.model_path)
+    run.identity = checkpoint.run_identity(cfg, run.model_path, run.plan.global_size)
     if getattr(run.data, "packing", False) and len(run.data.units) == len(run.data.ds):
         run.notes.append(
             f"--packing True packed nothing: rows are capped at {run.data.row_tokens} tokens "
@@ -184,6 +184,8 @@ def start(run: Run, model, engine, what: str = "") -> Run:
         run.last_checkpoint = resume_from.path
         if world.main:
             print(f"resumed from {resume_from.path} (step {run.step})", flush=True)
+            for note in state["notes"]:
+                print(f"note: {note}", flush=True)
     if world.main:
         trained = f" ({n_trained / 1e6:.2f}M trained)" if n_trained != n_params else ""
         units = len(run.data.units)

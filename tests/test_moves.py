@@ -1,0 +1,236 @@
+"""Runs that move: a run resumes under another strategy or world size, from a moved run folder or
+another spelling of its path, and gives the loss curve it would have given uninterrupted. Its
+identity is what is trained (settings, the global batch size, the model, the data), never where
+or how (output folder, strategy, world size, the split of the global batch).
+
+Every run here trains the tiny model for 6 steps at global batch 8 (4 per device x 2
+accumulation on one process, 4 x 1 on two), saving every step; a move copies a run folder's
+checkpoints up to step 3 elsewhere and resumes it to step 6 under another strategy. The
+uninterrupted one-process run is the reference for steps 4..6."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from train_utils import losses, train
+
+K, STEPS = 3, 6
+BASE = [
+    "--config",
+    "tiny_cpu.yaml",
+    "--learning_rate",
+    "1e-3",
+    "--save_steps",
+    1,
+    "--save_total_limit",
+    0,
+    "--logging_steps",
+    1,
+    "--per_device_train_batch_size",
+    4,
+]
+
+
+def args(nproc: int, steps: int = STEPS) -> list:
+    """Global batch 8 on 1 or 2 processes."""
+    return [*BASE, "--gradient_accumulation_steps", 2 // nproc, "--max_steps", steps]
+
+
+def moved(src: Path, dst: Path, step: int = K) -> str:
+    """A copy of run folder `src` at `dst` holding its checkpoints up to `step` (and its metrics,
+    which a resume truncates to that step), returned as an odd spelling of its path."""
+    shutil.copytree(
+        src, dst, ignore=shutil.ignore_patterns("model", "ranks", "run.lock", "loss.png")
+    )
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    return f"{dst.parent}/./{dst.name}/"
+
+
+def resumed(strategy: str, nproc: int, out: str, at: int = K) -> list[float]:
+    res = train(strategy, nproc, Path(out), *args(nproc))
+    assert f"(step {at})" in res.stdout and "resumed from" in res.stdout, res.stdout[-2000:]
+    return losses(Path(out))
+
+
+def assert_same_curve(got: list[float], reference: list[float], at: int = K) -> None:
+    assert len(got) == len(reference) == STEPS
+    worst = max(abs(a - b) for a, b in zip(got[at:], reference[at:]))
+    print(f"max |loss - reference| over steps {at + 1}..{STEPS}: {worst:.1e}")  # (with -s)
+    assert worst < 1e-5, (got, reference)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train("single", 1, out, *args(1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    train("fsdp", 2, out, *args(2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_run(fsdp_run, tmp_path_factory):
+    """FSDP2 x 2 to step 3, then ZeRO-3 x 2 (checkpoints 4..6 are DeepSpeed's own)."""
+    out = moved(fsdp_run, tmp_path_factory.mktemp("zero3") / "run")
+    res = train("zero3", 2, Path(out), *args(2))
+    assert f"(step {K})" in res.stdout, res.stdout[-2000:]
+    return Path(out)
+
+
+def test_moved_folder_and_another_spelling_resume_exactly(reference, tmp_path):
+    out = moved(reference, tmp_path / "elsewhere")
+    got = resumed("single", 1, out)
+    assert got[K:] == pytest.approx(losses(reference)[K:], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_one_process_to_fsdp_two(reference, tmp_path):
+    res = train("fsdp", 2, Path(moved(reference, tmp_path / "m")), *args(2))
+    assert "note: moved: written by single x 1, resumed by fsdp x 2" in res.stdout
+    assert_same_curve(losses(tmp_path / "m"), losses(reference))
+
+
+@pytest.mark.slow
+def test_fsdp_two_to_one_process(reference, fsdp_run, tmp_path):
+    assert_same_curve(resumed("single", 1, moved(fsdp_run, tmp_path / "m")), losses(reference))
+
+
+@pytest.mark.slow
+def test_ddp_two_to_fsdp_two(reference, tmp_path):
+    ddp = tmp_path / "ddp"
+    train("ddp", 2, ddp, *args(2))
+    assert_same_curve(resumed("fsdp", 2, moved(ddp, tmp_path / "m")), losses(reference))
+
+
+def one_line_error(res) -> str:
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    return lines[0]
+
+
+def test_global_batch_change_is_refused_then_allowed_with_the_flag(reference, tmp_path):
+    out = Path(moved(reference, tmp_path / "m"))
+    doubled = [*args(1), "--per_device_train_batch_size", 8]  # 8 x 2 = 16
+    line = one_line_error(train("single", 1, out, *doubled, check=False))
+    assert "the global batch size differs: 8 -> 16" in line
+    assert (
+        "resume with a global batch" in line
+        and "of 8 (here: --gradient_accumulation_steps 1" in line
+    )
+    assert "--allow_global_batch_change True" in line and "overwrite" not in line
+    assert len(losses(out)) == STEPS  # nothing written by the refused command
+    res = train("single", 1, out, *doubled, "--allow_global_batch_change", "True")
+    assert "resuming with another global batch size (8 -> 16)" in res.stdout
+    assert f"(step {K})" in res.stdout and len(losses(out)) == STEPS
+    # the new batch size is the run's own now: a plain relaunch resumes it
+    state = json.loads((out / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert state["identity"]["settings"]["global_batch_size"] == 16
+
+
+def test_another_setting_is_refused_without_suggesting_overwrite(reference, tmp_path):
+    out = Path(moved(reference, tmp_path / "m"))
+    res = train("single", 1, out, *args(1), "--learning_rate", "5e-4", check=False)
+    line = one_line_error(res)
+    assert "holds checkpoints of another run (settings differ: learning_rate 0.001 -> 0.0005)" in (
+        line
+    )
+    assert "another --output_dir" in line and "overwrite" not in line
+
+
+def test_a_larger_max_steps_follows_the_new_schedule_from_the_next_step(reference, tmp_path):
+    import torch
+    from transformers import get_scheduler
+
+    out = Path(moved(reference, tmp_path / "m"))
+    train("single", 1, out, *args(1, steps=10))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # steps 1..3 followed the 6-step schedule; from step 4 on, the 10-step one (warm-up
+    # ceil(0.1 x 10) = 1 step, cosine to 0 at step 10), with no step at a stale rate
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = get_scheduler("cosine", opt, math.ceil(0.1 * 10), 10)
+    planned = []
+    for _ in range(10):
+        planned.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    ref = [json.loads(x)["lr"] for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows[:K]] == ref[:K]
+    assert [r["lr"] for r in rows[K:]] == pytest.approx(planned[K:], rel=1e-12)
+
+
+def test_identity_of_a_checkpoint_from_before_holds_its_global_batch():
+    from recipes.core.checkpoint import identity_changes, saved_identity
+
+    old = {
+        "identity": {
+            "settings": {
+                "learning_rate": 1e-3,
+                "strategy": "ddp",
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+            },
+            "model": "m",
+            "data": {"d.json": "x"},
+        },
+        "world_size": 2,
+    }
+    now = {
+        "settings": {"learning_rate": 1e-3, "global_batch_size": 8},
+        "model": "m",
+        "data": {"d.json": "x"},
+    }
+    assert identity_changes(saved_identity(old), now) == []
+    now["settings"]["global_batch_size"] = 16
+    assert identity_changes(saved_identity(old), now) == ["the global batch size differs: 8 -> 16"]
+
+
+@pytest.mark.slow
+def test_fsdp_two_to_zero3_two(reference, zero3_run):
+    assert_same_curve(losses(zero3_run), losses(reference))
+    assert (zero3_run / "checkpoints" / "step-00000006" / "deepspeed").is_dir()
+
+
+@pytest.mark.slow
+def test_zero3_two_to_zero2_two(reference, zero3_run, tmp_path):
+    out = moved(zero3_run, tmp_path / "m", step=K + 1)
+    assert_same_curve(resumed("zero2", 2, out, at=K + 1), losses(reference), at=K + 1)
+    # the conversion DeepSpeed needed is gone; the checkpoint it read is as it was
+    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir()) == [
+        f"step-{s:08d}" for s in range(1, STEPS + 1)
+    ]
+
+
+@pytest.mark.slow
+def test_zero3_two_to_one_process(reference, zero3_run, tmp_path):
+    out = moved(zero3_run, tmp_path / "m", step=K + 1)
+    assert_same_curve(resumed("single", 1, out, at=K + 1), losses(reference), at=K + 1)
+
+
+def test_an_adapter_checkpoint_under_deepspeed_is_refused_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from recipes.core import parallel
+    from recipes.core.checkpoint import load_route
+    from recipes.core.config import ConfigError
+    from recipes.core.run_folder import CheckpointFolder
+
+    ckpt = CheckpointFolder(tmp_path / "step-00000003")
+    ckpt.adapter.mkdir(parents=True)
+    state = {"strategy": "ddp", "world_size": 2}
+    torch_world = SimpleNamespace(strategy=parallel.get("fsdp"), size=4)
+    assert load_route(ckpt, state, torch_world) == "native"
+    zero = SimpleNamespace(strategy=parallel.get("zero2"), size=2)
+    with pytest.raises(ConfigError, match="holds an adapter written by ddp; zero2 cannot"):
+        load_route(ckpt, state, zero)
