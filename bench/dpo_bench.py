@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from bench import write_json
@@ -185,13 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
     if a.quick:
         a.pairs, a.steps = 32, 5
     cache = REPO / ".cache" / "bench"
-    spec = {
-        **prepare_inputs(a.pairs, cache),
-        "steps": a.steps,
-        "cache": str(cache),
-        "out": str(REPO / "runs" / "bench-dpo"),
-    }
-    rows = {v: measure(v, spec) for v in VARIANTS}
+    # a fresh run folder per benchmark run: a recipe resumes from a complete checkpoint it
+    # finds in its output_dir, so a kept folder would report the previous run's steps again
+    with tempfile.TemporaryDirectory(prefix="dpo_bench-") as out:
+        spec = {
+            **prepare_inputs(a.pairs, cache),
+            "steps": a.steps,
+            "cache": str(cache),
+            "out": out,
+        }
+        rows = {v: measure(v, spec) for v in VARIANTS}
     sft, pre, live = rows["sft"], rows["dpo"], rows["dpo_live_reference"]
     result = {
         "rows": list(rows.values()),

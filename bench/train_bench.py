@@ -733,7 +733,7 @@ def report(results: dict) -> None:
     print(
         "formula: fp32 training has no separate master copy: params 4 + grads 4 + Adam m,v 8 = "
         "16 bytes per\nparameter (ZeRO's mixed-precision count (2+2+K) with K=12 is also 16); "
-        "DDP replicates them: 16*Psi per rank;\nsharding strategies shard all three: 16*Psi/N. "
+        "DDP replicates them: 16*Psi per rank;\nFSDP / ZeRO-3 shard all three: 16*Psi/N. "
         "After a step the gradients are freed: 12*Psi (/N) in tensors.\n"
         "runtime = the process before any model or data (python, torch, transformers, deepspeed)."
     )
