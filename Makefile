@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: lint-check setup demo qlora-demo dpo-demo test test-fast bench bench-compare bench-peers lint clean train-vicuna train-dpo \
+.PHONY: lint-check setup demo qlora-demo dpo-demo long-demo test test-fast bench bench-compare bench-peers lint clean train-vicuna train-dpo \
         gpu-wheels gpu-check gpu-dry-run
 
 setup: $(STAMP)
@@ -37,6 +37,11 @@ demo: setup
 # full fine-tune on English Alpaca, QLoRA to Chinese Alpaca, evaluation table, merge, chat
 qlora-demo: setup
 	$(BIN)/python -m recipes.qlora_demo
+
+# ShareGPT conversations joined into long ones, a 2K-context tiny Llama trained at 4K: 2 processes,
+# sequence parallel 2, linear RoPE scaling; the export loaded by plain transformers
+long-demo: setup
+	$(BIN)/python -m recipes.long_demo
 
 # Alpaca preference pairs, SFT of the small tiny Llama, DPO, held-out preference accuracy
 dpo-demo: setup

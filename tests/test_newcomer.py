@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "recipes.demo": "--assets_only",
     "recipes.qlora_demo": "--data_dir",
     "recipes.dpo_demo": "--data_dir",
+    "recipes.long_demo": "--max_length",
     "recipes.eval": "--pairs",
     "recipes.merge": "--adapter",
     "recipes.chat": "--temperature",

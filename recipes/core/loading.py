@@ -184,3 +184,14 @@ def fill_sharded(model, model_path: str, buffers: dict[str, torch.Tensor]) -> No
     for name, buf in model.named_buffers():
         if name in buffers:
             buf.copy_(buffers[name])
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward, non-reentrant (what FSDP2 and
+    ZeRO-3 need). transformers 5 renamed the switch; its old name warns on every call."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

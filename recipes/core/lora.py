@@ -15,6 +15,7 @@ import torch
 
 from .config import ConfigError
 from .engines import ADAPTER_WEIGHTS
+from .loading import enable_activation_checkpointing
 
 
 def load_base(
@@ -137,7 +138,7 @@ def add_adapter(model, cfg):
             gradient_checkpointing_kwargs=ckpt_kwargs,
         )
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     if cfg.gradient_checkpointing:
         model.config.use_cache = False

@@ -16,7 +16,7 @@ from .checkpoint import agree_written
 from .compile import apply_liger, compile_layers
 from .config import ConfigError, data_paths
 from .engines import make_engine
-from .loading import load_model
+from .loading import enable_activation_checkpointing, load_model
 from .lora import add_adapter, load_base, verify_adapter
 from .run_folder import RUN_INFO, written_by_command
 
@@ -85,9 +85,7 @@ class FullModel:
         model = loaded(lambda: load_model(run.model_path, cfg, run.world), run.model_path)
         apply_liger(model, cfg)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_activation_checkpointing(model)
             model.config.use_cache = False
         # after activation checkpointing, before the engine shards (torchtune's order)
         compile_layers(model, cfg, main=run.world.main)

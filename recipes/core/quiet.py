@@ -27,6 +27,12 @@ WARNINGS = (
     ),
     (
         FutureWarning,
+        r"`gradient_checkpointing_enable` is deprecated",
+        "peft's prepare_model_for_kbit_training calls transformers' old name (camelid uses the "
+        "new one)",
+    ),
+    (
+        FutureWarning,
         r".*`torch\.cpu\.amp\.autocast",
         "DeepSpeed's CPU accelerator uses torch's old autocast name",
     ),
