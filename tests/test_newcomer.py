@@ -16,6 +16,7 @@ ENTRY_POINTS = {
     "recipes.full_finetune": "--learning_rate",
     "recipes.qlora": "--lora_r",
     "recipes.dpo": "--beta",
+    "recipes.reward": "--center_rewards_coefficient",
     "recipes.demo": "--assets_only",
     "recipes.qlora_demo": "--data_dir",
     "recipes.dpo_demo": "--data_dir",
