@@ -132,3 +132,212 @@ def test_reward_two_ranks_match_one_process(pairs, tmp_path):  # noqa: F811
     assert [r["world_size"] for r in ranks(ddp)] == [2, 2]
     ref, got = losses(single), losses(ddp)
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
+
+
+# ---------------------------------------------------------------------------- GRPO / RLOO
+
+GRPO_SCRIPT = REPO / "recipes" / "grpo.py"
+ARITH = "recipes.core.rewards.arithmetic"
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory):
+    """64 arithmetic prompts and a tiny model whose tokenizer knows their words and numbers."""
+    from fastchat_data.tiny import TEMPLATE_WORDS, tiny_model
+    from recipes.core.rewards.arithmetic import problems
+
+    folder = tmp_path_factory.mktemp("arithmetic")
+    records = problems(64, seed=0)
+    (folder / "prompts.json").write_text(json.dumps(records))
+    texts = [r["prompt"] + " " + r["answer"] for r in records] + TEMPLATE_WORDS * 20
+    texts += [str(i) for i in range(41)] * 20
+    model = tiny_model("llama", "tiny", texts=texts, vocab_size=1000, cache_dir=folder / "cache")
+    return {"data": folder / "prompts.json", "model": model}
+
+
+def grpo_args(assets, steps, accum, *extra):
+    return [
+        "--model_name_or_path",
+        assets["model"],
+        "--data_path",
+        assets["data"],
+        "--model_max_length",
+        128,
+        "--max_completion_length",
+        8,
+        "--num_generations",
+        4,
+        "--max_steps",
+        steps,
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--per_device_train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        accum,
+        "--save_steps",
+        100,
+        "--reward_funcs",
+        f"{ARITH}:close,{ARITH}:format",
+        *extra,
+    ]
+
+
+def trl_advantages(rewards, G, kind):
+    """TRL's formulas, written out again: GRPOTrainer (scale_rewards="group") and RLOOTrainer."""
+    grouped = rewards.view(-1, G)
+    if kind == "grpo":
+        mean = grouped.mean(1).repeat_interleave(G)
+        std = grouped.std(1).repeat_interleave(G)  # TRL's nanstd: the unbiased std
+        return (rewards - mean) / (std + 1e-4)
+    baselines = (grouped.sum(1, keepdim=True) - grouped) / (G - 1)
+    return rewards - baselines.view(-1)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_advantages_equal_trl_formulas(kind):
+    from recipes.core.objectives.grpo import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 1.0])
+    mine, std = group_advantages(rewards, 4, kind)
+    torch.testing.assert_close(mine, trl_advantages(rewards, 4, kind), atol=1e-6, rtol=0)
+    assert mine[4:8].abs().max() == 0  # a group whose rewards are equal teaches nothing
+    assert std[0] == pytest.approx(float(rewards[:4].std()))
+
+
+def _trl_holder(beta, loss_type, epsilon, epsilon_high, max_completion_length, logps_fn):
+    """What TRL's GRPOTrainer._compute_loss reads, and nothing more: TRL's own code computes the
+    loss from the per-token log-probs our `logps_fn` gives it."""
+    from collections import defaultdict
+
+    accelerator = types.SimpleNamespace(
+        reduce=lambda t, reduction="sum": t, gather=lambda t: t, gather_for_metrics=lambda t: t
+    )
+    return types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda model, ids, mask, keep, **_: (
+            logps_fn(model, ids, mask, keep),
+            torch.zeros(ids.shape[0], keep),
+            None,
+        ),
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+        max_completion_length=max_completion_length,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        model=types.SimpleNamespace(training=True),
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        accelerator=accelerator,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+
+
+@pytest.mark.parametrize(
+    "loss_type, beta, epsilon_high",
+    [("grpo", 0.0, None), ("grpo", 0.04, 0.28), ("dr_grpo", 0.1, None)],
+)
+def test_grpo_loss_and_gradient_equal_trl(arithmetic, loss_type, beta, epsilon_high):
+    """Fixed prompts, completions, masks and rewards; an old policy apart from the current one
+    (as after a first update), so the clip acts: camelid's loss and gradient against TRL's
+    GRPOTrainer._compute_loss, or (TRL unreachable) against its formulas written out here."""
+    from transformers import AutoModelForCausalLM
+
+    from recipes.core.objectives.grpo import (
+        completion_mask,
+        group_advantages,
+        policy_loss_terms,
+        summed_loss,
+        token_logps,
+    )
+
+    G, C, T, eps = 4, 6, 0.7, 0.2
+    model = AutoModelForCausalLM.from_pretrained(arithmetic["model"])
+    reference = AutoModelForCausalLM.from_pretrained(arithmetic["model"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(5, vocab, (2, 5), generator=g).repeat_interleave(G, 0)
+    completions = torch.randint(5, vocab, (2 * G, C), generator=g)
+    stop = [2]
+    completions[1, 2] = completions[6, 0] = completions[3, 5] = 2  # stops at different places
+    mask = completion_mask(completions, stop)
+    assert mask.sum(-1).tolist()[:4] == [6, 3, 6, 6] and mask[6].sum() == 1
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.0, 2.0, 1.0, 0.5])
+    input_ids = torch.cat([prompts, completions], 1)
+    attention_mask = torch.cat([torch.ones_like(prompts), mask], 1)
+
+    def full_logps(m, ids, att, keep):  # independent: full logits, TRL's slicing
+        logits = m(input_ids=ids, attention_mask=att).logits[:, :-1][:, -keep:] / T
+        return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, -keep:, None]).squeeze(-1)
+
+    with torch.no_grad():
+        ref_logps = full_logps(reference, input_ids, attention_mask, C)
+        current = full_logps(model, input_ids, attention_mask, C)
+    old = current + torch.randn(current.shape, generator=g) * 0.3  # ratios well outside the clip
+
+    # camelid
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        logits_to_keep=C + 1,
+    )
+    logps = token_logps(out.logits[:, :-1], completions, T)
+    advantages, _ = group_advantages(rewards, G, "grpo")
+    per_token, _, clipped = policy_loss_terms(
+        logps, old, ref_logps, advantages, mask, beta, eps, epsilon_high
+    )
+    mine = summed_loss(per_token, mask, loss_type, C) / len(rewards)
+    assert 0 < clipped.sum() < mask.sum()  # the clip acts on some tokens, not all
+    mine.backward()
+    my_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # the reference computation
+    inputs = {
+        "prompt_ids": prompts,
+        "prompt_mask": torch.ones_like(prompts),
+        "completion_ids": completions,
+        "completion_mask": mask,
+        "advantages": trl_advantages(rewards, G, "grpo"),
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref_logps,
+    }
+    try:
+        from trl import GRPOTrainer
+    except ImportError:
+        GRPOTrainer = None
+    if GRPOTrainer is not None:
+        holder = _trl_holder(beta, loss_type, eps, epsilon_high, C, full_logps)
+        theirs = GRPOTrainer._compute_loss(holder, model, inputs)
+        region = holder._metrics["train"]["clip_ratio/region_mean"][0]
+        assert clipped.sum().item() / mask.sum().item() == pytest.approx(region)
+    else:  # TRL's formulas, written out
+        lp = full_logps(model, input_ids, attention_mask, C)
+        ratio = torch.exp(lp - old)
+        adv = inputs["advantages"][:, None]
+        high = eps if epsilon_high is None else epsilon_high
+        loss_t = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + high) * adv)
+        d = ref_logps - lp
+        loss_t = loss_t + beta * (torch.exp(d) - d - 1)
+        m = mask.float()
+        if loss_type == "grpo":
+            theirs = ((loss_t * m).sum(-1) / m.sum(-1)).mean()
+        else:
+            theirs = (loss_t * m).sum() / (len(rewards) * C)
+    assert mine.item() == pytest.approx(theirs.item(), abs=1e-5)
+    theirs.backward()
+    for mine_g, p in zip(my_grads, model.parameters()):
+        torch.testing.assert_close(mine_g, p.grad, atol=1e-5, rtol=1e-4)
