@@ -230,6 +230,16 @@ def sample_seed(seed: int, step: int, unit: int) -> int:
     return int(np.random.SeedSequence([seed, step, unit]).generate_state(1)[0])
 
 
+def check_strategy(strategy) -> None:
+    """Generation calls the unwrapped module: each rank must hold whole parameters, and the
+    torch engines' DDP / single process are the ones tested (DeepSpeed's are not)."""
+    if strategy.shards_params or strategy.engine != "torch":
+        raise ConfigError(
+            f"GRPO generates on each rank's whole model: strategy {strategy.name} is not "
+            "supported (use single or ddp)"
+        )
+
+
 class GRPO:
     name = "grpo"
     section = GRPOArgs
@@ -251,17 +261,16 @@ class GRPO:
         from ..rewards import load_reward_funcs
 
         load_reward_funcs(cfg.reward_funcs)  # a bad name: now, before anything loads
+        if cfg.strategy != "auto":
+            from .. import parallel
+
+            check_strategy(parallel.get(cfg.strategy))
 
     def data(self, cfg, tokenizer, world) -> PromptData:
         from fastchat_data.schema import USER, Conversation, Message
         from fastchat_data.tokenize import ConversationTokenizer
 
-        strategy = world.strategy
-        if strategy.shards_params or strategy.engine != "torch":
-            raise ConfigError(
-                f"GRPO generates on each rank's whole model: strategy {strategy.name} is not "
-                "supported (use single or ddp)"
-            )
+        check_strategy(world.strategy)  # as resolved from --strategy auto
         from ..rewards import load_reward_funcs
 
         self.reward_funcs = load_reward_funcs(cfg.reward_funcs)
