@@ -406,10 +406,6 @@ def test_grpo_bad_settings_are_one_line(arithmetic, args, message):
 
 
 def test_grpo_refuses_sharded_strategies_in_one_line(arithmetic, tmp_path):
-    res = train(
-        "single", 1, tmp_path, *grpo_args(arithmetic, 1, 1), recipe=GRPO_SCRIPT, check=False
-    )
-    assert res.returncode == 0  # the baseline: the same command runs on one process
     for strategy in ("fsdp", "zero3"):
         res = train(
             strategy,
