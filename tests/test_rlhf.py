@@ -418,3 +418,13 @@ def test_grpo_refuses_sharded_strategies_in_one_line(arithmetic, tmp_path):
         assert res.returncode == 2, res.stderr[-2000:]
         assert f"strategy {strategy} is not supported" in res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_grpo_prompt_file_without_prompts_is_one_line(arithmetic, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "2 + 2?", "answer": "4"}, {"question": "no prompt"}]))
+    args = grpo_args(arithmetic, 1, 1)
+    args[args.index("--data_path") + 1] = bad
+    res = train("single", 1, tmp_path / "run", *args, recipe=GRPO_SCRIPT, check=False)
+    assert res.returncode == 2 and "record 1 has none" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
