@@ -123,13 +123,21 @@ def test_reward_model_trains_exports_and_evaluates(pairs, reward_run, tmp_path, 
     assert "is not a reward model" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def reward_single(pairs, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("reward-4-steps")
+    train("single", 1, out, *reward_args(pairs, 4, 2), recipe=REWARD)
+    return out
+
+
 @pytest.mark.slow
-def test_reward_two_ranks_match_one_process(pairs, tmp_path):  # noqa: F811
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    train("single", 1, single, *reward_args(pairs, 4, 2), recipe=REWARD)
-    train("ddp", 2, ddp, *reward_args(pairs, 4, 1), recipe=REWARD)
-    assert [r["world_size"] for r in ranks(ddp)] == [2, 2]
-    ref, got = losses(single), losses(ddp)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_reward_two_ranks_match_one_process(pairs, reward_single, strategy, tmp_path):  # noqa: F811
+    """The score head is new, so every strategy loads the model whole and shards it after:
+    the same initial head on every rank (one seed), the same steps as one process."""
+    train(strategy, 2, tmp_path, *reward_args(pairs, 4, 1), recipe=REWARD)
+    assert [r["world_size"] for r in ranks(tmp_path)] == [2, 2]
+    ref, got = losses(reward_single), losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
 
 
