@@ -18,8 +18,10 @@ Sampling is reproducible without saving any generator: the completions of prompt
 are drawn from a generator seeded by (seed, s, p), so a resumed run (its step is in the
 checkpoint, and step s always trains the same prompts: recipes/core/data.py) samples exactly
 what the uninterrupted run sampled, and so do 1 process and N ranks (each prompt is sampled on
-its own, whichever rank holds it). Generation runs on the unwrapped module: strategies that
-hold whole parameters on each rank (single, DDP); sharded ones are refused.
+its own, whichever rank holds it). Generation calls the engine's module with HF `generate`:
+single process, DDP, and FSDP2 (each decoding step gathers the layers through FSDP2's hooks,
+and `synced_gpus` keeps a rank whose completions stopped stepping with the others); DeepSpeed
+is refused. The reference (beta > 0) is a whole unsharded copy on every rank.
 """
 
 from __future__ import annotations
@@ -231,12 +233,12 @@ def sample_seed(seed: int, step: int, unit: int) -> int:
 
 
 def check_strategy(strategy) -> None:
-    """Generation calls the unwrapped module: each rank must hold whole parameters, and the
-    torch engines' DDP / single process are the ones tested (DeepSpeed's are not)."""
-    if strategy.shards_params or strategy.engine != "torch":
+    """Generation calls the engine's module: the torch engines' (single, DDP, FSDP2, whose
+    hooks gather each layer for every decoding step); DeepSpeed's is not wired."""
+    if strategy.engine != "torch":
         raise ConfigError(
-            f"GRPO generates on each rank's whole model: strategy {strategy.name} is not "
-            "supported (use single or ddp)"
+            f"GRPO generates with the torch engines: strategy {strategy.name} is not "
+            "supported (use single, ddp or fsdp)"
         )
 
 
@@ -332,6 +334,9 @@ class GRPO:
                         eos_token_id=self.stop_ids,
                         pad_token_id=run.data.pad_id,
                         use_cache=True,
+                        # sharded parameters: every rank gathers each layer together, so a rank
+                        # whose completions stopped keeps stepping until all ranks have stopped
+                        synced_gpus=run.world.strategy.shards_params and run.world.distributed,
                     )
         finally:
             for m, mode in modes.items():
