@@ -58,9 +58,26 @@ def load_reward_model(path: str, pad_id: int, dtype=torch.float32):
     """The model folder with a fresh one-output score head (or its trained one, if it is a
     reward model already), with pad_token_id set so padded rows pool their last real token."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    # transformers reports the new head and the dropped LM head as a table of "missing" and
+    # "unexpected" weights: expected here, so checked below and said in one line instead
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    if missing:
+        raise ConfigError(
+            f"model_name_or_path: {path}: the checkpoint has no weights for "
+            f"{', '.join(missing[:5])}; give the SFT model folder"
+        )
     model.config.pad_token_id = pad_id
+    model.new_head = any(k.startswith("score.") for k in info["missing_keys"])
     return model
 
 
@@ -87,7 +104,10 @@ class Reward(DPO):
     def load_model(self, run):
         """Loaded whole on every rank (the score head is new, so the sharded loaders, which
         read every parameter from the files, do not apply); the engine shards it after."""
-        return load_reward_model(run.model_path, pad_token_id(run.tokenizer))
+        model = load_reward_model(run.model_path, pad_token_id(run.tokenizer))
+        if run.world.main and model.new_head:
+            print("reward model: a new score head (one output), initialised from --seed")
+        return model
 
     def before_resume(self, run) -> None:
         pass
