@@ -262,7 +262,8 @@ class GRPO:
             )
         from ..rewards import load_reward_funcs
 
-        load_reward_funcs(cfg.reward_funcs)  # a bad name: now, before anything loads
+        if cfg.reward_funcs:  # required to train (data() says so), not to print a config
+            load_reward_funcs(cfg.reward_funcs)  # a bad name: now, before anything loads
         if cfg.strategy != "auto":
             from .. import parallel
 
