@@ -14,7 +14,9 @@ ROUGE-1/2/L (rouge-score) and BLEU-4 (sacrebleu). Printed as a table and written
     python -m recipes.eval --model M [--adapter A] --lm_eval camelid_alpaca_mc [--lm_eval_limit N]
 
 `--pairs`: preference accuracy, how often each model gives the chosen reply of held-out pairs a
-higher log-likelihood than the rejected one (summed, and per reply token). `--lm_eval`:
+higher log-likelihood than the rejected one (summed, and per reply token); with
+`--reward_model`, the models are reward models (recipes/reward.py) and a pair counts when the
+chosen reply scores higher. `--lm_eval`:
 lm-evaluation-harness tasks (recipes/harness.py), offline on local task files.
 """
 
@@ -41,7 +43,7 @@ from recipes.core.data import collate, pad_token_id
 from recipes.core.generate import load_for_inference, trained_template
 from recipes.core.logging import progress
 from recipes.core.metrics import text_scores
-from recipes.core.preference import format_preference_table, preference_scores
+from recipes.core.preference import format_preference_table, preference_scores, reward_scores
 from recipes.core.quiet import quiet, verbose_requested
 
 
@@ -238,8 +240,10 @@ def preference_rows(
     max_length: int,
     batch_size: int,
     quantization: str,
+    reward_model: bool = False,
 ) -> list[dict]:
-    """Preference accuracy on `pairs` of the model, the model with each adapter, and `others`."""
+    """Preference accuracy on `pairs` of the model, the model with each adapter, and `others`
+    (reward models: the share of pairs whose chosen reply scores higher)."""
     from transformers import AutoTokenizer
 
     for path in [pairs, *others]:
@@ -252,14 +256,34 @@ def preference_rows(
     ]
     rows = []
     for path, adapter in variants:
-        model = load_for_inference(path, quantization if path == model_path else "none", adapter)
         tokenizer = AutoTokenizer.from_pretrained(adapter or path)
-        scores = preference_scores(model, tokenizer, pairs, template, max_length, batch_size)
+        if reward_model:
+            model = load_reward_for_inference(path)
+            scores = reward_scores(model, tokenizer, pairs, template, max_length, batch_size)
+        else:
+            model = load_for_inference(
+                path, quantization if path == model_path else "none", adapter
+            )
+            scores = preference_scores(model, tokenizer, pairs, template, max_length, batch_size)
         name = f"{Path(path).parent.name}/{Path(path).name}" + (
             f" + {Path(adapter).name}" if adapter else ""
         )
         rows.append({"model": name, "path": str(path), "adapter": adapter, **scores})
     return rows
+
+
+def load_reward_for_inference(path: str):
+    """A reward model folder (one-output sequence classification), or one line saying why not."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "num_labels", None) != 1 or config.pad_token_id is None:
+        raise ConfigError(
+            f"--reward_model: {path} is not a reward model (a sequence-classification model with "
+            "one output and a pad_token_id; recipes/reward.py exports one)"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def format_table(result: dict) -> str:
@@ -318,6 +342,11 @@ class EvalOptions:
         default_factory=list,
         help="with --pairs: other model folders to score alike, e.g. the DPO export",
     )
+    reward_model: bool = option(
+        False,
+        "with --pairs: --model (and --compare) are reward models (recipes/reward.py); a pair "
+        "counts when the chosen reply scores higher",
+    )
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
     def check(self) -> None:
@@ -332,6 +361,10 @@ class EvalOptions:
         for name in ("shots", "generate"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.reward_model and not self.pairs:
+            raise UsageError("--reward_model scores --pairs: give --pairs FILE")
+        if self.reward_model and (self.adapter or self.data or self.lm_eval):
+            raise UsageError("--reward_model scores --pairs only (no --adapter, --data, --lm_eval)")
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError(f"--max_samples must be at least 1, got {self.max_samples}")
         inputs = [self.model, self.data, self.pairs, self.shots_from, *self.adapter, *self.compare]
@@ -389,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             a.max_length,
             a.batch_size,
             a.quantization,
+            reward_model=a.reward_model,
         )
         print(format_preference_table(result["preference"]))
     if a.out:

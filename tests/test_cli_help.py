@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from recipes.core.config import ConfigError, config_parser, load_config
-from recipes.core.recipe import DPOConfig, QLoraConfig, TrainConfig
+from recipes.core.recipe import DPOConfig, GRPOConfig, QLoraConfig, RewardConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,8 @@ RECIPES = [
     ),
     ("recipes/qlora.py", QLoraConfig, ["--lora_r", "--quantization", "--config"], "(default: nf4)"),
     ("recipes/dpo.py", DPOConfig, ["--beta", "--loss_type", "--lora_r"], "(default: 5e-07)"),
+    ("recipes/reward.py", RewardConfig, ["--center_rewards_coefficient"], "(default: 1e-05)"),
+    ("recipes/grpo.py", GRPOConfig, ["--num_generations", "--reward_funcs"], "(default: 1e-06)"),
 ]
 
 
@@ -52,7 +54,7 @@ def test_recipe_help_lists_every_option_with_its_default(script, cls, options, d
     assert "(default: " in help_text and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, QLoraConfig, DPOConfig])
+@pytest.mark.parametrize("cls", [TrainConfig, QLoraConfig, DPOConfig, RewardConfig, GRPOConfig])
 def test_every_field_has_a_one_line_help(cls):
     parser = config_parser(cls)
     by_dest = {a.dest: a for a in parser._actions if a.option_strings[0] == f"--{a.dest}"}

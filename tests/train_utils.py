@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "full_finetune.py"
 QLORA = REPO / "recipes" / "qlora.py"
 DPO = REPO / "recipes" / "dpo.py"
+REWARD = REPO / "recipes" / "reward.py"
+GRPO = REPO / "recipes" / "grpo.py"
 FAULTS = REPO / "tests" / "fault_recipe.py"
-BY_SCRIPT = {RECIPE: "sft", QLORA: "qlora", DPO: "dpo"}
+BY_SCRIPT = {RECIPE: "sft", QLORA: "qlora", DPO: "dpo", REWARD: "reward", GRPO: "grpo"}
 
 
 def env() -> dict:

@@ -82,7 +82,11 @@ class FullModel:
     def build(self, run):
         cfg = run.cfg
         # FSDP2 and ZeRO-3 load sharded (no rank holds the whole model); others one copy per rank
-        model = loaded(lambda: load_model(run.model_path, cfg, run.world), run.model_path)
+        # an objective may bring its own model class (the reward model's score head)
+        load = getattr(run.objective, "load_model", None) or (
+            lambda run: load_model(run.model_path, cfg, run.world)
+        )
+        model = loaded(lambda: load(run), run.model_path)
         apply_liger(model, cfg)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)

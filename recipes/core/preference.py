@@ -21,8 +21,9 @@ class PairData:
     training units: `lengths` and `trained` count both sides, `batch(ids)` stacks chosen rows
     over rejected rows, padded to the longest, with the reference log-probs once known."""
 
-    def __init__(self, ds, pad_id: int):
+    def __init__(self, ds, pad_id: int, with_reference: bool = True):
         self.ds, self.pad_id, self.packing, self.noun = ds, pad_id, False, "pairs"
+        self.with_reference = with_reference  # False: batches never carry reference log-probs
         chosen = np.asarray(ds["chosen_length"], dtype=np.int64)
         rejected = np.asarray(ds["rejected_length"], dtype=np.int64)
         self.lengths = chosen + rejected
@@ -35,7 +36,7 @@ class PairData:
         self.units = [np.array([i]) for i in range(len(ds))]
         self.reference: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
 
-    def batch(self, unit_ids, with_reference: bool = True) -> dict[str, torch.Tensor]:
+    def batch(self, unit_ids, with_reference: bool | None = None) -> dict[str, torch.Tensor]:
         pairs = [self.ds[int(u)] for u in unit_ids]
         out = collate(
             [
@@ -45,7 +46,7 @@ class PairData:
             ],
             self.pad_id,
         )
-        if with_reference:
+        if self.with_reference if with_reference is None else with_reference:
             if self.reference is None:
                 raise RuntimeError("reference log-probabilities are not computed yet")
             ref = self.reference[torch.as_tensor([int(u) for u in unit_ids])]
@@ -117,16 +118,59 @@ def preference_scores(
     }
 
 
-def format_preference_table(rows: list[dict]) -> str:
-    head = (
-        f"{'model':<44}{'pairs':>7}{'accuracy':>10}{'margin':>10}{'acc/token':>11}"
-        f"{'margin/token':>14}"
+@torch.no_grad()
+def reward_scores(
+    model,
+    tokenizer,
+    pairs_path: str,
+    template="vicuna_v1.1",
+    max_length: int = 2048,
+    batch_size: int = 4,
+    cache_dir: str | None = None,
+) -> dict:
+    """How often a reward model (a sequence-classification model with one output) scores the
+    chosen reply of held-out pairs above the rejected one, and the mean margin. Rows are
+    padded as in training; the model pools its config's last non-pad token."""
+    from fastchat_data.preference import build_preference_dataset
+
+    ds, _ = build_preference_dataset(
+        [pairs_path],
+        tokenizer,
+        template=template,
+        max_length=max_length,
+        cache_dir=cache_dir,
+        quiet=True,
     )
+    data = PairData(ds.with_format("numpy"), pad_token_id(tokenizer), with_reference=False)
+    device = next(model.parameters()).device
+    margins = []
+    for start in progress(range(0, len(data.units), batch_size), "reward pairs"):
+        ids = list(range(start, min(start + batch_size, len(data.units))))
+        batch = data.batch(ids)
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        )
+        chosen, rejected = out.logits.squeeze(-1).double().cpu().chunk(2)
+        margins += (chosen - rejected).tolist()
+    n = len(margins)
+    return {
+        "pairs": n,
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "mean_margin": sum(margins) / n,
+    }
+
+
+def format_preference_table(rows: list[dict]) -> str:
+    head = f"{'model':<44}{'pairs':>7}{'accuracy':>10}{'margin':>10}"
+    if any("accuracy_per_token" in r for r in rows):
+        head += f"{'acc/token':>11}{'margin/token':>14}"
     lines = [head]
     for r in rows:
         name = r["model"] if len(r["model"]) <= 42 else "..." + r["model"][-39:]
-        lines.append(
-            f"{name:<44}{r['pairs']:>7}{r['accuracy']:>10.3f}{r['mean_margin']:>10.2f}"
-            f"{r['accuracy_per_token']:>11.3f}{r['mean_margin_per_token']:>14.4f}"
-        )
+        line = f"{name:<44}{r['pairs']:>7}{r['accuracy']:>10.3f}{r['mean_margin']:>10.2f}"
+        if "accuracy_per_token" in r:  # a reward model's row has no per-token score
+            line += f"{r['accuracy_per_token']:>11.3f}{r['mean_margin_per_token']:>14.4f}"
+        lines.append(line)
     return "\n".join(lines)

@@ -4,6 +4,8 @@
     recipes/full_finetune.py   sft,   the full model         (FastChat's Vicuna defaults)
     recipes/qlora.py           sft,   a LoRA adapter on nf4  (the QLoRA reference's defaults)
     recipes/dpo.py             dpo,   the full model         (alignment-handbook's defaults)
+    recipes/reward.py          reward, the full model + score head (TRL RewardTrainer's loss)
+    recipes/grpo.py            grpo,  the full model         (TRL GRPOTrainer's names)
 
 The entry points are three lines each and never import each other; `launch.train --recipe`
 starts any of them through the one command builder (launch/train.py). A recipe's config is
@@ -126,6 +128,45 @@ RECIPES = {
                 "output_dir": "runs/dpo",
             },
         ),
+        Recipe(
+            "reward",
+            "reward",
+            "RewardConfig",
+            "reward.py",
+            "reward_7b.yaml",
+            "reward_tiny_cpu.yaml",
+            "A reward model after SFT: the model with a one-output score head trained on "
+            "preference pairs with the Bradley-Terry loss (TRL's RewardTrainer), exported as a "
+            "transformers sequence-classification folder.",
+            {
+                "learning_rate": 1e-5,
+                "warmup_ratio": 0.03,
+                "num_train_epochs": 1.0,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 8,
+                "output_dir": "runs/reward",
+            },
+        ),
+        Recipe(
+            "grpo",
+            "grpo",
+            "GRPOConfig",
+            "grpo.py",
+            "grpo_7b.yaml",
+            "grpo_tiny_cpu.yaml",
+            "Online RL after SFT: GRPO or RLOO with rewards computed by functions named on the "
+            "command line (--reward_funcs module:function), on the full model.",
+            {
+                "learning_rate": 1e-6,
+                "warmup_ratio": 0.0,
+                "lr_scheduler_type": "linear",
+                "num_train_epochs": 1.0,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 4,
+                "max_grad_norm": 1.0,
+                "output_dir": "runs/grpo",
+            },
+        ),
     )
 }
 
@@ -134,6 +175,8 @@ RECIPES = {
 TrainConfig = RECIPES["sft"].config_class
 QLoraConfig = RECIPES["qlora"].config_class
 DPOConfig = RECIPES["dpo"].config_class
+RewardConfig = RECIPES["reward"].config_class
+GRPOConfig = RECIPES["grpo"].config_class
 
 
 def get(name: str) -> Recipe:

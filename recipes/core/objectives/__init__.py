@@ -4,7 +4,7 @@ units, its loss and anything to prepare before resuming."""
 
 from __future__ import annotations
 
-from . import dpo, sft
+from . import dpo, grpo, reward, sft
 from .base import Objective
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -24,5 +24,5 @@ def get(name: str) -> Objective:
         raise ConfigError(f"objective {name!r} is not one of {', '.join(OBJECTIVES)}") from None
 
 
-for module in (sft, dpo):
+for module in (sft, dpo, reward, grpo):
     register(module.OBJECTIVE)
