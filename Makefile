@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: lint-check setup demo qlora-demo dpo-demo long-demo test test-fast bench bench-compare bench-peers lint clean train-vicuna train-dpo \
+.PHONY: lint-check setup demo qlora-demo dpo-demo long-demo rl-demo train-rl test test-fast bench bench-compare bench-peers lint clean train-vicuna train-dpo \
         gpu-wheels gpu-check gpu-dry-run
 
 setup: $(STAMP)
@@ -93,6 +93,17 @@ COMPARE_ARGS ?=
 bench-compare: setup
 	$(BIN)/python -m bench.compare_trees --baseline $(or $(BASELINE),$(error BASELINE=... is needed: \
 	  a checkout of the tree to compare with)) $(COMPARE_ARGS)
+
+# make train-rl NGPU=4 STRATEGY=fsdp MODEL=SFT_MODEL DATA=prompts.json ARGS="--reward_funcs M:F,..."
+# (GRPO, or RLOO with ARGS="--advantage rloo ..."; prompts: python -m recipes.core.rewards.arithmetic)
+train-rl: setup
+	$(BIN)/python -m launch.train --recipe grpo --ngpu $(NGPU) --strategy $(STRATEGY) --out $(if $(filter runs/vicuna,$(OUT)),runs/grpo,$(OUT)) \
+	  --model $(or $(MODEL),$(error MODEL=... is needed: the SFT model to train)) --data $(or $(DATA),$(error DATA=... is needed: prompts, see python -m recipes.core.rewards.arithmetic)) \
+	  $(if $(CONFIG),--config $(CONFIG)) -- $(ARGS)
+
+# tiny SFT on arithmetic problems, then GRPO with the arithmetic rewards; held-out rewards before/after
+rl-demo: setup
+	$(BIN)/python -m recipes.rl_demo
 
 # The GPU proof kit (README "On a GPU"). Here: the wheels the bare GPU image lacks, into .whl/
 # (ignored), the total printed against the device tool's 64 MiB.
