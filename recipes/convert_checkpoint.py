@@ -125,12 +125,13 @@ def convert(
     from recipes.core.generate import save_for_inference
 
     ckpt = CheckpointFolder(Path(checkpoint))
+    if not ckpt.path.is_dir() or not ckpt.trainer_state.exists():
+        raise ConfigError(f"{checkpoint} is not a camelid checkpoint (no trainer_state.json)")
     # the output is never the checkpoint or the run folder holding it: refused before anything
+    # is read from the checkpoint
     in_run = ckpt.path.parent.name == "checkpoints"  # RUN/checkpoints/step-N
     inputs = [ckpt.path, *([ckpt.path.parent.parent] if in_run else [])]
     guard_dir(out, inputs, "--out", written_by_command("convert_checkpoint"))
-    if not ckpt.path.is_dir() or not ckpt.trainer_state.exists():
-        raise ConfigError(f"{checkpoint} is not a camelid checkpoint (no trainer_state.json)")
     if not ckpt.complete.exists():
         raise ConfigError(
             f"{checkpoint} is incomplete (no {ckpt.complete.name} manifest): the run died while "

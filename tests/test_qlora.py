@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import QLORA, REPO, command, env, losses, ranks, train
+from train_utils import QLORA, REPO, command, env, losses, ranks, train, with_assets
 
 from recipes import eval as evaluation
 from recipes.core import recipe
@@ -369,11 +369,7 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
             "--num_processes",
             "1",
             str(QLORA),
-            *QLORA_TINY,
-            "--max_steps",
-            "2",
-            "--output_dir",
-            str(tmp_path),
+            *with_assets([*QLORA_TINY, "--max_steps", 2, "--output_dir", tmp_path]),
         ],
         capture_output=True,
         text=True,
