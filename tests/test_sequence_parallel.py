@@ -361,9 +361,11 @@ def test_rope_scaling_is_trained_with_and_exported(long_data, tmp_path):
         scaled.model.rotary_emb.inv_freq * 4, plain.model.rotary_emb.inv_freq
     )
     # and training ran with it: the same weights (step 1's loss is before any update) give
-    # another loss on the same long rows
+    # another loss on the same long rows. A freshly initialised model predicts nearly
+    # uniformly, so positions move its loss only slightly; one process on CPU is
+    # deterministic, so without the scaling the two losses would be bit-identical
     first = losses(tmp_path / "plain")[0], losses(tmp_path / "scaled")[0]
-    assert abs(first[0] - first[1]) > 1e-4, first
+    assert abs(first[0] - first[1]) > 1e-6, first
 
 
 def _saved_bytes_worker(rank, world, kv, rows):
