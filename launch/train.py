@@ -144,8 +144,12 @@ def check(opts: LaunchOptions, gpus: int) -> None:
         raise UsageError(f"--{e}") from None
     if opts.ngpu < 1:
         raise UsageError(f"--ngpu {opts.ngpu}: give at least 1 process")
-    if opts.nnodes < 1 or not 0 <= opts.node_rank < opts.nnodes:
-        raise UsageError(f"--node_rank {opts.node_rank} of --nnodes {opts.nnodes}: out of range")
+    nodes, what = opts.nnodes, f"--nnodes {opts.nnodes}"
+    if opts.hostfile and Path(opts.hostfile).is_file():  # with a hostfile, it names the nodes
+        hosts = [x for x in Path(opts.hostfile).read_text().splitlines() if x.split("#")[0].strip()]
+        nodes, what = len(hosts), f"the {len(hosts)} nodes of --hostfile {opts.hostfile}"
+    if nodes < 1 or not 0 <= opts.node_rank < nodes:
+        raise UsageError(f"--node_rank {opts.node_rank} of {what}: out of range")
     if gpus and opts.ngpu > gpus:
         raise UsageError(f"--ngpu {opts.ngpu} but this node has {gpus} GPUs")
     if not gpus and opts.ngpu > (os.cpu_count() or 1) * 4:
