@@ -73,6 +73,26 @@ def sequence_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.loss, tokens
 
 
+def pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir):
+    """Held-out preference pairs, tokenized as in training, as batches of `batch_size` pairs
+    (chosen rows over rejected rows, no reference log-probs), made as they are read: what
+    both scorers read. Returns (number of batches, the batches)."""
+    from fastchat_data.preference import build_preference_dataset
+
+    ds, _ = build_preference_dataset(
+        [pairs_path],
+        tokenizer,
+        template=template,
+        max_length=max_length,
+        cache_dir=cache_dir,
+        quiet=True,
+    )
+    data = PairData(ds.with_format("numpy"), pad_token_id(tokenizer), with_reference=False)
+    n = len(data.units)
+    starts = range(0, n, batch_size)
+    return len(starts), (data.batch(list(range(i, min(i + batch_size, n)))) for i in starts)
+
+
 @torch.no_grad()
 def preference_scores(
     model,
@@ -86,23 +106,11 @@ def preference_scores(
     """How often `model` prefers the chosen reply of held-out pairs: its summed log-probability
     above the rejected one's (`accuracy`), and per reply token (`accuracy_per_token`, blind to
     length), with the mean margin of each."""
-    from fastchat_data.preference import build_preference_dataset
-
-    ds, _ = build_preference_dataset(
-        [pairs_path],
-        tokenizer,
-        template=template,
-        max_length=max_length,
-        cache_dir=cache_dir,
-        quiet=True,
-    )
-    data = PairData(ds.with_format("numpy"), pad_token_id(tokenizer))
-
     device = next(model.parameters()).device
     margins, per_token = [], []
-    for start in progress(range(0, len(data.units), batch_size), "preference pairs"):
-        ids = list(range(start, min(start + batch_size, len(data.units))))
-        batch = {k: v.to(device) for k, v in data.batch(ids, with_reference=False).items()}
+    count, pairs = pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir)
+    for batch in progress(pairs, "preference pairs", total=count):
+        batch = {k: v.to(device) for k, v in batch.items()}
         logps, tokens = sequence_logps(PlainForward(model), batch)
         chosen, rejected = logps.double().cpu().chunk(2)
         n_chosen, n_rejected = tokens.cpu().chunk(2)
@@ -131,22 +139,10 @@ def reward_scores(
     """How often a reward model (a sequence-classification model with one output) scores the
     chosen reply of held-out pairs above the rejected one, and the mean margin. Rows are
     padded as in training; the model pools its config's last non-pad token."""
-    from fastchat_data.preference import build_preference_dataset
-
-    ds, _ = build_preference_dataset(
-        [pairs_path],
-        tokenizer,
-        template=template,
-        max_length=max_length,
-        cache_dir=cache_dir,
-        quiet=True,
-    )
-    data = PairData(ds.with_format("numpy"), pad_token_id(tokenizer), with_reference=False)
     device = next(model.parameters()).device
     margins = []
-    for start in progress(range(0, len(data.units), batch_size), "reward pairs"):
-        ids = list(range(start, min(start + batch_size, len(data.units))))
-        batch = data.batch(ids)
+    count, pairs = pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir)
+    for batch in progress(pairs, "reward pairs", total=count):
         out = model(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
