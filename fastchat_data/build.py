@@ -317,6 +317,7 @@ class TokenizedSet:
         encode,  # the batched map function
         encode_kwargs: dict,
         features,
+        row_lengths,  # dataset -> every tokenized sequence's length (both sides of a pair)
         add_notes,  # (dataset, report) -> None: the set's own notes
         *,
         num_proc: int,
@@ -375,6 +376,16 @@ class TokenizedSet:
                 ds = keep_encoded(encoded, report, Path(tmp), self.unit)
                 if not report.written:
                     raise nothing_trainable(paths, report, *nothing)
+                lengths = row_lengths(ds)
+                report.notes.update(
+                    {
+                        "template": getattr(encoder.template, "name", str(template)),
+                        "max_length": key["max_length"],
+                        "tokens": int(sum(lengths)),
+                        "max_tokens": int(max(lengths, default=0)),
+                        "boundary_splits": encoder.boundary_splits,
+                    }
+                )
                 add_notes(ds, report)
                 report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
                 save_cached(ds, report, key_src, Path(tmp), cached)
@@ -426,16 +437,6 @@ def build_dataset(
     )
 
     def add_notes(ds, report):
-        lengths = ds["length"]
-        report.notes.update(
-            {
-                "template": getattr(encoder.template, "name", str(template)),
-                "max_length": max_length,
-                "tokens": int(sum(lengths)),
-                "max_tokens": int(max(lengths, default=0)),
-                "boundary_splits": encoder.boundary_splits,
-            }
-        )
         truncation_fix(report, max_length)
 
     key = {
@@ -456,6 +457,7 @@ def build_dataset(
         _encode_rows,
         {},
         _features(),
+        lambda ds: ds["length"],
         add_notes,
         num_proc=num_proc,
         cache_dir=cache_dir,

@@ -504,15 +504,6 @@ def build_preference_dataset(
     encoder.check_budget(max_length)
 
     def add_notes(ds, report):
-        report.notes.update(
-            {
-                "template": getattr(encoder.template, "name", str(template)),
-                "max_length": max_length,
-                "tokens": int(sum(ds["chosen_length"]) + sum(ds["rejected_length"])),
-                "max_tokens": int(max(max(ds["chosen_length"]), max(ds["rejected_length"]))),
-                "boundary_splits": encoder.boundary_splits,
-            }
-        )
         if report.truncated:
             report.notes["truncation"] = (
                 f"{report.truncated:,} pairs had a side cut at --max_length {max_length}, "
@@ -535,6 +526,7 @@ def build_preference_dataset(
         _encode_rows,
         {"max_length": max_length},
         _features(),
+        lambda ds: [*ds["chosen_length"], *ds["rejected_length"]],
         add_notes,
         num_proc=num_proc,
         cache_dir=cache_dir,
