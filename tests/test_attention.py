@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from train_utils import llama_config
+from transformers import LlamaForCausalLM
 
 from recipes.core.attention import PACKED_SDPA, attention_kwargs, register, resolve, unavailable
 from recipes.core.config import ConfigError, load_config
@@ -23,14 +24,7 @@ FORWARD_ONLY = [] if "flex_attention" in TRAINABLE else ["flex_attention"]
 
 def model(impl: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    cfg = llama_config(hidden_size=64, intermediate_size=128, num_key_value_heads=2)
     return LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
 
 

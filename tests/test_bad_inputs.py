@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from train_utils import flags
 
 from fastchat_data.build import build_dataset
 from fastchat_data.io import write_records
@@ -80,16 +81,13 @@ LONG = js([sharegpt("q", "a " * 3000, system="Be brief.")])
 TRAIN = (
     PY,
     str(REPO / "recipes" / "full_finetune.py"),
-    "--strategy",
-    "single",
-    "--report_to",
-    "none",
-    "--output_dir",
-    "{o}/run",
-    "--cache_dir",
-    "{o}/cache",
-    "--model_name_or_path",
-    "{tok}",
+    *flags(
+        strategy="single",
+        report_to="none",
+        output_dir="{o}/run",
+        cache_dir="{o}/cache",
+        model_name_or_path="{tok}",
+    ),
 )
 DATA = (PY, "-m", "fastchat_data")
 ZERO2 = TRAIN[:3] + ("zero2",) + TRAIN[4:]
@@ -1358,10 +1356,7 @@ ROWS = [
             PY,
             str(REPO / "recipes" / "dpo.py"),
             *TRAIN[2:],
-            "--data_path",
-            "{d}/p.json",
-            "--beta",
-            "inf",
+            *flags(data_path="{d}/p.json", beta="inf"),
         ),
         "beta must be a finite number in (0, 10000]",
         "beta",

@@ -42,23 +42,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from train_utils import REPO, losses, ranks, train
+from train_utils import REPO, flags, losses, ranks, train
 
 BF16_VS_FP32 = 5e-3
 BETWEEN = 5e-3
 NOT_FP32 = 1e-5
 STEPS = 4
 BASE = [
-    "--config",
-    "tiny_cpu.yaml",
-    "--learning_rate",
-    "1e-3",
-    "--save_steps",
-    "100",
-    "--max_steps",
-    STEPS,
-    "--per_device_train_batch_size",
-    4,
+    *flags(
+        config="tiny_cpu.yaml",
+        learning_rate="1e-3",
+        save_steps="100",
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+    ),
 ]
 ONE = [*BASE, "--gradient_accumulation_steps", 2]  # global batch 8 = 4 x 2 x 1 rank
 TWO = [*BASE, "--gradient_accumulation_steps", 1]  # = 4 x 1 x 2 ranks

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_utils import QLORA, env, train
+from train_utils import QLORA, env, flags, train
 from transformers import AutoTokenizer
 
 from fastchat_data.build import read_trainable
@@ -347,18 +347,14 @@ def test_full_export_loads_and_stops_with_plain_transformers(
         "single",
         1,
         out,
-        "--config",
-        "tiny_cpu.yaml",
-        "--model_name_or_path",
-        tok.name_or_path,
-        "--data_path",
-        data_dir / "fastchat_dummy_conversation.json",
-        "--max_steps",
-        1,
-        "--save_steps",
-        100,
-        "--template",
-        template,
+        *flags(
+            config="tiny_cpu.yaml",
+            model_name_or_path=tok.name_or_path,
+            data_path=data_dir / "fastchat_dummy_conversation.json",
+            max_steps=1,
+            save_steps=100,
+            template=template,
+        ),
     )
     model = out / "model"
     info = json.loads((model / "camelid.json").read_text())
@@ -401,18 +397,14 @@ def test_adapter_export_and_merge_carry_the_template(llama_dir, data_dir, tmp_pa
         "ddp",
         1,
         out,
-        "--config",
-        "qlora_tiny_cpu.yaml",
-        "--model_name_or_path",
-        llama_dir,
-        "--data_path",
-        data_dir / "fastchat_dummy_conversation.json",
-        "--max_steps",
-        1,
-        "--save_steps",
-        100,
-        "--template",
-        "alpaca",
+        *flags(
+            config="qlora_tiny_cpu.yaml",
+            model_name_or_path=llama_dir,
+            data_path=data_dir / "fastchat_dummy_conversation.json",
+            max_steps=1,
+            save_steps=100,
+            template="alpaca",
+        ),
         recipe=QLORA,
     )
     adapter = out / "adapter"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from train_utils import flags
 
 from fastchat_data.cli import options_class
 from fastchat_data.commands import COMMANDS
@@ -85,20 +86,15 @@ def test_build_command_writes_dataset_and_report(tmp_path, llama_dir, data_dir):
     out, report = tmp_path / "train", tmp_path / "report.json"
     res = run(
         "build",
-        "--data",
-        data_dir / "fastchat_dummy_conversation.json",
-        "--tokenizer",
-        llama_dir,
-        "--template",
-        "vicuna_v1.1",
-        "--max_length",
-        256,
-        "--out",
-        out,
-        "--report",
-        report,
-        "--cache_dir",
-        tmp_path / "cache",
+        *flags(
+            data=data_dir / "fastchat_dummy_conversation.json",
+            tokenizer=llama_dir,
+            template="vicuna_v1.1",
+            max_length=256,
+            out=out,
+            report=report,
+            cache_dir=tmp_path / "cache",
+        ),
     )
     assert res.returncode == 0, res.stderr
     assert "[build] read 500  written 500" in res.stderr
@@ -110,12 +106,7 @@ def test_convert_command_to_messages(tmp_path, data_dir):
     out = tmp_path / "m.jsonl"
     res = run(
         "convert",
-        "--data",
-        data_dir / "alpaca_gpt4_data_zh_1k.json",
-        "--out",
-        out,
-        "--to",
-        "messages",
+        *flags(data=data_dir / "alpaca_gpt4_data_zh_1k.json", out=out, to="messages"),
     )
     assert res.returncode == 0, res.stderr
     first = json.loads(out.read_text().splitlines()[0])
@@ -145,14 +136,12 @@ def test_strict_names_the_record(tmp_path):
 def test_inspect_marks_trained_spans(llama_dir, data_dir):
     res = run(
         "inspect",
-        "--data",
-        data_dir / "fastchat_dummy_conversation.json",
-        "--tokenizer",
-        llama_dir,
-        "--index",
-        0,
-        "--color",
-        "false",
+        *flags(
+            data=data_dir / "fastchat_dummy_conversation.json",
+            tokenizer=llama_dir,
+            index=0,
+            color="false",
+        ),
     )
     assert res.returncode == 0, res.stderr
     body = res.stdout.split("\n", 1)[1]  # after the header line

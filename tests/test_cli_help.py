@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_utils import flags
 
 from recipes.core.config import ConfigError, config_parser, load_config
 from recipes.core.recipe import DPOConfig, GRPOConfig, QLoraConfig, RewardConfig, TrainConfig
@@ -136,10 +137,7 @@ TEMPLATE = {
                 "--fsdp",
                 "full_shard auto_wrap",
                 "--bf16",
-                "--learning_rate",
-                "3e-5",
-                "--lazy_preprocess",
-                "True",
+                *flags(learning_rate="3e-5", lazy_preprocess="True"),
             ],
         ),
         (QLoraConfig, ["--quantization", "none", "--max_source_length", "none", "--lora_r=8"]),
@@ -184,10 +182,7 @@ def test_values_flags_and_launcher_arguments():
             "--max_steps",
             "-1",
             "--no_group_by_length",
-            "--quantization",
-            "none",
-            "--max_source_length",
-            "null",
+            *flags(quantization="none", max_source_length="null"),
         ],
         cls=QLoraConfig,
     )

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
-from train_utils import losses, train
+from train_utils import flags, losses, train
 
 from recipes.core.compile import compile_layers
 from recipes.core.config import ConfigError
@@ -36,12 +36,7 @@ def steps(n: int, ranks: int = 1) -> list:
     # global batch 8 = 4 x 2 accumulation x 1 rank = 4 x 1 x 2 ranks
     return [
         *BASE,
-        "--max_steps",
-        n,
-        "--per_device_train_batch_size",
-        4,
-        "--gradient_accumulation_steps",
-        2 // ranks,
+        *flags(max_steps=n, per_device_train_batch_size=4, gradient_accumulation_steps=2 // ranks),
     ]
 
 

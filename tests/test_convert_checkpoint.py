@@ -8,20 +8,17 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import REPO, complete_checkpoints, env, train
+from train_utils import REPO, complete_checkpoints, env, flags, train
 from transformers import AutoModelForCausalLM
 
 ARGS = [
-    "--config",
-    "tiny_cpu.yaml",
-    "--max_steps",
-    2,
-    "--save_steps",
-    2,
-    "--per_device_train_batch_size",
-    4,
-    "--gradient_accumulation_steps",
-    1,
+    *flags(
+        config="tiny_cpu.yaml",
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+    ),
 ]
 
 
@@ -60,10 +57,7 @@ def test_single_process_checkpoint_and_errors(tmp_path):
         1,
         run,
         *ARGS[:-4],
-        "--per_device_train_batch_size",
-        4,
-        "--gradient_accumulation_steps",
-        2,
+        *flags(per_device_train_batch_size=4, gradient_accumulation_steps=2),
     )
     ckpt = complete_checkpoints(run)[-1]
     assert convert(ckpt, tmp_path / "hf").returncode == 0

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from test_train import kill_when
-from train_utils import REPO, command, losses, ranks, train
+from train_utils import REPO, command, flags, losses, ranks, train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastchat_data.preference import build_preference_dataset, pair
@@ -124,16 +124,13 @@ def test_cached_reference_equals_a_live_reference_model(pairs, tmp_path):
         "single",
         1,
         out,
-        "--model_name_or_path",
-        pairs["model"],
-        "--data_path",
-        pairs["data"],
-        "--model_max_length",
-        MAX_LEN,
-        "--max_steps",
-        1,
-        "--cache_dir",
-        pairs["cache"],
+        *flags(
+            model_name_or_path=pairs["model"],
+            data_path=pairs["data"],
+            model_max_length=MAX_LEN,
+            max_steps=1,
+            cache_dir=pairs["cache"],
+        ),
         recipe=DPO,
     )
     assert (
@@ -157,24 +154,17 @@ def test_cached_reference_equals_a_live_reference_model(pairs, tmp_path):
 
 def dpo_args(pairs, steps, accum):
     return [
-        "--model_name_or_path",
-        pairs["model"],
-        "--data_path",
-        pairs["data"],
-        "--cache_dir",
-        pairs["cache"],
-        "--model_max_length",
-        MAX_LEN,
-        "--max_steps",
-        steps,
-        "--learning_rate",
-        "1e-3",
-        "--per_device_train_batch_size",
-        2,
-        "--gradient_accumulation_steps",
-        accum,
-        "--save_steps",
-        100,
+        *flags(
+            model_name_or_path=pairs["model"],
+            data_path=pairs["data"],
+            cache_dir=pairs["cache"],
+            model_max_length=MAX_LEN,
+            max_steps=steps,
+            learning_rate="1e-3",
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=accum,
+            save_steps=100,
+        ),
     ]
 
 
@@ -243,14 +233,7 @@ def test_lora_and_qlora_dpo_export_an_adapter(pairs, quantization, tmp_path):
         1,
         tmp_path,
         *dpo_args(pairs, 2, 2),
-        "--peft_method",
-        "lora",
-        "--quantization",
-        quantization,
-        "--lora_r",
-        8,
-        "--optim",
-        "adamw_torch",
+        *flags(peft_method="lora", quantization=quantization, lora_r=8, optim="adamw_torch"),
         recipe=DPO,
     )
     rows = metric_rows(tmp_path)

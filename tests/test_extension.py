@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from train_utils import tiny_assets
+from train_utils import flags, tiny_assets
 
 from fastchat_data.options import option
 from launch.train import job_command
@@ -85,22 +85,16 @@ def test_a_toy_strategy_and_objective_train_end_to_end(registered, tmp_path):
     )
     model, data = tiny_assets()
     argv = [
-        "--config",
-        "tiny_cpu.yaml",
-        "--strategy",
-        "toy_ddp",
-        "--max_steps",
-        "3",
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        data,
-        "--prompt_weight",
-        "0.5",
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--report_to",
-        "none",
+        *flags(
+            config="tiny_cpu.yaml",
+            strategy="toy_ddp",
+            max_steps="3",
+            model_name_or_path=model,
+            data_path=data,
+            prompt_weight="0.5",
+            output_dir=str(tmp_path / "run"),
+            report_to="none",
+        ),
     ]
     cfg, _ = load_config(argv, toy.config_class)
     with pytest.raises(ConfigError, match="prompt_weight must be >= 0"):

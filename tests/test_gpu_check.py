@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from train_utils import flags
 
 from bench.gpu_check import checks, grid, training_row
 from bench.gpu_wheels import (
@@ -40,12 +41,7 @@ def dry_run(tmp_path_factory):
         "-m",
         "bench.gpu_check",
         "--dry_run",
-        "--rows",
-        ",".join(ROWS),
-        "--out",
-        str(out),
-        "--work",
-        str(tmp / "work"),
+        *flags(rows=",".join(ROWS), out=str(out), work=str(tmp / "work")),
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

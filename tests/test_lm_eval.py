@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_utils import flags
 
 pytest.importorskip("lm_eval")
 
@@ -105,22 +106,16 @@ def test_cli_model_and_adapter(llama_dir, adapter, data_dir, tmp_path):
             sys.executable,
             "-m",
             "recipes.eval",
-            "--model",
-            str(llama_dir),
-            "--adapter",
-            str(adapter),
-            "--data",
-            str(data_dir / "fastchat_dummy_conversation.json"),
-            "--max_samples",
-            "4",
-            "--lm_eval",
-            "camelid_alpaca_mc",
-            "--lm_eval_limit",
-            str(LIMIT),
-            "--out",
-            str(out),
-            "--lm_eval_data",
-            str(data_dir),
+            *flags(
+                model=str(llama_dir),
+                adapter=str(adapter),
+                data=str(data_dir / "fastchat_dummy_conversation.json"),
+                max_samples="4",
+                lm_eval="camelid_alpaca_mc",
+                lm_eval_limit=str(LIMIT),
+                out=str(out),
+                lm_eval_data=str(data_dir),
+            ),
         ],
         capture_output=True,
         text=True,

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from train_utils import llama_config
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 from recipes.core.data import collate_packed
 from recipes.core.loss import chunked_causal_lm_loss, forward_with_loss
 
 VOCAB = 1000
+# narrower than the tiny size: these tests compare losses over many chunkings
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_key_value_heads=2)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(llama_config(**SMALL, tie_word_embeddings=False))
 
 
 def padded_batch(seed: int = 1, prompt: int = 11) -> dict:
@@ -147,12 +141,9 @@ def test_soft_capped_logits_are_refused():
     another objective, so it stops with a message instead."""
     torch.manual_seed(0)
     cfg = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        **SMALL,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         final_logit_softcapping=2.0,
     )

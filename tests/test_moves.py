@@ -16,22 +16,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_utils import losses, train
+from train_utils import flags, losses, train
 
 K, STEPS = 3, 6
 BASE = [
-    "--config",
-    "tiny_cpu.yaml",
-    "--learning_rate",
-    "1e-3",
-    "--save_steps",
-    1,
-    "--save_total_limit",
-    0,
-    "--logging_steps",
-    1,
-    "--per_device_train_batch_size",
-    4,
+    *flags(
+        config="tiny_cpu.yaml",
+        learning_rate="1e-3",
+        save_steps=1,
+        save_total_limit=0,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+    ),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from train_utils import losses, train
+from train_utils import flags, losses, train
 from transformers import AutoModelForCausalLM
 
 from recipes.core.data import collate_packed, pack_sequences
@@ -48,18 +48,14 @@ def test_training_with_packing(tmp_path):
         "single",
         1,
         out,
-        "--config",
-        "tiny_cpu.yaml",
-        "--max_steps",
-        6,
-        "--packing",
-        "True",
-        "--model_max_length",
-        256,
-        "--per_device_train_batch_size",
-        2,
-        "--gradient_accumulation_steps",
-        1,
+        *flags(
+            config="tiny_cpu.yaml",
+            max_steps=6,
+            packing="True",
+            model_max_length=256,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=1,
+        ),
     )
     assert "packed rows" in res.stdout
     got = losses(out)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from train_utils import flags, layer_saved_bytes, llama_config
 
 from recipes import plan as P
 from recipes.core import parallel
@@ -66,16 +67,9 @@ def test_plan_rows_use_the_zero_model_states():
     ],
 )
 def test_parameter_count_equals_transformers(overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        **overrides,
-    )
+    cfg = llama_config(vocab_size=1000, num_hidden_layers=3, **overrides)
     with torch.device("meta"):
         want = LlamaForCausalLM(cfg).num_parameters()
     assert P.Shape.from_config(cfg.to_dict()).params == want
@@ -92,36 +86,17 @@ def test_parameter_count_of_llama2_presets():
 def test_layer_activations_equal_what_autograd_saves(kv, dtype):
     """Every tensor one decoder layer saves for backward (parameters excluded), deduplicated by
     storage, against the formula."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=500,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv,
-    )
+    cfg = llama_config(num_key_value_heads=kv)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved, inside = {}, [False]
-
-    def pack(t):
-        if inside[0] and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    layer = model.model.layers[0]
-    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
     seq, p = 64, 2 if dtype == torch.bfloat16 else 4
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=torch.randint(0, 500, (1, seq)), use_cache=False)
+    saved = layer_saved_bytes(model, input_ids=torch.randint(0, 500, (1, seq)))
     shape = P.Shape.from_config(cfg.to_dict())
     # the layer's own tensors plus the rotary cos/sin the model hands every layer
     want = P.layer_activation_bytes(shape, seq, 1, p) + P.rope_bytes(shape, seq, 1, p)
-    assert sum(saved.values()) == want
+    assert saved == want
 
 
 def test_checkpointing_and_chunked_loss_cut_activations():
@@ -173,10 +148,7 @@ def _cli(*args):
 def test_cli_on_a_70b_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_70B))
     out = _cli(
-        "--model",
-        str(tmp_path),
-        "--ngpu",
-        "8",
+        *flags(model=str(tmp_path), ngpu="8"),
         "--bf16",
         "--gradient_checkpointing",
         "--gpu_memory",
@@ -190,12 +162,7 @@ def test_cli_on_a_70b_config(tmp_path):
 
     data = json.loads(
         _cli(
-            "--model",
-            str(tmp_path / "config.json"),
-            "--ngpu",
-            "8",
-            "--nnodes",
-            "4",
+            *flags(model=str(tmp_path / "config.json"), ngpu="8", nnodes="4"),
             "--bf16",
             "--gradient_checkpointing",
             "--json",

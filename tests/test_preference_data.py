@@ -10,6 +10,7 @@ import sys
 
 import datasets
 import pytest
+from train_utils import flags
 
 from fastchat_data.preference import (
     PREFERENCE_COLUMNS,
@@ -631,18 +632,14 @@ def test_cli_pair_then_build_pairs(tmp_path, llama_dir, data_dir):
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     res = run(
         "pair",
-        "--chosen",
-        data_dir / GPT4,
-        "--rejected",
-        data_dir / DAVINCI,
-        "--out",
-        train,
-        "--heldout",
-        100,
-        "--heldout_out",
-        held,
-        "--seed",
-        0,
+        *flags(
+            chosen=data_dir / GPT4,
+            rejected=data_dir / DAVINCI,
+            out=train,
+            heldout=100,
+            heldout_out=held,
+            seed=0,
+        ),
     )
     assert res.returncode == 0, res.stderr
     assert (
@@ -652,18 +649,14 @@ def test_cli_pair_then_build_pairs(tmp_path, llama_dir, data_dir):
     out = tmp_path / "ds"
     res = run(
         "build_pairs",
-        "--data",
-        held,
-        "--tokenizer",
-        llama_dir,
-        "--max_length",
-        512,
-        "--out",
-        out,
-        "--cache_dir",
-        tmp_path / "cache",
-        "--report",
-        tmp_path / "r.json",
+        *flags(
+            data=held,
+            tokenizer=llama_dir,
+            max_length=512,
+            out=out,
+            cache_dir=tmp_path / "cache",
+            report=tmp_path / "r.json",
+        ),
     )
     assert res.returncode == 0, res.stderr
     assert "[build_pairs] read 100  written 100" in res.stderr

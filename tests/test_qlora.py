@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import QLORA, REPO, command, env, losses, ranks, train, with_assets
+from train_utils import QLORA, REPO, command, env, flags, losses, ranks, train, with_assets
 
 from recipes import eval as evaluation
 from recipes.core import recipe
@@ -26,7 +26,7 @@ from recipes.core.data import collate
 from recipes.core.lora import load_adapter, load_base, verify_adapter
 from recipes.core.recipe import QLoraConfig
 
-QLORA_TINY = ["--config", "qlora_tiny_cpu.yaml", "--report_to", "none"]
+QLORA_TINY = flags(config="qlora_tiny_cpu.yaml", report_to="none")
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +43,14 @@ def zh_split(data_dir, tmp_path_factory):
 def english_base(llama_dir, data_dir, tmp_path_factory):
     """The tiny Llama after a full fine-tune on English Alpaca: a base that means something."""
     out = tmp_path_factory.mktemp("en-base")
+    en = data_dir / "alpaca_gpt4_data_en_1k.json"
     train(
         "single",
         1,
         out,
-        "--config",
-        "tiny_cpu.yaml",
+        *flags(config="tiny_cpu.yaml", data_path=en, max_steps=60, save_steps=1000),
         "--model_name_or_path",
         llama_dir,
-        "--data_path",
-        data_dir / "alpaca_gpt4_data_en_1k.json",
-        "--max_steps",
-        60,
-        "--save_steps",
-        1000,
     )
     return out / "model"
 
@@ -68,14 +62,8 @@ def adapted(english_base, zh_split, tmp_path_factory):
     cfg, _ = load_config(
         [
             *QLORA_TINY,
-            "--model_name_or_path",
-            str(english_base),
-            "--data_path",
-            str(zh_split[0]),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "40",
+            *flags(model_name_or_path=english_base, data_path=zh_split[0], output_dir=out),
+            *flags(max_steps=40),
         ],
         cls=QLoraConfig,
     )
@@ -171,27 +159,10 @@ def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_sp
     out = tmp_path / "eval.json"
     res = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "recipes.eval",
-            "--model",
-            str(english_base),
-            "--data",
-            str(zh_split[1]),
-            "--adapter",
-            str(adapter),
-            "--shots",
-            "3",
-            "--shots_from",
-            str(zh_split[0]),
-            "--max_samples",
-            "60",
-            "--generate",
-            "5",
-            "--max_new_tokens",
-            "24",
-            "--out",
-            str(out),
+            *(sys.executable, "-m", "recipes.eval"),
+            *flags(model=english_base, data=zh_split[1], adapter=adapter),
+            *flags(shots=3, shots_from=zh_split[0], max_samples=60, generate=5),
+            *flags(max_new_tokens=24, out=out),
         ],
         capture_output=True,
         text=True,
@@ -216,16 +187,8 @@ def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_sp
 def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_path):
     args = [
         *QLORA_TINY,
-        "--model_name_or_path",
-        llama_dir,
-        "--data_path",
-        zh_split[0],
-        "--max_steps",
-        16,
-        "--save_steps",
-        4,
-        "--logging_steps",
-        1,
+        *flags(model_name_or_path=llama_dir, data_path=zh_split[0]),
+        *flags(max_steps=16, save_steps=4, logging_steps=1),
     ]
     train("ddp", 1, tmp_path / "whole", *args, recipe=QLORA)
     out = tmp_path / "killed"
@@ -255,21 +218,9 @@ def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_
 @pytest.mark.slow
 def test_two_process_qlora_is_one_job_and_saves_real_weights(llama_dir, zh_split, tmp_path):
     out = tmp_path / "ddp"
-    train(
-        "ddp",
-        2,
-        out,
-        *QLORA_TINY,
-        "--model_name_or_path",
-        llama_dir,
-        "--data_path",
-        zh_split[0],
-        "--max_steps",
-        6,
-        "--gradient_accumulation_steps",
-        1,
-        recipe=QLORA,
-    )
+    data = flags(model_name_or_path=llama_dir, data_path=zh_split[0])
+    steps = flags(max_steps=6, gradient_accumulation_steps=1)
+    train("ddp", 2, out, *QLORA_TINY, *data, *steps, recipe=QLORA)
     r0, r1 = ranks(out)
     assert r0["world_size"] == r1["world_size"] == 2
     assert not set(r0["sample_ids"]) & set(r1["sample_ids"])  # ranks see different data
@@ -282,18 +233,9 @@ def test_lora_under_zero3_saves_the_same_real_weights_as_one_process(llama_dir, 
     be empty. The exported adapter must equal a 1-process run's with the same global batch."""
     args = [
         *QLORA_TINY,
-        "--quantization",
-        "none",
-        "--optim",
-        "adamw_torch",
-        "--model_name_or_path",
-        llama_dir,
-        "--data_path",
-        zh_split[0],
-        "--max_steps",
-        5,
-        "--per_device_train_batch_size",
-        4,
+        *flags(quantization="none", optim="adamw_torch"),
+        *flags(model_name_or_path=llama_dir, data_path=zh_split[0]),
+        *flags(max_steps=5, per_device_train_batch_size=4),
     ]
     train("single", 1, tmp_path / "one", *args, "--gradient_accumulation_steps", 2, recipe=QLORA)
     train("zero3", 2, tmp_path / "z3", *args, "--gradient_accumulation_steps", 1, recipe=QLORA)
@@ -311,23 +253,9 @@ def test_lora_under_zero3_saves_the_same_real_weights_as_one_process(llama_dir, 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
 def test_prompt_learning_methods_train_save_and_reload(method, llama_dir, zh_split, tmp_path):
-    res = train(
-        "single",
-        1,
-        tmp_path,
-        *QLORA_TINY,
-        "--peft_method",
-        method,
-        "--model_name_or_path",
-        llama_dir,
-        "--data_path",
-        zh_split[0],
-        "--max_steps",
-        4,
-        "--learning_rate",
-        "3e-2",
-        recipe=QLORA,
-    )
+    data = flags(model_name_or_path=llama_dir, data_path=zh_split[0])
+    settings = flags(peft_method=method, max_steps=4, learning_rate="3e-2")
+    res = train("single", 1, tmp_path, *QLORA_TINY, *data, *settings, recipe=QLORA)
     assert "exported adapter" in res.stdout
     assert verify_adapter(tmp_path / "adapter")["tensors"] >= 1
     from transformers import AutoModelForCausalLM
@@ -337,23 +265,9 @@ def test_prompt_learning_methods_train_save_and_reload(method, llama_dir, zh_spl
 
 
 def test_int8_base_and_paged_8bit_optimizer(llama_dir, zh_split, tmp_path):
-    res = train(
-        "single",
-        1,
-        tmp_path,
-        *QLORA_TINY,
-        "--quantization",
-        "int8",
-        "--optim",
-        "paged_adamw_8bit",
-        "--model_name_or_path",
-        llama_dir,
-        "--data_path",
-        zh_split[0],
-        "--max_steps",
-        3,
-        recipe=QLORA,
-    )
+    data = flags(model_name_or_path=llama_dir, data_path=zh_split[0])
+    settings = flags(quantization="int8", optim="paged_adamw_8bit", max_steps=3)
+    res = train("single", 1, tmp_path, *QLORA_TINY, *data, *settings, recipe=QLORA)
     assert "8-bit base + lora" in res.stdout
     assert verify_adapter(tmp_path / "adapter")["tensors"] == 28
 
@@ -401,18 +315,8 @@ def test_defaults_run_on_the_tiny_model_and_demo_data(tmp_path):
 
 
 def test_unknown_target_module_is_named(llama_dir, tmp_path):
-    res = train(
-        "single",
-        1,
-        tmp_path,
-        *QLORA_TINY,
-        "--model_name_or_path",
-        llama_dir,
-        "--lora_target_modules",
-        "q_proj,query_key_value",
-        check=False,
-        recipe=QLORA,
-    )
+    settings = flags(model_name_or_path=llama_dir, lora_target_modules="q_proj,query_key_value")
+    res = train("single", 1, tmp_path, *QLORA_TINY, *settings, check=False, recipe=QLORA)
     assert res.returncode == 2
     assert "query_key_value not in LlamaForCausalLM" in res.stderr and "q_proj" in res.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -453,12 +357,7 @@ def test_adapter_for_another_base_is_refused(adapted, corpus, tmp_path):
             sys.executable,
             "-m",
             "recipes.merge",
-            "--adapter",
-            str(adapter),
-            "--base",
-            str(other),
-            "--out",
-            str(tmp_path / "m"),
+            *flags(adapter=str(adapter), base=str(other), out=str(tmp_path / "m")),
         ],
         capture_output=True,
         text=True,
@@ -495,12 +394,7 @@ def test_chat_streams_multi_turn_with_reset_and_exit(adapted):
             sys.executable,
             "-m",
             "recipes.chat",
-            "--model",
-            run.model_path,
-            "--adapter",
-            str(adapter),
-            "--max_new_tokens",
-            "8",
+            *flags(model=run.model_path, adapter=str(adapter), max_new_tokens="8"),
         ],
         input="你好\n再說一次\n/reset\n你好\n/exit\nnever read\n",
         capture_output=True,

@@ -12,31 +12,24 @@ import pytest
 import torch
 from test_dpo import MAX_LEN, pair_batch, pairs  # noqa: F401  (pairs: a module fixture)
 from train_utils import GRPO as GRPO_SCRIPT
-from train_utils import REWARD, losses, ranks, train
+from train_utils import REWARD, flags, losses, ranks, train
 
 from recipes.core.objectives.reward import load_reward_model, reward_losses
 
 
 def reward_args(assets, steps, accum, *extra):
     return [
-        "--model_name_or_path",
-        assets["model"],
-        "--data_path",
-        assets["data"],
-        "--cache_dir",
-        assets["cache"],
-        "--model_max_length",
-        MAX_LEN,
-        "--max_steps",
-        steps,
-        "--learning_rate",
-        "1e-3",
-        "--per_device_train_batch_size",
-        2,
-        "--gradient_accumulation_steps",
-        accum,
-        "--save_steps",
-        100,
+        *flags(
+            model_name_or_path=assets["model"],
+            data_path=assets["data"],
+            cache_dir=assets["cache"],
+            model_max_length=MAX_LEN,
+            max_steps=steps,
+            learning_rate="1e-3",
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=accum,
+            save_steps=100,
+        ),
         *extra,
     ]
 
@@ -163,30 +156,20 @@ def arithmetic(tmp_path_factory):
 
 def grpo_args(assets, steps, accum, *extra):
     return [
-        "--model_name_or_path",
-        assets["model"],
-        "--data_path",
-        assets["data"],
-        "--model_max_length",
-        128,
-        "--max_completion_length",
-        8,
-        "--num_generations",
-        4,
-        "--max_steps",
-        steps,
-        "--learning_rate",
-        "1e-3",
-        "--lr_scheduler_type",
-        "constant",
-        "--per_device_train_batch_size",
-        2,
-        "--gradient_accumulation_steps",
-        accum,
-        "--save_steps",
-        100,
-        "--reward_funcs",
-        f"{ARITH}:close,{ARITH}:format",
+        *flags(
+            model_name_or_path=assets["model"],
+            data_path=assets["data"],
+            model_max_length=128,
+            max_completion_length=8,
+            num_generations=4,
+            max_steps=steps,
+            learning_rate="1e-3",
+            lr_scheduler_type="constant",
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=accum,
+            save_steps=100,
+            reward_funcs=f"{ARITH}:close,{ARITH}:format",
+        ),
         *extra,
     ]
 

@@ -11,25 +11,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, env, losses, ranks, tiny_assets, train
+from train_utils import REPO, env, flags, losses, ranks, tiny_assets, train
 
 from recipes.core.config import ConfigError, fsdp_strategy, load_config
 from recipes.core.ds_config import deepspeed_config
 from recipes.core.recipe import TrainConfig
 
 TWO = [
-    "--config",
-    "tiny_cpu.yaml",
-    "--learning_rate",
-    "1e-3",
-    "--save_steps",
-    "100",
-    "--max_steps",
-    4,
-    "--per_device_train_batch_size",
-    4,
-    "--gradient_accumulation_steps",
-    1,
+    *flags(
+        config="tiny_cpu.yaml",
+        learning_rate="1e-3",
+        save_steps="100",
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+    ),
 ]
 
 
@@ -149,23 +145,11 @@ def test_two_launcher_invocations_as_two_nodes_match_one_node(strategy, full_loa
                 sys.executable,
                 "-m",
                 "launch.train",
-                "--ngpu",
-                "1",
-                "--strategy",
-                strategy,
-                "--model",
-                model,
-                "--data",
-                data,
+                *flags(ngpu="1", strategy=strategy, model=model, data=data),
                 *nodes_args,
-                "--node_rank",
-                str(r),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                "--out",
-                str(out),
+                *flags(
+                    node_rank=str(r), master_addr="127.0.0.1", master_port=str(port), out=str(out)
+                ),
                 "--",
                 *recipe_args,
             ],
@@ -192,10 +176,7 @@ def test_launcher_dry_run_knows_the_new_strategies():
                 sys.executable,
                 "-m",
                 "launch.train",
-                "--ngpu",
-                "2",
-                "--strategy",
-                strategy,
+                *flags(ngpu="2", strategy=strategy),
                 "--dry_run",
             ],
             capture_output=True,
@@ -231,12 +212,7 @@ def test_launcher_preflight_refuses_what_clearly_does_not_fit(tmp_path):
         json.dumps({"model_type": "llama", **PRESETS["llama-2-70b"]})
     )
     recipe = [
-        "--bf16",
-        "True",
-        "--gradient_checkpointing",
-        "True",
-        "--per_device_train_batch_size",
-        "1",
+        *flags(bf16="True", gradient_checkpointing="True", per_device_train_batch_size="1"),
     ]
 
     def ask(strategy, which="sft", data=None):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import REPO, env, train
+from train_utils import REPO, env, flags, train
 
 from recipes.core.checkpoint import describe_files, verify_checkpoint
 from recipes.core.safe_load import (
@@ -34,20 +34,15 @@ from recipes.core.safe_load import (
 )
 
 FAST = [
-    "--config",
-    "tiny_cpu.yaml",
-    "--max_steps",
-    2,
-    "--save_steps",
-    1,
-    "--save_total_limit",
-    2,
-    "--per_device_train_batch_size",
-    2,
-    "--gradient_accumulation_steps",
-    1,
-    "--model_max_length",
-    256,
+    *flags(
+        config="tiny_cpu.yaml",
+        max_steps=2,
+        save_steps=1,
+        save_total_limit=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        model_max_length=256,
+    ),
 ]
 LORA = ["--quantization", "none", "--optim", "adamw_torch"]
 COMPLETE = "COMPLETE"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_utils import losses, ranks, tiny_assets, train
+from train_utils import flags, layer_saved_bytes, llama_config, losses, ranks, tiny_assets, train
 
 from recipes.core.config import ConfigError, load_config
 from recipes.core.recipe import TrainConfig
@@ -227,26 +227,18 @@ def long_conversations(folder: Path, per: int = 8) -> str:
 
 def long_args(data: str, steps: int = 3) -> list:
     return [
-        "--config",
-        "tiny_cpu.yaml",
-        "--data_path",
-        data,
-        "--model_max_length",
-        1024,
-        "--packing",
-        "True",
-        "--packing_row_tokens",
-        1024,
-        "--per_device_train_batch_size",
-        2,
-        "--gradient_accumulation_steps",
-        2,
-        "--learning_rate",
-        "1e-3",
-        "--max_steps",
-        steps,
-        "--save_steps",
-        100,
+        *flags(
+            config="tiny_cpu.yaml",
+            data_path=data,
+            model_max_length=1024,
+            packing="True",
+            packing_row_tokens=1024,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate="1e-3",
+            max_steps=steps,
+            save_steps=100,
+        ),
     ]
 
 
@@ -372,7 +364,7 @@ def _saved_bytes_worker(rank, world, kv, rows):
     """What one decoder layer saves for backward on one rank of an sp group, against the
     planner's formula (recipes/plan.py: layer_activation_bytes with sp)."""
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from recipes import plan as P
     from recipes.core import sequence_parallel as sp
@@ -380,28 +372,9 @@ def _saved_bytes_worker(rank, world, kv, rows):
 
     sp.register(sdpa_packed_attention, sdpa_packed_mask)
     sp.use_group(dist.new_group(list(range(world))))
-    cfg = LlamaConfig(
-        vocab_size=500,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv,
-        attn_implementation=sp.NAME,
-    )
+    cfg = llama_config(num_key_value_heads=kv, attn_implementation=sp.NAME)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved, inside = {}, [False]
-
-    def pack(t):
-        if inside[0] and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    layer = model.model.layers[0]
-    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
     seq = 64
     batch = {
         "input_ids": torch.randint(0, 500, (rows, seq)),
@@ -409,13 +382,14 @@ def _saved_bytes_worker(rank, world, kv, rows):
         "attention_mask": torch.ones(rows, seq, dtype=torch.long),  # collate's padding mask
     }
     shard = shard_batch(batch, world, rank)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False)
+    saved = layer_saved_bytes(
+        model, input_ids=shard["input_ids"], position_ids=shard["position_ids"]
+    )
     shape = P.Shape.from_config(cfg.to_dict())
     want = P.layer_activation_bytes(shape, seq, rows, 4, sp=world) + P.rope_bytes(
         shape, seq, rows, 4, sp=world
     )
-    assert sum(saved.values()) == want, (sum(saved.values()), want)
+    assert saved == want, (saved, want)
 
 
 @pytest.mark.slow

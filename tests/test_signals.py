@@ -14,24 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, complete_checkpoints, descendants, env, losses, tiny_assets
+from train_utils import REPO, complete_checkpoints, descendants, env, flags, losses, tiny_assets
 
 STEPS = 40
 ARGS = [
-    "--config",
-    "tiny_cpu.yaml",
-    "--max_steps",
-    str(STEPS),
-    "--save_steps",
-    "1000",
-    "--per_device_train_batch_size",
-    "4",
-    "--gradient_accumulation_steps",
-    "1",
-    "--learning_rate",
-    "1e-3",
-    "--report_to",
-    "none",
+    *flags(
+        config="tiny_cpu.yaml",
+        max_steps=str(STEPS),
+        save_steps="1000",
+        per_device_train_batch_size="4",
+        gradient_accumulation_steps="1",
+        learning_rate="1e-3",
+        report_to="none",
+    ),
 ]
 
 
@@ -41,16 +36,7 @@ def launch(strategy: str, out: Path) -> list[str]:
         sys.executable,
         "-m",
         "launch.train",
-        "--ngpu",
-        "2",
-        "--strategy",
-        strategy,
-        "--model",
-        model,
-        "--data",
-        data,
-        "--out",
-        str(out),
+        *flags(ngpu="2", strategy=strategy, model=model, data=data, out=str(out)),
         "--",
         *ARGS,
     ]

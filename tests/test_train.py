@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import command, complete_checkpoints, descendants, env, losses, ranks, train
+from train_utils import command, complete_checkpoints, descendants, env, flags, losses, ranks, train
 from transformers import AutoModelForCausalLM
 
 # The tiny model on the identity data; global batch 8 = 4 x 2 accumulation x 1 rank
@@ -22,24 +22,14 @@ BASE = ["--config", "tiny_cpu.yaml", "--learning_rate", "1e-3", "--save_steps", 
 def one_rank(steps):
     return [
         *BASE,
-        "--max_steps",
-        steps,
-        "--per_device_train_batch_size",
-        4,
-        "--gradient_accumulation_steps",
-        2,
+        *flags(max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=2),
     ]
 
 
 def two_ranks(steps):
     return [
         *BASE,
-        "--max_steps",
-        steps,
-        "--per_device_train_batch_size",
-        4,
-        "--gradient_accumulation_steps",
-        1,
+        *flags(max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=1),
     ]
 
 
@@ -209,12 +199,7 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
         1,
         out,
         *one_rank(1),
-        "--save_steps",
-        1,
-        "--learning_rate",
-        "5e-4",
-        "--overwrite_output_dir",
-        "True",
+        *flags(save_steps=1, learning_rate="5e-4", overwrite_output_dir="True"),
     )
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"] and len(
         losses(out)
@@ -229,16 +214,13 @@ def test_fastchat_flags_are_mapped(tmp_path):
 
     cfg, notes = load_config(
         [
-            "--fsdp",
-            "full_shard auto_wrap",
-            "--fsdp_transformer_layer_cls_to_wrap",
-            "LlamaDecoderLayer",
-            "--lazy_preprocess",
-            "True",
-            "--bf16",
-            "True",
-            "--model_max_length",
-            "1024",
+            *flags(
+                fsdp="full_shard auto_wrap",
+                fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer",
+                lazy_preprocess="True",
+                bf16="True",
+                model_max_length="1024",
+            ),
         ],
         TrainConfig,
     )

@@ -167,12 +167,11 @@ def test_losses_and_learning_rates_equal_trainer(name, llama_dir, conversations,
     argv = [
         *COMMON.split(),
         *flags.split(),
-        "--model_name_or_path",
-        str(llama_dir),
-        "--data_path",
-        str(conversations),
-        "--cache_dir",
-        str(tmp_path / "cache"),
+        *flags(
+            model_name_or_path=str(llama_dir),
+            data_path=str(conversations),
+            cache_dir=str(tmp_path / "cache"),
+        ),
     ]
     ours = camelid(argv, tmp_path / "camelid")
 

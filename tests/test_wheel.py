@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, env, tiny_assets
+from train_utils import REPO, env, flags, tiny_assets
 
 
 @pytest.mark.slow
@@ -67,21 +67,9 @@ def test_an_installed_wheel_runs_zero3_on_two_processes(tmp_path):
             python,
             "-m",
             "launch.train",
-            "--ngpu",
-            "2",
-            "--strategy",
-            "zero3",
-            "--model",
-            model,
-            "--data",
-            data,
-            "--out",
-            str(out),
+            *flags(ngpu="2", strategy="zero3", model=model, data=data, out=str(out)),
             "--",
-            "--max_steps",
-            "2",
-            "--report_to",
-            "none",
+            *flags(max_steps="2", report_to="none"),
         ],
         capture_output=True,
         text=True,

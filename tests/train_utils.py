@@ -22,6 +22,12 @@ FAULTS = REPO / "tests" / "fault_recipe.py"
 BY_SCRIPT = {RECIPE: "sft", QLORA: "qlora", DPO: "dpo", REWARD: "reward", GRPO: "grpo"}
 
 
+def flags(**options) -> list[str]:
+    """`--name value` for each option, in the order given: a command line's options written as
+    keywords (`flags(max_steps=4)` is `["--max_steps", "4"]`)."""
+    return [part for name, value in options.items() for part in (f"--{name}", str(value))]
+
+
 def env() -> dict:
     e = dict(os.environ)
     e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -151,3 +157,35 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def llama_config(**overrides):
+    """The tiny size's LlamaConfig (fastchat_data.tiny.SIZES, vocabulary 500) with `overrides`:
+    the model tests build in-process, without a tokenizer."""
+    from transformers import LlamaConfig
+
+    from fastchat_data.tiny import SIZES
+
+    return LlamaConfig(**{"vocab_size": 500, **SIZES["tiny"], **overrides})
+
+
+def layer_saved_bytes(model, **inputs) -> int:
+    """Bytes the first decoder layer of `model` saves for backward in a forward on `inputs`,
+    parameters excluded, each storage counted once: what the planner's activation formula
+    must equal."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, inside = {}, [False]
+
+    def pack(t):
+        if inside[0] and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs, use_cache=False)
+    return sum(saved.values())
