@@ -153,6 +153,7 @@ def test_cached_reference_equals_a_live_reference_model(pairs, tmp_path):
 
 
 def dpo_args(pairs, steps, accum):
+    """A run on the preference pairs: DPO here, the reward model in test_rlhf."""
     return [
         *flags(
             model_name_or_path=pairs["model"],

@@ -10,28 +10,11 @@ import types
 
 import pytest
 import torch
-from test_dpo import MAX_LEN, pair_batch, pairs  # noqa: F401  (pairs: a module fixture)
+from test_dpo import MAX_LEN, dpo_args, pair_batch, pairs  # noqa: F401  (pairs: a module fixture)
 from train_utils import GRPO as GRPO_SCRIPT
 from train_utils import REWARD, flags, losses, ranks, train
 
 from recipes.core.objectives.reward import load_reward_model, reward_losses
-
-
-def reward_args(assets, steps, accum, *extra):
-    return [
-        *flags(
-            model_name_or_path=assets["model"],
-            data_path=assets["data"],
-            cache_dir=assets["cache"],
-            model_max_length=MAX_LEN,
-            max_steps=steps,
-            learning_rate="1e-3",
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=accum,
-            save_steps=100,
-        ),
-        *extra,
-    ]
 
 
 def metric_rows(out):
@@ -86,7 +69,7 @@ def test_reward_loss_equals_trl_reward_trainer(pairs, center):  # noqa: F811
 @pytest.fixture(scope="module")
 def reward_run(pairs, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("reward-single")
-    train("single", 1, out, *reward_args(pairs, 24, 2), recipe=REWARD)  # 2 epochs of 48 pairs
+    train("single", 1, out, *dpo_args(pairs, 24, 2), recipe=REWARD)  # 2 epochs of 48 pairs
     return out
 
 
@@ -119,7 +102,7 @@ def test_reward_model_trains_exports_and_evaluates(pairs, reward_run, tmp_path, 
 @pytest.fixture(scope="module")
 def reward_single(pairs, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("reward-4-steps")
-    train("single", 1, out, *reward_args(pairs, 4, 2), recipe=REWARD)
+    train("single", 1, out, *dpo_args(pairs, 4, 2), recipe=REWARD)
     return out
 
 
@@ -128,7 +111,7 @@ def reward_single(pairs, tmp_path_factory):  # noqa: F811
 def test_reward_two_ranks_match_one_process(pairs, reward_single, strategy, tmp_path):  # noqa: F811
     """The score head is new, so every strategy loads the model whole and shards it after:
     the same initial head on every rank (one seed), the same steps as one process."""
-    train(strategy, 2, tmp_path, *reward_args(pairs, 4, 1), recipe=REWARD)
+    train(strategy, 2, tmp_path, *dpo_args(pairs, 4, 1), recipe=REWARD)
     assert [r["world_size"] for r in ranks(tmp_path)] == [2, 2]
     ref, got = losses(reward_single), losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
