@@ -1,6 +1,7 @@
-"""Bad inputs, the way a user meets them: each row makes an input, runs the command line as a
-subprocess, and expects ONE line `error: <file>: <where>: <what>` on stderr, exit status 2, no
-traceback, and every input file byte-identical afterwards.
+"""Bad inputs, the way a user meets them: each row makes an input, runs the command line in a
+process of its own (a fork of a warm interpreter, tests/forked.py), and expects ONE line
+`error: <file>: <where>: <what>` on stderr, exit status 2, no traceback, and every input file
+byte-identical afterwards.
 
 The rows run two at a time in a module fixture (the machine has 2 cores); each parametrized
 test then checks its own row's result.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from forked import fork_servers
 from train_utils import flags
 
 from fastchat_data.build import build_dataset
@@ -1650,7 +1652,10 @@ def _read_only_dir(tmp: Path) -> Path:
     return ro
 
 
-def _run_row(param, base: Path, tok: Path) -> dict:
+ROW_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
+
+
+def _run_row(param, base: Path, tok: Path, servers) -> dict:
     rid, files, cmd, _, _ = param.values
     d, o = base / rid / "in", base / rid / "out"
     d.mkdir(parents=True)
@@ -1659,8 +1664,11 @@ def _run_row(param, base: Path, tok: Path) -> dict:
     before = _snapshot(d)
     subs = {"d": str(d), "o": str(o), "tok": str(tok), "ro": str(_read_only_dir(base / rid))}
     argv = [part.format(**subs) for part in cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
-    res = subprocess.run(argv, cwd=d, capture_output=True, text=True, timeout=240, env=env)
+    server = servers.get()
+    try:
+        res = server.run(argv, cwd=d, timeout=240)
+    finally:
+        servers.put(server)
     return {
         "res": res,
         "changed": before != _snapshot(d),
@@ -1674,11 +1682,11 @@ RESULTS: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, llama_dir) -> dict:
-    """Every row run once, two at a time."""
+    """Every row run once, two at a time, each a fork of a warm interpreter (tests/forked.py)."""
     base = tmp_path_factory.mktemp("bad_inputs")
     rows = ROWS + ACCEPTED
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = pool.map(lambda p: (p.values[0], _run_row(p, base, llama_dir)), rows)
+    with fork_servers(2, ROW_ENV) as servers, ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda p: (p.values[0], _run_row(p, base, llama_dir, servers)), rows)
         RESULTS.update(done)
     return RESULTS
 
