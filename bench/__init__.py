@@ -10,6 +10,22 @@ def write_json(path, result) -> None:
     print(f"written: {out}")
 
 
+def write_and_report(path, result: dict, report) -> None:
+    """A timed benchmark's end: its result as JSON at `path`, its table (`report(result)`),
+    then where the JSON went and the wall time it took (result["settings"]["wall_s"])."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    report(result)
+    print(f"\nwritten: {out} ({result['settings']['wall_s']:.0f} s)")
+
+
+def flags(**options) -> list[str]:
+    """A recipe's command line from keyword options, in their order: `--name value` each, as
+    strings. The benchmarks spell their recipe runs this way rather than as lists of pairs."""
+    return [x for name, value in options.items() for x in (f"--{name}", str(value))]
+
+
 def loop_run(cfg, model, data, plan, total_steps: int, objective: str = "sft"):
     """A Run of the shared loop in this process, ready for recipes.core.loop.train_step: the
     world `cfg.strategy` declares, the objective from its registry, the engine from

@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import flags, write_and_report
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,35 +78,21 @@ def mem_available() -> float:
 
 
 def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
-    args = [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        data,
-        "--cache_dir",
-        cache,
-        "--output_dir",
-        out,
-        "--model_max_length",
-        SEQ,
-        "--per_device_train_batch_size",
-        1,
-        "--gradient_accumulation_steps",
-        1,
-        "--max_steps",
-        STEPS,
-        "--save_steps",
-        100_000,
-        "--learning_rate",
-        2e-5,
-        "--report_to",
-        "none",
-        "--logging_steps",
-        1,
-        "--overwrite_output_dir",
-        True,
-    ]
-    return [str(a) for a in args]
+    return flags(
+        model_name_or_path=model,
+        data_path=data,
+        cache_dir=cache,
+        output_dir=out,
+        model_max_length=SEQ,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        max_steps=STEPS,
+        save_steps=100_000,
+        learning_rate=2e-5,
+        report_to="none",
+        logging_steps=1,
+        overwrite_output_dir=True,
+    )
 
 
 def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
@@ -452,10 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         key=lambda r: (order[r["model"]], r["nproc"], parallel.get(r["strategy"]).cost_rank)
     )
     res["targets"] = check_targets(res["rows"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    report(res)
-    print(f"\nwritten: {out} ({res['settings']['wall_s']:.0f} s)")
+    write_and_report(out, res, report)
     return res
 
 

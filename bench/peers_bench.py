@@ -221,6 +221,28 @@ def _check_packed(model, batch: dict) -> dict:
     }
 
 
+def peer_training_args(spec: dict) -> dict:
+    """The Trainer settings every peer runs with, written once so that the peers are timed on
+    the same optimisation: the spec's batch, accumulation and steps, camelid's defaults for
+    the rest (fp32 on the CPU, no gradient checkpointing)."""
+    return dict(
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["accum"],
+        max_steps=spec["steps"],
+        learning_rate=2e-5,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=42,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,  # TRL defaults: True, True
+    )
+
+
 def run_trl(spec: dict) -> dict:
     """TRL's SFTTrainer on camelid's tokenization of the same conversations.
 
@@ -250,20 +272,7 @@ def run_trl(spec: dict) -> dict:
     packing = spec.get("packing", False)
     cfg = SFTConfig(
         output_dir=spec["tmp"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=spec["accum"],
-        learning_rate=2e-5,
-        weight_decay=0.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        seed=42,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,  # TRL defaults: True, True
+        **peer_training_args(spec),
         packing=packing,
         packing_strategy=spec.get("packing_strategy", "bfd"),
         padding_free=spec.get("padding_free", False),
@@ -423,20 +432,7 @@ def run_llamafactory(spec: dict) -> dict:
         overwrite_cache=True,
         output_dir=str(tmp / "out"),
         overwrite_output_dir=True,
-        per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=spec["accum"],
-        max_steps=spec["steps"],
-        learning_rate=2e-5,
-        weight_decay=0.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        seed=42,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
+        **peer_training_args(spec),
         logging_strategy="no",
         save_strategy="no",
         report_to="none",

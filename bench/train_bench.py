@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench import flags, write_and_report
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = "sharegpt_v3_sample_1000.json"
 WORKER_ENV = "CAMELID_TRAIN_BENCH"
@@ -474,36 +476,23 @@ def epoch_real_share(
 
 def recipe_args(model, data, cache, max_length, batch, accum, steps, *extra) -> list:
     return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        data,
-        "--cache_dir",
-        cache,
-        "--model_max_length",
-        max_length,
-        "--per_device_train_batch_size",
-        batch,
-        "--gradient_accumulation_steps",
-        accum,
-        "--max_steps",
-        steps,
-        "--learning_rate",
-        2e-5,
-        "--weight_decay",
-        0.0,
-        "--warmup_ratio",
-        0.03,
-        "--lr_scheduler_type",
-        "cosine",
-        "--save_steps",
-        100_000,
-        "--report_to",
-        "none",
-        "--logging_steps",
-        1,
-        "--overwrite_output_dir",
-        True,
+        *flags(
+            model_name_or_path=model,
+            data_path=data,
+            cache_dir=cache,
+            model_max_length=max_length,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            max_steps=steps,
+            learning_rate=2e-5,
+            weight_decay=0.0,
+            warmup_ratio=0.03,
+            lr_scheduler_type="cosine",
+            save_steps=100_000,
+            report_to="none",
+            logging_steps=1,
+            overwrite_output_dir=True,
+        ),
         *extra,
     ]
 
@@ -867,11 +856,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("b/c. per-rank memory and export", flush=True)
         results["memory"] = memory(p, base, data, tmp, cache)
     results["settings"]["wall_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    report(results)
-    print(f"\nwritten: {out} ({results['settings']['wall_s']:.0f} s)")
+    write_and_report(args.out, results, report)
     return results
 
 
