@@ -39,19 +39,11 @@ SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_at
 
 
 def long_rows(folder: Path, per: int = 100, rows: int = 4) -> Path:
-    from fastchat_data.identity import identity_conversations
+    from fastchat_data.identity import long_identity_conversations
     from fastchat_data.io import write_records
 
-    records = identity_conversations(n=per * rows, seed=0)
-    joined = [
-        {
-            "id": f"long_{i}",
-            "conversations": [t for r in records[i : i + per] for t in r["conversations"]],
-        }
-        for i in range(0, len(records), per)
-    ]
     path = folder / "long.json"
-    write_records(path, joined)
+    write_records(path, long_identity_conversations(n=per * rows, per=per))
     return path
 
 

@@ -38,6 +38,17 @@ def args(text: str, **paths) -> list[str]:
 
 
 Options = TypeVar("Options")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def out_option(name: str):
+    """--out of a walk-through on the shared data: its folder, runs/NAME in the repository."""
+    return option(str(REPO / "runs" / name), "the demo's folder")
+
+
+def data_dir_option(files: str):
+    """--data_dir of a walk-through: the shared data folder, naming the `files` it reads."""
+    return option(None, f"the shared data folder ({files}); none: ../shared/data")
 
 
 def start(options: type[Options], argv: list[str] | None, prog: str, doc: str):

@@ -16,17 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastchat_data.options import entry_point, option
-from recipes.demo import Step, run_steps, start
-
-REPO = Path(__file__).resolve().parents[1]
+from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
 
 @dataclass
 class DPODemoOptions:
-    out: str = option(str(REPO / "runs" / "dpo-demo"), "the demo's folder")
-    data_dir: str | None = option(
-        None, "the shared data folder (alpaca_data.json, ...); none: ../shared/data"
-    )
+    out: str = out_option("dpo-demo")
+    data_dir: str | None = data_dir_option("alpaca_data.json, ...")
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 

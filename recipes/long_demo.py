@@ -16,18 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastchat_data.options import entry_point, option
-from recipes.demo import start
+from recipes.demo import data_dir_option, out_option, start
 
-REPO = Path(__file__).resolve().parents[1]
 ROPE = {"rope_type": "linear", "factor": 2.0}
 
 
 @dataclass
 class LongDemoOptions:
-    out: str = option(str(REPO / "runs" / "long-demo"), "the demo's folder")
-    data_dir: str | None = option(
-        None, "the shared data folder (sharegpt_v3_sample_1000.json); none: ../shared/data"
-    )
+    out: str = out_option("long-demo")
+    data_dir: str | None = data_dir_option("sharegpt_v3_sample_1000.json")
     max_length: int = option(4096, "tokens per row (the model's own context is 2,048)")
     max_steps: int = option(20, "training steps")
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastchat_data.options import entry_point, option
-from recipes.demo import Step, run_steps, start
+from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
-REPO = Path(__file__).resolve().parents[1]
 # NTU ADL 2023 HW3's instruction prompt, as a camelid template file
 ADL_PROMPT = (
     'system: "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。'
@@ -30,10 +29,8 @@ ADL_PROMPT = (
 
 @dataclass
 class QLoraDemoOptions:
-    out: str = option(str(REPO / "runs" / "qlora-demo"), "the demo's folder")
-    data_dir: str | None = option(
-        None, "the shared data folder (alpaca_gpt4_data_*_1k.json, ...); none: ../shared/data"
-    )
+    out: str = out_option("qlora-demo")
+    data_dir: str | None = data_dir_option("alpaca_gpt4_data_*_1k.json, ...")
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 
