@@ -26,6 +26,25 @@ def flags(**options) -> list[str]:
     return [x for name, value in options.items() for x in (f"--{name}", str(value))]
 
 
+def recipe_flags(model, data, cache, max_length, batch, accum, steps, **more) -> list[str]:
+    """The command line the benchmarks run a recipe with: model, data, tokenized-set cache, row
+    length, batch, accumulation and steps, no checkpoint within the run, no trackers, and a
+    rerun overwriting its folder; `more` adds the benchmark's own options."""
+    return flags(
+        model_name_or_path=model,
+        data_path=data,
+        cache_dir=cache,
+        model_max_length=max_length,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        save_steps=100_000,
+        report_to="none",
+        overwrite_output_dir=True,
+        **more,
+    )
+
+
 def loop_run(cfg, model, data, plan, total_steps: int, objective: str = "sft"):
     """A Run of the shared loop in this process, ready for recipes.core.loop.train_step: the
     world `cfg.strategy` declares, the objective from its registry, the engine from

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import flags, write_and_report
+from bench import recipe_flags, write_and_report
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,20 +78,17 @@ def mem_available() -> float:
 
 
 def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
-    return flags(
-        model_name_or_path=model,
-        data_path=data,
-        cache_dir=cache,
+    return recipe_flags(
+        model,
+        data,
+        cache,
+        SEQ,
+        batch=1,
+        accum=1,
+        steps=STEPS,
         output_dir=out,
-        model_max_length=SEQ,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
-        max_steps=STEPS,
-        save_steps=100_000,
         learning_rate=2e-5,
-        report_to="none",
         logging_steps=1,
-        overwrite_output_dir=True,
     )
 
 

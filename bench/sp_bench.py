@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import flags
+from bench import recipe_flags
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,18 +48,15 @@ def long_rows(folder: Path, per: int = 100, rows: int = 4) -> Path:
 
 
 def run(model: Path, data: Path, cache: Path, out: Path, length: int, sp: int) -> dict:
-    args = flags(
-        model_name_or_path=model,
-        data_path=data,
-        cache_dir=cache,
+    args = recipe_flags(
+        model,
+        data,
+        cache,
+        length,
+        batch=1,
+        accum=1,
+        steps=1,
         output_dir=out,
-        overwrite_output_dir=True,
-        report_to="none",
-        model_max_length=length,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        save_steps=100_000,
         group_by_length=False,
         sequence_parallel_size=sp,
     )
