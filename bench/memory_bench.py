@@ -25,7 +25,6 @@ per-rank peak within 1.2x of FSDP2's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -38,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import recipe_flags, write_and_report
+from bench import parser, recipe_flags, write_and_report
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,9 +290,7 @@ def rescore(out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="only the ~17M rows (a few minutes)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_bench.json"))
     ap.add_argument("--models", default=None, help="comma-separated subset of small,base,large")

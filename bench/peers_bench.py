@@ -50,6 +50,8 @@ import time
 import traceback
 from pathlib import Path
 
+from bench import parser
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_VENV = Path(os.environ.get("CAMELID_BENCH_VENV", REPO / ".bench-venv"))
 FILES = {"sharegpt_v3_sample_1000.json": "long", "alpaca_gpt4_data_en_1k.json": "short"}
@@ -656,9 +658,7 @@ def save(results: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--quick", action="store_true", help="3 steps (2 timed), accumulation 1, 1 round"
     )

@@ -19,7 +19,6 @@ logits, all-to-all buffers) stands beside the measured one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import recipe_flags
+from bench import parser, recipe_flags
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -105,9 +104,7 @@ def planned_slope(model: Path, sp: int, lengths: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--lengths", default="2048,4096", help="two row lengths (tokens)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "sp_bench.json"))
     ap.add_argument("--work", default=str(REPO / ".cache" / "sp_bench"))

@@ -23,7 +23,6 @@ it runs full_finetune's setup/train/save/cleanup (or FastChat's recipe) and read
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
@@ -40,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import recipe_flags, write_and_report
+from bench import parser, recipe_flags, write_and_report
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "sharegpt_v3_sample_1000.json"
@@ -777,9 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
     if WORKER_ENV in os.environ:
         worker_main()
         return {}
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--quick", action="store_true", help="shorter lengths, fewer runs (about 3 minutes)"
     )
