@@ -1,5 +1,14 @@
+import argparse
 import json
 from pathlib import Path
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, its module docstring as --help, laid out as written (the
+    docstrings hold tables and command examples that argparse would otherwise re-wrap)."""
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def write_json(path, result) -> None:
@@ -8,6 +17,41 @@ def write_json(path, result) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
+
+
+def write_and_report(path, result: dict, report) -> None:
+    """A timed benchmark's end: its result as JSON at `path`, its table (`report(result)`),
+    then where the JSON went and the wall time it took (result["settings"]["wall_s"])."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    report(result)
+    print(f"\nwritten: {out} ({result['settings']['wall_s']:.0f} s)")
+
+
+def flags(**options) -> list[str]:
+    """A recipe's command line from keyword options, in their order: `--name value` each, as
+    strings. The benchmarks spell their recipe runs this way rather than as lists of pairs."""
+    return [x for name, value in options.items() for x in (f"--{name}", str(value))]
+
+
+def recipe_flags(model, data, cache, max_length, batch, accum, steps, **more) -> list[str]:
+    """The command line the benchmarks run a recipe with: model, data, tokenized-set cache, row
+    length, batch, accumulation and steps, no checkpoint within the run, no trackers, and a
+    rerun overwriting its folder; `more` adds the benchmark's own options."""
+    return flags(
+        model_name_or_path=model,
+        data_path=data,
+        cache_dir=cache,
+        model_max_length=max_length,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        save_steps=100_000,
+        report_to="none",
+        overwrite_output_dir=True,
+        **more,
+    )
 
 
 def loop_run(cfg, model, data, plan, total_steps: int, objective: str = "sft"):

@@ -36,7 +36,6 @@ Target: the new tree within 3% of the old (median real tokens/s ratio >= 0.97).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import write_json
+from bench import parser, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANT = "grouped, sdpa, chunked loss"
@@ -226,9 +225,7 @@ def report(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--baseline",
         default=os.environ.get("BASELINE"),

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from bench import write_json
+from bench import parser, write_json
 from bench.packing_bench import REPO, model_and_data
 
 VARIANTS = ("eager", "compiled")
@@ -130,9 +130,7 @@ def measure(variant: str, p: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=6, help="measured steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=3, help="steps that hold the compilation")
     ap.add_argument("--rounds", type=int, default=2)

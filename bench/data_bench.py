@@ -10,14 +10,13 @@ real tokens per batch when padding to 2,048 (FastChat) vs per micro-batch (camel
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from bench import write_json
+from bench import parser, write_json
 from bench.fastchat_ref import fastchat_accepts, fastchat_preprocess
 from fastchat_data.build import read_trainable
 from fastchat_data.report import Report
@@ -104,9 +103,7 @@ def bench_file(name: str, tokenizer, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="2,000 conversations per file, one repeat")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "data_bench.json"))
     args = ap.parse_args(argv)

@@ -12,7 +12,6 @@ Prints a table and writes bench/results/fault_bench.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import parser
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -159,9 +160,7 @@ def run_with_kills(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--quick", action="store_true", help="6 kills in a 30-step run")

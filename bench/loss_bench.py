@@ -18,7 +18,6 @@ All positions carry a label (the worst case for the chunked loss: it skips unlab
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import write_json
+from bench import parser, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "CAMELID_LOSS_BENCH" in os.environ:
         print(json.dumps(worker(json.loads(os.environ["CAMELID_LOSS_BENCH"]))))
         return {}
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=256)

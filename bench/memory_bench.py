@@ -25,7 +25,6 @@ per-rank peak within 1.2x of FSDP2's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -38,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import parser, recipe_flags, write_and_report
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,35 +77,18 @@ def mem_available() -> float:
 
 
 def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
-    args = [
-        "--model_name_or_path",
+    return recipe_flags(
         model,
-        "--data_path",
         data,
-        "--cache_dir",
         cache,
-        "--output_dir",
-        out,
-        "--model_max_length",
         SEQ,
-        "--per_device_train_batch_size",
-        1,
-        "--gradient_accumulation_steps",
-        1,
-        "--max_steps",
-        STEPS,
-        "--save_steps",
-        100_000,
-        "--learning_rate",
-        2e-5,
-        "--report_to",
-        "none",
-        "--logging_steps",
-        1,
-        "--overwrite_output_dir",
-        True,
-    ]
-    return [str(a) for a in args]
+        batch=1,
+        accum=1,
+        steps=STEPS,
+        output_dir=out,
+        learning_rate=2e-5,
+        logging_steps=1,
+    )
 
 
 def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
@@ -307,9 +290,7 @@ def rescore(out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="only the ~17M rows (a few minutes)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_bench.json"))
     ap.add_argument("--models", default=None, help="comma-separated subset of small,base,large")
@@ -452,10 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         key=lambda r: (order[r["model"]], r["nproc"], parallel.get(r["strategy"]).cost_rank)
     )
     res["targets"] = check_targets(res["rows"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    report(res)
-    print(f"\nwritten: {out} ({res['settings']['wall_s']:.0f} s)")
+    write_and_report(out, res, report)
     return res
 
 

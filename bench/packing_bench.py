@@ -16,7 +16,6 @@ interleaved in rounds (order reversed every other round) against load drift.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -24,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench import write_json
+from bench import parser, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,9 +123,7 @@ def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="3 steps (2 timed), one round")

@@ -50,6 +50,8 @@ import time
 import traceback
 from pathlib import Path
 
+from bench import parser
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_VENV = Path(os.environ.get("CAMELID_BENCH_VENV", REPO / ".bench-venv"))
 FILES = {"sharegpt_v3_sample_1000.json": "long", "alpaca_gpt4_data_en_1k.json": "short"}
@@ -221,6 +223,28 @@ def _check_packed(model, batch: dict) -> dict:
     }
 
 
+def peer_training_args(spec: dict) -> dict:
+    """The Trainer settings every peer runs with, written once so that the peers are timed on
+    the same optimisation: the spec's batch, accumulation and steps, camelid's defaults for
+    the rest (fp32 on the CPU, no gradient checkpointing)."""
+    return dict(
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["accum"],
+        max_steps=spec["steps"],
+        learning_rate=2e-5,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=42,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,  # TRL defaults: True, True
+    )
+
+
 def run_trl(spec: dict) -> dict:
     """TRL's SFTTrainer on camelid's tokenization of the same conversations.
 
@@ -250,20 +274,7 @@ def run_trl(spec: dict) -> dict:
     packing = spec.get("packing", False)
     cfg = SFTConfig(
         output_dir=spec["tmp"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=spec["accum"],
-        learning_rate=2e-5,
-        weight_decay=0.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        seed=42,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,  # TRL defaults: True, True
+        **peer_training_args(spec),
         packing=packing,
         packing_strategy=spec.get("packing_strategy", "bfd"),
         padding_free=spec.get("padding_free", False),
@@ -423,20 +434,7 @@ def run_llamafactory(spec: dict) -> dict:
         overwrite_cache=True,
         output_dir=str(tmp / "out"),
         overwrite_output_dir=True,
-        per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=spec["accum"],
-        max_steps=spec["steps"],
-        learning_rate=2e-5,
-        weight_decay=0.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        seed=42,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
+        **peer_training_args(spec),
         logging_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -660,9 +658,7 @@ def save(results: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--quick", action="store_true", help="3 steps (2 timed), accumulation 1, 1 round"
     )

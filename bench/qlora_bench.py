@@ -18,7 +18,6 @@ b. Step time and peak memory of QLoRA (nf4 + LoRA, paged AdamW) vs LoRA (full-pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench import write_json
+from bench import parser, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "alpaca_gpt4_data_en_1k.json"
@@ -199,9 +198,7 @@ def report(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="the small model only, fewer steps")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "qlora_bench.json"))
     args = ap.parse_args(argv)

@@ -19,7 +19,6 @@ logits, all-to-all buffers) stands beside the measured one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import parser, recipe_flags
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,51 +38,27 @@ SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_at
 
 
 def long_rows(folder: Path, per: int = 100, rows: int = 4) -> Path:
-    from fastchat_data.identity import identity_conversations
+    from fastchat_data.identity import long_identity_conversations
     from fastchat_data.io import write_records
 
-    records = identity_conversations(n=per * rows, seed=0)
-    joined = [
-        {
-            "id": f"long_{i}",
-            "conversations": [t for r in records[i : i + per] for t in r["conversations"]],
-        }
-        for i in range(0, len(records), per)
-    ]
     path = folder / "long.json"
-    write_records(path, joined)
+    write_records(path, long_identity_conversations(n=per * rows, per=per))
     return path
 
 
 def run(model: Path, data: Path, cache: Path, out: Path, length: int, sp: int) -> dict:
-    args = [
-        "--model_name_or_path",
+    args = recipe_flags(
         model,
-        "--data_path",
         data,
-        "--cache_dir",
         cache,
-        "--output_dir",
-        out,
-        "--overwrite_output_dir",
-        True,
-        "--report_to",
-        "none",
-        "--model_max_length",
         length,
-        "--per_device_train_batch_size",
-        1,
-        "--gradient_accumulation_steps",
-        1,
-        "--max_steps",
-        1,
-        "--save_steps",
-        100_000,
-        "--group_by_length",
-        False,
-        "--sequence_parallel_size",
-        sp,
-    ]
+        batch=1,
+        accum=1,
+        steps=1,
+        output_dir=out,
+        group_by_length=False,
+        sequence_parallel_size=sp,
+    )
     recipe = [str(REPO / "recipes" / "full_finetune.py"), "--strategy", "fsdp"]
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(sp), *recipe]
     env = {
@@ -127,9 +104,7 @@ def planned_slope(model: Path, sp: int, lengths: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument("--lengths", default="2048,4096", help="two row lengths (tokens)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "sp_bench.json"))
     ap.add_argument("--work", default=str(REPO / ".cache" / "sp_bench"))

@@ -23,7 +23,6 @@ it runs full_finetune's setup/train/save/cleanup (or FastChat's recipe) and read
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
@@ -40,10 +39,18 @@ import threading
 import time
 from pathlib import Path
 
+from bench import parser, recipe_flags, write_and_report
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = "sharegpt_v3_sample_1000.json"
 WORKER_ENV = "CAMELID_TRAIN_BENCH"
 MB = 2**20
+# what both sides of the comparison (FastChat's HF Trainer, camelid's recipe) train with, said
+# once so they cannot drift apart; warm-up goes by each side's own name (transformers 5 reads
+# a warmup_steps below 1 as a ratio)
+SHARED_OPTIMISATION = dict(
+    learning_rate=2e-5, weight_decay=0.0, lr_scheduler_type="cosine", logging_steps=1
+)
 
 
 # ---------------------------------------------------------------- memory of this process
@@ -272,11 +279,8 @@ def fastchat_worker(spec: dict) -> None:
             per_device_train_batch_size=spec["batch"],
             gradient_accumulation_steps=spec["accum"],
             max_steps=spec["steps"],
-            learning_rate=2e-5,
-            weight_decay=0.0,
+            **SHARED_OPTIMISATION,
             warmup_steps=0.03,
-            lr_scheduler_type="cosine",
-            logging_steps=1,
             optim="adamw_torch",
             save_strategy="no",
             report_to=[],
@@ -474,36 +478,17 @@ def epoch_real_share(
 
 def recipe_args(model, data, cache, max_length, batch, accum, steps, *extra) -> list:
     return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        data,
-        "--cache_dir",
-        cache,
-        "--model_max_length",
-        max_length,
-        "--per_device_train_batch_size",
-        batch,
-        "--gradient_accumulation_steps",
-        accum,
-        "--max_steps",
-        steps,
-        "--learning_rate",
-        2e-5,
-        "--weight_decay",
-        0.0,
-        "--warmup_ratio",
-        0.03,
-        "--lr_scheduler_type",
-        "cosine",
-        "--save_steps",
-        100_000,
-        "--report_to",
-        "none",
-        "--logging_steps",
-        1,
-        "--overwrite_output_dir",
-        True,
+        *recipe_flags(
+            model,
+            data,
+            cache,
+            max_length,
+            batch,
+            accum,
+            steps,
+            warmup_ratio=0.03,
+            **SHARED_OPTIMISATION,
+        ),
         *extra,
     ]
 
@@ -791,9 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
     if WORKER_ENV in os.environ:
         worker_main()
         return {}
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--quick", action="store_true", help="shorter lengths, fewer runs (about 3 minutes)"
     )
@@ -805,30 +788,23 @@ def main(argv: list[str] | None = None) -> dict:
     from recipes.core.recipe import TrainConfig
 
     has_packing = "packing" in TrainConfig.__dataclass_fields__
-    if args.quick:
-        p = dict(
-            max_length=512,
-            batch=2,
-            accum=1,
-            steps=3,
-            rounds=1,
-            mem_length=128,
-            mem_steps=2,
-            mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload"],
-            short_data=None,
-        )
-    else:  # FastChat's model_max_length and per-device batch; accumulation 2 (FastChat: 16)
-        p = dict(
-            max_length=2048,
-            batch=2,
-            accum=2,
-            steps=3,
-            rounds=2,
-            mem_length=256,
-            mem_steps=3,
-            mem_runs=["ddp", "fsdp", "zero3", "fsdp_no_offload", "fsdp_glibc_default"],
-            short_data="alpaca_gpt4_data_en_1k.json",
-        )
+    # each setting: (--quick, the full run); the full run takes FastChat's model_max_length and
+    # per-device batch, accumulation 2 (FastChat: 16)
+    settings = {
+        "max_length": (512, 2048),
+        "batch": (2, 2),
+        "accum": (1, 2),
+        "steps": (3, 3),
+        "rounds": (1, 2),
+        "mem_length": (128, 256),
+        "mem_steps": (2, 3),
+        "mem_runs": (
+            ["ddp", "fsdp", "zero3", "fsdp_no_offload"],
+            ["ddp", "fsdp", "zero3", "fsdp_no_offload", "fsdp_glibc_default"],
+        ),
+        "short_data": (None, "alpaca_gpt4_data_en_1k.json"),
+    }
+    p = {name: quick if args.quick else full for name, (quick, full) in settings.items()}
     t_start = time.perf_counter()
     cache = REPO / ".cache"
     corpus = reference_corpus()
@@ -867,11 +843,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("b/c. per-rank memory and export", flush=True)
         results["memory"] = memory(p, base, data, tmp, cache)
     results["settings"]["wall_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    report(results)
-    print(f"\nwritten: {out} ({results['settings']['wall_s']:.0f} s)")
+    write_and_report(args.out, results, report)
     return results
 
 

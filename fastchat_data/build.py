@@ -277,10 +277,9 @@ def truncation_fix(report: Report, max_length: int, unit: str = "conversations")
     report.notes["truncation"] = f"{report.truncated:,} {unit} cut: " + "; ".join(fixes)
 
 
-def checked_paths(
-    data, tokenizer, template, max_length, num_proc, out, report_path, check_fmt
-) -> list[str]:
-    """The checks both tokenized sets run on their arguments before anything is read."""
+def checked_start(data, tokenizer, template, max_length, num_proc, out, report_path, check_fmt):
+    """How both tokenized sets start: their arguments checked before anything is read, then
+    `datasets` imported (quietly) and the tokenizer loaded. Returns (paths, tokenizer)."""
     paths = [data] if isinstance(data, str | os.PathLike) else list(data)
     check_tokenizer(tokenizer)
     paths = check_inputs([str(p) for p in paths])
@@ -292,7 +291,10 @@ def checked_paths(
     if out:
         check_output_dir(Path(out), paths)
     check_template_name(template)
-    return paths
+    import datasets  # after the checks of the arguments: importing it takes a second
+
+    datasets.disable_progress_bars()
+    return paths, load_tokenizer(tokenizer)
 
 
 @dataclass(frozen=True)
@@ -420,13 +422,9 @@ def build_dataset(
     max_target_length: int | None = None,
 ):
     """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
-    paths = checked_paths(
+    paths, tok = checked_start(
         data, tokenizer, template, max_length, num_proc, out, report_path, lambda: check_format(fmt)
     )
-    import datasets  # after the checks of the arguments: importing it takes a second
-
-    datasets.disable_progress_bars()
-    tok = load_tokenizer(tokenizer)
     encoder = ConversationTokenizer(
         tok,
         template,

@@ -70,72 +70,58 @@ def read_convertible(paths: list[str], rep: Report, fmt: str | None):
     return count_untrainable(read_parsed(paths, rep, fmt), rep)
 
 
-def _convert(
-    command: str,
-    data: Paths,
-    out: str,
-    *,
-    to: str,
-    fmt: str | None,
-    strict: bool,
-    report: str | None,
-    in_place: bool,
-) -> Report:
-    paths = check_inputs(data)
-    check_outputs(paths, {"--out": out, "--report": report}, in_place)
-    check_format(fmt)
-    write = _writer(to)
-    rep = Report(command, strict=strict)
-    seen, dup = set(), 0
+def _converter(command: str, doc: str):
+    """`convert` and `merge` are one command under two names (each file's format is detected
+    on its own in both; merge's name says the inputs are several): their signature, which the
+    command line is made from, and their work are written once, here."""
 
-    def records():
-        nonlocal dup
-        for conv in read_convertible(paths, rep, fmt):
-            dup += conv.id in seen
-            seen.add(conv.id)
-            yield write(conv)
+    def run(
+        data: Paths,
+        out: str,
+        *,
+        to: OutFormat = "sharegpt",
+        fmt: Format | None = None,
+        strict: bool = False,
+        report: str | None = None,
+        in_place: bool = False,
+    ) -> Report:
+        paths = check_inputs(data)
+        check_outputs(paths, {"--out": out, "--report": report}, in_place)
+        check_format(fmt)
+        write = _writer(to)
+        rep = Report(command, strict=strict)
+        seen, dup = set(), 0
 
-    rep.written = write_records(out, refuse_empty(records(), paths, rep))
-    rep.notes["duplicate_ids"] = dup
-    return rep.emit(report)
+        def records():
+            nonlocal dup
+            for conv in read_convertible(paths, rep, fmt):
+                dup += conv.id in seen
+                seen.add(conv.id)
+                yield write(conv)
+
+        rep.written = write_records(out, refuse_empty(records(), paths, rep))
+        rep.notes["duplicate_ids"] = dup
+        return rep.emit(report)
+
+    run.__name__ = run.__qualname__ = command
+    run.__doc__ = doc
+    return run
 
 
-def convert(
-    data: Paths,
-    out: str,
-    *,
-    to: OutFormat = "sharegpt",
-    fmt: Format | None = None,
-    strict: bool = False,
-    report: str | None = None,
-    in_place: bool = False,
-) -> Report:
+convert = _converter(
+    "convert",
     """Convert Alpaca, ShareGPT, OpenAI messages or "### Human:" text to ShareGPT or messages.
 
     Records `build` would skip are kept and counted in the report; what the conversion changes
     on the way ('tools' into system prompt text, 'function_call' turns into replies, fields no
-    format keeps) is listed with the number of records it happened in."""
-    return _convert(
-        "convert", data, out, to=to, fmt=fmt, strict=strict, report=report, in_place=in_place
-    )
-
-
-def merge(
-    data: Paths,
-    out: str,
-    *,
-    to: OutFormat = "sharegpt",
-    fmt: Format | None = None,
-    strict: bool = False,
-    report: str | None = None,
-    in_place: bool = False,
-) -> Report:
+    format keeps) is listed with the number of records it happened in.""",
+)
+merge = _converter(
+    "merge",
     """Concatenate several files (comma-separated, of any supported formats) into one.
 
-    Each file's format is detected on its own; the report describes each input file."""
-    return _convert(
-        "merge", data, out, to=to, fmt=fmt, strict=strict, report=report, in_place=in_place
-    )
+    Each file's format is detected on its own; the report describes each input file.""",
+)
 
 
 def _load_all(paths: list[str], rep: Report, fmt: str | None, trainable: bool = False) -> list:

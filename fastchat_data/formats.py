@@ -107,34 +107,41 @@ def _turn_fields(turn: dict, converted: set) -> None:
         converted.add(f"turn field {key!r} -> dropped")
 
 
-def parse_sharegpt(rec: dict, rid: str) -> Conversation:
-    turns_raw = rec.get("conversations")
-    if not isinstance(turns_raw, list):
-        raise SkipRecord("malformed_record", _not_a_list("conversations", turns_raw))
+def _turns(rec: dict, field: str, noun: str, what: str, role_of, text_of) -> tuple[list, set]:
+    """The (role, text) turns of the list `rec[field]` of turn objects, and what was converted
+    on the way: ShareGPT's 'conversations' and OpenAI's 'messages' are read by this one loop,
+    each with its own keys (`role_of`, `text_of`) and words for errors (`noun` i `what`)."""
+    items = rec.get(field)
+    if not isinstance(items, list):
+        raise SkipRecord("malformed_record", _not_a_list(field, items))
     turns, converted = [], set()
-    for i, t in enumerate(turns_raw):
+    for i, t in enumerate(items):
         if not isinstance(t, dict):
-            raise SkipRecord("malformed_record", f"turn {i} is not an object")
-        who = t.get("from", t.get("role"))
-        text = _text(t.get("value", t.get("content")), f"turn {i} value", converted)
-        turns.append((_role(who, f"turn {i}", converted), text))
+            raise SkipRecord("malformed_record", f"{noun} {i} is not an object")
+        text = _text(text_of(t), f"{noun} {i} {what}", converted)
+        turns.append((_role(role_of(t), f"{noun} {i}", converted), text))
         _turn_fields(t, converted)
+    return turns, converted
+
+
+def parse_sharegpt(rec: dict, rid: str) -> Conversation:
+    turns, converted = _turns(
+        rec,
+        "conversations",
+        "turn",
+        "value",
+        lambda t: t.get("from", t.get("role")),
+        lambda t: t.get("value", t.get("content")),
+    )
     system = _with_tools(_text(rec.get("system") or "", "system"), rec.get("tools"), converted)
     extra = {k: rec[k] for k in ("model", "lang") if k in rec}
     return _from_turns(str(rec.get("id", rid)), turns, system, extra, converted)
 
 
 def parse_messages(rec: dict, rid: str) -> Conversation:
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list):
-        raise SkipRecord("malformed_record", _not_a_list("messages", msgs))
-    turns, converted = [], set()
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise SkipRecord("malformed_record", f"message {i} is not an object")
-        text = _text(m.get("content"), f"message {i} content", converted)
-        turns.append((_role(m.get("role"), f"message {i}", converted), text))
-        _turn_fields(m, converted)
+    turns, converted = _turns(
+        rec, "messages", "message", "content", lambda m: m.get("role"), lambda m: m.get("content")
+    )
     return _from_turns(str(rec.get("id", rid)), turns, "", {}, converted)
 
 

@@ -80,3 +80,16 @@ def identity_conversations(
             turns += [{"from": "human", "value": fq}, {"from": "gpt", "value": fa}]
         out.append({"id": f"identity_{i}", "conversations": turns})
     return out
+
+
+def long_identity_conversations(n: int, per: int, seed: int = 0) -> list[dict]:
+    """`n` identity conversations joined `per` at a time into long ones (ids long_0, long_per,
+    ...): rows longer than a tiny model's context, for the sequence-parallel test and bench."""
+    records = identity_conversations(n=n, seed=seed)
+    return [
+        {
+            "id": f"long_{i}",
+            "conversations": [turn for r in records[i : i + per] for turn in r["conversations"]],
+        }
+        for i in range(0, len(records), per)
+    ]

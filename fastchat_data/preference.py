@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .build import TokenizedSet, check_tokenizer, checked_paths, load_tokenizer
+from .build import TokenizedSet, check_tokenizer, checked_start
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -493,13 +493,9 @@ def build_preference_dataset(
     Rows: id, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels,
     chosen_length, rejected_length, prompt_length. Cached under `cache_dir`/datasets by the
     data's bytes, the tokenizer, the template, max_length and fmt; `out` copies it to a folder."""
-    paths = checked_paths(
+    paths, tok = checked_start(
         data, tokenizer, template, max_length, num_proc, out, report_path, lambda: check_shape(fmt)
     )
-    import datasets
-
-    datasets.disable_progress_bars()
-    tok = load_tokenizer(tokenizer)
     encoder = ConversationTokenizer(tok, template)
     encoder.check_budget(max_length)
 

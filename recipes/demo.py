@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fastchat_data.options import entry_point, option, parse
 from recipes.core.quiet import quiet, verbose_requested
@@ -33,6 +35,48 @@ class DemoOptions:
 def args(text: str, **paths) -> list[str]:
     """A command line from a string of fixed options and the run's paths."""
     return [*text.split(), *(x for k, v in paths.items() for x in (f"--{k}", str(v)))]
+
+
+Options = TypeVar("Options")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def out_option(name: str):
+    """--out of a walk-through on the shared data: its folder, runs/NAME in the repository."""
+    return option(str(REPO / "runs" / name), "the demo's folder")
+
+
+def data_dir_option(files: str):
+    """--data_dir of a walk-through: the shared data folder, naming the `files` it reads."""
+    return option(None, f"the shared data folder ({files}); none: ../shared/data")
+
+
+def start(options: type[Options], argv: list[str] | None, prog: str, doc: str):
+    """What every walk-through does first: quieten third-party warnings (unless --verbose),
+    read its options (`options` has an `out` folder), make OUT/data. Returns (options, OUT)."""
+    quiet(verbose_requested(argv))
+    opts = parse(options, argv, prog=prog, description=doc)
+    out = Path(opts.out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    return opts, out
+
+
+class Step:
+    """One walk-through step: a command's `main` run on `args(fixed, **paths)`, under a title."""
+
+    def __init__(self, title: str, main: Callable[[list[str]], int], fixed: str, **paths):
+        self.title, self.main, self.fixed, self.paths = title, main, fixed, paths
+
+
+def run_steps(*steps: Step) -> int:
+    """Run `steps` in order, each after its title; the first that fails ends the walk-through
+    with its exit code (what each demo did after every command). 0 when all succeed."""
+    for step in steps:
+        print(step.title, flush=True)
+        code = step.main(args(step.fixed, **step.paths))
+        if code:
+            return code
+    return 0
 
 
 def assets(out: Path, quiet: bool = False) -> tuple[Path, Path]:

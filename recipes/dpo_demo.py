@@ -15,33 +15,26 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastchat_data.options import entry_point, option, parse
-from recipes.core.quiet import quiet, verbose_requested
-from recipes.demo import args
-
-REPO = Path(__file__).resolve().parents[1]
+from fastchat_data.options import entry_point, option
+from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
 
 @dataclass
 class DPODemoOptions:
-    out: str = option(str(REPO / "runs" / "dpo-demo"), "the demo's folder")
-    data_dir: str | None = option(
-        None, "the shared data folder (alpaca_data.json, ...); none: ../shared/data"
-    )
+    out: str = out_option("dpo-demo")
+    data_dir: str | None = data_dir_option("alpaca_data.json, ...")
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    quiet(verbose_requested(argv))
-    opts = parse(DPODemoOptions, argv, prog="python -m recipes.dpo_demo", description=__doc__)
+    opts, out = start(DPODemoOptions, argv, "python -m recipes.dpo_demo", __doc__)
     from fastchat_data.preference import pair
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from recipes import dpo, full_finetune
     from recipes import eval as evaluation
 
-    out, data = Path(opts.out), Path(opts.data_dir or shared_data_dir())
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    data = Path(opts.data_dir or shared_data_dir())
     pairs, heldout = out / "data" / "pairs.json", out / "data" / "heldout_pairs.json"
     print("\n== 1. pairs: python -m fastchat_data pair (GPT-4 chosen, text-davinci-003 rejected)")
     pair(
@@ -62,45 +55,36 @@ def main(argv: list[str] | None = None) -> int:
     (out / "data" / "sft.json").write_text(json.dumps(sft))
     model = tiny_model("llama", "small", texts=reference_corpus(data), vocab_size=4000)
 
-    print(
-        "\n== 2. SFT: python recipes/full_finetune.py (2,000 other Alpaca instructions, 100 steps)",
-        flush=True,
-    )
-    code = full_finetune.main(
-        args(
+    sft_model = out / "sft" / "model"
+    return run_steps(
+        Step(
+            "\n== 2. SFT: python recipes/full_finetune.py "
+            "(2,000 other Alpaca instructions, 100 steps)",
+            full_finetune.main,
             "--config tiny_cpu.yaml --strategy single --max_steps 100 --model_max_length 384 "
             "--learning_rate 2e-3 --overwrite_output_dir True --report_to none --logging_steps 40",
             model_name_or_path=model,
             data_path=out / "data" / "sft.json",
             output_dir=out / "sft",
-        )
-    )
-    if code:
-        return code
-    sft_model = out / "sft" / "model"
-
-    print("\n== 3. DPO: python recipes/dpo.py --config dpo_tiny_cpu.yaml", flush=True)
-    code = dpo.main(
-        args(
+        ),
+        Step(
+            "\n== 3. DPO: python recipes/dpo.py --config dpo_tiny_cpu.yaml",
+            dpo.main,
             "--config dpo_tiny_cpu.yaml --strategy single --max_steps 80 --model_max_length 384 "
             "--overwrite_output_dir True --report_to none --logging_steps 10",
             model_name_or_path=sft_model,
             data_path=pairs,
             output_dir=out / "dpo",
-        )
-    )
-    if code:
-        return code
-
-    print("\n== 4. held-out pairs: python -m recipes.eval --pairs ...", flush=True)
-    return evaluation.main(
-        args(
+        ),
+        Step(
+            "\n== 4. held-out pairs: python -m recipes.eval --pairs ...",
+            evaluation.main,
             "--max_length 384",
             model=sft_model,
             compare=out / "dpo" / "model",
             pairs=heldout,
             out=out / "eval.json",
-        )
+        ),
     )
 
 

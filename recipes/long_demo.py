@@ -15,19 +15,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastchat_data.options import entry_point, option, parse
-from recipes.core.quiet import quiet, verbose_requested
+from fastchat_data.options import entry_point, option
+from recipes.demo import data_dir_option, out_option, start
 
-REPO = Path(__file__).resolve().parents[1]
 ROPE = {"rope_type": "linear", "factor": 2.0}
 
 
 @dataclass
 class LongDemoOptions:
-    out: str = option(str(REPO / "runs" / "long-demo"), "the demo's folder")
-    data_dir: str | None = option(
-        None, "the shared data folder (sharegpt_v3_sample_1000.json); none: ../shared/data"
-    )
+    out: str = out_option("long-demo")
+    data_dir: str | None = data_dir_option("sharegpt_v3_sample_1000.json")
     max_length: int = option(4096, "tokens per row (the model's own context is 2,048)")
     max_steps: int = option(20, "training steps")
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
@@ -75,15 +72,13 @@ def heldout_loss(model_dir: Path, data: Path, max_length: int, scaled: bool):
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    quiet(verbose_requested(argv))
-    opts = parse(LongDemoOptions, argv, prog="python -m recipes.long_demo", description=__doc__)
+    opts, out = start(LongDemoOptions, argv, "python -m recipes.long_demo", __doc__)
     from fastchat_data.commands import clean
     from fastchat_data.io import write_records
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from launch import train as launcher
 
-    out, shared = Path(opts.out), Path(opts.data_dir or shared_data_dir())
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    shared = Path(opts.data_dir or shared_data_dir())
     print("\n== 1. data: the ShareGPT sample cleaned, conversations joined into long ones")
     cleaned = out / "data" / "sharegpt_clean.json"
     clean(str(shared / "sharegpt_v3_sample_1000.json"), str(cleaned))

@@ -120,35 +120,26 @@ DS_DEFAULTS = {
     "stage3_max_reuse_distance": 1e9,
     "overlap_comm": False,
 }
-# Llama-2's published config.json values (meta-llama/Llama-2-*-hf), for --model llama-2-7b
+# Llama-2's published config.json values (meta-llama/Llama-2-*-hf), for --model llama-2-7b:
+# what the sizes share, then one row per size (a table: the sizes are the only difference)
 _LLAMA2 = dict(
     vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16"
 )
+_LLAMA2_SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+_LLAMA2_SIZES = {
+    "llama-2-7b": (4096, 11008, 32, 32, 32),
+    "llama-2-13b": (5120, 13824, 40, 40, 40),
+    "llama-2-70b": (8192, 28672, 80, 64, 8),
+}
 PRESETS = {
-    "llama-2-7b": dict(
-        _LLAMA2,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-    "llama-2-13b": dict(
-        _LLAMA2,
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-    ),
-    "llama-2-70b": dict(
-        _LLAMA2,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-    ),
+    name: dict(_LLAMA2, **dict(zip(_LLAMA2_SIZE_KEYS, sizes, strict=True)))
+    for name, sizes in _LLAMA2_SIZES.items()
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # per rank: model states, what backward needs, sequence-parallel exchanges, the rest

@@ -17,9 +17,7 @@ if __package__ in (None, ""):  # run as a script by accelerate launch / torchrun
 
 from recipes.core import recipe
 
-
-def main(argv: list[str] | None = None, hooks=None) -> int:
-    return recipe.main("qlora", argv, hooks)
+main = recipe.entry("qlora")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastchat_data.options import entry_point, option, parse
-from recipes.core.quiet import quiet, verbose_requested
-from recipes.demo import args
+from fastchat_data.options import entry_point, option
+from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
-REPO = Path(__file__).resolve().parents[1]
 # NTU ADL 2023 HW3's instruction prompt, as a camelid template file
 ADL_PROMPT = (
     'system: "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。'
@@ -31,69 +29,53 @@ ADL_PROMPT = (
 
 @dataclass
 class QLoraDemoOptions:
-    out: str = option(str(REPO / "runs" / "qlora-demo"), "the demo's folder")
-    data_dir: str | None = option(
-        None, "the shared data folder (alpaca_gpt4_data_*_1k.json, ...); none: ../shared/data"
-    )
+    out: str = out_option("qlora-demo")
+    data_dir: str | None = data_dir_option("alpaca_gpt4_data_*_1k.json, ...")
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    quiet(verbose_requested(argv))
-    opts = parse(QLoraDemoOptions, argv, prog="python -m recipes.qlora_demo", description=__doc__)
+    opts, out = start(QLoraDemoOptions, argv, "python -m recipes.qlora_demo", __doc__)
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from recipes import eval as evaluation
     from recipes import full_finetune, merge, qlora
 
-    out, data = Path(opts.out), Path(opts.data_dir or shared_data_dir())
+    data = Path(opts.data_dir or shared_data_dir())
     zh = json.loads((data / "alpaca_gpt4_data_zh_1k.json").read_text())
-    (out / "data").mkdir(parents=True, exist_ok=True)
     train_zh, heldout_zh = out / "data" / "zh_train.json", out / "data" / "zh_heldout.json"
     train_zh.write_text(json.dumps(zh[:900], ensure_ascii=False))
     heldout_zh.write_text(json.dumps(zh[900:], ensure_ascii=False))
     template = out / "data" / "adl_hw3_prompt.yaml"
     template.write_text(ADL_PROMPT)
     model = tiny_model("llama", "small", texts=reference_corpus(data), vocab_size=4000)
-
-    print(
-        "\n== 1. full fine-tune, English Alpaca + Chinese ShareGPT "
-        "(python recipes/full_finetune.py)",
-        flush=True,
-    )
+    base, adapter = out / "base" / "model", out / "qlora" / "adapter"
     mix = f"{data / 'alpaca_gpt4_data_en_1k.json'},{data / 'sharegpt_gpt4_zh_1k.jsonl'}"
-    code = full_finetune.main(
-        args(
+    code = run_steps(
+        Step(
+            "\n== 1. full fine-tune, English Alpaca + Chinese ShareGPT "
+            "(python recipes/full_finetune.py)",
+            full_finetune.main,
             "--config tiny_cpu.yaml --strategy single --max_steps 150 --learning_rate 2e-3 "
             "--overwrite_output_dir True --report_to none --logging_steps 25",
             model_name_or_path=model,
             data_path=mix,
             output_dir=out / "base",
-        )
-    )
-    if code:
-        return code
-    base = out / "base" / "model"
-    print(
-        "\n== 2. QLoRA on Chinese Alpaca (python recipes/qlora.py --config qlora_tiny_cpu.yaml)",
-        flush=True,
-    )
-    code = qlora.main(
-        args(
+        ),
+        Step(
+            "\n== 2. QLoRA on Chinese Alpaca "
+            "(python recipes/qlora.py --config qlora_tiny_cpu.yaml)",
+            qlora.main,
             "--config qlora_tiny_cpu.yaml --max_steps 60 --overwrite_output_dir True "
             "--logging_steps 10",
             model_name_or_path=base,
             data_path=train_zh,
             template=template,
             output_dir=out / "qlora",
-        )
-    )
-    if code:
-        return code
-    adapter = out / "qlora" / "adapter"
-    print("\n== 3. evaluate (python -m recipes.eval)", flush=True)
-    code = evaluation.main(
-        args(
+        ),
+        Step(
+            "\n== 3. evaluate (python -m recipes.eval)",
+            evaluation.main,
             "--shots 3 --generate 20 --max_new_tokens 64",
             model=base,
             data=heldout_zh,
@@ -101,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             shots_from=train_zh,
             template=template,
             out=out / "eval.json",
-        )
+        ),
     )
     if code:
         return code

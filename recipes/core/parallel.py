@@ -159,78 +159,76 @@ ZERO2 = register(
         cost_rank=2,
     )
 )
-FSDP_GRAD_OP = register(
-    Strategy(
-        "fsdp_grad_op",
-        "FSDP2 without resharding after forward (FastChat's shard_grad_op)",
-        "torch",
-        shards_params=True,
-        shards_grads=True,
-        shards_optimizer=True,
-        reshard_after_forward=False,
-        sharded_load=True,
-        adapters=False,
-        fastchat_fsdp=frozenset({"shard_grad_op"}),
-        cost_rank=3,
+
+
+def _fsdp2(name: str, description: str, fastchat_words: set[str], **traits) -> Strategy:
+    """An FSDP2 strategy: torch shards parameters, gradients and optimizer states, each rank
+    loads only its share, and it trains full fine-tunes only (no adapters on a sharded base).
+    Said once here, so each FSDP2 entry below names only what sets it apart."""
+    return register(
+        Strategy(
+            name,
+            description,
+            "torch",
+            shards_params=True,
+            shards_grads=True,
+            shards_optimizer=True,
+            sharded_load=True,
+            adapters=False,
+            fastchat_fsdp=frozenset(fastchat_words),
+            **traits,
+        )
     )
+
+
+def _zero3(name: str, description: str, **traits) -> Strategy:
+    """A DeepSpeed ZeRO-3 strategy: parameters, gradients and optimizer states sharded, each
+    rank loads only its share, and no --compile (its hooks gather parameters that a per-layer
+    torch.compile would trace through)."""
+    return register(
+        Strategy(
+            name,
+            description,
+            "deepspeed",
+            shards_params=True,
+            shards_grads=True,
+            shards_optimizer=True,
+            zero_stage=3,
+            sharded_load=True,
+            compiles=False,
+            **traits,
+        )
+    )
+
+
+FSDP_GRAD_OP = _fsdp2(
+    "fsdp_grad_op",
+    "FSDP2 without resharding after forward (FastChat's shard_grad_op)",
+    {"shard_grad_op"},
+    reshard_after_forward=False,
+    cost_rank=3,
 )
-FSDP = register(
-    Strategy(
-        "fsdp",
-        "FSDP2 fully_shard per decoder layer, parameters resharded after forward",
-        "torch",
-        shards_params=True,
-        shards_grads=True,
-        shards_optimizer=True,
-        sharded_load=True,
-        adapters=False,
-        fastchat_fsdp=frozenset({"full_shard"}),
-        cost_rank=4,
-    )
+FSDP = _fsdp2(
+    "fsdp",
+    "FSDP2 fully_shard per decoder layer, parameters resharded after forward",
+    {"full_shard"},
+    cost_rank=4,
 )
-ZERO3 = register(
-    Strategy(
-        "zero3",
-        "DeepSpeed ZeRO-3: parameters, gradients and optimizer states sharded",
-        "deepspeed",
-        shards_params=True,
-        shards_grads=True,
-        shards_optimizer=True,
-        zero_stage=3,
-        sharded_load=True,
-        compiles=False,
-        cost_rank=5,
-    )
+ZERO3 = _zero3(
+    "zero3", "DeepSpeed ZeRO-3: parameters, gradients and optimizer states sharded", cost_rank=5
 )
-FSDP_OFFLOAD = register(
-    Strategy(
-        "fsdp_offload",
-        "FSDP2 with parameters, gradients and AdamW on the CPU (CPUOffloadPolicy)",
-        "torch",
-        shards_params=True,
-        shards_grads=True,
-        shards_optimizer=True,
-        offload=True,
-        sharded_load=True,
-        adapters=False,
-        fastchat_fsdp=frozenset({"full_shard", "offload"}),
-        cost_rank=6,
-    )
+FSDP_OFFLOAD = _fsdp2(
+    "fsdp_offload",
+    "FSDP2 with parameters, gradients and AdamW on the CPU (CPUOffloadPolicy)",
+    {"full_shard", "offload"},
+    offload=True,
+    cost_rank=6,
 )
-ZERO3_OFFLOAD = register(
-    Strategy(
-        "zero3_offload",
-        "DeepSpeed ZeRO-3 with parameters and optimizer states on the CPU",
-        "deepspeed",
-        shards_params=True,
-        shards_grads=True,
-        shards_optimizer=True,
-        offload=True,
-        zero_stage=3,
-        sharded_load=True,
-        compiles=False,
-        cost_rank=7,
-    )
+ZERO3_OFFLOAD = _zero3(
+    "zero3_offload",
+    "DeepSpeed ZeRO-3 with parameters and optimizer states on the CPU",
+    offload=True,
+    cost_rank=7,
 )
 
 

@@ -93,69 +93,78 @@ def pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_
     return len(starts), (data.batch(list(range(i, min(i + batch_size, n)))) for i in starts)
 
 
-@torch.no_grad()
-def preference_scores(
-    model,
-    tokenizer,
-    pairs_path: str,
-    template="vicuna_v1.1",
-    max_length: int = 2048,
-    batch_size: int = 4,
-    cache_dir: str | None = None,
-) -> dict:
+def _pair_scorer(name: str, label: str, margins_of, doc: str):
+    """A held-out pair scorer: `margins_of(model, batch, device)` gives each batch's chosen-minus-
+    rejected margins, by name suffix ("" for the main score); the scorer reads the pairs
+    (pair_batches), gathers the margins and summarises each as `accuracy{suffix}` (how often
+    the chosen reply wins) and `mean_margin{suffix}`. The log-probability and the reward
+    scorers are this one loop with their own margins."""
+
+    @torch.no_grad()
+    def scores(
+        model,
+        tokenizer,
+        pairs_path: str,
+        template="vicuna_v1.1",
+        max_length: int = 2048,
+        batch_size: int = 4,
+        cache_dir: str | None = None,
+    ) -> dict:
+        device = next(model.parameters()).device
+        margins: dict[str, list[float]] = {}
+        count, pairs = pair_batches(
+            tokenizer, pairs_path, template, max_length, batch_size, cache_dir
+        )
+        for batch in progress(pairs, label, total=count):
+            for suffix, batch_margins in margins_of(model, batch, device).items():
+                margins.setdefault(suffix, []).extend(batch_margins)
+        n = len(margins.get("", []))
+        result = {"pairs": n}
+        for suffix, m in margins.items():
+            result[f"accuracy{suffix}"] = sum(x > 0 for x in m) / n
+            result[f"mean_margin{suffix}"] = sum(m) / n
+        return result
+
+    scores.__name__ = scores.__qualname__ = name
+    scores.__doc__ = doc
+    return scores
+
+
+def _logp_margins(model, batch: dict, device) -> dict[str, list[float]]:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logps, tokens = sequence_logps(PlainForward(model), batch)
+    chosen, rejected = logps.double().cpu().chunk(2)
+    n_chosen, n_rejected = tokens.cpu().chunk(2)
+    per_token = chosen / n_chosen.clamp(min=1) - rejected / n_rejected.clamp(min=1)
+    return {"": (chosen - rejected).tolist(), "_per_token": per_token.tolist()}
+
+
+def _reward_margins(model, batch: dict, device) -> dict[str, list[float]]:
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    )
+    chosen, rejected = out.logits.squeeze(-1).double().cpu().chunk(2)
+    return {"": (chosen - rejected).tolist()}
+
+
+preference_scores = _pair_scorer(
+    "preference_scores",
+    "preference pairs",
+    _logp_margins,
     """How often `model` prefers the chosen reply of held-out pairs: its summed log-probability
     above the rejected one's (`accuracy`), and per reply token (`accuracy_per_token`, blind to
-    length), with the mean margin of each."""
-    device = next(model.parameters()).device
-    margins, per_token = [], []
-    count, pairs = pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir)
-    for batch in progress(pairs, "preference pairs", total=count):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logps, tokens = sequence_logps(PlainForward(model), batch)
-        chosen, rejected = logps.double().cpu().chunk(2)
-        n_chosen, n_rejected = tokens.cpu().chunk(2)
-        margins += (chosen - rejected).tolist()
-        per_token += (chosen / n_chosen.clamp(min=1) - rejected / n_rejected.clamp(min=1)).tolist()
-    n = len(margins)
-    return {
-        "pairs": n,
-        "accuracy": sum(m > 0 for m in margins) / n,
-        "mean_margin": sum(margins) / n,
-        "accuracy_per_token": sum(m > 0 for m in per_token) / n,
-        "mean_margin_per_token": sum(per_token) / n,
-    }
-
-
-@torch.no_grad()
-def reward_scores(
-    model,
-    tokenizer,
-    pairs_path: str,
-    template="vicuna_v1.1",
-    max_length: int = 2048,
-    batch_size: int = 4,
-    cache_dir: str | None = None,
-) -> dict:
+    length), with the mean margin of each.""",
+)
+reward_scores = _pair_scorer(
+    "reward_scores",
+    "reward pairs",
+    _reward_margins,
     """How often a reward model (a sequence-classification model with one output) scores the
     chosen reply of held-out pairs above the rejected one, and the mean margin. Rows are
-    padded as in training; the model pools its config's last non-pad token."""
-    device = next(model.parameters()).device
-    margins = []
-    count, pairs = pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir)
-    for batch in progress(pairs, "reward pairs", total=count):
-        out = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            use_cache=False,
-        )
-        chosen, rejected = out.logits.squeeze(-1).double().cpu().chunk(2)
-        margins += (chosen - rejected).tolist()
-    n = len(margins)
-    return {
-        "pairs": n,
-        "accuracy": sum(m > 0 for m in margins) / n,
-        "mean_margin": sum(margins) / n,
-    }
+    padded as in training; the model pools its config's last non-pad token.""",
+)
 
 
 def format_preference_table(rows: list[dict]) -> str:

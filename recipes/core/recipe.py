@@ -261,3 +261,17 @@ def main(name: str, argv: list[str] | None = None, hooks: Hooks | None = None) -
     if exported:
         print(f"{run.form.exported}: {exported}", flush=True)
     return 0
+
+
+def entry(name: str):
+    """The `main(argv, hooks)` of a recipe's script (recipes/dpo.py, ...): `main` above for
+    recipe `name`.
+    Each script keeps only what must run before `recipes` can be imported (its sys.path line,
+    for torchrun / deepspeed / accelerate starting it as a file) and its `__main__` line."""
+
+    def recipe_main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
+        return main(name, argv, hooks)
+
+    recipe_main.__name__ = recipe_main.__qualname__ = "main"
+    recipe_main.__doc__ = f"Recipe {name!r}: " + (main.__doc__ or "")
+    return recipe_main
