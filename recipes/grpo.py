@@ -19,9 +19,7 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 
 from recipes.core import recipe
 
-
-def main(argv: list[str] | None = None, hooks=None) -> int:
-    return recipe.main("grpo", argv, hooks)
+main = recipe.entry("grpo")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 
 from recipes.core import recipe
 
-
-def main(argv: list[str] | None = None, hooks=None) -> int:
-    return recipe.main("reward", argv, hooks)
+main = recipe.entry("reward")
 
 
 if __name__ == "__main__":
