@@ -73,6 +73,20 @@ def sequence_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.loss, tokens
 
 
+def pair_loss_share(
+    losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, pairs: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the global batch's mean pair loss (`pairs` pairs in all),
+    and the reward statistics preference users read beside it (TRL's names), shares too."""
+    stats = {
+        "rewards/chosen": chosen.sum() / pairs,
+        "rewards/rejected": rejected.sum() / pairs,
+        "rewards/margin": (chosen - rejected).sum() / pairs,
+        "rewards/accuracy": (chosen > rejected).float().sum() / pairs,
+    }
+    return losses.sum() / pairs, {k: v.item() for k, v in stats.items()}
+
+
 def pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir):
     """Held-out preference pairs, tokenized as in training, as batches of `batch_size` pairs
     (chosen rows over rejected rows, no reference log-probs), made as they are read: what

@@ -25,7 +25,7 @@ from fastchat_data.options import option
 from ..config import ConfigError, data_paths
 from ..data import built_by_rank0_first, pad_token_id
 from ..logging import progress, took
-from ..preference import PairData, sequence_logps
+from ..preference import PairData, pair_loss_share, sequence_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
 REFERENCE = "reference-{key}.safetensors"  # beside the cached, tokenized pairs
@@ -82,14 +82,7 @@ def dpo_objective(run, batch: dict) -> tuple[torch.Tensor, dict]:
     losses, chosen, rejected = dpo_losses(
         policy, reference.to(policy.dtype), tokens, run.cfg.beta, run.cfg.loss_type
     )
-    pairs = run.plan.global_size
-    stats = {
-        "rewards/chosen": chosen.sum() / pairs,
-        "rewards/rejected": rejected.sum() / pairs,
-        "rewards/margin": (chosen - rejected).sum() / pairs,
-        "rewards/accuracy": (chosen > rejected).float().sum() / pairs,
-    }
-    return losses.sum() / pairs, {k: v.item() for k, v in stats.items()}
+    return pair_loss_share(losses, chosen, rejected, run.plan.global_size)
 
 
 def weights_key(path: str) -> str:

@@ -21,7 +21,7 @@ from fastchat_data.options import option
 
 from ..config import ConfigError
 from ..data import pad_token_id
-from ..preference import PairData
+from ..preference import PairData, pair_loss_share
 from .dpo import DPO
 
 
@@ -119,14 +119,7 @@ class Reward(DPO):
         losses, chosen, rejected = reward_losses(
             out.logits.squeeze(-1), run.cfg.center_rewards_coefficient
         )
-        pairs = run.plan.global_size
-        stats = {
-            "rewards/chosen": chosen.sum() / pairs,
-            "rewards/rejected": rejected.sum() / pairs,
-            "rewards/margin": (chosen - rejected).sum() / pairs,
-            "rewards/accuracy": (chosen > rejected).float().sum() / pairs,
-        }
-        return losses.sum() / pairs, {k: v.item() for k, v in stats.items()}
+        return pair_loss_share(losses, chosen, rejected, run.plan.global_size)
 
     def describe(self, cfg) -> str:
         c = cfg.center_rewards_coefficient
