@@ -356,6 +356,7 @@ class Job:
     def __init__(self, script: str):
         self.script, self.signals = script, 0
         self.process = None  # the launcher subprocess (DeepSpeed), if any
+        self.agent = None  # torchrun's elastic agent (it runs in this process), once started
 
     def ranks(self) -> list:
         import psutil
@@ -370,8 +371,16 @@ class Job:
                 found.append(child)
         return found
 
+    def no_more_restarts(self) -> None:
+        """A stop asked for is no failure to recover from: with --max_restarts, torchrun's
+        agent would restart the ranks that saved and exited 75, and they would resume and
+        train on. Its remaining restarts (SimpleElasticAgent's own count) go to 0."""
+        if self.agent is not None:
+            self.agent._remaining_restarts = 0
+
     def on_signal(self, signum, _frame) -> None:
         self.signals += 1
+        self.no_more_restarts()
         forward = signal.SIGTERM if self.signals == 1 else signal.SIGINT
         if self.signals == 1:
             print(
@@ -412,8 +421,17 @@ class Job:
         the rank has already said why (bad input: 2; a non-finite step: 3; stopped: 75)."""
         import logging
 
+        from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
+
+        original = SimpleElasticAgent.run
+
+        def run_agent(agent, *args, **kwargs):  # the agent torchrun makes, kept for signals
+            self.agent = agent
+            if self.signals:
+                self.no_more_restarts()
+            return original(agent, *args, **kwargs)
 
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed.elastic"):
@@ -431,9 +449,13 @@ class Job:
                 outcome["error"] = e
 
         thread = threading.Thread(target=agent, name="torchrun-agent")
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
+        SimpleElasticAgent.run = run_agent
+        try:
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.2)
+        finally:
+            SimpleElasticAgent.run = original
         if "error" in outcome:
             raise outcome["error"]
         if "failure" not in outcome:

@@ -223,3 +223,35 @@ def test_a_lost_node_restarts_on_the_one_left_on_the_same_curve(tmp_path):
     worst = max(abs(a - b) for a, b in zip(got, want))
     print(f"max |loss - uninterrupted| over steps 1..{STEPS}: {worst:.1e}")
     assert worst < 1e-5, (got, want)
+
+
+@pytest.mark.slow
+def test_a_stop_asked_for_is_not_restarted(tmp_path):
+    """SIGTERM to a job with --max_restarts: its ranks save and exit 75, and torchrun's agent
+    does not restart them (a restart would resume and train on after the stop)."""
+    out = tmp_path / "run"
+    model, data = with_assets([])[1::2][:2]
+    job = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "launch.train", "--strategy", "ddp", "--ngpu", "1"),
+            *("--max_restarts", "2", "--model", model, "--data", data, "--out", str(out)),
+            *("--", *map(str, BASE), "--max_steps", "400", "--report_to", "none"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+        cwd=REPO,
+    )
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        log = job.communicate(timeout=120)[0]
+    finally:
+        if job.poll() is None:
+            kill_node(job)
+    assert job.returncode == 75, log[-3000:]
+    assert log.count("ddp on 1 x cpu") == 1 and "resumed from" not in log, log[-3000:]
