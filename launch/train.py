@@ -6,6 +6,12 @@ deepspeed launcher for ZeRO, as the strategy registry declares.
 
 Without GPUs the same command starts NGPU CPU processes on gloo, through the same code path.
 Multi-node: --nnodes/--node_rank/--master_addr (torchrun rendezvous) or --hostfile (deepspeed).
+Elastic (torch strategies): `--nnodes MIN:MAX --max_restarts K` runs on any number of nodes in
+the range; when a node is lost, torchrun's agent on each node left restarts its workers (up to
+K times), which resume from the newest complete checkpoint. The launcher passes the recipe
+--global_batch_size (the run's global batch on MAX nodes, checked to split over every count of
+the range), so a restart on fewer nodes accumulates more and continues the same loss curve.
+Node 0 hosts the rendezvous: the job survives the loss of any other node.
 Paths are read from where the command runs. SIGTERM or Ctrl-C reaches every rank: each saves
 a checkpoint at the next step boundary and the job exits with status 75 ("stopped,
 resumable"); a second Ctrl-C stops at once. Exit statuses: 0 done, 2 bad input, 3 stopped on
@@ -40,6 +46,9 @@ def job_command(
     recipe_args: list[str],
     *,
     nnodes: int = 1,
+    max_nnodes: int | None = None,
+    max_restarts: int = 0,
+    elastic_wait: int = 30,
     node_rank: int = 0,
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
@@ -50,11 +59,15 @@ def job_command(
 ) -> list[str]:
     """The command that starts `nproc` processes per node of `recipe` under `strategy`'s
     launcher, with `recipe_args` (the recipe's own options, --strategy added). `program`
-    replaces the recipe's script (a harness that runs the recipe, with its own arguments)."""
+    replaces the recipe's script (a harness that runs the recipe, with its own arguments).
+    `max_nnodes` above `nnodes` makes an elastic torchrun job on `nnodes` to `max_nnodes`
+    nodes; `max_restarts`: how often torchrun's agent restarts the workers after a failure
+    (a lost node), from the newest checkpoint, on the nodes that remain."""
     spec = parallel.get(strategy) if strategy != "auto" else None
     script = [*(program or [str(RECIPES[recipe].path)]), "--strategy", strategy, *recipe_args]
+    most = max(nnodes, max_nnodes or nnodes)
     # a fixed port is agreed across nodes; on one node a free one, so two jobs never collide
-    port = master_port or (29500 if nnodes > 1 or hostfile else free_port())
+    port = master_port or (29500 if most > 1 or hostfile else free_port())
     if spec is not None and spec.launcher == "deepspeed":
         # the launchers as modules of this interpreter: no console script needs to be on PATH
         # (an installed wheel's virtualenv, a cluster's module system)
@@ -74,10 +87,20 @@ def job_command(
             launcher += ["--num_gpus", str(nproc), "--master_port", str(port)]
         return launcher + script
     launcher = [sys.executable, "-m", "torch.distributed.run"]
-    if nnodes > 1:
+    if most > 1:
+        # node 0 hosts the rendezvous store (without is_host, whichever node binds the port
+        # first would, and on one machine that is a race); the store outlives lost nodes
+        # only on node 0, as torchrun's master does
+        conf = f"is_host={int(node_rank == 0)}"
+        if most > nnodes:  # elastic: how long a round waits for more nodes than the
+            # minimum, and for a silent node (heartbeats each second) before going on without it
+            conf += (
+                f",last_call_timeout={elastic_wait},keep_alive_interval=1,"
+                f"keep_alive_max_attempt={max(1, elastic_wait)}"
+            )
         launcher += [
             "--nnodes",
-            str(nnodes),
+            f"{nnodes}:{most}" if most > nnodes else str(nnodes),
             "--node_rank",
             str(node_rank),
             "--rdzv_backend",
@@ -86,9 +109,13 @@ def job_command(
             f"{master_addr}:{port}",
             "--rdzv_id",
             rdzv_id,
+            "--rdzv_conf",
+            conf,
         ]
     else:
         launcher += ["--standalone"]  # a free local port, chosen by torchrun
+    if max_restarts:
+        launcher += ["--max_restarts", str(max_restarts)]
     return launcher + ["--nproc_per_node", str(nproc)] + script
 
 
@@ -111,7 +138,22 @@ class LaunchOptions:
     out: str | None = option(
         None, "the run's folder: the recipe's --output_dir (default: the config's)"
     )
-    nnodes: int = option(1, "nodes (torchrun rendezvous)")
+    nnodes: str = option(
+        "1",
+        "nodes (torchrun rendezvous): N, or MIN:MAX for an elastic job that runs on any number "
+        "of nodes in that range (the global batch is kept: see --max_restarts)",
+    )
+    max_restarts: int = option(
+        0,
+        "torchrun restarts the job's workers up to this many times after a failure (a lost "
+        "node): they resume from the newest checkpoint on the nodes that remain",
+    )
+    elastic_wait: int = option(
+        30,
+        "elastic --nnodes MIN:MAX: seconds a rendezvous waits for more nodes once MIN have "
+        "joined (torchrun's last_call_timeout), and for a silent node before the others go on "
+        "without it",
+    )
     node_rank: int = option(0, "this node's rank among --nnodes")
     master_addr: str = option("127.0.0.1", "address of node 0")
     master_port: int | None = option(
@@ -135,6 +177,20 @@ def resolved(path: str | None) -> str | None:
     return str(Path(path).expanduser().absolute()) if path else None
 
 
+def node_range(opts: LaunchOptions) -> tuple[int, int]:
+    """--nnodes as (fewest, most) nodes: N is (N, N), MIN:MAX an elastic range."""
+    low, colon, high = opts.nnodes.partition(":")
+    try:
+        fewest, most = int(low), int(high if colon else low)
+    except ValueError:
+        raise UsageError(
+            f"--nnodes {opts.nnodes!r}: give a node count N or an elastic range MIN:MAX"
+        ) from None
+    if not 1 <= fewest <= most:
+        raise UsageError(f"--nnodes {opts.nnodes}: give 1 <= MIN <= MAX nodes")
+    return fewest, most
+
+
 def check(opts: LaunchOptions, gpus: int) -> None:
     if opts.recipe not in RECIPES:
         raise UsageError(f"--recipe {opts.recipe!r} is not one of {', '.join(RECIPES)}")
@@ -144,7 +200,17 @@ def check(opts: LaunchOptions, gpus: int) -> None:
         raise UsageError(f"--{e}") from None
     if opts.ngpu < 1:
         raise UsageError(f"--ngpu {opts.ngpu}: give at least 1 process")
-    nodes, what = opts.nnodes, f"--nnodes {opts.nnodes}"
+    fewest, most = node_range(opts)
+    if opts.max_restarts < 0:
+        raise UsageError(f"--max_restarts {opts.max_restarts}: give 0 or more")
+    if opts.elastic_wait < 0:
+        raise UsageError(f"--elastic_wait {opts.elastic_wait}: give 0 or more seconds")
+    if strategy.launcher == "deepspeed" and (most > fewest or opts.max_restarts):
+        raise UsageError(
+            f"--strategy {strategy.name} runs under the deepspeed launcher, which has no elastic "
+            "node range or restarts; use --nnodes N without --max_restarts, or a torch strategy"
+        )
+    nodes, what = most, f"--nnodes {opts.nnodes}"
     if opts.hostfile and Path(opts.hostfile).is_file():  # with a hostfile, it names the nodes
         hosts = [x for x in Path(opts.hostfile).read_text().splitlines() if x.split("#")[0].strip()]
         nodes, what = len(hosts), f"the {len(hosts)} nodes of --hostfile {opts.hostfile}"
@@ -157,7 +223,7 @@ def check(opts: LaunchOptions, gpus: int) -> None:
             f"--ngpu {opts.ngpu} CPU processes on {os.cpu_count()} cores is more "
             "than this machine can run"
         )
-    if not strategy.multi_process and opts.ngpu * opts.nnodes != 1:
+    if not strategy.multi_process and opts.ngpu * most != 1:
         raise UsageError(
             f"--strategy {strategy.name} runs one process; use --ngpu 1 or another strategy"
         )
@@ -180,6 +246,40 @@ def recipe_arguments(opts: LaunchOptions, recipe_args: list[str], gpus: int) -> 
     if opts.out:
         args += ["--output_dir", resolved(opts.out)]
     return args + recipe_args
+
+
+def kept_global_batch(opts: LaunchOptions, recipe_args: list[str], gpus: int) -> list[str]:
+    """An elastic job's added recipe options: --global_batch_size, the run's global batch on
+    the most nodes (per device x accumulation x data-parallel ranks), so that the job on fewer
+    nodes (a restart after a lost node) accumulates more and trains on the same curve. Checked
+    to split over every node count of the range. Nothing when the range is one count, when
+    the recipe is given its own --global_batch_size, or when its config does not load (the
+    recipe then reports why, once)."""
+    from recipes.core.config import ConfigError, load_config
+
+    fewest, most = node_range(opts)
+    if fewest == most:
+        return []
+    argv = [*recipe_arguments(opts, recipe_args, gpus), "--strategy", opts.strategy]
+    try:
+        cfg, _ = load_config(argv, RECIPES[opts.recipe].config_class)
+    except ConfigError:
+        return []
+    per_device, sp = cfg.per_device_train_batch_size, getattr(cfg, "sequence_parallel_size", 1)
+
+    def dp(nodes: int) -> int:  # data-parallel ranks on that many nodes
+        return max(1, opts.ngpu * nodes // sp)
+
+    size = cfg.global_batch_size or per_device * cfg.gradient_accumulation_steps * dp(most)
+    uneven = [n for n in range(fewest, most + 1) if size % (per_device * dp(n))]
+    if uneven:
+        raise UsageError(
+            f"--nnodes {opts.nnodes}: the global batch {size} does not split over "
+            f"{uneven[0]} node(s) ({dp(uneven[0])} data-parallel ranks x "
+            f"{per_device} per device); choose a range, or a --global_batch_size, that "
+            "every node count of the range divides"
+        )
+    return [] if cfg.global_batch_size else ["--global_batch_size", str(size)]
 
 
 # The planner is within 15% of measured peaks (bench/memory_bench.py): refuse only beyond that.
@@ -211,7 +311,7 @@ def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> st
         rows = plan(
             cfg.model_name_or_path,
             opts.ngpu,
-            opts.nnodes,
+            node_range(opts)[1],
             seq=cfg.model_max_length,
             batch=cfg.per_device_train_batch_size * rows_per_unit,
             bf16=cfg.bf16,
@@ -256,6 +356,7 @@ class Job:
     def __init__(self, script: str):
         self.script, self.signals = script, 0
         self.process = None  # the launcher subprocess (DeepSpeed), if any
+        self.agent = None  # torchrun's elastic agent (it runs in this process), once started
 
     def ranks(self) -> list:
         import psutil
@@ -270,8 +371,16 @@ class Job:
                 found.append(child)
         return found
 
+    def no_more_restarts(self) -> None:
+        """A stop asked for is no failure to recover from: with --max_restarts, torchrun's
+        agent would restart the ranks that saved and exited 75, and they would resume and
+        train on. Its remaining restarts (SimpleElasticAgent's own count) go to 0."""
+        if self.agent is not None:
+            self.agent._remaining_restarts = 0
+
     def on_signal(self, signum, _frame) -> None:
         self.signals += 1
+        self.no_more_restarts()
         forward = signal.SIGTERM if self.signals == 1 else signal.SIGINT
         if self.signals == 1:
             print(
@@ -312,8 +421,17 @@ class Job:
         the rank has already said why (bad input: 2; a non-finite step: 3; stopped: 75)."""
         import logging
 
+        from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
+
+        original = SimpleElasticAgent.run
+
+        def run_agent(agent, *args, **kwargs):  # the agent torchrun makes, kept for signals
+            self.agent = agent
+            if self.signals:
+                self.no_more_restarts()
+            return original(agent, *args, **kwargs)
 
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed.elastic"):
@@ -331,9 +449,13 @@ class Job:
                 outcome["error"] = e
 
         thread = threading.Thread(target=agent, name="torchrun-agent")
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
+        SimpleElasticAgent.run = run_agent
+        try:
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.2)
+        finally:
+            SimpleElasticAgent.run = original
         if "error" in outcome:
             raise outcome["error"]
         if "failure" not in outcome:
@@ -384,12 +506,17 @@ def main(argv: list[str] | None = None) -> int:
         refusal = preflight(opts, recipe_args, torch.cuda.get_device_properties(0).total_memory)
         if refusal:
             raise UsageError(refusal)
+    recipe_args = [*recipe_args, *kept_global_batch(opts, recipe_args, gpus)]
+    fewest, most = node_range(opts)
     command = job_command(
         opts.recipe,
         opts.strategy,
         opts.ngpu,
         recipe_arguments(opts, recipe_args, gpus),
-        nnodes=opts.nnodes,
+        nnodes=fewest,
+        max_nnodes=most,
+        max_restarts=opts.max_restarts,
+        elastic_wait=opts.elastic_wait,
         node_rank=opts.node_rank,
         master_addr=opts.master_addr,
         master_port=opts.master_port,

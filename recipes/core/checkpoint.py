@@ -58,6 +58,8 @@ HOW_SETTINGS = {
     "gradient_checkpointing",
     "loss_chunk_size",
 }
+# (the option --global_batch_size has this name too: run_identity replaces its value, which may
+# be 0, by the global batch the run trains with)
 GLOBAL_BATCH = "global_batch_size"
 
 

@@ -257,6 +257,21 @@ class DataArgs:
                 raise ConfigError(f"data_path: {path} is a directory; give a file")
 
 
+def accumulation_for(cfg, dp_size: int) -> int:
+    """The gradient accumulation that makes cfg.global_batch_size on `dp_size` data-parallel
+    ranks (cfg.gradient_accumulation_steps when no global batch size is set)."""
+    if cfg.global_batch_size <= 0:
+        return cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_train_batch_size * dp_size
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"global_batch_size {cfg.global_batch_size} does not split over {dp_size} "
+            f"data-parallel ranks at per_device_train_batch_size "
+            f"{cfg.per_device_train_batch_size} (it is not a multiple of {per_step})"
+        )
+    return cfg.global_batch_size // per_step
+
+
 def data_paths(data_path: str | None) -> list[str]:
     """The files `--data_path` names: one file (even with a comma in its name), or several
     comma-separated."""
@@ -275,6 +290,12 @@ class OptimArgs:
     max_steps: int = option(-1, "optimizer steps to train; -1: num_train_epochs decides")
     per_device_train_batch_size: int = option(2, "rows per process per micro-batch")
     gradient_accumulation_steps: int = option(16, "micro-batches per optimizer step")
+    global_batch_size: int = option(
+        0,
+        "rows per optimizer step over all data-parallel ranks: when positive, it sets "
+        "gradient_accumulation_steps to this / (per device x data-parallel ranks) at startup, "
+        "so that a job on another number of ranks (an elastic restart) keeps the run's batch",
+    )
     learning_rate: float = option(2e-5, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay (on matrices, not norms or biases)")
     warmup_ratio: float = option(
@@ -296,7 +317,12 @@ class OptimArgs:
     @staticmethod
     def check(cfg) -> None:
         _at_least(cfg, ("per_device_train_batch_size", "gradient_accumulation_steps"))
-        _at_least(cfg, ("max_bad_steps",), 0)
+        _at_least(cfg, ("max_bad_steps", "global_batch_size"), 0)
+        if cfg.global_batch_size % cfg.per_device_train_batch_size:
+            raise ConfigError(
+                f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                f"per_device_train_batch_size {cfg.per_device_train_batch_size}"
+            )
         if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
         _bounded(cfg, "num_train_epochs", -math.inf, 1e6)

@@ -27,7 +27,7 @@ from fastchat_data.options import RunStopped
 from fastchat_data.templates import portable_template
 
 from . import checkpoint, sequence_parallel
-from .config import ConfigError
+from .config import ConfigError, accumulation_for
 from .data import BatchPlan
 from .logging import PHASES, RunLog, check_trackers, peak_flops
 from .run_folder import CheckpointFolder, RunFolder
@@ -109,6 +109,9 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
         )
     world = init_world(cfg.strategy, sp)
     sequence_parallel.use_group(world.sp_group)
+    # --global_batch_size: the accumulation for the ranks this job has (an elastic restart on
+    # fewer nodes accumulates more), before anything reads it
+    cfg.gradient_accumulation_steps = accumulation_for(cfg, world.dp_size)
     run = Run(
         cfg,
         world,
