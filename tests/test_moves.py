@@ -3,10 +3,15 @@ another spelling of its path, and gives the loss curve it would have given unint
 identity is what is trained (settings, the global batch size, the model, the data), never where
 or how (output folder, strategy, world size, the split of the global batch).
 
-Every run here trains the tiny model for 6 steps at global batch 8 (4 per device x 2
+Every run here trains the tiny model for 8 steps at global batch 8 (4 per device x 2
 accumulation on one process, 4 x 1 on two), saving every step; a move copies a run folder's
-checkpoints up to step 3 elsewhere and resumes it to step 6 under another strategy. The
-uninterrupted one-process run is the reference for steps 4..6."""
+checkpoints up to some step elsewhere and resumes it under another strategy. The uninterrupted
+one-process run is the reference. The multi-process moves form one chain, so that each
+two-process run is both the target of one move and the source of the next:
+
+    single (reference) -3-> DDP x2 -4-> FSDP2 x2 -5-> ZeRO-3 x2 -6-> ZeRO-2 x2
+                                        FSDP2 x2 -5-> single;   ZeRO-3 x2 -6-> single
+(-k-> : moved with the checkpoints up to step k, resumed from step k)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 import pytest
 from train_utils import flags, losses, train
 
-K, STEPS = 3, 6
+K, STEPS = 3, 8
 BASE = [
     *flags(
         config="tiny_cpu.yaml",
@@ -68,20 +73,34 @@ def reference(tmp_path_factory):
     return out
 
 
+def moved_on(src: Path, dst: Path, step: int, writer: str, strategy: str, nproc: int) -> Path:
+    """`src` (written by `writer`, "fsdp x 2") moved with its checkpoints up to `step` and
+    resumed under `strategy` x `nproc`, which says what moved."""
+    out = moved(src, dst, step)
+    res = train(strategy, nproc, Path(out), *args(nproc))
+    assert f"(step {step})" in res.stdout and "resumed from" in res.stdout, res.stdout[-2000:]
+    assert f"note: moved: written by {writer}, resumed by {strategy} x {nproc}" in res.stdout
+    return Path(out)
+
+
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "run"
-    train("fsdp", 2, out, *args(2))
-    return out
+def ddp_run(reference, tmp_path_factory):
+    """The reference to step 3, then DDP x 2."""
+    return moved_on(reference, tmp_path_factory.mktemp("ddp") / "run", K, "single x 1", "ddp", 2)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(ddp_run, tmp_path_factory):
+    """DDP x 2 to step 4, then FSDP2 x 2."""
+    return moved_on(ddp_run, tmp_path_factory.mktemp("fsdp") / "run", K + 1, "ddp x 2", "fsdp", 2)
 
 
 @pytest.fixture(scope="module")
 def zero3_run(fsdp_run, tmp_path_factory):
-    """FSDP2 x 2 to step 3, then ZeRO-3 x 2 (checkpoints 4..6 are DeepSpeed's own)."""
-    out = moved(fsdp_run, tmp_path_factory.mktemp("zero3") / "run")
-    res = train("zero3", 2, Path(out), *args(2))
-    assert f"(step {K})" in res.stdout, res.stdout[-2000:]
-    return Path(out)
+    """FSDP2 x 2 to step 5, then ZeRO-3 x 2 (checkpoints 6.. are DeepSpeed's own)."""
+    return moved_on(
+        fsdp_run, tmp_path_factory.mktemp("zero3") / "run", K + 2, "fsdp x 2", "zero3", 2
+    )
 
 
 def test_moved_folder_and_another_spelling_resume_exactly(reference, tmp_path):
@@ -91,22 +110,19 @@ def test_moved_folder_and_another_spelling_resume_exactly(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_to_fsdp_two(reference, tmp_path):
-    res = train("fsdp", 2, Path(moved(reference, tmp_path / "m")), *args(2))
-    assert "note: moved: written by single x 1, resumed by fsdp x 2" in res.stdout
-    assert_same_curve(losses(tmp_path / "m"), losses(reference))
+def test_one_process_to_ddp_two(reference, ddp_run):
+    assert_same_curve(losses(ddp_run), losses(reference))
+
+
+@pytest.mark.slow
+def test_ddp_two_to_fsdp_two(reference, fsdp_run):
+    assert_same_curve(losses(fsdp_run), losses(reference), at=K + 1)
 
 
 @pytest.mark.slow
 def test_fsdp_two_to_one_process(reference, fsdp_run, tmp_path):
-    assert_same_curve(resumed("single", 1, moved(fsdp_run, tmp_path / "m")), losses(reference))
-
-
-@pytest.mark.slow
-def test_ddp_two_to_fsdp_two(reference, tmp_path):
-    ddp = tmp_path / "ddp"
-    train("ddp", 2, ddp, *args(2))
-    assert_same_curve(resumed("fsdp", 2, moved(ddp, tmp_path / "m")), losses(reference))
+    out = moved(fsdp_run, tmp_path / "m", step=K + 2)
+    assert_same_curve(resumed("single", 1, out, at=K + 2), losses(reference), at=K + 2)
 
 
 def one_line_error(res) -> str:
@@ -131,7 +147,8 @@ def test_global_batch_change_is_refused_then_allowed_with_the_flag(reference, tm
     assert "resuming with another global batch size (8 -> 16)" in res.stdout
     assert f"(step {K})" in res.stdout and len(losses(out)) == STEPS
     # the new batch size is the run's own now: a plain relaunch resumes it
-    state = json.loads((out / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    last = out / "checkpoints" / f"step-{STEPS:08d}"
+    state = json.loads((last / "trainer_state.json").read_text())
     assert state["identity"]["settings"]["global_batch_size"] == 16
 
 
@@ -194,14 +211,14 @@ def test_identity_of_a_checkpoint_from_before_holds_its_global_batch():
 
 @pytest.mark.slow
 def test_fsdp_two_to_zero3_two(reference, zero3_run):
-    assert_same_curve(losses(zero3_run), losses(reference))
-    assert (zero3_run / "checkpoints" / "step-00000006" / "deepspeed").is_dir()
+    assert_same_curve(losses(zero3_run), losses(reference), at=K + 2)
+    assert (zero3_run / "checkpoints" / f"step-{STEPS:08d}" / "deepspeed").is_dir()
 
 
 @pytest.mark.slow
 def test_zero3_two_to_zero2_two(reference, zero3_run, tmp_path):
-    out = moved(zero3_run, tmp_path / "m", step=K + 1)
-    assert_same_curve(resumed("zero2", 2, out, at=K + 1), losses(reference), at=K + 1)
+    out = moved(zero3_run, tmp_path / "m", step=K + 3)
+    assert_same_curve(resumed("zero2", 2, out, at=K + 3), losses(reference), at=K + 3)
     # the conversion DeepSpeed needed is gone; the checkpoint it read is as it was
     assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir()) == [
         f"step-{s:08d}" for s in range(1, STEPS + 1)
@@ -210,8 +227,8 @@ def test_zero3_two_to_zero2_two(reference, zero3_run, tmp_path):
 
 @pytest.mark.slow
 def test_zero3_two_to_one_process(reference, zero3_run, tmp_path):
-    out = moved(zero3_run, tmp_path / "m", step=K + 1)
-    assert_same_curve(resumed("single", 1, out, at=K + 1), losses(reference), at=K + 1)
+    out = moved(zero3_run, tmp_path / "m", step=K + 3)
+    assert_same_curve(resumed("single", 1, out, at=K + 3), losses(reference), at=K + 3)
 
 
 def test_an_adapter_checkpoint_under_deepspeed_is_refused_in_one_line(tmp_path):
