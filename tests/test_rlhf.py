@@ -372,8 +372,9 @@ def test_grpo_runs_checkpoints_and_resumes_exactly(arithmetic, tmp_path):
     # it learned something real: rewards were spread (advantages not all zero), gradients flowed
     assert all(a[s]["reward_std"] > 0 and a[s]["grad_norm"] > 0 for s in a)
     assert a[4]["kl"] > 0 and a[1]["kl"] == pytest.approx(0, abs=1e-6)  # the start is the reference
-    for key in ("clip_fraction", "time/generate_s", "rewards/format"):
+    for key in ("clip_fraction", "time/generate_s", "time/update_s", "rewards/format"):
         assert key in a[4]
+    assert all(a[s]["time/update_s"] > 0 and a[s]["time/generate_s"] > 0 for s in a)
     w1, w2 = (load_file(str(o / "model" / "model.safetensors")) for o in (straight, resumed))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 

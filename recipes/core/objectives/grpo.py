@@ -447,6 +447,12 @@ class GRPO:
             stats[f"rewards/{name}"] = column.sum() / n
         return loss, {k: float(v) for k, v in stats.items()}
 
+    def step_times(self, run, seconds: float, stats: dict) -> dict:
+        """The update's seconds: the step's (this rank's micro-batches, backward and optimizer
+        step) less generation, so that time/generate_s + time/update_s is the step's compute,
+        generation and update being what an RL step costs (bench/rl_bench.py reads both)."""
+        return {"time/update_s": seconds / run.world.size - stats.get("time/generate_s", 0.0)}
+
     def describe(self, cfg) -> str:
         kl = f", beta {cfg.beta}" if cfg.beta else ""
         return f"{cfg.advantage.upper()} ({cfg.num_generations} completions per prompt{kl}), "
