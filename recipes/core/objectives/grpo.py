@@ -253,8 +253,12 @@ class GRPO:
             raise ConfigError(
                 "GRPO samples completions per prompt; it does not pack (--packing False)"
             )
-        if cfg.peft_method != "none":
-            raise ConfigError("the grpo recipe trains the full model; use --peft_method none")
+        if cfg.peft_method not in ("none", "lora"):
+            # virtual tokens would shift the prompt and completion positions the loss reads
+            raise ConfigError(
+                f"the grpo recipe trains the full model or a LoRA / QLoRA adapter; --peft_method "
+                f"{cfg.peft_method} is not supported (none or lora)"
+            )
         if cfg.model_max_length <= cfg.max_completion_length:
             raise ConfigError(
                 f"model_max_length ({cfg.model_max_length}) must exceed max_completion_length "
