@@ -36,7 +36,9 @@ How each side's split is measured:
   prompts, `generate` on all prompt x G rows at once, decoding); update = step - generation.
 
 The first --warmup steps of every run are not timed (allocator, caches, lazy imports). The
-figures are medians over the timed steps of all rounds.
+figures are medians over the timed steps of all rounds, and beside them the fastest timed step
+(the least disturbed by other work on a shared machine: both sides' minimum is the nearest to
+their own cost when the load drifts within a run).
 """
 
 from __future__ import annotations
@@ -269,9 +271,11 @@ def measure(side: str, spec: dict) -> dict:
 
 def summary(runs: list[dict], warmup: int) -> dict:
     timed = [s for r in runs for s in r["steps"][warmup:]]
-    med = {k: statistics.median(s[k] for s in timed) for k in ("generate_s", "update_s", "step_s")}
+    keys = ("generate_s", "update_s", "step_s")
+    med = {k: statistics.median(s[k] for s in timed) for k in keys}
     return {
         **med,
+        **{f"min_{k}": min(s[k] for s in timed) for k in keys},
         "completion_length": statistics.mean(s["completion_length"] for s in timed),
         "timed_steps": len(timed),
         "per_run_step_s": [
@@ -326,7 +330,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs[side].append(measure(side, {**spec, "out": str(folder / f"{side}-{i}")}))
     rows = {side: summary(runs[side], opts.warmup) for side in SIDES}
     cam, trl = rows["camelid"], rows["trl"]
-    ratio = {k: cam[k] / trl[k] for k in ("generate_s", "update_s", "step_s")}
+    ratio = {
+        k: cam[k] / trl[k]
+        for k in (
+            "generate_s",
+            "update_s",
+            "step_s",
+            "min_generate_s",
+            "min_update_s",
+            "min_step_s",
+        )
+    }
     import torch
     import transformers
     import trl as trl_module
@@ -362,17 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{opts.max_completion_length} tokens, beta {opts.beta}, {opts.threads} threads, "
         f"median of {cam['timed_steps']} timed steps per side ({opts.rounds} runs each)"
     )
-    print(f"{'':<10}{'generate s':>12}{'update s':>10}{'step s':>9}{'compl. len':>12}")
+    head = ("generate s", "update s", "step s", "min gen s", "min upd s", "min step s")
+    print(f"{'':<12}" + "".join(f"{h:>11}" for h in head) + f"{'compl. len':>12}")
+    keys = ("generate_s", "update_s", "step_s", "min_generate_s", "min_update_s", "min_step_s")
     for side in SIDES:
         r = rows[side]
         print(
-            f"{side:<10}{r['generate_s']:>12.3f}{r['update_s']:>10.3f}{r['step_s']:>9.3f}"
-            f"{r['completion_length']:>12.1f}"
+            f"{side:<12}"
+            + "".join(f"{r[k]:>11.3f}" for k in keys)
+            + f"{r['completion_length']:>12.1f}"
         )
-    print(
-        f"{'camelid/TRL':<10}{ratio['generate_s']:>11.2f}x{ratio['update_s']:>9.2f}x"
-        f"{ratio['step_s']:>8.2f}x"
-    )
+    print(f"{'camelid/TRL':<12}" + "".join(f"{ratio[k]:>10.2f}x" for k in keys))
     write_json(opts.out, result)
     return 0
 
