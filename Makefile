@@ -15,7 +15,7 @@ STRATEGY ?= fsdp
 OUT      ?= runs/vicuna
 ARGS     ?=
 
-.PHONY: lint-check setup demo qlora-demo dpo-demo long-demo rl-demo train-rl test test-fast bench bench-compare bench-peers lint clean train-vicuna train-dpo \
+.PHONY: lint-check setup demo qlora-demo dpo-demo long-demo rl-demo train-rl test test-fast bench bench-compare bench-peers bench-rl lint clean train-vicuna train-dpo \
         gpu-wheels gpu-check gpu-dry-run
 
 setup: $(STAMP)
@@ -74,6 +74,10 @@ test-fast: setup
 bench-peers: setup
 	PYTHON=$(PYTHON) bash bench/peers_env.sh
 	$(BIN)/python -m bench.peers_bench $(PEERS_ARGS)
+
+# camelid's GRPO step (generation / update seconds) against TRL's GRPOTrainer, same model and prompts
+bench-rl: setup
+	$(BIN)/python -m bench.rl_bench $(RL_BENCH_ARGS)
 
 bench: setup
 	$(BIN)/python -m bench.data_bench

@@ -117,6 +117,32 @@ def test_reward_two_ranks_match_one_process(pairs, reward_single, strategy, tmp_
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
 
 
+def test_reward_lora_trains_the_head_and_loads_with_peft(pairs, tmp_path):  # noqa: F811
+    """--peft_method lora: LoRA layers on the SFT model plus the new score head trained whole
+    (peft's SEQ_CLS); the adapter folder loads with plain transformers + peft and scores as
+    the run's last step did."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    args = reward_args(pairs, 24, 2, "--peft_method", "lora", "--lora_r", 8, "--lora_alpha", 16)
+    args[args.index("--learning_rate") + 1] = "5e-3"
+    train("single", 1, tmp_path, *args, recipe=REWARD)  # 2 epochs of 48 pairs
+    losses = [r["loss"] for r in metric_rows(tmp_path)]
+    assert sum(losses[12:]) < sum(losses[:12]), losses  # the second epoch's pairs score better
+    adapter = tmp_path / "adapter"
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    heads = [k for k in saved if ".score." in k]
+    assert heads and any("lora_A" in k for k in saved), sorted(saved)[:8]
+    base = AutoModelForSequenceClassification.from_pretrained(pairs["model"], num_labels=1)
+    fresh = base.score.weight.detach().clone()
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    head = model.base_model.model.score
+    trained = getattr(head, "modules_to_save", {"default": head})["default"].weight
+    torch.testing.assert_close(trained, saved[heads[0]])
+    assert not torch.equal(trained, fresh)  # the head trained (a fresh one is random)
+
+
 # ---------------------------------------------------------------------------- GRPO / RLOO
 
 ARITH = "recipes.core.rewards.arithmetic"
@@ -338,10 +364,28 @@ def test_grpo_runs_checkpoints_and_resumes_exactly(arithmetic, tmp_path):
     # it learned something real: rewards were spread (advantages not all zero), gradients flowed
     assert all(a[s]["reward_std"] > 0 and a[s]["grad_norm"] > 0 for s in a)
     assert a[4]["kl"] > 0 and a[1]["kl"] == pytest.approx(0, abs=1e-6)  # the start is the reference
-    for key in ("clip_fraction", "time/generate_s", "rewards/format"):
+    for key in ("clip_fraction", "time/generate_s", "time/update_s", "rewards/format"):
         assert key in a[4]
+    assert all(a[s]["time/update_s"] > 0 and a[s]["time/generate_s"] > 0 for s in a)
     w1, w2 = (load_file(str(o / "model" / "model.safetensors")) for o in (straight, resumed))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_grpo_lora_trains_an_adapter_that_loads_with_peft(arithmetic, tmp_path):
+    """--peft_method lora: completions sampled through peft's generate, the reference (beta > 0)
+    the base; the adapter export loads with plain transformers + peft and generates."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = grpo_args(arithmetic, 3, 1, "--beta", "0.04", "--peft_method", "lora", "--lora_r", 4)
+    train("single", 1, tmp_path, *args, recipe=GRPO_SCRIPT)
+    rows = by_step(tmp_path)
+    assert sorted(rows) == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows.values())
+    assert rows[3]["kl"] > 0  # the adapter moved the policy away from the base
+    base = AutoModelForCausalLM.from_pretrained(arithmetic["model"])
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 5)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import math
 import resource
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +279,7 @@ def train_step(run: Run) -> dict:
     non-finite loss on any rank, or a non-finite gradient norm, leaves the weights untouched.
     The objective's statistics are summed over micro-batches and ranks."""
     engine, world, plan = run.engine, run.world, run.plan
+    started = time.perf_counter()
     micro = plan.micro_batches(run.step, world.dp_rank)
     loss_sum, tokens, padded, bad_ids, stats = 0.0, 0, 0, [], {}
     for m, ids in enumerate(micro):
@@ -303,6 +305,9 @@ def train_step(run: Run) -> dict:
             engine.step(False)
     loss_finite = world.all_sum(len(bad_ids)) == 0  # every rank agrees before the update
     grad_norm, applied = engine.step(True, loss_finite)
+    step_times = getattr(run.objective, "step_times", None)
+    if step_times is not None:  # before the sums: each rank's own seconds, averaged over ranks
+        stats.update(step_times(run, time.perf_counter() - started, stats))
     if applied:
         run.hooks.after_update(run)
     nonfinite = engine.nonfinite_weights() if applied else 0

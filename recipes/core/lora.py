@@ -26,15 +26,19 @@ def load_base(
     double_quant: bool = True,
     bf16: bool = False,
     attention: dict | None = None,
+    from_pretrained=None,
 ):
     """The base model, quantized by bitsandbytes (`quantization` nf4, fp4 or int8) or not,
-    placed on `device`; `attention`: attention_kwargs() for from_pretrained."""
+    placed on `device`; `attention`: attention_kwargs() for from_pretrained. `from_pretrained`:
+    the loader (path, **kwargs), AutoModelForCausalLM's unless an objective brings its own
+    model class (the reward model's score head)."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+    from_pretrained = from_pretrained or AutoModelForCausalLM.from_pretrained
     dtype = torch.bfloat16 if bf16 else torch.float32
     attention = attention or {}
     if quantization == "none":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
+        return from_pretrained(path, dtype=dtype, **attention)
     config = AutoConfig.from_pretrained(path)
     existing = getattr(config, "quantization_config", None)
     if existing:
@@ -55,7 +59,7 @@ def load_base(
             bnb_4bit_compute_dtype=dtype,
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = from_pretrained(
             path, quantization_config=bnb, device_map={"": device}, dtype=dtype, **attention
         )
     except (ValueError, RuntimeError, ImportError) as e:
@@ -80,18 +84,25 @@ def quantized_modules(model) -> list[str]:
 
 def linear_module_names(model) -> list[str]:
     """Names (last component) of the model's linear layers, the output head excluded: what
-    "all-linear" means, as in QLoRA."""
+    "all-linear" means, as in QLoRA. A sequence classifier's head (score) is no LoRA target
+    either: peft trains it whole (SEQ_CLS's modules_to_save)."""
     head = model.get_output_embeddings()  # bitsandbytes' layers subclass torch.nn.Linear
     return sorted(
         {
             n.rsplit(".", 1)[-1]
             for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m is not head
+            if isinstance(m, torch.nn.Linear) and m is not head and n not in SEQ_CLS_HEADS
         }
     )
 
 
-def peft_config(cfg, model):
+# a sequence classifier's head, trained whole under a SEQ_CLS adapter and saved with it
+SEQ_CLS_HEADS = ("score", "classifier")
+
+
+def peft_config(cfg, model, task: str = "CAUSAL_LM"):
+    """The adapter's peft config; `task`: peft's TaskType name (SEQ_CLS for a reward model:
+    its score head is new, so it trains whole beside the LoRA layers and is saved with them)."""
     from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
     if cfg.peft_method == "prompt_tuning":
@@ -115,8 +126,10 @@ def peft_config(cfg, model):
                 f"lora_target_modules: {', '.join(missing)} not in {type(model).__name__}; "
                 f"its linear layers are {', '.join(available)}"
             )
+    heads = [n for n, _ in model.named_children() if n in SEQ_CLS_HEADS]
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType[task],
+        modules_to_save=heads if task == "SEQ_CLS" else None,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -125,7 +138,7 @@ def peft_config(cfg, model):
     )
 
 
-def add_adapter(model, cfg):
+def add_adapter(model, cfg, task: str = "CAUSAL_LM"):
     """A trainable adapter on a frozen base. Gradient checkpointing needs the inputs to
     require grad when the embeddings are frozen: both peft calls below see to it."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -142,7 +155,7 @@ def add_adapter(model, cfg):
         model.enable_input_require_grads()
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
-    return get_peft_model(model, peft_config(cfg, model))
+    return get_peft_model(model, peft_config(cfg, model, task))
 
 
 def verify_adapter(folder: Path) -> dict:

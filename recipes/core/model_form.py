@@ -127,6 +127,9 @@ class Adapter:
 
     def build(self, run):
         cfg = run.cfg
+        # an objective may bring its own model class (the reward model's score head) and the
+        # adapter's peft task with it (SEQ_CLS: the new head trains whole)
+        base_loader = getattr(run.objective, "base_loader", None)
         base = loaded(
             lambda: load_base(
                 run.model_path,
@@ -135,11 +138,12 @@ class Adapter:
                 double_quant=cfg.double_quant,
                 bf16=cfg.bf16,
                 attention=attention_kwargs(cfg),
+                from_pretrained=base_loader(run) if base_loader else None,
             ),
             run.model_path,
         )
         apply_liger(base, cfg)  # on the base model, before the adapter wraps its layers
-        model = add_adapter(base, cfg)
+        model = add_adapter(base, cfg, getattr(run.objective, "peft_task", "CAUSAL_LM"))
         engine = make_engine(model, cfg, run.world, run.total_steps, adapter=True)
         return model, engine, f"{QUANTIZED[cfg.quantization]}base + {cfg.peft_method}, "
 

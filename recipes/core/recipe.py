@@ -137,7 +137,8 @@ RECIPES = {
             "reward_tiny_cpu.yaml",
             "A reward model after SFT: the model with a one-output score head trained on "
             "preference pairs with the Bradley-Terry loss (TRL's RewardTrainer), exported as a "
-            "transformers sequence-classification folder.",
+            "transformers sequence-classification folder; or a LoRA / QLoRA adapter on it "
+            "(--peft_method lora), the score head trained whole and saved with the adapter.",
             {
                 "learning_rate": 1e-5,
                 "warmup_ratio": 0.03,
@@ -155,7 +156,8 @@ RECIPES = {
             "grpo_7b.yaml",
             "grpo_tiny_cpu.yaml",
             "Online RL after SFT: GRPO or RLOO with rewards computed by functions named on the "
-            "command line (--reward_funcs module:function), on the full model.",
+            "command line (--reward_funcs module:function), on the full model or a LoRA / QLoRA "
+            "adapter (--peft_method lora).",
             {
                 "learning_rate": 1e-6,
                 "warmup_ratio": 0.0,

@@ -23,6 +23,9 @@ class Objective(Protocol):
     # optional, False when absent: trains under --sequence_parallel_size > 1 (its loss, a sum
     # over tokens, is the sum of the shards' losses; see recipes/core/sequence_parallel.py)
     splits_sequences: bool
+    # optional: step_times(run, seconds, stats) -> dict, more statistics from this rank's
+    # seconds in the step (micro-batches, backward and optimizer step) and its summed `stats`,
+    # each a share of the mean over ranks like `stats` (GRPO splits generation from update)
 
     def check(self, cfg) -> None:
         """Refuse settings it cannot train with (a ConfigError naming them)."""

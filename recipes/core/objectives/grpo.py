@@ -253,8 +253,12 @@ class GRPO:
             raise ConfigError(
                 "GRPO samples completions per prompt; it does not pack (--packing False)"
             )
-        if cfg.peft_method != "none":
-            raise ConfigError("the grpo recipe trains the full model; use --peft_method none")
+        if cfg.peft_method not in ("none", "lora"):
+            # virtual tokens would shift the prompt and completion positions the loss reads
+            raise ConfigError(
+                f"the grpo recipe trains the full model or a LoRA / QLoRA adapter; --peft_method "
+                f"{cfg.peft_method} is not supported (none or lora)"
+            )
         if cfg.model_max_length <= cfg.max_completion_length:
             raise ConfigError(
                 f"model_max_length ({cfg.model_max_length}) must exceed max_completion_length "
@@ -446,6 +450,12 @@ class GRPO:
         for (name, _), column in zip(self.reward_funcs, per_func.T):
             stats[f"rewards/{name}"] = column.sum() / n
         return loss, {k: float(v) for k, v in stats.items()}
+
+    def step_times(self, run, seconds: float, stats: dict) -> dict:
+        """The update's seconds: the step's (this rank's micro-batches, backward and optimizer
+        step) less generation, so that time/generate_s + time/update_s is the step's compute,
+        generation and update being what an RL step costs (bench/rl_bench.py reads both)."""
+        return {"time/update_s": seconds / run.world.size - stats.get("time/generate_s", 0.0)}
 
     def describe(self, cfg) -> str:
         kl = f", beta {cfg.beta}" if cfg.beta else ""

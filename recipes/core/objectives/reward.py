@@ -54,9 +54,10 @@ def reward_losses(
     return losses, chosen.detach(), rejected.detach()
 
 
-def load_reward_model(path: str, pad_id: int, dtype=torch.float32):
+def load_reward_model(path: str, pad_id: int, dtype=torch.float32, **kwargs):
     """The model folder with a fresh one-output score head (or its trained one, if it is a
-    reward model already), with pad_token_id set so padded rows pool their last real token."""
+    reward model already), with pad_token_id set so padded rows pool their last real token;
+    `kwargs` go to from_pretrained (a LoRA / QLoRA base: attention, quantization)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -66,7 +67,7 @@ def load_reward_model(path: str, pad_id: int, dtype=torch.float32):
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, output_loading_info=True
+            path, num_labels=1, dtype=dtype, output_loading_info=True, **kwargs
         )
     finally:
         hf_logging.set_verbosity(level)
@@ -86,15 +87,17 @@ class Reward(DPO):
 
     name = "reward"
     section = RewardArgs
+    peft_task = "SEQ_CLS"  # an adapter (--peft_method lora) trains the new score head whole
 
     def check(self, cfg) -> None:
         if cfg.packing:
             raise ConfigError(
                 "a reward model scores pairs of rows; it does not pack (--packing False)"
             )
-        if cfg.peft_method != "none":
+        if cfg.peft_method not in ("none", "lora"):
             raise ConfigError(
-                "the reward recipe trains the full model and its score head; use --peft_method none"
+                f"the reward recipe trains the full model or a LoRA / QLoRA adapter with its "
+                f"score head; --peft_method {cfg.peft_method} is not supported (none or lora)"
             )
 
     def data(self, cfg, tokenizer, world) -> PairData:
@@ -108,6 +111,18 @@ class Reward(DPO):
         if run.world.main and model.new_head:
             print("reward model: a new score head (one output), initialised from --seed")
         return model
+
+    def base_loader(self, run):
+        """An adapter's base (recipes/core/model_form.py): the SFT model with the score head."""
+        pad_id = pad_token_id(run.tokenizer)
+
+        def load(path, **kwargs):
+            model = load_reward_model(path, pad_id, **kwargs)
+            if run.world.main and model.new_head:
+                print("reward model: a new score head (one output), trained whole with the adapter")
+            return model
+
+        return load
 
     def before_resume(self, run) -> None:
         pass
