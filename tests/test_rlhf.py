@@ -125,7 +125,7 @@ def test_reward_lora_trains_the_head_and_loads_with_peft(pairs, tmp_path):  # no
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    args = reward_args(pairs, 24, 2, "--peft_method", "lora", "--lora_r", 8, "--lora_alpha", 16)
+    args = [*dpo_args(pairs, 24, 2), *flags(peft_method="lora", lora_r=8, lora_alpha=16)]
     args[args.index("--learning_rate") + 1] = "5e-3"
     train("single", 1, tmp_path, *args, recipe=REWARD)  # 2 epochs of 48 pairs
     losses = [r["loss"] for r in metric_rows(tmp_path)]
