@@ -21,19 +21,15 @@ import queue
 import subprocess
 import sys
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # what the entry points import at module level, and the heavy libraries they import inside
-# functions: imported once by the server, never used there (no thread or device state forks).
-# Not peft, bitsandbytes or deepspeed: they log or warn as they are imported, which a command
-# silences first (recipes/core/quiet.py) and which would otherwise land outside its output.
+# functions: imported once by the server, never used there (no thread or device state forks)
 PRELOAD = (
     "torch",
     "transformers",
-    "transformers.models.llama.modeling_llama",
     "datasets",
     "fastchat_data.commands",
     "recipes.core.recipe",
@@ -43,12 +39,9 @@ PRELOAD = (
 
 
 class ForkServer:
-    """One warm interpreter (tests/forked.py run as a script) serving one command at a time.
-    Each command gets the environment it is given; what the preloaded modules read from the
-    environment as they were imported comes from `env`, the server's."""
+    """One warm interpreter (tests/forked.py run as a script) serving one command at a time."""
 
     def __init__(self, env: dict):
-        self.lock = threading.Lock()
         self.proc = subprocess.Popen(
             [sys.executable, __file__, *PRELOAD],
             stdin=subprocess.PIPE,
@@ -61,14 +54,12 @@ class ForkServer:
         if ready.strip() != "ready":
             raise RuntimeError(f"the fork server did not start: {ready!r}")
 
-    def run(
-        self, argv: list[str], cwd: Path, timeout: float, env: dict | None = None
-    ) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         if argv[0] != sys.executable:
             raise ValueError(f"{argv[0]} is not this interpreter; run it as a subprocess")
-        with self.lock, tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"argv": argv[1:], "cwd": str(cwd), "timeout": timeout, "env": env}
+            request = {"argv": argv[1:], "cwd": str(cwd), "timeout": timeout}
             request |= {"stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -110,9 +101,6 @@ def _child(request: dict) -> None:
 
     os.setsid()  # its own process group: a timeout kills whatever it started
     os.chdir(request["cwd"])
-    if request["env"] is not None:
-        os.environ.clear()
-        os.environ.update(request["env"])
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):

@@ -1,6 +1,5 @@
 """Running recipes from tests as a user would (torchrun / the deepspeed launcher), through the
-launcher's one command builder (launch.train.job_command). A one-process run is a fork of a
-warm interpreter (tests/forked.py): its own process and command line, without ~5 s of imports."""
+launcher's one command builder (launch.train.job_command)."""
 
 from __future__ import annotations
 
@@ -84,19 +83,6 @@ def command(
     return job_command(name, strategy, nproc, recipe_args, program=program)
 
 
-@functools.cache
-def fork_server():
-    """The warm interpreter one-process runs are forked from (tests/forked.py), started once
-    per test session; each run still gets its own process, argv, folder and environment."""
-    import atexit
-
-    from forked import ForkServer
-
-    server = ForkServer(env())
-    atexit.register(server.close)
-    return server
-
-
 def train(
     strategy: str,
     nproc: int,
@@ -106,11 +92,14 @@ def train(
     recipe: Path = RECIPE,
     faults: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    argv = command(strategy, nproc, out, *args, recipe=recipe, faults=faults)
-    if nproc == 1:  # a plain python process: a fork of the warm interpreter (tests/forked.py)
-        res = fork_server().run(argv, cwd=REPO, timeout=900, env=env())
-    else:  # torchrun / the deepspeed launcher start their workers themselves
-        res = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO, timeout=900)
+    res = subprocess.run(
+        command(strategy, nproc, out, *args, recipe=recipe, faults=faults),
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=900,
+    )
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
