@@ -29,6 +29,7 @@ import signal
 import pytest
 import torch
 from conftest import requires_shared
+from train_utils import flags
 
 from fastchat_data.build import build_dataset
 from recipes import full_finetune
@@ -163,10 +164,10 @@ def trainer(cfg, model_path: str, rows: list[dict], plan: BatchPlan, out) -> tup
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_losses_and_learning_rates_equal_trainer(name, llama_dir, conversations, tmp_path):
-    flags, steps = CONFIGS[name]
+    settings, steps = CONFIGS[name]
     argv = [
         *COMMON.split(),
-        *flags.split(),
+        *settings.split(),
         *flags(
             model_name_or_path=str(llama_dir),
             data_path=str(conversations),
