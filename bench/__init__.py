@@ -1,5 +1,7 @@
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -27,6 +29,22 @@ def write_and_report(path, result: dict, report) -> None:
     out.write_text(json.dumps(result, indent=2))
     report(result)
     print(f"\nwritten: {out} ({result['settings']['wall_s']:.0f} s)")
+
+
+def worker_result(module: str, args: list[str], env: dict, what: str) -> dict:
+    """`python -m module --worker *args` in a fresh process (its imports, memory and threads are
+    its own) from the repository root; the JSON its last stdout line holds. `what` names the
+    run in the error when it fails."""
+    res = subprocess.run(
+        [sys.executable, "-m", module, "--worker", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def flags(**options) -> list[str]:

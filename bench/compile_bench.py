@@ -28,12 +28,10 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-from bench import parser, write_json
+from bench import parser, worker_result, write_json
 from bench.packing_bench import REPO, model_and_data
 
 VARIANTS = ("eager", "compiled")
@@ -117,16 +115,9 @@ def measure(variant: str, p: dict) -> dict:
     """`worker` in a fresh process with an empty inductor cache (a cold compile every time)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(p["threads"])}
-        res = subprocess.run(
-            [sys.executable, "-m", "bench.compile_bench", "--worker", json.dumps([variant, p])],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=REPO,
+        return worker_result(
+            "bench.compile_bench", [json.dumps([variant, p])], env, f"{variant} worker"
         )
-    if res.returncode != 0:
-        raise RuntimeError(f"{variant} worker failed:\n{res.stderr[-4000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:

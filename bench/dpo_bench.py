@@ -20,12 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench import write_json
+from bench import worker_result, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "dpo", "dpo_live_reference")
@@ -160,16 +158,8 @@ def worker(variant: str, spec: dict) -> dict:
 
 
 def measure(variant: str, spec: dict) -> dict:
-    res = subprocess.run(
-        [sys.executable, "-m", "bench.dpo_bench", "--worker", variant, json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return worker_result("bench.dpo_bench", [variant, json.dumps(spec)], env, variant)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -55,7 +55,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import write_json
+from bench import worker_result, write_json
 from fastchat_data.options import entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,16 +260,7 @@ def measure(side: str, spec: dict) -> dict:
         "PYTHONPATH": str(REPO),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    res = subprocess.run(
-        [sys.executable, "-m", "bench.rl_bench", "--worker", json.dumps({**spec, "side": side})],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return worker_result("bench.rl_bench", [json.dumps({**spec, "side": side})], env, side)
 
 
 def summary(runs: list[dict], warmup: int) -> dict:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import flags  # noqa: F401  (the tests write command lines as the benchmarks do)
 from launch.train import job_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,12 +21,6 @@ REWARD = REPO / "recipes" / "reward.py"
 GRPO = REPO / "recipes" / "grpo.py"
 FAULTS = REPO / "tests" / "fault_recipe.py"
 BY_SCRIPT = {RECIPE: "sft", QLORA: "qlora", DPO: "dpo", REWARD: "reward", GRPO: "grpo"}
-
-
-def flags(**options) -> list[str]:
-    """`--name value` for each option, in the order given: a command line's options written as
-    keywords (`flags(max_steps=4)` is `["--max_steps", "4"]`)."""
-    return [part for name, value in options.items() for part in (f"--{name}", str(value))]
 
 
 def env() -> dict:
