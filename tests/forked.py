@@ -21,15 +21,19 @@ import queue
 import subprocess
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # what the entry points import at module level, and the heavy libraries they import inside
-# functions: imported once by the server, never used there (no thread or device state forks)
+# functions: imported once by the server, never used there (no thread or device state forks).
+# Not peft, bitsandbytes or deepspeed: they log or warn as they are imported, which a command
+# silences first (recipes/core/quiet.py) and which would otherwise land outside its output.
 PRELOAD = (
     "torch",
     "transformers",
+    "transformers.models.llama.modeling_llama",
     "datasets",
     "fastchat_data.commands",
     "recipes.core.recipe",
@@ -39,9 +43,12 @@ PRELOAD = (
 
 
 class ForkServer:
-    """One warm interpreter (tests/forked.py run as a script) serving one command at a time."""
+    """One warm interpreter (tests/forked.py run as a script) serving one command at a time.
+    Each command gets the environment it is given; what the preloaded modules read from the
+    environment as they were imported comes from `env`, the server's."""
 
     def __init__(self, env: dict):
+        self.lock = threading.Lock()
         self.proc = subprocess.Popen(
             [sys.executable, __file__, *PRELOAD],
             stdin=subprocess.PIPE,
@@ -54,12 +61,24 @@ class ForkServer:
         if ready.strip() != "ready":
             raise RuntimeError(f"the fork server did not start: {ready!r}")
 
-    def run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: list[str],
+        cwd: Path,
+        timeout: float,
+        env: dict | None = None,
+        nproc: int = 1,
+        local_rank_arg: bool = False,
+    ) -> subprocess.CompletedProcess:
+        """`argv` run as a fork, or with `nproc` > 1 as a one-node job of that many forked
+        workers connected as torchrun connects them (`local_rank_arg`: each also gets
+        DeepSpeed's launcher's --local_rank=N)."""
         if argv[0] != sys.executable:
             raise ValueError(f"{argv[0]} is not this interpreter; run it as a subprocess")
-        with tempfile.TemporaryDirectory() as tmp:
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"argv": argv[1:], "cwd": str(cwd), "timeout": timeout}
+            request = {"argv": argv[1:], "cwd": str(cwd), "timeout": timeout, "env": env}
+            request |= {"nproc": nproc, "local_rank_arg": local_rank_arg}
             request |= {"stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -93,20 +112,12 @@ def fork_servers(count: int, env: dict):
 # -- the server side --------------------------------------------------------------------------
 
 
-def _child(request: dict) -> None:
-    """In the forked child: become the command, run it, exit with its status."""
-    import atexit
+def _become(args: list[str]) -> int:
+    """Run the command line `args` (after the interpreter) in this process, as `python -m
+    module ...` or `python script.py ...` would, and return its exit status."""
     import runpy
     import traceback
 
-    os.setsid()  # its own process group: a timeout kills whatever it started
-    os.chdir(request["cwd"])
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    args = request["argv"]
-    code = 0
     try:
         if args[0] == "-m":
             sys.argv = [args[1], *args[2:]]
@@ -118,21 +129,93 @@ def _child(request: dict) -> None:
             runpy.run_path(args[0], run_name="__main__")
     except SystemExit as stop:
         if stop.code is None:
-            code = 0
-        elif isinstance(stop.code, int):
-            code = stop.code
-        else:
-            print(stop.code, file=sys.stderr)
-            code = 1
+            return 0
+        if isinstance(stop.code, int):
+            return stop.code
+        print(stop.code, file=sys.stderr)
+        return 1
     except BaseException:
         traceback.print_exc()
-        code = 1
+        return 1
+    return 0
+
+
+def _exit(code: int) -> None:
+    import atexit
+
     try:
         atexit._run_exitfuncs()  # what the interpreter runs at exit; os._exit skips it
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def worker_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """What torchrun (and DeepSpeed's launcher) tell worker `rank` of `nproc` on one node."""
+    every = {"WORLD_SIZE": nproc, "LOCAL_WORLD_SIZE": nproc, "ROLE_WORLD_SIZE": nproc}
+    ranks = {"RANK": rank, "LOCAL_RANK": rank, "ROLE_RANK": rank, "GROUP_RANK": 0}
+    node = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "LOCAL_SIZE": nproc}
+    node |= {"CROSS_RANK": 0, "CROSS_SIZE": 1, "TORCHELASTIC_RESTART_COUNT": 0}
+    return {k: str(v) for k, v in (every | ranks | node).items()}
+
+
+def _workers(request: dict) -> int:
+    """Fork the job's workers, each its rank of the one-node environment torchrun gives
+    (DeepSpeed's launcher also passes --local_rank=N first); wait for all. As torchrun does, the
+    first failure stops the others (SIGTERM, then SIGKILL) and the job exits 1."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nproc, args = request["nproc"], request["argv"]
+    pids = []
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            os.environ.update(worker_env(rank, nproc, port))
+            local_rank = [f"--local_rank={rank}"] if request["local_rank_arg"] else []
+            _exit(_become([args[0], *local_rank, *args[1:]]))
+        pids.append(pid)
+    failed, running = False, set(pids)
+    while running:
+        pid, status = os.wait()
+        running.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0 and not failed:
+            failed = True
+            for other in running:
+                os.kill(other, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while running and time.monotonic() < deadline:
+                done, _ = os.waitpid(-1, os.WNOHANG)
+                running.discard(done)
+                time.sleep(0.05)
+            for other in running:
+                os.kill(other, signal.SIGKILL)
+    return 1 if failed else 0
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become the command (or the job that runs its workers), run it,
+    exit with its status."""
+    os.setsid()  # its own process group: a timeout kills whatever it started
+    os.chdir(request["cwd"])
+    if request["env"] is not None:
+        os.environ.clear()
+        os.environ.update(request["env"])
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        # appended to, so that every worker's lines land whole, as through a launcher's pipe
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        os.dup2(os.open(path, flags, 0o644), fd)
+    if request["nproc"] == 1:
+        _exit(_become(request["argv"]))
+    sys.stdout.flush()
+    os._exit(_workers(request))
 
 
 def _serve() -> None:

@@ -1,5 +1,7 @@
-"""Running recipes from tests as a user would (torchrun / the deepspeed launcher), through the
-launcher's one command builder (launch.train.job_command)."""
+"""Running recipes from tests. `command` and `launched` start a job as a user does, through
+the launcher's one command builder (launch.train.job_command: torchrun or DeepSpeed's launcher);
+`train` forks its processes from a warm interpreter (tests/forked.py), each its own process,
+command line and rank, without ~5 s of imports per process."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from bench import flags  # noqa: F401  (the tests write command lines as the benchmarks do)
 from launch.train import job_command
+from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "full_finetune.py"
@@ -58,24 +61,54 @@ def with_assets(args) -> list[str]:
     return args
 
 
+def program(recipe: Path = RECIPE, faults: dict | None = None) -> list[str]:
+    """The script each process runs: the recipe's, or with `faults` tests/fault_recipe.py
+    running it ({"nan_at": "3:1", "step_delay": 0.2})."""
+    if not faults:
+        return [str(recipe)]
+    script = [str(FAULTS), "--recipe", BY_SCRIPT.get(Path(recipe), "sft")]
+    for key, value in faults.items():
+        script += [f"--{key}", str(value)]
+    return [*script, "--"]
+
+
+def recipe_args(out: Path, args) -> list[str]:
+    """The recipe's own options: `args`, into `out`, with no tracker; without a model or data
+    in `args`, the tiny Llama on identity data (tiny_assets)."""
+    return ["--output_dir", str(out), "--report_to", "none", *with_assets(args)]
+
+
+def worker_command(
+    strategy: str, out: Path, *args, recipe: Path = RECIPE, faults: dict | None = None
+) -> list[str]:
+    """What one process runs: a plain python process."""
+    script = program(recipe, faults)
+    return [sys.executable, *script, "--strategy", strategy, *recipe_args(out, args)]
+
+
 def command(
     strategy: str, nproc: int, out: Path, *args, recipe: Path = RECIPE, faults: dict | None = None
 ) -> list[str]:
-    """The recipe (or, with `faults`, tests/fault_recipe.py running it: {"nan_at": "3:1",
-    "step_delay": 0.2}) on `nproc` processes; one process runs as a plain python process.
-    Without a model or data in `args`: the tiny Llama on identity data (tiny_assets)."""
-    name = BY_SCRIPT.get(Path(recipe), "sft")  # another script: a harness that runs sft
-    recipe_args = ["--output_dir", str(out), "--report_to", "none", *with_assets(args)]
-    program = None if Path(recipe) in BY_SCRIPT else [str(recipe)]
-    if faults:
-        program = [str(FAULTS), "--recipe", name]
-        for key, value in faults.items():
-            program += [f"--{key}", str(value)]
-        program.append("--")
+    """The recipe on `nproc` processes under the strategy's own launcher (torchrun or
+    DeepSpeed's), as a user starts it; one process runs as a plain python process."""
     if nproc == 1:
-        script = program or [str(recipe)]
-        return [sys.executable, *script, "--strategy", strategy, *recipe_args]
-    return job_command(name, strategy, nproc, recipe_args, program=program)
+        return worker_command(strategy, out, *args, recipe=recipe, faults=faults)
+    name = BY_SCRIPT.get(Path(recipe), "sft")  # another script: a harness that runs sft
+    script = program(recipe, faults)
+    return job_command(name, strategy, nproc, recipe_args(out, args), program=script)
+
+
+@functools.cache
+def fork_server():
+    """The warm interpreter runs are forked from (tests/forked.py), started once per test
+    session; each run still gets its own processes, argv, folder and environment."""
+    import atexit
+
+    from forked import ForkServer
+
+    server = ForkServer(env())
+    atexit.register(server.close)
+    return server
 
 
 def train(
@@ -87,13 +120,15 @@ def train(
     recipe: Path = RECIPE,
     faults: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        command(strategy, nproc, out, *args, recipe=recipe, faults=faults),
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
-        timeout=900,
+    """The recipe on `nproc` processes, forked from the warm interpreter (tests/forked.py):
+    one process as a plain python process would run, several as a one-node job whose workers
+    get torchrun's environment (and DeepSpeed's --local_rank), connected through the strategy's
+    process group. What the launchers themselves do (signals, kills, exit statuses, nodes) is
+    tested through `command` and `launched`, which start them for real."""
+    argv = worker_command(strategy, out, *args, recipe=recipe, faults=faults)
+    deepspeed = parallel.get(strategy).launcher == "deepspeed" if strategy != "auto" else False
+    res = fork_server().run(
+        argv, cwd=REPO, timeout=900, env=env(), nproc=nproc, local_rank_arg=deepspeed and nproc > 1
     )
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -114,6 +149,29 @@ def complete_checkpoints(out: Path) -> list[Path]:
     from recipes.core.run_folder import RunFolder
 
     return [c.path for c in RunFolder(out).complete_checkpoints()]
+
+
+def moved(src: Path, dst: Path, step: int) -> str:
+    """A copy of run folder `src` at `dst` holding its checkpoints up to `step` (and its metrics,
+    which a resume truncates to that step), returned as an odd spelling of its path: what a
+    run that moves to another machine, strategy or world size starts from."""
+    import shutil
+
+    shutil.copytree(
+        src, dst, ignore=shutil.ignore_patterns("model", "adapter", "ranks", "run.lock", "loss.png")
+    )
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    return f"{dst.parent}/./{dst.name}/"
+
+
+def assert_same_curve(got: list[float], reference: list[float], at: int) -> None:
+    """A moved run's losses after step `at` equal the uninterrupted run's within 1e-5."""
+    assert len(got) == len(reference), (got, reference)
+    worst = max(abs(a - b) for a, b in zip(got[at:], reference[at:]))
+    print(f"max |loss - reference| over steps {at + 1}..{len(got)}: {worst:.1e}")  # (with -s)
+    assert worst < 1e-5, (got, reference)
 
 
 def launched(
