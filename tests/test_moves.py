@@ -3,27 +3,30 @@ another spelling of its path, and gives the loss curve it would have given unint
 identity is what is trained (settings, the global batch size, the model, the data), never where
 or how (output folder, strategy, world size, the split of the global batch).
 
-Every run here trains the tiny model for 8 steps at global batch 8 (4 per device x 2
-accumulation on one process, 4 x 1 on two), saving every step; a move copies a run folder's
-checkpoints up to some step elsewhere and resumes it under another strategy. The uninterrupted
-one-process run is the reference. The multi-process moves form one chain, so that each
-two-process run is both the target of one move and the source of the next:
+Every run here trains the tiny model for 10 steps at global batch 8 (4 per device x 2
+accumulation on one process, 4 x 1 on two, 2 x 1 on four), saving every step; a move copies a
+run folder's checkpoints up to some step elsewhere and resumes it under another strategy. The
+uninterrupted one-process run is the reference. The multi-process moves form one chain, so that
+each multi-process run is both the target of one move and the source of the next; every
+strategy and world size of the chain is written by one and read by another:
 
-    single (reference) -3-> DDP x2 -4-> FSDP2 x2 -5-> ZeRO-3 x2 -6-> ZeRO-2 x2
-                                        FSDP2 x2 -5-> single;   ZeRO-3 x2 -6-> single
-(-k-> : moved with the checkpoints up to step k, resumed from step k)."""
+    single (reference) -3-> DDP x2 -4-> FSDP2 x2 -5-> ZeRO-3 x2 -6-> ZeRO-2 x2 -7-> FSDP2 x4
+        -8-> ZeRO-3 x4 -9-> single;                 FSDP2 x2 -5-> single
+(-k-> : moved with the checkpoints up to step k, resumed from step k). The LoRA and DPO moves
+are in tests/test_qlora.py and tests/test_dpo.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
+import train_utils
 from train_utils import flags, losses, train
 
-K, STEPS = 3, 8
+K, STEPS = 3, 10
 BASE = [
     *flags(
         config="tiny_cpu.yaml",
@@ -37,20 +40,16 @@ BASE = [
 
 
 def args(nproc: int, steps: int = STEPS) -> list:
-    """Global batch 8 on 1 or 2 processes."""
-    return [*BASE, "--gradient_accumulation_steps", 2 // nproc, "--max_steps", steps]
+    """Global batch 8 on 1, 2 or 4 processes."""
+    per_device = min(4, 8 // nproc)
+    return [
+        *BASE,
+        *flags(per_device_train_batch_size=per_device, max_steps=steps),
+        *flags(gradient_accumulation_steps=8 // (per_device * nproc)),
+    ]
 
 
-def moved(src: Path, dst: Path, step: int = K) -> str:
-    """A copy of run folder `src` at `dst` holding its checkpoints up to `step` (and its metrics,
-    which a resume truncates to that step), returned as an odd spelling of its path."""
-    shutil.copytree(
-        src, dst, ignore=shutil.ignore_patterns("model", "ranks", "run.lock", "loss.png")
-    )
-    for ckpt in (dst / "checkpoints").iterdir():
-        if int(ckpt.name.split("-")[1]) > step:
-            shutil.rmtree(ckpt)
-    return f"{dst.parent}/./{dst.name}/"
+moved = partial(train_utils.moved, step=K)
 
 
 def resumed(strategy: str, nproc: int, out: str, at: int = K) -> list[float]:
@@ -60,10 +59,8 @@ def resumed(strategy: str, nproc: int, out: str, at: int = K) -> list[float]:
 
 
 def assert_same_curve(got: list[float], reference: list[float], at: int = K) -> None:
-    assert len(got) == len(reference) == STEPS
-    worst = max(abs(a - b) for a, b in zip(got[at:], reference[at:]))
-    print(f"max |loss - reference| over steps {at + 1}..{STEPS}: {worst:.1e}")  # (with -s)
-    assert worst < 1e-5, (got, reference)
+    assert len(got) == STEPS
+    train_utils.assert_same_curve(got, reference, at)
 
 
 @pytest.fixture(scope="module")
@@ -73,34 +70,38 @@ def reference(tmp_path_factory):
     return out
 
 
-def moved_on(src: Path, dst: Path, step: int, writer: str, strategy: str, nproc: int) -> Path:
-    """`src` (written by `writer`, "fsdp x 2") moved with its checkpoints up to `step` and
-    resumed under `strategy` x `nproc`, which says what moved."""
-    out = moved(src, dst, step)
-    res = train(strategy, nproc, Path(out), *args(nproc))
-    assert f"(step {step})" in res.stdout and "resumed from" in res.stdout, res.stdout[-2000:]
-    assert f"note: moved: written by {writer}, resumed by {strategy} x {nproc}" in res.stdout
-    return Path(out)
+# The chain of moves: (a strategy, its world size); each link resumes the one before it, moved
+# with its checkpoints up to the step given (the first link resumes the reference).
+CHAIN = [("ddp", 2), ("fsdp", 2), ("zero3", 2), ("zero2", 2), ("fsdp", 4), ("zero3", 4)]
 
 
 @pytest.fixture(scope="module")
-def ddp_run(reference, tmp_path_factory):
-    """The reference to step 3, then DDP x 2."""
-    return moved_on(reference, tmp_path_factory.mktemp("ddp") / "run", K, "single x 1", "ddp", 2)
+def chain(reference, tmp_path_factory):
+    """`chain(i)`: the run folder of link i (run on first use, with the links before it), which
+    resumed link i - 1 at step K + i and said what moved."""
+    runs = {-1: reference}
+
+    def run(i: int) -> Path:
+        if i not in runs:
+            source = run(i - 1)
+            writer = "single x 1" if i == 0 else "{} x {}".format(*CHAIN[i - 1])
+            strategy, nproc = CHAIN[i]
+            out = moved(source, tmp_path_factory.mktemp(f"link{i}") / "run", step=K + i)
+            res = train(strategy, nproc, Path(out), *args(nproc))
+            assert f"(step {K + i})" in res.stdout and "resumed from" in res.stdout, res.stdout
+            assert f"note: moved: written by {writer}, resumed by {strategy} x {nproc}" in (
+                res.stdout
+            )
+            runs[i] = Path(out)
+        return runs[i]
+
+    return run
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(ddp_run, tmp_path_factory):
-    """DDP x 2 to step 4, then FSDP2 x 2."""
-    return moved_on(ddp_run, tmp_path_factory.mktemp("fsdp") / "run", K + 1, "ddp x 2", "fsdp", 2)
-
-
-@pytest.fixture(scope="module")
-def zero3_run(fsdp_run, tmp_path_factory):
-    """FSDP2 x 2 to step 5, then ZeRO-3 x 2 (checkpoints 6.. are DeepSpeed's own)."""
-    return moved_on(
-        fsdp_run, tmp_path_factory.mktemp("zero3") / "run", K + 2, "fsdp x 2", "zero3", 2
-    )
+@pytest.mark.slow
+@pytest.mark.parametrize("link", range(len(CHAIN)), ids=lambda i: "{}x{}".format(*CHAIN[i]))
+def test_a_link_of_the_chain_continues_the_reference_curve(reference, chain, link):
+    assert_same_curve(losses(chain(link)), losses(reference), at=K + link)
 
 
 def test_moved_folder_and_another_spelling_resume_exactly(reference, tmp_path):
@@ -110,18 +111,8 @@ def test_moved_folder_and_another_spelling_resume_exactly(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_to_ddp_two(reference, ddp_run):
-    assert_same_curve(losses(ddp_run), losses(reference))
-
-
-@pytest.mark.slow
-def test_ddp_two_to_fsdp_two(reference, fsdp_run):
-    assert_same_curve(losses(fsdp_run), losses(reference), at=K + 1)
-
-
-@pytest.mark.slow
-def test_fsdp_two_to_one_process(reference, fsdp_run, tmp_path):
-    out = moved(fsdp_run, tmp_path / "m", step=K + 2)
+def test_fsdp_two_to_one_process(reference, chain, tmp_path):
+    out = moved(chain(1), tmp_path / "m", step=K + 2)
     assert_same_curve(resumed("single", 1, out, at=K + 2), losses(reference), at=K + 2)
 
 
@@ -167,14 +158,15 @@ def test_a_larger_max_steps_follows_the_new_schedule_from_the_next_step(referenc
     from transformers import get_scheduler
 
     out = Path(moved(reference, tmp_path / "m"))
-    train("single", 1, out, *args(1, steps=10))
+    longer = STEPS + 4
+    train("single", 1, out, *args(1, steps=longer))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    # steps 1..3 followed the 6-step schedule; from step 4 on, the 10-step one (warm-up
-    # ceil(0.1 x 10) = 1 step, cosine to 0 at step 10), with no step at a stale rate
+    # steps 1..3 followed the 10-step schedule; from step 4 on, the 14-step one (warm-up
+    # ceil(0.1 x 14) = 2 steps, cosine to 0 at step 14), with no step at a stale rate
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
-    sched = get_scheduler("cosine", opt, math.ceil(0.1 * 10), 10)
+    sched = get_scheduler("cosine", opt, math.ceil(0.1 * longer), longer)
     planned = []
-    for _ in range(10):
+    for _ in range(longer):
         planned.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
@@ -210,25 +202,22 @@ def test_identity_of_a_checkpoint_from_before_holds_its_global_batch():
 
 
 @pytest.mark.slow
-def test_fsdp_two_to_zero3_two(reference, zero3_run):
-    assert_same_curve(losses(zero3_run), losses(reference), at=K + 2)
-    assert (zero3_run / "checkpoints" / f"step-{STEPS:08d}" / "deepspeed").is_dir()
+def test_zero3_checkpoints_after_the_move_are_deepspeeds_own(chain):
+    assert (chain(2) / "checkpoints" / f"step-{STEPS:08d}" / "deepspeed").is_dir()
 
 
 @pytest.mark.slow
-def test_zero3_two_to_zero2_two(reference, zero3_run, tmp_path):
-    out = moved(zero3_run, tmp_path / "m", step=K + 3)
-    assert_same_curve(resumed("zero2", 2, out, at=K + 3), losses(reference), at=K + 3)
-    # the conversion DeepSpeed needed is gone; the checkpoint it read is as it was
-    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir()) == [
+def test_zero3_to_zero2_leaves_no_conversion_behind(chain):
+    # the conversion DeepSpeed needed is gone; the checkpoints it read are as they were
+    assert sorted(p.name for p in (chain(3) / "checkpoints").iterdir()) == [
         f"step-{s:08d}" for s in range(1, STEPS + 1)
     ]
 
 
 @pytest.mark.slow
-def test_zero3_two_to_one_process(reference, zero3_run, tmp_path):
-    out = moved(zero3_run, tmp_path / "m", step=K + 3)
-    assert_same_curve(resumed("single", 1, out, at=K + 3), losses(reference), at=K + 3)
+def test_zero3_four_to_one_process(reference, chain, tmp_path):
+    out = moved(chain(5), tmp_path / "m", step=K + 6)
+    assert_same_curve(resumed("single", 1, out, at=K + 6), losses(reference), at=K + 6)
 
 
 def test_an_adapter_checkpoint_under_deepspeed_is_refused_in_one_line(tmp_path):

@@ -237,6 +237,10 @@ class UniversalParams:
         if not path.is_file():
             raise ConfigError(f"{self.ckpt.path} holds no {key} for {name}: not this model's")
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(saved, dict):  # ZeRO-1/2's: the tensor with how its slices were joined
+            from deepspeed.checkpoint.constants import PARAM
+
+            saved = saved[PARAM]
         return fitted(self.ckpt, name, shape, saved)  # (ZeRO-3's are flat)
 
     def _states(self, name: str) -> dict:
@@ -246,6 +250,11 @@ class UniversalParams:
             return torch.load(self.zero / name, map_location="cpu")
 
     def step(self) -> float:
+        # ZeRO-1/2's converter writes each parameter's Adam step beside its moments; ZeRO-3's
+        # keeps the optimizer's state dict whole
+        steps = sorted(self.zero.glob("*/step.pt"))
+        if steps:
+            return float(torch.load(steps[0], map_location="cpu", weights_only=True))
         optim = self._states("optimizer_state.pt")["optimizer_state_dict"]
         return float(next(iter(optim["state"].values()))["step"])
 
@@ -273,7 +282,10 @@ def deepspeed_to_universal(ckpt: CheckpointFolder, out: Path) -> None:
         num_merge_workers=1,
         keep_temp_folder=False,
         strict=True,
-        inject_missing_state=False,
+        # ZeRO-1/2 checkpoints must carry the "universal checkpoint info" a client such as
+        # Megatron-DeepSpeed writes (its tensor/pipeline-parallel layout). camelid has neither
+        # parallelism, so DeepSpeed's default (a version only) is exactly this run's info.
+        inject_missing_state=True,
     )
     chatter = io.StringIO()  # its progress bars and prints
     with (
