@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from test_train import kill_when
-from train_utils import REPO, command, flags, losses, ranks, train
+from train_utils import (
+    REPO,
+    assert_same_curve,
+    command,
+    flags,
+    losses,
+    moved,
+    ranks,
+    train,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastchat_data.preference import build_preference_dataset, pair
@@ -169,11 +179,32 @@ def dpo_args(pairs, steps, accum):
     ]
 
 
+def dpo_run_args(pairs, accum):
+    """8 steps at global batch 4, saving (and keeping) every 2: the runs parity, kill and move
+    tests share."""
+    return [*dpo_args(pairs, 8, accum), *flags(save_steps=2, save_total_limit=0)]
+
+
 @pytest.fixture(scope="module")
 def one_process(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo-single")
-    train("single", 1, out, *dpo_args(pairs, 4, 2), recipe=DPO)
+    train("single", 1, out, *dpo_run_args(pairs, 2), recipe=DPO)
     return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(pairs, tmp_path_factory):
+    """`two_rank_run(strategy)`: 8 DPO steps on two ranks (run on first use), the parity run
+    against one process and the uninterrupted curve killed and moved runs must follow."""
+    runs = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            runs[strategy] = tmp_path_factory.mktemp(f"dpo-{strategy}") / "run"
+            train(strategy, 2, runs[strategy], *dpo_run_args(pairs, 1), recipe=DPO)
+        return runs[strategy]
+
+    return run
 
 
 def metric_rows(out):
@@ -206,25 +237,36 @@ def test_dpo_learns_and_logs_rewards(pairs, one_process):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
-def test_two_ranks_match_one_process(pairs, one_process, strategy, tmp_path):
-    train(strategy, 2, tmp_path, *dpo_args(pairs, 4, 1), recipe=DPO)
-    info = ranks(tmp_path)
+def test_two_ranks_match_one_process(pairs, one_process, two_rank_run, strategy):
+    out = two_rank_run(strategy)
+    info = ranks(out)
     assert [r["world_size"] for r in info] == [2, 2]
     assert not set(info[0]["sample_ids"]) & set(info[1]["sample_ids"])
-    ref, got = losses(one_process), losses(tmp_path)
+    ref, got = losses(one_process), losses(out)
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
 
 
 @pytest.mark.slow
-def test_kill_9_then_relaunch_continues_the_same_loss_curve(pairs, tmp_path):
-    args = [*dpo_args(pairs, 8, 1), "--save_steps", 2]
-    train("fsdp", 2, tmp_path / "straight", *args, recipe=DPO)
+def test_kill_9_then_relaunch_continues_the_same_loss_curve(pairs, two_rank_run, tmp_path):
+    args = dpo_run_args(pairs, 1)
     out = tmp_path / "killed"
     kill_when(command("fsdp", 2, out, *args, recipe=DPO), out / "metrics.jsonl", 5)
     res = train("fsdp", 2, out, *args, recipe=DPO)
     assert "resumed from" in res.stdout and "(step 4)" in res.stdout
     assert "reference log-probs: cached" in res.stdout  # never rescored from trained weights
-    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+    assert losses(out) == pytest.approx(losses(two_rank_run("fsdp")), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_dpo_run_moves_from_fsdp_two_to_one_process(pairs, two_rank_run, tmp_path):
+    """Policy, optimizer, data position and the cached reference log-probs written by FSDP2 x 2
+    resume in one process (2 per device x 2 accumulation: the same global batch)."""
+    straight = two_rank_run("fsdp")
+    out = Path(moved(straight, tmp_path / "moved", step=4))
+    res = train("single", 1, out, *dpo_run_args(pairs, 2), recipe=DPO)
+    assert "(step 4)" in res.stdout and "reference log-probs: cached" in res.stdout, res.stdout
+    assert "note: moved: written by fsdp x 2, resumed by single x 1" in res.stdout
+    assert_same_curve(losses(out), losses(straight), at=4)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])

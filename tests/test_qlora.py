@@ -13,11 +13,24 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import QLORA, REPO, command, env, flags, losses, ranks, train, with_assets
+from train_utils import (
+    QLORA,
+    REPO,
+    assert_same_curve,
+    command,
+    env,
+    flags,
+    losses,
+    moved,
+    ranks,
+    train,
+    with_assets,
+)
 
 from recipes import eval as evaluation
 from recipes.core import recipe
@@ -183,14 +196,26 @@ def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_sp
     print(res.stdout)
 
 
-@pytest.mark.slow
-def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_path):
-    args = [
+def qlora_run_args(llama_dir, zh_split) -> list:
+    """16 steps of QLoRA at global batch 8 (4 per device x 2 accumulation on one process)."""
+    return [
         *QLORA_TINY,
         *flags(model_name_or_path=llama_dir, data_path=zh_split[0]),
-        *flags(max_steps=16, save_steps=4, logging_steps=1),
+        *flags(max_steps=16, save_steps=4, save_total_limit=0, logging_steps=1),
     ]
-    train("ddp", 1, tmp_path / "whole", *args, recipe=QLORA)
+
+
+@pytest.fixture(scope="module")
+def qlora_whole(llama_dir, zh_split, tmp_path_factory):
+    """An uninterrupted one-process QLoRA run: the curve killed and moved runs must follow."""
+    out = tmp_path_factory.mktemp("qlora-whole") / "run"
+    train("ddp", 1, out, *qlora_run_args(llama_dir, zh_split), recipe=QLORA)
+    return out
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, qlora_whole, tmp_path):
+    args = qlora_run_args(llama_dir, zh_split)
     out = tmp_path / "killed"
     slowed = command("ddp", 1, out, *args, recipe=QLORA, faults={"step_delay": 0.4})
     proc = subprocess.Popen(
@@ -212,19 +237,24 @@ def test_resume_after_kill_9_continues_the_same_losses(llama_dir, zh_split, tmp_
     assert len((out / "metrics.jsonl").read_text().splitlines()) < 16
     res = train("ddp", 1, out, *args, recipe=QLORA)
     assert "resumed from" in res.stdout
-    assert losses(out) == losses(tmp_path / "whole")  # bit-identical
+    assert losses(out) == losses(qlora_whole)  # bit-identical
 
 
 @pytest.mark.slow
-def test_two_process_qlora_is_one_job_and_saves_real_weights(llama_dir, zh_split, tmp_path):
-    out = tmp_path / "ddp"
-    data = flags(model_name_or_path=llama_dir, data_path=zh_split[0])
-    steps = flags(max_steps=6, gradient_accumulation_steps=1)
-    train("ddp", 2, out, *QLORA_TINY, *data, *steps, recipe=QLORA)
-    r0, r1 = ranks(out)
+def test_a_qlora_run_moves_from_one_process_to_two(llama_dir, zh_split, qlora_whole, tmp_path):
+    """The adapter, its optimizer state and the data position, written by one process, resume
+    on two (4 per device x 1 accumulation: the same global batch) on the same curve: one job
+    whose ranks see different data, saving real adapter weights."""
+    out = moved(qlora_whole, tmp_path / "moved", step=8)
+    args = [*qlora_run_args(llama_dir, zh_split), *flags(gradient_accumulation_steps=1)]
+    res = train("ddp", 2, Path(out), *args, recipe=QLORA)
+    assert "(step 8)" in res.stdout, res.stdout
+    assert "note: moved: written by ddp x 1, resumed by ddp x 2" in res.stdout
+    assert_same_curve(losses(Path(out)), losses(qlora_whole), at=8)
+    r0, r1 = ranks(Path(out))
     assert r0["world_size"] == r1["world_size"] == 2
     assert not set(r0["sample_ids"]) & set(r1["sample_ids"])  # ranks see different data
-    assert verify_adapter(out / "adapter")["tensors"] == 28
+    assert verify_adapter(Path(out) / "adapter")["tensors"] == 28
 
 
 @pytest.mark.slow

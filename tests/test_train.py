@@ -46,21 +46,40 @@ def reference(tmp_path_factory):
     return out
 
 
+# Every two-rank run saves every 2 steps, keeping the newest 2: each is both the parity run
+# against one process and the uninterrupted curve a killed run of its strategy must follow.
+TWO_RANK_RUN = [*two_ranks(10), "--save_steps", 2, "--save_total_limit", 2]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """`two_rank_run(strategy)`: the run folder of 10 steps on two ranks (run on first use)."""
+    runs = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            runs[strategy] = tmp_path_factory.mktemp(strategy) / "run"
+            train(strategy, 2, runs[strategy], *TWO_RANK_RUN)
+        return runs[strategy]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-def test_two_ranks_match_one_process(strategy, reference, tmp_path):
-    train(strategy, 2, tmp_path, *two_ranks(10))
+def test_two_ranks_match_one_process(strategy, reference, two_rank_run):
+    out = two_rank_run(strategy)
     # a real 2-rank job whose ranks trained on different samples
-    info = ranks(tmp_path)
+    info = ranks(out)
     assert [r["world_size"] for r in info] == [2, 2] and [r["rank"] for r in info] == [0, 1]
     assert not set(info[0]["sample_ids"]) & set(info[1]["sample_ids"])
-    ref, got = losses(reference), losses(tmp_path)
+    ref, got = losses(reference), losses(out)
     assert len(got) == 10 and ref[-1] < ref[0]
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
     # the exported folder is a plain HF model that gives the same logits
-    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert (out / "model" / "model.safetensors").exists()
     torch.testing.assert_close(
-        logits(tmp_path / "model"), logits(reference / "model"), atol=1e-4, rtol=1e-4
+        logits(out / "model"), logits(reference / "model"), atol=1e-4, rtol=1e-4
     )
 
 
@@ -94,19 +113,18 @@ def kill_when(cmd, metrics, step):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_kill_9_then_relaunch_continues_the_same_loss_curve(strategy, tmp_path):
-    args = [*two_ranks(8), "--save_steps", 2, "--save_total_limit", 2]
-    train(strategy, 2, tmp_path / "straight", *args)
+def test_kill_9_then_relaunch_continues_the_same_loss_curve(strategy, two_rank_run, tmp_path):
+    straight = two_rank_run(strategy)
     out = tmp_path / "killed"
-    slowed = command(strategy, 2, out, *args, faults={"step_delay": 0.5})
+    slowed = command(strategy, 2, out, *TWO_RANK_RUN, faults={"step_delay": 0.5})
     kill_when(slowed, out / "metrics.jsonl", 5)  # between saves (steps 4 and 6)
     assert [p.name for p in complete_checkpoints(out)][-1] == "step-00000004"
-    res = train(strategy, 2, out, *args)
+    res = train(strategy, 2, out, *TWO_RANK_RUN)
     assert "resumed from" in res.stdout and "(step 4)" in res.stdout
-    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+    assert losses(out) == pytest.approx(losses(straight), abs=1e-6)
     assert len(complete_checkpoints(out)) == 2  # save_total_limit
     torch.testing.assert_close(
-        logits(out / "model"), logits(tmp_path / "straight" / "model"), atol=1e-5, rtol=1e-5
+        logits(out / "model"), logits(straight / "model"), atol=1e-5, rtol=1e-5
     )
 
 

@@ -157,9 +157,8 @@ def moved(src: Path, dst: Path, step: int) -> str:
     run that moves to another machine, strategy or world size starts from."""
     import shutil
 
-    shutil.copytree(
-        src, dst, ignore=shutil.ignore_patterns("model", "adapter", "ranks", "run.lock", "loss.png")
-    )
+    exports = {"model", "adapter", "ranks", "run.lock", "loss.png"}  # (checkpoints hold an adapter)
+    shutil.copytree(src, dst, ignore=lambda d, names: exports & set(names) if d == str(src) else [])
     for ckpt in (dst / "checkpoints").iterdir():
         if int(ckpt.name.split("-")[1]) > step:
             shutil.rmtree(ckpt)
