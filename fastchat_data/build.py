@@ -14,8 +14,10 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .formats import check_format, iter_conversations
 from .io import (
@@ -32,6 +34,7 @@ from .schema import Conversation, DataError, Message, SkipRecord, check_count, v
 from .templates import SeparatorTemplate, check_template_name
 from .tokenize import ConversationTokenizer
 
+T = TypeVar("T")
 CACHE_VERSION = "2"  # bump when the encoding itself changes
 
 
@@ -87,7 +90,9 @@ def load_tokenizer(tokenizer):
         raise DataError(str(tokenizer), "--tokenizer", f"cannot be loaded: {first}") from None
 
 
-def _rows(conv: Conversation) -> dict:
+def raw_row(conv: Conversation) -> dict:
+    """A conversation as a `datasets` row before tokenizing (a preference pair adds its two
+    replies to its prompt's)."""
     return {
         "id": conv.id,
         "system": conv.system,
@@ -216,14 +221,29 @@ def copy_out(cached: Path, out: str, report: Report) -> None:
     report.notes["out"] = str(out)
 
 
-def read_trainable(paths: list[str], report: Report, fmt: str | None = None):
-    """Conversations from `paths` that pass `validate`; the rest are counted in `report`."""
+def read_valid(
+    paths: list[str],
+    report: Report,
+    fmt: str | None,
+    *,
+    iterate: Callable[[str, Report, str | None], Iterable[tuple[str, T]]],
+    check: Callable[[T], T],
+) -> Iterator[T]:
+    """What `iterate` reads from `paths` (conversations, preference pairs) that passes
+    `check`; the rest are counted in `report` (under --strict, the first is raised)."""
     for path in paths:
-        for where, conv in iter_conversations(path, report, fmt):
+        for where, item in iterate(path, report, fmt):
             try:
-                yield validate(conv)
+                yield check(item)
             except SkipRecord as e:
                 report.skip(path, where, e)
+
+
+def read_trainable(
+    paths: list[str], report: Report, fmt: str | None = None
+) -> Iterator[Conversation]:
+    """Conversations from `paths` that pass `validate`; the rest are counted in `report`."""
+    return read_valid(paths, report, fmt, iterate=iter_conversations, check=validate)
 
 
 MIN_PARALLEL = 1025  # fewer conversations are tokenized in one process (start-up costs more)
@@ -451,7 +471,7 @@ def build_dataset(
         encoder,
         template,
         key,
-        lambda report: [_rows(c) for c in read_trainable(paths, report, fmt)],
+        lambda report: [raw_row(c) for c in read_trainable(paths, report, fmt)],
         _encode_rows,
         {},
         _features(),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .build import TokenizedSet, check_tokenizer, checked_start
+from .build import TokenizedSet, check_tokenizer, checked_start, raw_row, read_valid
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -277,12 +277,7 @@ def read_pairs(
     paths: list[str], report: Report, fmt: str | None = None
 ) -> Iterator[PreferencePair]:
     """Pairs from `paths` that pass `validate_pair`; the rest are counted in `report`."""
-    for path in paths:
-        for where, pair in iter_pairs(path, report, fmt):
-            try:
-                yield validate_pair(pair)
-            except SkipRecord as e:
-                report.skip(path, where, e)
+    return read_valid(paths, report, fmt, iterate=iter_pairs, check=validate_pair)
 
 
 # -- writers ---------------------------------------------------------------------------------
@@ -407,14 +402,8 @@ NO_PAIRS = "no preference pair is usable"
 
 
 def _raw_row(pair: PreferencePair) -> dict:
-    return {
-        "id": pair.id,
-        "system": pair.system,
-        "roles": [m.role for m in pair.prompt],
-        "contents": [m.content for m in pair.prompt],
-        "chosen": pair.chosen,
-        "rejected": pair.rejected,
-    }
+    prompt = Conversation(pair.id, pair.prompt, pair.system)
+    return {**raw_row(prompt), "chosen": pair.chosen, "rejected": pair.rejected}
 
 
 def _features():

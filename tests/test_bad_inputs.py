@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 import pytest
 from forked import fork_servers
+from records import GLAIVE_TURNS, sharegpt, sharegpt_turns
 from train_utils import flags
 
 from fastchat_data.build import build_dataset
@@ -30,14 +31,6 @@ from fastchat_data.schema import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def sharegpt(*turns, **extra) -> dict:
-    names = ["human", "gpt"]
-    return {
-        **extra,
-        "conversations": [{"from": names[i % 2], "value": t} for i, t in enumerate(turns)],
-    }
 
 
 GOOD = [sharegpt("Who are you?", "I am Camelid."), sharegpt("Hi", "Hello!", "Again?", "Sure.")]
@@ -63,20 +56,7 @@ BAD_TEMPLATE_YAML = b"system: Be brief.\nuser: USER\nassistent: ASSISTANT\n"
 DEEP = b"[" + b"[" * 100_000 + b"]" * 100_000 + b"]"
 # half of an emoji, escaped: valid JSON, not a character
 LONE_SURROGATE = js([sharegpt("hi HALF", "x")]).replace(b"HALF", b"\\ud83d")
-GLAIVE = js(
-    [
-        {
-            "conversations": [
-                {"from": "human", "value": "Weather in Paris?"},
-                {"from": "function_call", "value": '{"name": "weather"}'},
-                {"from": "observation", "value": "sunny"},
-                {"from": "gpt", "value": "Sunny."},
-            ],
-            "tools": '[{"name": "weather"}]',
-            "score": 3,
-        }
-    ]
-)
+GLAIVE = js([sharegpt_turns(*GLAIVE_TURNS, tools='[{"name": "weather"}]', score=3)])
 ALPACA = js([{"instruction": "Add", "input": "2 and 3", "output": "5"}])
 LONG = js([sharegpt("q", "a " * 3000, system="Be brief.")])
 

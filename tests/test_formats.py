@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from records import sharegpt, sharegpt_turns
 
 from fastchat_data import commands
 from fastchat_data.formats import iter_conversations, to_messages, to_sharegpt
@@ -66,15 +67,13 @@ def test_sharegpt_aliases_system_turn_and_tools(tmp_path):
                     {"from": "assistant", "value": "a"},
                 ],
             },
-            {
-                "conversations": [
-                    {"from": "human", "value": "h"},
-                    {"from": "function_call", "value": "{}"},
-                    {"from": "observation", "value": "r"},
-                    {"from": "gpt", "value": "g"},
-                ],
-                "tools": "[]",
-            },
+            sharegpt_turns(
+                ("human", "h"),
+                ("function_call", "{}"),
+                ("observation", "r"),
+                ("gpt", "g"),
+                tools="[]",
+            ),
         ],
         lines=True,
     )
@@ -126,11 +125,11 @@ def test_bad_records_are_counted_with_reasons_or_raised_under_strict(tmp_path):
         tmp_path,
         "s.json",
         [
-            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-            {"conversations": [{"from": "narrator", "value": "q"}]},
-            {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
-            {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]},
-            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+            sharegpt("q", "a"),
+            sharegpt_turns(("narrator", "q")),
+            sharegpt(3, "a"),
+            sharegpt_turns(("human", "q"), ("human", "q")),
+            sharegpt("q", "  "),
             "not an object",
         ],
     )
@@ -278,14 +277,7 @@ def test_reports_describe_each_input_and_every_lossy_conversion(tmp_path, data_d
 
 
 def test_sample_reports_the_sample(tmp_path):
-    src = write(
-        tmp_path,
-        "s.json",
-        [
-            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-            {"conversations": [{"from": "gpt", "value": "leading reply"}]},
-        ],
-    )
+    src = write(tmp_path, "s.json", [sharegpt("q", "a"), sharegpt_turns(("gpt", "leading reply"))])
     rep = commands.sample(str(src), str(tmp_path / "o.json"), n=1, seed=0)
     picked = json.loads((tmp_path / "o.json").read_text())[0]
     untrainable = picked["conversations"][0]["from"] == "gpt"

@@ -33,6 +33,18 @@ def offline_env(cache: Path) -> dict:
     return env
 
 
+def run_eval(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    """`python -m recipes.eval ARGS` from the repository, offline, with its cache in `cache`."""
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.eval", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=offline_env(cache),
+        timeout=600,
+    )
+
+
 @pytest.fixture(scope="module")
 def adapter(llama_dir, tmp_path_factory) -> Path:
     """A peft LoRA adapter folder for the tiny Llama, as training exports it (with the
@@ -101,27 +113,18 @@ def test_items_from_shared_data(data_dir, tmp_path):
 def test_cli_model_and_adapter(llama_dir, adapter, data_dir, tmp_path):
     """The exported model and base + adapter, perplexity and lm-eval side by side."""
     out = tmp_path / "eval.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.eval",
-            *flags(
-                model=str(llama_dir),
-                adapter=str(adapter),
-                data=str(data_dir / "fastchat_dummy_conversation.json"),
-                max_samples="4",
-                lm_eval="camelid_alpaca_mc",
-                lm_eval_limit=str(LIMIT),
-                out=str(out),
-                lm_eval_data=str(data_dir),
-            ),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=offline_env(tmp_path / "cache"),
-        timeout=600,
+    res = run_eval(
+        flags(
+            model=str(llama_dir),
+            adapter=str(adapter),
+            data=str(data_dir / "fastchat_dummy_conversation.json"),
+            max_samples="4",
+            lm_eval="camelid_alpaca_mc",
+            lm_eval_limit=str(LIMIT),
+            out=str(out),
+            lm_eval_data=str(data_dir),
+        ),
+        tmp_path / "cache",
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "mean ppl" in res.stdout  # the perplexity table is still there
@@ -181,14 +184,7 @@ def test_task_errors(llama_dir, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown lm-eval task.*no_such_task.*camelid_alpaca_mc"):
         harness.task_manager(["camelid_alpaca_mc", "no_such_task"], data_dir, tmp_path)
     # a built-in task needs the hub: a clear error before any model is loaded, exit code 2
-    res = subprocess.run(
-        [sys.executable, "-m", "recipes.eval", "--model", str(llama_dir), "--lm_eval", "arc_easy"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=offline_env(tmp_path / "cache"),
-        timeout=600,
-    )
+    res = run_eval(["--model", str(llama_dir), "--lm_eval", "arc_easy"], tmp_path / "cache")
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert "arc_easy" in res.stderr and "hub" in res.stderr, res.stderr[-3000:]
     assert "Loading weights" not in res.stderr  # failed before the model was loaded

@@ -1,14 +1,12 @@
 """What a newcomer tries first: every entry point answers --help, lists its options, and writes
 nothing (no run folder, no cache, no data), from a folder of their own. One interpreter runs
-them all in-process (each `main` is what `python -m ...` runs), to keep it cheap."""
+them all in-process (tests/help_probe.py), to keep it cheap."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
+from help_probe import helps
 from train_utils import REPO
 
 # module (as `python -m` runs it, or a recipe script's module), an option its help must list
@@ -34,20 +32,6 @@ ENTRY_POINTS = {
     "fastchat_data.cli": "convert",
 }
 
-PROBE = """
-import contextlib, importlib, io, json, sys
-results = {}
-for name, expect in json.loads(sys.argv[1]).items():
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            code = importlib.import_module(name).main(["--help"])
-    except SystemExit as e:
-        code = e.code
-    results[name] = [code, expect in out.getvalue(), out.getvalue()[-300:]]
-print(json.dumps(results))
-"""
-
 
 def snapshot(*folders) -> set:
     return {str(p) for folder in folders if folder.exists() for p in folder.rglob("*")}
@@ -64,17 +48,9 @@ def test_every_entry_point_answers_help_and_writes_nothing(tmp_path):
         "CAMELID_CACHE": str(home / "cache"),
         "PYTHONPATH": str(REPO),
     }
-    res = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(ENTRY_POINTS)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads(res.stdout.strip().splitlines()[-1])
-    for name, (code, listed, tail) in results.items():
-        assert code in (0, None) and listed, f"{name}: exit {code}, help: {tail}"
+    results = helps(list(ENTRY_POINTS), cwd=cwd, env=env)
+    for name, (code, text) in results.items():
+        listed = ENTRY_POINTS[name] in text
+        assert code in (0, None) and listed, f"{name}: exit {code}, help: {text[-300:]}"
     assert not list(cwd.iterdir()) and not snapshot(home), "--help wrote files"
     assert snapshot(REPO / "runs", REPO / ".cache" / "demo") == before

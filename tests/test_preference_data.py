@@ -47,6 +47,27 @@ def msgs(*pairs):
     return [Message(r, c) for r, c in pairs]
 
 
+# a three-turn prompt in the messages shape, which several records below share
+Q1_A1_Q2 = [
+    {"role": "user", "content": "q1"},
+    {"role": "assistant", "content": "a1"},
+    {"role": "user", "content": "q2"},
+]
+
+
+def llamafactory_pair(turns: list[str], chosen: str, rejected: str, system: str) -> dict:
+    """A LlamaFactory ShareGPT pair: `turns` alternate human and gpt, the replies are gpt
+    messages (the shape's fullest form)."""
+    return {
+        "conversations": [
+            {"from": ("human", "gpt")[i % 2], "value": text} for i, text in enumerate(turns)
+        ],
+        "chosen": {"from": "gpt", "value": chosen},
+        "rejected": {"from": "gpt", "value": rejected},
+        "system": system,
+    }
+
+
 # -- shapes ----------------------------------------------------------------------------------
 
 
@@ -64,11 +85,7 @@ def test_shape_pairs_strings_with_system_and_alpaca_fields(tmp_path):
             {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
             {"instruction": "Add", "input": "2 and 2", "chosen": "4", "rejected": "22"},
             {
-                "prompt": [
-                    {"role": "user", "content": "q1"},
-                    {"role": "assistant", "content": "a1"},
-                    {"role": "user", "content": "q2"},
-                ],
+                "prompt": Q1_A1_Q2,
                 "chosen": "good",
                 "rejected": "bad",
             },
@@ -122,16 +139,7 @@ def test_shape_sharegpt_llamafactory(tmp_path):
     src = write(
         tmp_path / "lf.json",
         [
-            {
-                "conversations": [
-                    {"from": "human", "value": "Hi"},
-                    {"from": "gpt", "value": "Hello"},
-                    {"from": "human", "value": "Joke?"},
-                ],
-                "chosen": {"from": "gpt", "value": "A pun."},
-                "rejected": {"from": "gpt", "value": "No."},
-                "system": "Be fun.",
-            },
+            llamafactory_pair(["Hi", "Hello", "Joke?"], "A pun.", "No.", "Be fun."),
             {"conversations": [{"from": "human", "value": "Q"}], "chosen": "yes", "rejected": "no"},
         ],
     )
@@ -157,11 +165,7 @@ def test_convert_pairs_round_trips_through_every_shape(tmp_path):
             {"id": "a", "system": "S", "prompt": "q", "chosen": "c", "rejected": "r"},
             {
                 "id": "b",
-                "prompt": [
-                    {"role": "user", "content": "q1"},
-                    {"role": "assistant", "content": "a1"},
-                    {"role": "user", "content": "q2"},
-                ],
+                "prompt": Q1_A1_Q2,
                 "chosen": "c2",
                 "rejected": "r2",
             },
@@ -328,24 +332,16 @@ def test_pair_real_alpaca_files(tmp_path, data_dir):
     assert len(pairs) == 844 and rep2.dropped_total == 0
     # the same seed holds out the same pairs; another seed others
     held2 = tmp_path / "held2.json"
-    pair(
-        str(data_dir / GPT4),
-        str(data_dir / DAVINCI),
-        str(tmp_path / "t2.json"),
-        heldout=100,
-        heldout_out=str(held2),
-        seed=0,
-    )
-    assert json.loads(held2.read_text()) == ho
-    pair(
-        str(data_dir / GPT4),
-        str(data_dir / DAVINCI),
-        str(tmp_path / "t3.json"),
-        heldout=100,
-        heldout_out=str(held2),
-        seed=1,
-    )
-    assert json.loads(held2.read_text()) != ho
+    for seed, same in ((0, True), (1, False)):
+        pair(
+            str(data_dir / GPT4),
+            str(data_dir / DAVINCI),
+            str(tmp_path / f"t{seed}.json"),
+            heldout=100,
+            heldout_out=str(held2),
+            seed=seed,
+        )
+        assert (json.loads(held2.read_text()) == ho) == same
 
 
 def test_pair_options_and_unmatched(tmp_path):
@@ -475,16 +471,12 @@ def test_multi_turn_rows_train_only_the_final_reply(tmp_path, tokenizers):
     src = write(
         tmp_path / "lf.json",
         [
-            {
-                "conversations": [
-                    {"from": "human", "value": "Hi there"},
-                    {"from": "gpt", "value": "Hello, how can I help?"},
-                    {"from": "human", "value": "Tell me a joke."},
-                ],
-                "chosen": {"from": "gpt", "value": "Why did the chicken cross the road?"},
-                "rejected": {"from": "gpt", "value": "No."},
-                "system": "Be fun.",
-            },
+            llamafactory_pair(
+                ["Hi there", "Hello, how can I help?", "Tell me a joke."],
+                "Why did the chicken cross the road?",
+                "No.",
+                "Be fun.",
+            ),
             {
                 "conversations": [{"from": "human", "value": "What is the capital of France?"}],
                 "chosen": "Paris.",

@@ -6,7 +6,6 @@ written, in a fresh folder; the rest are listed with why they are not run here."
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from help_probe import helps
 from train_utils import REPO
 
 README = REPO / "README.md"
@@ -79,22 +79,6 @@ def makefile_variables() -> set[str]:
     return set(re.findall(r"\$\((\w+)\)", text)) | set(re.findall(r"^(\w+)\s*\??=", text, re.M))
 
 
-HELP = """
-import contextlib, importlib, io, json, sys
-out = {}
-for name in json.loads(sys.argv[1]):
-    module, *command = name.split()
-    text = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(text):
-            importlib.import_module(module).main([*command, "--help"])
-    except SystemExit:
-        pass
-    out[name] = text.getvalue()
-print(json.dumps(out))
-"""
-
-
 def cheap(command: str) -> bool:
     """Runs in seconds on this machine and reads nothing of the user's."""
     if any(p in command for p in PLACEHOLDERS) or ">" in command.replace("->", ""):
@@ -107,16 +91,7 @@ def test_readme_commands_name_what_exists_and_the_cheap_ones_run(tmp_path):
     assert len(commands) >= 20, "the README's bash blocks were not found"
     modules = sorted({m for c in commands if (m := entry_point(shlex.split(c))[0])})
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path / "home")}
-    res = subprocess.run(
-        [sys.executable, "-c", HELP, json.dumps(modules)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    helps = json.loads(res.stdout.strip().splitlines()[-1])
+    help_texts = {name: text for name, (_, text) in helps(modules, cwd=tmp_path, env=env).items()}
     targets, variables = makefile_targets(), makefile_variables()
     problems, ran, not_run = [], [], []
     for command in commands:
@@ -134,13 +109,13 @@ def test_readme_commands_name_what_exists_and_the_cheap_ones_run(tmp_path):
         if module is None:
             problems.append(f"{command}: not a python, accelerate or make command")
             continue
-        if not helps.get(module):
+        if not help_texts.get(module):
             problems.append(f"{command}: {module} printed no --help")
             continue
         if "--" in args:  # launch.train passes what follows `--` to the recipe
             args = args[: args.index("--")]
         for option in options(args):
-            if option not in helps[module]:
+            if option not in help_texts[module]:
                 problems.append(f"{command}: {module} has no option {option}")
         if cheap(command):
             argv = [sys.executable, "-m", *module.split(), *(a.strip("[]") for a in args)]

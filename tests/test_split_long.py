@@ -13,15 +13,7 @@ from hypothesis import strategies as st
 from fastchat_data.clean import clean
 from fastchat_data.formats import iter_conversations, to_sharegpt
 from fastchat_data.report import Report
-from fastchat_data.schema import (
-    ASSISTANT,
-    TOOL,
-    USER,
-    Conversation,
-    DataError,
-    Message,
-    SkipRecord,
-)
+from fastchat_data.schema import ASSISTANT, TOOL, USER, Conversation, DataError, Message, SkipRecord
 from fastchat_data.split_long import plan_chunks, split_long
 from fastchat_data.templates import TEMPLATES
 from fastchat_data.tokenize import IGNORE_INDEX, ConversationTokenizer, Encoded

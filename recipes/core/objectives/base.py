@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from ..config import ConfigError
+
 
 class Objective(Protocol):
     name: str  # the registry key, and what --objective / a recipe names
@@ -43,3 +45,22 @@ class Objective(Protocol):
 
     def describe(self, cfg) -> str:
         """A few words for the start-up line ("DPO (sigmoid, beta 0.1), ")."""
+
+
+# Refusals more than one objective's `check` makes, each worded once.
+
+
+def refuse_packing(cfg, batches: str) -> None:
+    """Refuse --packing for an objective whose units are not single rows; `batches` says what
+    it batches instead ("DPO batches pairs of rows")."""
+    if cfg.packing:
+        raise ConfigError(f"{batches}; it does not pack (--packing False)")
+
+
+def refuse_other_peft(cfg, trains: str) -> None:
+    """Refuse a --peft_method other than none or lora; `trains` says what the recipe trains
+    ("the reward recipe trains the full model or a LoRA / QLoRA adapter")."""
+    if cfg.peft_method not in ("none", "lora"):
+        raise ConfigError(
+            f"{trains}; --peft_method {cfg.peft_method} is not supported (none or lora)"
+        )

@@ -26,6 +26,7 @@ from ..config import ConfigError, data_paths
 from ..data import built_by_rank0_first, pad_token_id
 from ..logging import progress, took
 from ..preference import PairData, pair_loss_share, sequence_logps
+from .base import refuse_packing
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
 REFERENCE = "reference-{key}.safetensors"  # beside the cached, tokenized pairs
@@ -178,8 +179,7 @@ class DPO:
     rows_per_unit = 2
 
     def check(self, cfg) -> None:
-        if cfg.packing:
-            raise ConfigError("DPO batches pairs of rows; it does not pack (--packing False)")
+        refuse_packing(cfg, "DPO batches pairs of rows")
 
     def data(self, cfg, tokenizer, world) -> PairData:
         """Rank 0 tokenizes the pairs (or finds them cached); the others then read the cache."""

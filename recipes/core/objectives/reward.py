@@ -22,6 +22,7 @@ from fastchat_data.options import option
 from ..config import ConfigError
 from ..data import pad_token_id
 from ..preference import PairData, pair_loss_share
+from .base import refuse_other_peft, refuse_packing
 from .dpo import DPO
 
 
@@ -90,15 +91,11 @@ class Reward(DPO):
     peft_task = "SEQ_CLS"  # an adapter (--peft_method lora) trains the new score head whole
 
     def check(self, cfg) -> None:
-        if cfg.packing:
-            raise ConfigError(
-                "a reward model scores pairs of rows; it does not pack (--packing False)"
-            )
-        if cfg.peft_method not in ("none", "lora"):
-            raise ConfigError(
-                f"the reward recipe trains the full model or a LoRA / QLoRA adapter with its "
-                f"score head; --peft_method {cfg.peft_method} is not supported (none or lora)"
-            )
+        refuse_packing(cfg, "a reward model scores pairs of rows")
+        refuse_other_peft(
+            cfg,
+            "the reward recipe trains the full model or a LoRA / QLoRA adapter with its score head",
+        )
 
     def data(self, cfg, tokenizer, world) -> PairData:
         data = super().data(cfg, tokenizer, world)
