@@ -397,7 +397,7 @@ def grpo_single(arithmetic, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_grpo_two_ranks_match_one_process(arithmetic, grpo_single, strategy, tmp_path):
     """Each prompt is sampled from its own seed, whichever rank holds it: 2 ranks sample what
     one process samples and take the same steps (FSDP2: generation through its hooks, every
