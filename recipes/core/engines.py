@@ -29,7 +29,7 @@ import torch
 
 from .config import ConfigError
 from .ds_config import deepspeed_config
-from .loading import fill_sharded
+from .loading import fill_sharded, load_model
 from .logging import PHASES
 from .run_folder import CheckpointFolder
 from .safe_load import dcp_load, deepspeed_loads_weights_only
@@ -585,8 +585,6 @@ class DeepSpeedEngine:
         if not self.strategy.shards_params:
             return whole_frozen_copy(model_path, self.cfg, self.world.device)
         import deepspeed
-
-        from .loading import load_model
 
         model = load_model(model_path, self.cfg, self.world).requires_grad_(False)
         config = copy.deepcopy(self.ds_config)
