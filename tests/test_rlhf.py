@@ -415,9 +415,10 @@ def assert_same_steps(a: dict, b: dict, steps) -> None:
 
 
 @pytest.mark.slow
-def test_grpo_zero3_resumes_exactly(arithmetic, grpo_single, tmp_path):
+def test_grpo_zero3_relaunched_takes_the_same_steps(arithmetic, grpo_single, tmp_path):
     """2 steps under ZeRO-3 on 2 ranks, then a relaunch to 3: DeepSpeed's checkpoint and the
-    step's sampling seeds continue the run that one process takes straight."""
+    step's sampling seeds continue the run that one process takes straight (within 1e-4; a
+    straight ZeRO-3 run, measured once, gives bitwise the same metrics and weights)."""
     args = ("--advantage", "rloo", "--beta", "0.04")
     train("zero3", 2, tmp_path, *grpo_args(arithmetic, 2, 1, *args), recipe=GRPO_SCRIPT)
     res = train("zero3", 2, tmp_path, *grpo_args(arithmetic, 3, 1, *args), recipe=GRPO_SCRIPT)
