@@ -19,6 +19,7 @@ DeepSpeed's own files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 
 from .config import ConfigError
 from .ds_config import deepspeed_config
-from .loading import fill_sharded
+from .loading import fill_sharded, load_model
 from .logging import PHASES
 from .run_folder import CheckpointFolder
 from .safe_load import dcp_load, deepspeed_loads_weights_only
@@ -448,6 +449,11 @@ class TorchEngine:
         )
         self.scheduler.load_state_dict(source.scheduler())
 
+    def frozen_copy(self, model_path: str) -> torch.nn.Module:
+        """The starting model, frozen, to score with (GRPO's KL reference): a whole copy on
+        every rank (under FSDP2 too: it is not sharded)."""
+        return whole_frozen_copy(model_path, self.cfg, self.world.device)
+
     def full_state_dict(self, trainable_only: bool = False) -> dict:
         """The whole model (or its trained parameters: an adapter, never under FSDP) on rank 0's
         CPU, gathered layer by layer (never whole on a GPU)."""
@@ -457,6 +463,15 @@ class TorchEngine:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.module, options=opts)
         return replicated_state_dict(self.module, self.world, trainable_only)
+
+
+def whole_frozen_copy(model_path: str, cfg, device: torch.device) -> torch.nn.Module:
+    """The model at `model_path` whole on `device`, in eval mode and without gradients."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def replicated_state_dict(module, world: World, trainable_only: bool) -> dict:
@@ -572,6 +587,24 @@ class DeepSpeedEngine:
             state["step"] = torch.tensor(step)
         self.model.global_steps = int(step)
         self.scheduler.load_state_dict(source.scheduler())
+
+    def frozen_copy(self, model_path: str) -> torch.nn.Module:
+        """The starting model, frozen, to score with (GRPO's KL reference). ZeRO-3: loaded
+        partitioned, as the policy is, into a DeepSpeed engine without an optimizer, whose
+        hooks gather each layer for its forward (TRL's prepare_deepspeed does the same): no
+        rank holds a second whole model. Its forwards are collective, like the policy's.
+        ZeRO-2: every rank holds the policy whole, and the copy whole too."""
+        if not self.strategy.shards_params:
+            return whole_frozen_copy(model_path, self.cfg, self.world.device)
+        import deepspeed
+
+        model = load_model(model_path, self.cfg, self.world).requires_grad_(False)
+        config = copy.deepcopy(self.ds_config)
+        # no optimizer: an offload_optimizer block would have DeepSpeed build one for nothing
+        config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()  # (DeepSpeed's eval() returns None, not the engine)
+        return engine
 
     def full_state_dict(self, trainable_only: bool = False) -> dict:
         """ZeRO-3: parameters gathered one by one in 16 bit (the model's dtype) onto rank 0's

@@ -18,10 +18,13 @@ Sampling is reproducible without saving any generator: the completions of prompt
 are drawn from a generator seeded by (seed, s, p), so a resumed run (its step is in the
 checkpoint, and step s always trains the same prompts: recipes/core/data.py) samples exactly
 what the uninterrupted run sampled, and so do 1 process and N ranks (each prompt is sampled on
-its own, whichever rank holds it). Generation calls the engine's module with HF `generate`:
-single process, DDP, and FSDP2 (each decoding step gathers the layers through FSDP2's hooks,
-and `synced_gpus` keeps a rank whose completions stopped stepping with the others); DeepSpeed
-is refused. The reference (beta > 0) is a whole unsharded copy on every rank.
+its own, whichever rank holds it). Generation calls the engine's module with HF `generate`
+under every strategy: single process, DDP, ZeRO-2 (every rank holds the whole model), FSDP2
+and ZeRO-3 (each decoding step gathers the layers one by one through the engine's own hooks,
+and `synced_gpus` keeps a rank whose completions stopped stepping with the others; see
+GRPO.generate for why not a whole-model gather). The reference (beta > 0): under ZeRO-3 a
+partitioned copy in a DeepSpeed engine of its own, otherwise a whole copy on every rank
+(engine.frozen_copy).
 """
 
 from __future__ import annotations
@@ -232,16 +235,6 @@ def sample_seed(seed: int, step: int, unit: int) -> int:
     return int(np.random.SeedSequence([seed, step, unit]).generate_state(1)[0])
 
 
-def check_strategy(strategy) -> None:
-    """Generation calls the engine's module: the torch engines' (single, DDP, FSDP2, whose
-    hooks gather each layer for every decoding step); DeepSpeed's is not wired."""
-    if strategy.engine != "torch":
-        raise ConfigError(
-            f"GRPO generates with the torch engines: strategy {strategy.name} is not "
-            "supported (use single, ddp or fsdp)"
-        )
-
-
 class GRPO:
     name = "grpo"
     section = GRPOArgs
@@ -268,16 +261,11 @@ class GRPO:
 
         if cfg.reward_funcs:  # required to train (data() says so), not to print a config
             load_reward_funcs(cfg.reward_funcs)  # a bad name: now, before anything loads
-        if cfg.strategy != "auto":
-            from .. import parallel
-
-            check_strategy(parallel.get(cfg.strategy))
 
     def data(self, cfg, tokenizer, world) -> PromptData:
         from fastchat_data.schema import USER, Conversation, Message
         from fastchat_data.tokenize import ConversationTokenizer
 
-        check_strategy(world.strategy)  # as resolved from --strategy auto
         from ..rewards import load_reward_funcs
 
         self.reward_funcs = load_reward_funcs(cfg.reward_funcs)
@@ -306,18 +294,21 @@ class GRPO:
 
     def before_resume(self, run) -> None:
         """The frozen starting policy, when the KL term needs it (loaded from the same folder:
-        the starting weights, even when the run resumes)."""
-        self.reference = None
-        if run.cfg.beta:
-            from transformers import AutoModelForCausalLM
-
-            dtype = torch.bfloat16 if run.cfg.bf16 else torch.float32
-            ref = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=dtype)
-            self.reference = ref.to(run.world.device).eval().requires_grad_(False)
+        the starting weights, even when the run resumes), held as the engine holds models."""
+        self.reference = run.engine.frozen_copy(run.model_path) if run.cfg.beta else None
 
     @torch.no_grad()
     def generate(self, run, prompt: list[int], seed: int) -> torch.Tensor:
-        """`num_generations` completions of one prompt (right-padded), from the current weights."""
+        """`num_generations` completions of one prompt (right-padded), from the current weights.
+
+        Sharded parameters (FSDP2, ZeRO-3) are gathered one layer at a time, by the hooks the
+        engine already has on the module, for every decoding step. TRL gathers the whole
+        ZeRO-3 model once per generation batch instead (ds3_gather_for_generation): fewer
+        collectives, faster decoding, but every rank then holds the whole model, which is what
+        ZeRO-3 is chosen to avoid, and DeepSpeed's hooks must be taken off the model and put
+        back around it (TRL's remove_hooks / add_hooks reach into DeepSpeed's internals). The
+        per-layer gather fits wherever training fits and uses no internals; it costs an
+        all-gather per layer per decoding step."""
         cfg, module = run.cfg, run.engine.module
         device = run.world.device
         modes = {m: m.training for m in module.modules()}
@@ -339,8 +330,9 @@ class GRPO:
                         eos_token_id=self.stop_ids,
                         pad_token_id=run.data.pad_id,
                         use_cache=True,
-                        # sharded parameters: every rank gathers each layer together, so a rank
-                        # whose completions stopped keeps stepping until all ranks have stopped
+                        # sharded parameters (FSDP2, ZeRO-3): every rank gathers each layer
+                        # together, so a rank whose completions stopped keeps stepping until all
+                        # ranks have stopped
                         synced_gpus=run.world.strategy.shards_params and run.world.distributed,
                     )
         finally:
