@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,21 @@ def remove_shm_buffer(local_rank: int) -> None:
         path.unlink(missing_ok=True)
 
 
+# How long a rank lets go of the GIL after leaving its process group (see shutdown).
+GLOO_DRAIN_S = 0.05
+
+
 def shutdown(world: World | None = None) -> None:
-    """Leave the process group (every rank together)."""
+    """Leave the process group (every rank together).
+
+    Then let go of the GIL for a moment. A gloo worker thread destroys each collective's work
+    once it has run, and when that work holds the last reference to a tensor Python made, the
+    destructor takes the GIL. If this thread, holding the GIL, meanwhile drops the last
+    reference to the group (DDP's reducer going with the run), the group's destructor joins
+    that worker, which waits for the GIL: a rank that finished and exported hangs forever
+    (seen here: a DDP run's rank stuck in ~ProcessGroupGloo -> thread::join while its worker
+    waited in ~AsyncAllreduceWork -> decref; pytorch/pytorch#56297). The sleep releases the
+    GIL, so a worker still destroying a work finishes before anything drops the group."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        time.sleep(GLOO_DRAIN_S)
