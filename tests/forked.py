@@ -165,12 +165,11 @@ def _workers(request: dict) -> int:
     (DeepSpeed's launcher also passes --local_rank=N first); wait for all. As torchrun does, the
     first failure stops the others (SIGTERM, then SIGKILL) and the job exits 1."""
     import signal
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from recipes.core.world import free_port
+
+    port = free_port()
     nproc, args = request["nproc"], request["argv"]
     pids = []
     for rank in range(nproc):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from train_utils import REPO, env, flags, losses, ranks, tiny_assets, train
 from recipes.core.config import ConfigError, fsdp_strategy, load_config
 from recipes.core.ds_config import deepspeed_config
 from recipes.core.recipe import TrainConfig
+from recipes.core.world import free_port
 
 TWO = [
     *flags(
@@ -117,12 +117,6 @@ def test_every_fastchat_fsdp_flag_maps_or_errors(flags, strategy):
         assert fsdp_strategy(flags) == strategy
         cfg, notes = load_config(["--fsdp", flags], TrainConfig)
         assert cfg.strategy == strategy and any(strategy in n for n in notes)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
