@@ -135,7 +135,9 @@ def init_world(strategy_name: str, sp: int = 1) -> World:
     if cuda:
         torch.cuda.set_device(device)
     if strategy.multi_process and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # started as a plain process: a group of one
+        # started as a plain process: a group of one. RANK, not MASTER_ADDR, says so: a shell
+        # that exports MASTER_ADDR for its cluster still starts plain processes
+        if "RANK" not in os.environ:
             os.environ.update(
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()),
