@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
-    print(f"written: {out / 'eval.json'}")
+    print(
+        f"written: {out / 'eval.json'}; GRPO's loss and reward curves: {out / 'grpo' / 'loss.png'}"
+    )
     return 0
 
 

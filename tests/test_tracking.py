@@ -214,3 +214,21 @@ def test_tracker_choice_and_a_missing_package(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--report_to mlflow: not installed; pip install mlflow"):
         RunLog(tmp_path / "main", True, 3, 0, 10, 1, None, "tensorboard,mlflow", {"a": 1})
     assert not (tmp_path / "main").exists()  # stopped before opening anything
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+@pytest.mark.parametrize("rewarded", [False, True])
+def test_the_curves_png_adds_a_reward_panel_for_online_rl(tmp_path, rewarded):
+    log = RunLog(tmp_path, True, 3, 0, 10, 1, None)
+    for step in (1, 2, 3):
+        extra = {"reward": 0.1 * step, "reward_std": 0.01} if rewarded else None
+        log.step(step, 2.0 / step, 1e-3, 1.0, 64, 1.0, log=False, extra=extra)
+    png = log.close()
+    assert png == tmp_path / "loss.png"
+    width, height = png_size(png)
+    # 7 x 4 inches at 100 dpi for the loss alone; 12 x 4 with the reward panel beside it
+    assert (width > 1000) == rewarded and 300 < height < 450

@@ -281,10 +281,16 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-        ax.set(xlabel="step", ylabel="loss", title="training loss")
-        ax.grid(alpha=0.3)
+        steps = [r["step"] for r in rows]
+        # online RL (grpo, rloo) logs the mean reward of each step's samples: its curve is the
+        # one that says whether the run learns, so it gets a panel beside the loss
+        rewarded = all("reward" in r for r in rows)
+        fig, axes = plt.subplots(1, 2 if rewarded else 1, figsize=(12 if rewarded else 7, 4))
+        panels = [("loss", "training loss")] + [("reward", "mean reward of the samples")] * rewarded
+        for ax, (key, title) in zip(axes if rewarded else [axes], panels):
+            ax.plot(steps, [r[key] for r in rows])
+            ax.set(xlabel="step", ylabel=key, title=title)
+            ax.grid(alpha=0.3)
         png = self.path.with_name("loss.png")
         fig.savefig(png, dpi=100, bbox_inches="tight")
         plt.close(fig)

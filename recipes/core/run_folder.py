@@ -3,7 +3,7 @@
 OUT/
   run.lock                    held by the running job's rank 0 (pid, host, command)
   metrics.jsonl               one row per step, appended; a resume drops rows past its step
-  loss.png                    the loss curve, at the end
+  loss.png                    the loss curve (and the reward curve of online RL), at the end
   ranks/rank{r}.json          what each rank is and trained on first, its peak memory
   trackers.json               tracker run ids, so a relaunch continues the same runs
   tensorboard/ wandb/ mlruns/ trackio/   the trackers' own folders
