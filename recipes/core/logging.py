@@ -288,7 +288,14 @@ class RunLog:
         fig, axes = plt.subplots(1, 2 if rewarded else 1, figsize=(12 if rewarded else 7, 4))
         panels = [("loss", "training loss")] + [("reward", "mean reward of the samples")] * rewarded
         for ax, (key, title) in zip(axes if rewarded else [axes], panels):
-            ax.plot(steps, [r[key] for r in rows])
+            values = [r[key] for r in rows]
+            ax.plot(steps, values, alpha=0.5 if key == "reward" else 1.0)
+            if key == "reward" and len(values) >= 10:  # a few samples a step: noisy, so a trend
+                window = len(values) // 8
+                trend = [sum(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+                trend = [t / min(i + 1, window) for i, t in enumerate(trend)]
+                ax.plot(steps, trend, label=f"mean of the last {window} steps")
+                ax.legend()
             ax.set(xlabel="step", ylabel=key, title=title)
             ax.grid(alpha=0.3)
         png = self.path.with_name("loss.png")
