@@ -215,18 +215,25 @@ def worker(strategy: str, chunk: int, out: str) -> None:
 
 
 def launch(strategy: str, chunk: int, out) -> dict:
-    """This file's worker on 2 ranks, started by the launcher's one command builder."""
-    import subprocess
+    """This file's worker on 2 ranks, forked as tests/train_utils.train forks a job (with
+    torchrun's environment, and DeepSpeed's --local_rank under ZeRO-3)."""
+    import sys
     from pathlib import Path
 
-    from train_utils import REPO, env
+    from train_utils import REPO, env, fork_server
 
-    from launch.train import job_command
+    from recipes.core import parallel
 
-    worker_args = ["--worker", str(chunk), str(out)]
-    cmd = job_command("sft", strategy, 2, worker_args, program=[str(Path(__file__))])
-    e = {**env(), "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=600)
+    argv = [sys.executable, str(Path(__file__)), "--strategy", strategy, "--worker", str(chunk)]
+    deepspeed = parallel.get(strategy).launcher == "deepspeed"
+    res = fork_server().run(
+        [*argv, str(out)],
+        cwd=REPO,
+        timeout=600,
+        env={**env(), "PYTHONPATH": str(REPO)},  # the worker imports bench (not installed)
+        nproc=2,
+        local_rank_arg=deepspeed,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return torch.load(Path(out) / f"{strategy}-{chunk}.pt", weights_only=False)
 
