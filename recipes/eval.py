@@ -250,7 +250,8 @@ def preference_rows(
         if not Path(path).exists():
             raise ConfigError(f"{path} does not exist")
     variants = [
-        (model_path, None),
+        # reward adapters: their base is the SFT model, whose score head would be random
+        *([] if reward_model and adapters else [(model_path, None)]),
         *[(model_path, a) for a in adapters],
         *[(o, None) for o in others],
     ]
@@ -258,7 +259,7 @@ def preference_rows(
     for path, adapter in variants:
         tokenizer = AutoTokenizer.from_pretrained(adapter or path)
         if reward_model:
-            model = load_reward_for_inference(path)
+            model = load_reward_for_inference(path, adapter)
             scores = reward_scores(model, tokenizer, pairs, template, max_length, batch_size)
         else:
             model = load_for_inference(
@@ -272,17 +273,36 @@ def preference_rows(
     return rows
 
 
-def load_reward_for_inference(path: str):
-    """A reward model folder (one-output sequence classification), or one line saying why not."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_reward_for_inference(path: str, adapter: str | None = None):
+    """A reward model folder (one-output sequence classification), or its SFT base with a reward
+    adapter (peft's SEQ_CLS task, its score head saved with it), or one line saying why not."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "num_labels", None) != 1 or config.pad_token_id is None:
-        raise ConfigError(
-            f"--reward_model: {path} is not a reward model (a sequence-classification model with "
-            "one output and a pad_token_id; recipes/reward.py exports one)"
+    from recipes.core.data import pad_token_id
+
+    if adapter is None:
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "num_labels", None) != 1 or config.pad_token_id is None:
+            raise ConfigError(
+                f"--reward_model: {path} is not a reward model (a sequence-classification model "
+                "with one output and a pad_token_id; recipes/reward.py exports one)"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    else:
+        from peft import PeftConfig, PeftModel
+
+        task = getattr(PeftConfig.from_pretrained(adapter), "task_type", None)
+        if str(task) not in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+            raise ConfigError(
+                f"--reward_model: {adapter} is not a reward adapter (peft task {task}, not "
+                "SEQ_CLS; recipes/reward.py --peft_method lora writes one)"
+            )
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
         )
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        # as the reward recipe set it: batched scoring pools each row's last non-pad token
+        base.config.pad_token_id = pad_token_id(AutoTokenizer.from_pretrained(adapter))
+        model = PeftModel.from_pretrained(base, adapter)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
@@ -344,8 +364,9 @@ class EvalOptions:
     )
     reward_model: bool = option(
         False,
-        "with --pairs: --model (and --compare) are reward models (recipes/reward.py); a pair "
-        "counts when the chosen reply scores higher",
+        "with --pairs: --model (and --compare) are reward models (recipes/reward.py), or "
+        "--adapter names reward adapters on --model (its SFT base); a pair counts when the "
+        "chosen reply scores higher",
     )
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
@@ -363,8 +384,8 @@ class EvalOptions:
                 raise UsageError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.reward_model and not self.pairs:
             raise UsageError("--reward_model scores --pairs: give --pairs FILE")
-        if self.reward_model and (self.adapter or self.data or self.lm_eval):
-            raise UsageError("--reward_model scores --pairs only (no --adapter, --data, --lm_eval)")
+        if self.reward_model and (self.data or self.lm_eval):
+            raise UsageError("--reward_model scores --pairs only (no --data, --lm_eval)")
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError(f"--max_samples must be at least 1, got {self.max_samples}")
         inputs = [self.model, self.data, self.pairs, self.shots_from, *self.adapter, *self.compare]

@@ -141,6 +141,15 @@ def test_reward_lora_trains_the_head_and_loads_with_peft(pairs, tmp_path):  # no
     trained = getattr(head, "modules_to_save", {"default": head})["default"].weight
     torch.testing.assert_close(trained, saved[heads[0]])
     assert not torch.equal(trained, fresh)  # the head trained (a fresh one is random)
+    # recipes.eval scores the adapter on its SFT base: one row, the adapter's
+    from recipes import eval as eval_cli
+
+    out, seen = tmp_path / "eval.json", str(pairs["data"])
+    args = ["--model", str(pairs["model"]), "--adapter", str(adapter), "--reward_model"]
+    args += ["--pairs", seen, "--max_length", str(MAX_LEN), "--out", str(out)]
+    assert eval_cli.main(args) == 0
+    (row,) = json.loads(out.read_text())["preference"]
+    assert row["adapter"] == str(adapter) and row["pairs"] == 48 and row["accuracy"] > 0.5, row
 
 
 # ---------------------------------------------------------------------------- GRPO / RLOO
@@ -386,6 +395,20 @@ def test_grpo_lora_trains_an_adapter_that_loads_with_peft(arithmetic, tmp_path):
     model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 5)
+
+
+def test_eval_refuses_a_policy_adapter_as_a_reward_adapter(arithmetic, tmp_path, capsys):
+    """A causal-LM adapter given to recipes.eval --reward_model: one line, exit 2."""
+    from recipes import eval as eval_cli
+
+    args = grpo_args(arithmetic, 1, 1, "--peft_method", "lora", "--lora_r", 4)
+    train("single", 1, tmp_path, *args, recipe=GRPO_SCRIPT)
+    pair_file = tmp_path / "pairs.json"
+    pair_file.write_text(json.dumps([{"prompt": "1+1?", "chosen": "2", "rejected": "3"}]))
+    argv = ["--model", str(arithmetic["model"]), "--adapter", str(tmp_path / "adapter")]
+    capsys.readouterr()
+    assert eval_cli.main([*argv, "--reward_model", "--pairs", str(pair_file)]) == 2
+    assert "is not a reward adapter (peft task CAUSAL_LM" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

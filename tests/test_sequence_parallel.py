@@ -108,8 +108,18 @@ def _spawned(fn, nprocs: int = 2, *args):
 
     from recipes.core.world import free_port
 
+    # the spawned processes read the rendezvous from the environment they inherit; this test
+    # process's own environment is left as it was (a leftover MASTER_ADDR misleads later runs)
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    mp.spawn(_init_then, args=(nprocs, fn, *args), nprocs=nprocs)
+    try:
+        mp.spawn(_init_then, args=(nprocs, fn, *args), nprocs=nprocs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _init_then(rank, world, fn, *args):

@@ -26,8 +26,12 @@ FAULTS = REPO / "tests" / "fault_recipe.py"
 BY_SCRIPT = {RECIPE: "sft", QLORA: "qlora", DPO: "dpo", REWARD: "reward", GRPO: "grpo"}
 
 
+# what a launcher tells its workers: never passed on from the test process to what it starts
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
 def env() -> dict:
-    e = dict(os.environ)
+    e = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONUNBUFFERED"] = "1"
