@@ -257,7 +257,7 @@ def preference_rows(
     ]
     rows = []
     for path, adapter in variants:
-        tokenizer = AutoTokenizer.from_pretrained(adapter or path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path, adapter))
         if reward_model:
             model = load_reward_for_inference(path, adapter)
             scores = reward_scores(model, tokenizer, pairs, template, max_length, batch_size)
@@ -271,6 +271,11 @@ def preference_rows(
         )
         rows.append({"model": name, "path": str(path), "adapter": adapter, **scores})
     return rows
+
+
+def tokenizer_folder(path: str, adapter: str | None) -> str:
+    """The adapter's own tokenizer where its run saved one, else the model's."""
+    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
 
 
 def load_reward_for_inference(path: str, adapter: str | None = None):
@@ -289,9 +294,11 @@ def load_reward_for_inference(path: str, adapter: str | None = None):
             )
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     else:
-        from peft import PeftConfig, PeftModel
+        from recipes.core.lora import load_adapter, read_adapter_config
 
-        task = getattr(PeftConfig.from_pretrained(adapter), "task_type", None)
+        with_tokenizer = tokenizer_folder(path, adapter)
+
+        task = getattr(read_adapter_config(adapter), "task_type", None)
         if str(task) not in ("SEQ_CLS", "TaskType.SEQ_CLS"):
             raise ConfigError(
                 f"--reward_model: {adapter} is not a reward adapter (peft task {task}, not "
@@ -301,8 +308,8 @@ def load_reward_for_inference(path: str, adapter: str | None = None):
             path, num_labels=1, dtype=torch.float32
         )
         # as the reward recipe set it: batched scoring pools each row's last non-pad token
-        base.config.pad_token_id = pad_token_id(AutoTokenizer.from_pretrained(adapter))
-        model = PeftModel.from_pretrained(base, adapter)
+        base.config.pad_token_id = pad_token_id(AutoTokenizer.from_pretrained(with_tokenizer))
+        model = load_adapter(base, adapter)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 

@@ -1367,6 +1367,29 @@ ROWS = [
     ),
     row("eval_nothing_to_do", {}, tool("recipes.eval", "--model {tok}"), "give --data", "--data"),
     row(
+        "eval_reward_adapter_config_not_json",
+        {"ad": ("dir", {"adapter_config.json": b"{not json"}), "p.json": PAIRS},
+        tool("recipes.eval", "--model {tok} --adapter {d}/ad --reward_model --pairs {d}/p.json"),
+        "not a peft config",
+        "adapter_config.json",
+    ),
+    row(
+        "eval_reward_adapter_weights_not_safetensors",
+        {
+            "ad": (
+                "dir",
+                {
+                    "adapter_config.json": b'{"peft_type": "LORA", "task_type": "SEQ_CLS"}',
+                    "adapter_model.safetensors": b"garbage",
+                },
+            ),
+            "p.json": PAIRS,
+        },
+        tool("recipes.eval", "--model {tok} --adapter {d}/ad --reward_model --pairs {d}/p.json"),
+        "not a safetensors file",
+        "adapter_model.safetensors",
+    ),
+    row(
         "merge_out_is_the_adapter",
         {"ad": ("dir", FAKE_ADAPTER)},
         tool("recipes.merge", "--adapter {d}/ad --out {d}/ad"),

@@ -185,7 +185,12 @@ def read_adapter_config(adapter: str | Path):
 
     if not (Path(adapter) / "adapter_config.json").exists():
         raise ConfigError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-    return PeftConfig.from_pretrained(str(adapter))
+    try:
+        return PeftConfig.from_pretrained(str(adapter))
+    except (ValueError, TypeError, KeyError, OSError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(
+            f"{Path(adapter) / 'adapter_config.json'}: not a peft config ({e})"
+        ) from None
 
 
 def load_adapter(model, adapter: str | Path):
@@ -193,10 +198,16 @@ def load_adapter(model, adapter: str | Path):
     not match the adapter (another architecture or size) is a clear error, not a shape
     mismatch deep inside peft."""
     from peft import PeftModel
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     adapter = Path(adapter)
     config = read_adapter_config(adapter)
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"{adapter} is not an adapter folder (no {ADAPTER_WEIGHTS})")
+    try:
+        safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt").keys()
+    except SafetensorError as e:
+        raise ConfigError(f"{adapter / ADAPTER_WEIGHTS}: not a safetensors file ({e})") from None
     modules = dict(model.named_modules())
     base_arch = type(model).__name__
     with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
