@@ -259,7 +259,7 @@ def preference_rows(
     for path, adapter in variants:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path, adapter))
         if reward_model:
-            model = load_reward_for_inference(path, adapter)
+            model = load_reward_for_inference(path, adapter, tokenizer)
             scores = reward_scores(model, tokenizer, pairs, template, max_length, batch_size)
         else:
             model = load_for_inference(
@@ -278,10 +278,11 @@ def tokenizer_folder(path: str, adapter: str | None) -> str:
     return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
 
 
-def load_reward_for_inference(path: str, adapter: str | None = None):
+def load_reward_for_inference(path: str, adapter: str | None = None, tokenizer=None):
     """A reward model folder (one-output sequence classification), or its SFT base with a reward
-    adapter (peft's SEQ_CLS task, its score head saved with it), or one line saying why not."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    adapter (peft's SEQ_CLS task, its score head saved with it; `tokenizer`: the one the rows
+    are scored with), or one line saying why not."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from recipes.core.data import pad_token_id
 
@@ -296,10 +297,8 @@ def load_reward_for_inference(path: str, adapter: str | None = None):
     else:
         from recipes.core.lora import load_adapter, read_adapter_config
 
-        with_tokenizer = tokenizer_folder(path, adapter)
-
         task = getattr(read_adapter_config(adapter), "task_type", None)
-        if str(task) not in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+        if task != "SEQ_CLS":  # peft's TaskType is a str enum: equal to its name
             raise ConfigError(
                 f"--reward_model: {adapter} is not a reward adapter (peft task {task}, not "
                 "SEQ_CLS; recipes/reward.py --peft_method lora writes one)"
@@ -308,7 +307,7 @@ def load_reward_for_inference(path: str, adapter: str | None = None):
             path, num_labels=1, dtype=torch.float32
         )
         # as the reward recipe set it: batched scoring pools each row's last non-pad token
-        base.config.pad_token_id = pad_token_id(AutoTokenizer.from_pretrained(with_tokenizer))
+        base.config.pad_token_id = pad_token_id(tokenizer)
         model = load_adapter(base, adapter)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 

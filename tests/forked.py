@@ -250,6 +250,8 @@ def _serve() -> None:
         sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):  # else every forked command holds them open too
+            os.close(fd)
     print("ready", file=replies, flush=True)
     for line in sys.stdin:
         request = json.loads(line)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 from train_utils import flags, tiny_assets
@@ -102,19 +103,16 @@ def test_a_toy_strategy_and_objective_train_end_to_end(registered, tmp_path):
         load_config([*argv, "--prompt_weight", "-1"], toy.config_class)
     # a shell that exports MASTER_ADDR for its cluster (and no RANK) still starts a plain
     # process: a one-rank group on this machine, not a rendezvous that waits for RANK
-    environ = dict(os.environ)
-    os.environ["MASTER_ADDR"] = "192.0.2.1"  # TEST-NET: nothing answers there
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        os.environ.pop(name, None)
-    try:
+    # (patch.dict restores the whole environment after: init_world writes the one-rank
+    # group's variables into it)
+    with mock.patch.dict(os.environ, {"MASTER_ADDR": "192.0.2.1"}):  # TEST-NET: nothing answers
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+            os.environ.pop(name, None)
         run = recipes.setup(toy, cfg)
         assert run.world.strategy is TOY_STRATEGY and run.engine.model is not run.engine.module
         recipes.train(run)
         exported = recipes.save(run)
         recipes.cleanup(run)
-    finally:  # init_world wrote the one-rank group's variables into this process's environment
-        os.environ.clear()
-        os.environ.update(environ)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["toy/weight"] == 0.5
     assert (exported / "model.safetensors").exists()

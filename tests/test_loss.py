@@ -220,20 +220,11 @@ def launch(strategy: str, chunk: int, out) -> dict:
     import sys
     from pathlib import Path
 
-    from train_utils import REPO, env, fork_server
-
-    from recipes.core import parallel
+    from train_utils import REPO, env, forked_job
 
     argv = [sys.executable, str(Path(__file__)), "--strategy", strategy, "--worker", str(chunk)]
-    deepspeed = parallel.get(strategy).launcher == "deepspeed"
-    res = fork_server().run(
-        [*argv, str(out)],
-        cwd=REPO,
-        timeout=600,
-        env={**env(), "PYTHONPATH": str(REPO)},  # the worker imports bench (not installed)
-        nproc=2,
-        local_rank_arg=deepspeed,
-    )
+    worker_env = {**env(), "PYTHONPATH": str(REPO)}  # the worker imports bench (not installed)
+    res = forked_job([*argv, str(out)], strategy, 2, worker_env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return torch.load(Path(out) / f"{strategy}-{chunk}.pt", weights_only=False)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -109,17 +110,10 @@ def _spawned(fn, nprocs: int = 2, *args):
     from recipes.core.world import free_port
 
     # the spawned processes read the rendezvous from the environment they inherit; this test
-    # process's own environment is left as it was (a leftover MASTER_ADDR misleads later runs)
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
+    # process's own environment is restored after (a leftover MASTER_ADDR misleads later runs)
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with mock.patch.dict(os.environ, rendezvous):
         mp.spawn(_init_then, args=(nprocs, fn, *args), nprocs=nprocs)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _init_then(rank, world, fn, *args):

@@ -129,14 +129,28 @@ def train(
     get torchrun's environment (and DeepSpeed's --local_rank), connected through the strategy's
     process group. What the launchers themselves do (signals, kills, exit statuses, nodes) is
     tested through `command` and `launched`, which start them for real."""
-    argv = worker_command(strategy, out, *args, recipe=recipe, faults=faults)
-    deepspeed = parallel.get(strategy).launcher == "deepspeed" if strategy != "auto" else False
-    res = fork_server().run(
-        argv, cwd=REPO, timeout=900, env=env(), nproc=nproc, local_rank_arg=deepspeed and nproc > 1
+    res = forked_job(
+        worker_command(strategy, out, *args, recipe=recipe, faults=faults), strategy, nproc
     )
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
+
+
+def forked_job(
+    argv: list[str], strategy: str, nproc: int, environ: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """`argv` as one process, or as a one-node job of `nproc` forked workers with torchrun's
+    environment (and DeepSpeed's --local_rank where the strategy's launcher is DeepSpeed's)."""
+    deepspeed = strategy != "auto" and parallel.get(strategy).launcher == "deepspeed"
+    return fork_server().run(
+        argv,
+        cwd=REPO,
+        timeout=timeout,
+        env=environ or env(),
+        nproc=nproc,
+        local_rank_arg=deepspeed and nproc > 1,
+    )
 
 
 def losses(out: Path) -> list[float]:

@@ -284,10 +284,11 @@ class RunLog:
         steps = [r["step"] for r in rows]
         # online RL (grpo, rloo) logs the mean reward of each step's samples: its curve is the
         # one that says whether the run learns, so it gets a panel beside the loss
-        rewarded = all("reward" in r for r in rows)
-        fig, axes = plt.subplots(1, 2 if rewarded else 1, figsize=(12 if rewarded else 7, 4))
-        panels = [("loss", "training loss")] + [("reward", "mean reward of the samples")] * rewarded
-        for ax, (key, title) in zip(axes if rewarded else [axes], panels):
+        panels = [("loss", "training loss")]
+        if all("reward" in r for r in rows):
+            panels.append(("reward", "mean reward of the samples"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(2 + 5 * len(panels), 4), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
             values = [r[key] for r in rows]
             ax.plot(steps, values, alpha=0.5 if key == "reward" else 1.0)
             if key == "reward" and len(values) >= 10:  # a few samples a step: noisy, so a trend

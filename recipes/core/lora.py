@@ -205,12 +205,12 @@ def load_adapter(model, adapter: str | Path):
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         raise ConfigError(f"{adapter} is not an adapter folder (no {ADAPTER_WEIGHTS})")
     try:
-        safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt").keys()
+        weights = safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt")
     except SafetensorError as e:
         raise ConfigError(f"{adapter / ADAPTER_WEIGHTS}: not a safetensors file ({e})") from None
     modules = dict(model.named_modules())
     base_arch = type(model).__name__
-    with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
+    with weights as f:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
             if ".lora_A" in key or ".lora_B" in key:
