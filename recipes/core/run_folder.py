@@ -47,6 +47,17 @@ def written_by_command(command: str) -> Callable[[Path], bool]:
     return lambda folder: written_by(folder) == command
 
 
+class Entry:
+    """A fixed name in a folder: `Entry("COMPLETE")` on a CheckpointFolder reads as
+    `checkpoint.complete`, the path `checkpoint.path / "COMPLETE"`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder, owner=None) -> Path:
+        return folder / self.name
+
+
 @dataclass(frozen=True)
 class CheckpointFolder:
     """One checkpoint: engine state (DCP shards, DeepSpeed's files, or an adapter and its
@@ -55,37 +66,20 @@ class CheckpointFolder:
 
     path: Path
 
+    complete = Entry("COMPLETE")
+    trainer_state = Entry("trainer_state.json")
+    scheduler = Entry("scheduler.json")
+    dcp = Entry("dcp")
+    deepspeed = Entry("deepspeed")
+    adapter = Entry("adapter")
+    optimizer = Entry("optimizer.pt")
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
     @property
     def step(self) -> int:
         return int(STEP_DIR.fullmatch(self.path.name)[1])
-
-    @property
-    def complete(self) -> Path:
-        return self.path / "COMPLETE"
-
-    @property
-    def trainer_state(self) -> Path:
-        return self.path / "trainer_state.json"
-
-    @property
-    def scheduler(self) -> Path:
-        return self.path / "scheduler.json"
-
-    @property
-    def dcp(self) -> Path:
-        return self.path / "dcp"
-
-    @property
-    def deepspeed(self) -> Path:
-        return self.path / "deepspeed"
-
-    @property
-    def adapter(self) -> Path:
-        return self.path / "adapter"
-
-    @property
-    def optimizer(self) -> Path:
-        return self.path / "optimizer.pt"
 
     def rng(self, rank: int) -> Path:
         return self.path / f"rng-rank{rank}.safetensors"
@@ -101,43 +95,23 @@ class RunFolder:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def lock(self) -> Path:
-        return self.root / "run.lock"
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
 
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def loss_png(self) -> Path:
-        return self.root / "loss.png"
-
-    @property
-    def trackers(self) -> Path:
-        return self.root / "trackers.json"
+    lock = Entry("run.lock")
+    metrics = Entry("metrics.jsonl")
+    loss_png = Entry("loss.png")
+    trackers = Entry("trackers.json")
+    ranks = Entry("ranks")
+    model = Entry("model")
+    adapter = Entry("adapter")
+    checkpoints = Entry("checkpoints")
 
     def tracker_dir(self, name: str) -> Path:
         return self.root / {"mlflow": "mlruns"}.get(name, name)
 
-    @property
-    def ranks(self) -> Path:
-        return self.root / "ranks"
-
     def rank_file(self, rank: int) -> Path:
         return self.ranks / f"rank{rank}.json"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
 
     def checkpoint(self, step: int) -> CheckpointFolder:
         return CheckpointFolder(self.checkpoints / f"step-{step:08d}")
