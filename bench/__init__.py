@@ -31,7 +31,7 @@ def write_and_report(path, result: dict, report) -> None:
     print(f"\nwritten: {out} ({result['settings']['wall_s']:.0f} s)")
 
 
-def worker_result(module: str, args: list[str], env: dict, what: str) -> dict:
+def worker_result(module: str, args: list[str], env: dict, *, what: str) -> dict:
     """`python -m module --worker *args` in a fresh process (its imports, memory and threads are
     its own) from the repository root; the JSON its last stdout line holds. `what` names the
     run in the error when it fails."""
@@ -53,7 +53,7 @@ def flags(**options) -> list[str]:
     return [x for name, value in options.items() for x in (f"--{name}", str(value))]
 
 
-def recipe_flags(model, data, cache, max_length, batch, accum, steps, **more) -> list[str]:
+def recipe_flags(model, data, cache, *, max_length, batch, accum, steps, **more) -> list[str]:
     """The command line the benchmarks run a recipe with: model, data, tokenized-set cache, row
     length, batch, accumulation and steps, no checkpoint within the run, no trackers, and a
     rerun overwriting its folder; `more` adds the benchmark's own options."""
@@ -72,7 +72,7 @@ def recipe_flags(model, data, cache, max_length, batch, accum, steps, **more) ->
     )
 
 
-def loop_run(cfg, model, data, plan, total_steps: int, objective: str = "sft"):
+def loop_run(cfg, model, data, *, plan, total_steps: int, objective: str = "sft"):
     """A Run of the shared loop in this process, ready for recipes.core.loop.train_step: the
     world `cfg.strategy` declares, the objective from its registry, the engine from
     make_engine. Nothing is written (no output folder claimed, no checkpoint, no run log): what
@@ -93,5 +93,5 @@ def loop_run(cfg, model, data, plan, total_steps: int, objective: str = "sft"):
         plan=plan,
         total_steps=total_steps,
     )
-    run.engine = make_engine(model, cfg, world, total_steps)
+    run.engine = make_engine(model, cfg, world, total_steps=total_steps)
     return run

@@ -103,7 +103,7 @@ def tree_commit(tree: Path) -> str | None:
 class Tree:
     """One tree's training process: set up once, then one step whenever asked."""
 
-    def __init__(self, side: str, tree: Path, spec: dict, logs: Path):
+    def __init__(self, side: str, tree: Path, spec: dict, *, logs: Path):
         self.side, self.tree = side, tree
         cache_root = REPO / ".cache" / "compare_trees" / side
         cache_root.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start, load_before = time.perf_counter(), os.getloadavg()
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="compare_trees-") as logs:
-        procs = {side: Tree(side, tree, spec, Path(logs)) for side, tree in trees.items()}
+        procs = {side: Tree(side, tree, spec, logs=Path(logs)) for side, tree in trees.items()}
         try:
             for proc in procs.values():
                 proc.ready()

@@ -72,15 +72,15 @@ def worker(variant: str, p: dict) -> dict:
         report_to="none",
         compile=variant == "compiled",
     )
-    data = TrainData(ds, cfg.packing, cfg.model_max_length, pad)
-    plan = BatchPlan(data.lengths, data.trained, cfg, 1)
+    data = TrainData(ds, cfg.packing, cfg.model_max_length, pad_id=pad)
+    plan = BatchPlan(data.lengths, data.trained, cfg, world_size=1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     with contextlib.redirect_stdout(io.StringIO()) as note:
         compile_layers(model, cfg)
-        run = loop_run(cfg, model, data, plan, total)
+        run = loop_run(cfg, model, data, plan=plan, total_steps=total)
         times, tokens, losses, graphs = [], [], [], []
         for step in range(total):
             run.step = step
@@ -116,7 +116,7 @@ def measure(variant: str, p: dict) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(p["threads"])}
         return worker_result(
-            "bench.compile_bench", [json.dumps([variant, p])], env, f"{variant} worker"
+            "bench.compile_bench", [json.dumps([variant, p])], env, what=f"{variant} worker"
         )
 
 

@@ -39,7 +39,7 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def real_token_share(lengths: np.ndarray, batch: int, grouped: bool, seed: int = 0) -> float:
+def real_token_share(lengths: np.ndarray, batch: int, grouped: bool, *, seed: int = 0) -> float:
     """Real tokens / padded tokens over micro-batches of `batch` rows padded to their longest."""
     order = np.random.default_rng(seed).permutation(len(lengths))
     if grouped:  # length grouping within megabatches, as the training data module does

@@ -78,7 +78,7 @@ def live_reference_objective(reference):
                 ref, _ = sequence_logps(PlainForward(reference), dict(batch))
             policy, tokens = sequence_logps(run.engine, batch)
             cfg = run.cfg
-            losses, _, _ = dpo_losses(policy, ref, tokens, cfg.beta, cfg.loss_type)
+            losses, _, _ = dpo_losses(policy, ref, tokens, beta=cfg.beta, loss_type=cfg.loss_type)
             return losses.sum() / run.plan.global_size, {}
 
         def describe(self, cfg) -> str:
@@ -159,7 +159,7 @@ def worker(variant: str, spec: dict) -> dict:
 
 def measure(variant: str, spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return worker_result("bench.dpo_bench", [variant, json.dumps(spec)], env, variant)
+    return worker_result("bench.dpo_bench", [variant, json.dumps(spec)], env, what=variant)
 
 
 def main(argv: list[str] | None = None) -> dict:

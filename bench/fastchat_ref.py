@@ -24,7 +24,7 @@ def fastchat_accepts(conv: Conversation) -> bool:
     return not conv.system and all(m.role in ("user", "assistant") for m in conv.messages)
 
 
-def fastchat_preprocess(convs: list[Conversation], tokenizer, max_length: int, batch: int = 64):
+def fastchat_preprocess(convs: list[Conversation], tokenizer, max_length: int, *, batch: int = 64):
     """FastChat's input_ids and labels, padding removed, and whether it kept each sample
     (a "tokenization mismatch" sets every label to -100)."""
     from fastchat.train.train import preprocess

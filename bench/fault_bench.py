@@ -37,7 +37,7 @@ def assets() -> tuple[Path, Path]:
     return demo.model_and_data(REPO / ".cache" / "fault_bench", quiet=True)
 
 
-def command(out: Path, steps: int, model: Path, data: Path) -> list[str]:
+def command(out: Path, steps: int, model: Path, *, data: Path) -> list[str]:
     return [
         sys.executable,
         str(REPO / "recipes" / "full_finetune.py"),
@@ -92,7 +92,7 @@ def logged_steps(out: Path) -> int:
 
 
 def run_with_kills(
-    out: Path, steps: int, kills: int, rng: random.Random, model: Path, data: Path
+    out: Path, steps: int, kills: int, *, rng: random.Random, model: Path, data: Path
 ) -> dict:
     events, launches = [], 0
     while True:
@@ -101,7 +101,7 @@ def run_with_kills(
         log = out.parent / f"{out.name}-launch{launches}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen(
-                command(out, steps, model, data),
+                command(out, steps, model, data=data),
                 env=environment(),
                 cwd=REPO,
                 stdout=f,
@@ -175,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         straight, faulty = Path(tmp) / "straight", Path(tmp) / "faulty"
         t0 = time.time()
         subprocess.run(
-            command(straight, args.steps, model, data),
+            command(straight, args.steps, model, data=data),
             env=environment(),
             cwd=REPO,
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = run_with_kills(faulty, args.steps, args.kills, rng, model, data)
+        result = run_with_kills(faulty, args.steps, args.kills, rng=rng, model=model, data=data)
         ref, got = losses(straight), losses(faulty)
         events = result["events"]
         # each relaunch (the one after kill i) resumed from the newest complete checkpoint

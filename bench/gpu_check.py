@@ -104,7 +104,7 @@ PLAN_CUDA_CONTEXT = 1e9
 TOKENS_PER_STEP = 16384  # the 1B rows: 8 x 2048 or 4 x 4096
 
 
-def llama(hidden: int, mlp: int, layers: int, heads: int, kv: int) -> dict:
+def llama(hidden: int, mlp: int, layers: int, *, heads: int, kv: int) -> dict:
     return dict(
         hidden_size=hidden,
         intermediate_size=mlp,
@@ -116,14 +116,14 @@ def llama(hidden: int, mlp: int, layers: int, heads: int, kv: int) -> dict:
 
 # nominal shapes (GPU) and their dry-run stand-ins (CPU)
 SHAPES = {
-    "1b": llama(2048, 5632, 22, 32, 4),
-    "agree": llama(2048, 5632, 2, 32, 4),
-    "7b": llama(4096, 11008, 32, 32, 32),
+    "1b": llama(2048, 5632, 22, heads=32, kv=4),
+    "agree": llama(2048, 5632, 2, heads=32, kv=4),
+    "7b": llama(4096, 11008, 32, heads=32, kv=32),
 }
 DRY_SHAPES = {
-    "1b": llama(64, 160, 2, 4, 2),
-    "agree": llama(64, 160, 1, 4, 2),
-    "7b": llama(128, 344, 32, 4, 4),
+    "1b": llama(64, 160, 2, heads=4, kv=2),
+    "agree": llama(64, 160, 1, heads=4, kv=2),
+    "7b": llama(128, 344, 32, heads=4, kv=4),
 }
 VOCAB = 32000
 INIT_STD = 0.02
@@ -434,7 +434,7 @@ def text(rng: random.Random, words: list[str], n: int) -> str:
     return " ".join(rng.choice(words) + ("." if i % 13 == 12 else "") for i in range(max(n, 1)))
 
 
-def conversation(rng, words, tokens: int, per_word: float, cid: str) -> dict:
+def conversation(rng, words, tokens: int, *, per_word: float, cid: str) -> dict:
     n_words = max(int(tokens / per_word), 8)
     turns = rng.randint(1, 3)
     conv = []
@@ -467,7 +467,7 @@ def model_specs(dry: bool) -> dict:
     return specs
 
 
-def build_assets(work: Path, dry: bool, cuda: bool, rows: list[Row]) -> Assets:
+def build_assets(work: Path, dry: bool, cuda: bool, *, rows: list[Row]) -> Assets:
     """Tokenizer, models (random init, saved in bf16: camelid loads them in fp32) and data."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -522,7 +522,9 @@ def build_assets(work: Path, dry: bool, cuda: bool, rows: list[Row]) -> Assets:
     for name, n_records in (("sft-2048", 64 if dry else 200), ("sft-4096", 32 if dry else 120)):
         top = length(int(name[4:]), dry)
         recs = [
-            conversation(drng, words, drng.randint(top // 8, top), per_word, f"{name}-{i}")
+            conversation(
+                drng, words, drng.randint(top // 8, top), per_word=per_word, cid=f"{name}-{i}"
+            )
             for i in range(n_records)
         ]
         assets.data[name] = work / "data" / f"{name}.json"
@@ -569,7 +571,7 @@ def data_for(row: Row, assets: Assets) -> Path:
 
 
 def command(
-    row: Row, s: dict, assets: Assets, out: Path, record: Path, peak: float | None, dry: bool
+    row: Row, s: dict, assets: Assets, *, out: Path, record: Path, peak: float | None, dry: bool
 ) -> list[str]:
     """The recipe's command line, under bench/gpu_row.py (and torchrun for fsdp / zero3)."""
     opts = {
@@ -611,7 +613,7 @@ def command(
     return [*launch, *wrapper, "--", row.recipe, *args]
 
 
-def plan_prediction(row: Row, s: dict, assets: Assets, model: str | None = None) -> dict:
+def plan_prediction(row: Row, s: dict, assets: Assets, *, model: str | None = None) -> dict:
     """camelid's planner (`python -m recipes.plan ... --json`) for this row's setting, from
     the model's config.json alone."""
     batch = s["batch"] * (2 if row.section == "dpo" else 1)  # DPO: chosen + rejected rows
@@ -682,6 +684,7 @@ def run_row(
     row: Row,
     s: dict,
     assets: Assets,
+    *,
     work: Path,
     env: dict,
     peak: float | None,
@@ -693,7 +696,7 @@ def run_row(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     record.unlink(missing_ok=True)
-    cmd = command(row, s, assets, out, record, peak, dry)
+    cmd = command(row, s, assets, out=out, record=record, peak=peak, dry=dry)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(
@@ -751,7 +754,7 @@ def row_note(row: Row, r: dict) -> str:
 # ---------------------------------------------------------------- skips
 
 
-def skip_reason(row: Row, cuda: bool, probe: dict, manifest: dict) -> str | None:
+def skip_reason(row: Row, cuda: bool, probe: dict, *, manifest: dict) -> str | None:
     """Why this row cannot run here (a device or a package missing), or None."""
 
     def missing(pkg: str, dist: str) -> str | None:
@@ -1061,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     # the import probe (bitsandbytes quantizes on the GPU) starts after the matmul timing
     prober = threading.Thread(target=lambda: probe.update(probe_imports(env)), daemon=True)
     prober.start()
-    assets = build_assets(work, dry, cuda, [r for r in rows if r.id in selected])
+    assets = build_assets(work, dry, cuda, rows=[r for r in rows if r.id in selected])
     report["assets"] = {
         "seconds": round(assets.seconds, 1),
         "tokens_per_word": assets.per_word,
@@ -1081,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
             "group": row.group,
             "config": {**asdict(row), **s},
         }
-        why = skip_reason(row, cuda, probe, manifest)
+        why = skip_reason(row, cuda, probe, manifest=manifest)
         if why is None and row.id not in selected:
             why = "not in this run's row set (--rows" + (", dry run)" if dry else ")")
         elapsed = time.perf_counter() - t0
@@ -1096,7 +1099,11 @@ def main(argv: list[str] | None = None) -> int:
             if row.section != "attn":
                 entry["plan"] = plan_prediction(row, s, assets)
             print(f"[{elapsed:4.0f} s] {row.id} ...", flush=True)
-            entry.update(run_row(row, s, assets, work, env, peak, dry, budget - elapsed))
+            entry.update(
+                run_row(
+                    row, s, assets, work=work, env=env, peak=peak, dry=dry, timeout=budget - elapsed
+                )
+            )
             entry["note"] = row_note(row, entry)
             print(
                 f"         {entry['status']} in {entry['wall_s']} s: tok/s "
@@ -1111,7 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
         write(report, out)
 
     qrow = next(r for r in rows if r.section == "qlora")
-    full = plan_prediction(qrow, row_settings(qrow, dry), assets, "7b-32L")
+    full = plan_prediction(qrow, row_settings(qrow, dry), assets, model="7b-32L")
     report["qlora_7b"] = qlora_extrapolation(results, full)
     report["elapsed_s"] = time.perf_counter() - t0
     report["checks"] = checks(results, audit)

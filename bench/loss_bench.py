@@ -56,7 +56,9 @@ def worker(spec: dict) -> dict:
                 logits = head(hidden)
                 loss = ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=n - 1)
             else:
-                loss = chunked_causal_lm_loss(hidden, head, labels, n - 1, chunk)
+                loss = chunked_causal_lm_loss(
+                    hidden, head, labels, num_items_in_batch=n - 1, chunk_size=chunk
+                )
             loss.backward()
             return loss
     else:

@@ -76,12 +76,12 @@ def mem_available() -> float:
     return int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M).group(1)) * 1024
 
 
-def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
+def recipe_args(model: Path, data: Path, cache: Path, *, out: Path) -> list[str]:
     return recipe_flags(
         model,
         data,
         cache,
-        SEQ,
+        max_length=SEQ,
         batch=1,
         accum=1,
         steps=STEPS,
@@ -91,7 +91,7 @@ def recipe_args(model: Path, data: Path, cache: Path, out: Path) -> list[str]:
     )
 
 
-def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
+def warm_dataset(model: Path, data: Path, cache: Path, *, out: Path) -> None:
     """Tokenize the training set once here, so that no run's rank 0 builds it while measured."""
     from transformers import AutoTokenizer
 
@@ -101,10 +101,12 @@ def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
     from recipes.core.world import init_world
 
     cfg, _ = load_config(
-        [*recipe_args(model, data, cache, out), "--strategy", "single"], TrainConfig
+        [*recipe_args(model, data, cache, out=out), "--strategy", "single"], TrainConfig
     )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        load_train_set(cfg, str(data), AutoTokenizer.from_pretrained(model), init_world("single"))
+        load_train_set(
+            cfg, str(data), AutoTokenizer.from_pretrained(model), world=init_world("single")
+        )
 
 
 # What the recipe does: recipes/core/loading.py loads sharded (each rank its own rows) wherever
@@ -113,7 +115,7 @@ def warm_dataset(model: Path, data: Path, cache: Path, out: Path) -> None:
 RECIPE_LOADING = "streaming"
 
 
-def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out: Path) -> dict:
+def run_one(model: Path, data: Path, cache: Path, *, strategy: str, nproc: int, out: Path) -> dict:
     env = {
         **os.environ,
         **LIVE_MALLOC,
@@ -124,7 +126,7 @@ def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out
             "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")
         ),
     }
-    cmd = command(strategy, nproc, recipe_args(model, data, cache, out))
+    cmd = command(strategy, nproc, recipe_args(model, data, cache, out=out))
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
@@ -149,7 +151,7 @@ def run_one(model: Path, data: Path, cache: Path, strategy: str, nproc: int, out
     return {"ranks": measured, "wall_s": round(wall, 1)}
 
 
-def predict(model: Path, strategy: str, nproc: int, runtime: float, loading: str) -> dict:
+def predict(model: Path, strategy: str, nproc: int, *, runtime: float, loading: str) -> dict:
     from recipes import plan as P
 
     shape = P.Shape.from_config(model)
@@ -280,8 +282,8 @@ def rescore(out: Path) -> dict:
                 model,
                 row["strategy"],
                 row["nproc"],
-                row["runtime_mb"] * MB,
-                res["settings"]["loading"],
+                runtime=row["runtime_mb"] * MB,
+                loading=res["settings"]["loading"],
             )
             attach_predictions(row, pred)
     res["targets"] = check_targets(res["rows"])
@@ -355,9 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
             clean(str(shared_data_dir() / "sharegpt_v3_sample_1000.json"), str(data))
         runtimes = {}
         for name in names:
-            warm_dataset(models[name], data, cache, tmp / "warm")
+            warm_dataset(models[name], data, cache, out=tmp / "warm")
             # the process floor of this run: imports, gloo, one tiny step, tokenizer, data
-            argv = recipe_args(models[name], data, cache, tmp / "floor")
+            argv = recipe_args(models[name], data, cache, out=tmp / "floor")
             runtimes[name] = {
                 ds: P.measure_runtime(deepspeed=ds, recipe_argv=argv) for ds in (False, True)
             }
@@ -368,7 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
         for model_name, nproc in runs:
             for strategy in strategies:
                 runtime = runtimes[model_name][parallel.get(strategy).engine == "deepspeed"]
-                pred = predict(models[model_name], strategy, nproc, runtime, loading)
+                pred = predict(
+                    models[model_name], strategy, nproc, runtime=runtime, loading=loading
+                )
                 row = {
                     "model": model_name,
                     "params": pred["params"],
@@ -403,9 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
                             models[model_name],
                             data,
                             cache,
-                            strategy,
-                            nproc,
-                            tmp / f"{model_name}-{strategy}-{nproc}",
+                            strategy=strategy,
+                            nproc=nproc,
+                            out=tmp / f"{model_name}-{strategy}-{nproc}",
                         )
                     )
                 if "ranks" in row:

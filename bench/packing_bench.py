@@ -49,7 +49,12 @@ def model_and_data(max_length: int):
         convert(str(shared_data_dir() / "alpaca_gpt4_data_en_1k.json"), f"{tmp}/s.json")
         clean(f"{tmp}/s.json", f"{tmp}/c.json")
         ds, _ = build_dataset(
-            f"{tmp}/c.json", str(model), "vicuna_v1.1", max_length, cache_dir=str(cache), quiet=True
+            f"{tmp}/c.json",
+            str(model),
+            "vicuna_v1.1",
+            max_length=max_length,
+            cache_dir=str(cache),
+            quiet=True,
         )
     tok = AutoTokenizer.from_pretrained(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -76,7 +81,7 @@ def variants() -> dict[str, dict]:
     }
 
 
-def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
+def measure(spec: dict, ds, model_dir: Path, *, pad: int, p: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -97,14 +102,14 @@ def measure(spec: dict, ds, model_dir: Path, pad: int, p: dict) -> dict:
         report_to="none",
     )
     rows = p["max_length"] if spec.get("row_tokens") == "capacity" else None
-    data = TrainData(ds, cfg.packing, cfg.model_max_length, pad, row_tokens=rows)
-    plan = BatchPlan(data.lengths, data.trained, cfg, 1)
+    data = TrainData(ds, cfg.packing, cfg.model_max_length, pad_id=pad, row_tokens=rows)
+    plan = BatchPlan(data.lengths, data.trained, cfg, world_size=1)
     torch.manual_seed(0)
     register()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=spec["attn"]
     )
-    run = loop_run(cfg, model, data, plan, p["steps"])
+    run = loop_run(cfg, model, data, plan=plan, total_steps=p["steps"])
     times, tokens = [], []
     for step in range(p["steps"]):
         run.step = step
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(args.rounds):
         row = {}
         for name in names if r % 2 == 0 else names[::-1]:
-            row[name] = measure(variants()[name], ds, model, pad, p)
+            row[name] = measure(variants()[name], ds, model, pad=pad, p=p)
             print(
                 f"round {r + 1} {name:44} {row[name]['real_tokens_per_s']:>8,.0f} real tok/s",
                 flush=True,

@@ -88,14 +88,16 @@ def _steps_summary(steps: list[dict]) -> dict:
     }
 
 
-def camelid_dataset(data: str, model: str, cache: str, max_length: int):
+def camelid_dataset(data: str, model: str, cache: str, *, max_length: int):
     """camelid's tokenized data set (build_dataset, vicuna_v1.1; a cache hit after the first)."""
     from transformers import AutoTokenizer
 
     from fastchat_data.build import build_dataset
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        ds, _ = build_dataset(data, model, "vicuna_v1.1", max_length, cache_dir=cache, quiet=True)
+        ds, _ = build_dataset(
+            data, model, "vicuna_v1.1", max_length=max_length, cache_dir=cache, quiet=True
+        )
     tok = AutoTokenizer.from_pretrained(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return ds.with_format("numpy"), pad
@@ -111,7 +113,9 @@ def run_camelid(spec: dict) -> dict:
     from recipes.core import loop
 
     torch.set_num_threads(spec["threads"])
-    ds, pad = camelid_dataset(spec["data"], spec["model"], spec["cache"], spec["max_length"])
+    ds, pad = camelid_dataset(
+        spec["data"], spec["model"], spec["cache"], max_length=spec["max_length"]
+    )
     steps: list[dict] = []
     inner = loop.train_step
 
@@ -133,7 +137,7 @@ def run_camelid(spec: dict) -> dict:
     try:
         p = {k: spec[k] for k in ("max_length", "batch", "accum", "steps")}
         agg = packing_bench.measure(
-            packing_bench.variants()[spec["variant"]], ds, Path(spec["model"]), pad, p
+            packing_bench.variants()[spec["variant"]], ds, Path(spec["model"]), pad=pad, p=p
         )
     finally:
         loop.train_step = inner
@@ -174,7 +178,7 @@ def _step_timer(counter: _Counter, steps: list[dict]):
 
         t0 = last_end = samples = units = None
 
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        def on_train_begin(self, args, state, control, *, train_dataloader=None, **kw):
             with contextlib.suppress(TypeError, AttributeError):
                 self.units = len(train_dataloader.dataset)  # rows trained on (packed or not)
 
@@ -472,7 +476,7 @@ def env_failure(peer: str) -> str | None:
     return note.read_text().strip() if note.exists() else None
 
 
-def launch(name: str, spec: dict, tmp: Path, threads: int, timeout: int) -> dict:
+def launch(name: str, spec: dict, tmp: Path, *, threads: int, timeout: int) -> dict:
     """One run of `name` in a fresh process; its result, or why there is none."""
     peer = SYSTEMS[name]["peer"]
     exe = peer_python(peer)
@@ -539,7 +543,7 @@ def launch(name: str, spec: dict, tmp: Path, threads: int, timeout: int) -> dict
 
 
 def prepare(
-    tmp: Path, cache: Path, max_length: int, names: list[str]
+    tmp: Path, cache: Path, max_length: int, *, names: list[str]
 ) -> tuple[Path, dict[str, dict]]:
     """The tiny model, and per file: the cleaned ShareGPT JSON (camelid's convert + clean) and
     camelid's tokenization of it (ids + assistant-only labels) as Parquet for TRL."""
@@ -556,7 +560,7 @@ def prepare(
                 convert(str(src), str(tmp / f"{tag}_sharegpt.json"))
                 src = tmp / f"{tag}_sharegpt.json"
             clean(str(src), str(clean_json))
-        ds, _ = camelid_dataset(str(clean_json), str(model), str(cache), max_length)
+        ds, _ = camelid_dataset(str(clean_json), str(model), str(cache), max_length=max_length)
         ds = ds.with_format(None).filter(lambda r: r["length"] > 0)
         tokens = tmp / f"{tag}_tokens.parquet"
         ds.select_columns(["input_ids", "labels"]).to_parquet(str(tokens))
@@ -707,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="peers_bench-") as tmp:
         tmp = Path(tmp)
-        model, prepared = prepare(tmp, cache, p["max_length"], files)
+        model, prepared = prepare(tmp, cache, p["max_length"], names=files)
         for fname in files:
             f = prepared[fname]
             print(
@@ -727,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "file_tag": f["tag"],
                         "round": r + 1,
                     }
-                    res = launch(name, spec, tmp, threads, args.timeout)
+                    res = launch(name, spec, tmp, threads=threads, timeout=args.timeout)
                     row[name] = res
                     what = (
                         f"{res['real_tokens_per_s']:>8,.0f} real tok/s"

@@ -119,7 +119,7 @@ def one_layer_7b(out: Path) -> Path:
 
 
 def run_recipe(
-    name: str, recipe: str, model: Path, data: Path, out: Path, steps: int, extra: list[str]
+    name: str, recipe: str, model: Path, *, data: Path, out: Path, steps: int, extra: list[str]
 ) -> dict:
     cmd = [
         sys.executable,
@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
                             name,
                             recipe,
                             model,
-                            data,
-                            out,
-                            n_steps,
-                            [*extra, "--gradient_checkpointing", "False"],
+                            data=data,
+                            out=out,
+                            steps=n_steps,
+                            extra=[*extra, "--gradient_checkpointing", "False"],
                         ),
                         "steps": n_steps,
                     }

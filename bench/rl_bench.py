@@ -260,7 +260,7 @@ def measure(side: str, spec: dict) -> dict:
         "PYTHONPATH": str(REPO),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    return worker_result("bench.rl_bench", [json.dumps({**spec, "side": side})], env, side)
+    return worker_result("bench.rl_bench", [json.dumps({**spec, "side": side})], env, what=side)
 
 
 def summary(runs: list[dict], warmup: int) -> dict:

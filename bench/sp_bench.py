@@ -46,12 +46,12 @@ def long_rows(folder: Path, per: int = 100, rows: int = 4) -> Path:
     return path
 
 
-def run(model: Path, data: Path, cache: Path, out: Path, length: int, sp: int) -> dict:
+def run(model: Path, data: Path, cache: Path, *, out: Path, length: int, sp: int) -> dict:
     args = recipe_flags(
         model,
         data,
         cache,
-        length,
+        max_length=length,
         batch=1,
         accum=1,
         steps=1,
@@ -95,9 +95,9 @@ def planned_slope(model: Path, sp: int, lengths: list[int]) -> float:
 
     def grows(seq):
         return (
-            P.activation_bytes(shape, seq, 1, 4, False, sp)
-            + P.logits_bytes(shape, seq, 1, 4, 512, sp)
-            + P.all_to_all_bytes(shape, seq, 1, 4, sp)
+            P.activation_bytes(shape, seq, 1, p=4, checkpointing=False, sp=sp)
+            + P.logits_bytes(shape, seq, 1, p=4, chunk=512, sp=sp)
+            + P.all_to_all_bytes(shape, seq, 1, p=4, sp=sp)
         )
 
     return (grows(b) - grows(a)) / (b - a)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = tiny_model("llama", SHAPE, texts=reference_corpus(), cache_dir=work)
     data = long_rows(work)
     runs = [
-        run(model, data, work / "cache", work / f"sp{sp}_{n}", n, sp)
+        run(model, data, work / "cache", out=work / f"sp{sp}_{n}", length=n, sp=sp)
         for sp in (1, 2)
         for n in lengths
     ]
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["budget_mb"] = budget
     result["longest_at_budget"] = {1: b, 2: int(longest)}
     # and measured there: sp=2 at that length (a multiple of 2)
-    check = run(model, data, work / "cache", work / "sp2_check", int(longest) // 2 * 2, 2)
+    check = run(
+        model, data, work / "cache", out=work / "sp2_check", length=int(longest) // 2 * 2, sp=2
+    )
     result["runs"].append(check)
     result["check"] = {"length": check["length"], "peak_mb": max(check["train_peak_mb"])}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

@@ -343,7 +343,7 @@ def _free_port() -> int:
 
 
 def launch(
-    spec: dict, nproc: int = 1, strategy: str = "single", recipe_args=(), env_extra=None
+    spec: dict, nproc: int = 1, strategy: str = "single", *, recipe_args=(), env_extra=None
 ) -> list[dict]:
     """One configuration in its own process(es); returns each rank's measurements."""
     from recipes.core import parallel
@@ -453,7 +453,7 @@ def camelid_result(ranks: list[dict], out: Path) -> dict:
 
 
 def epoch_real_share(
-    ds, pad_id: int, max_length: int, batch: int, accum: int, packing: bool
+    ds, pad_id: int, max_length: int, *, batch: int, accum: int, packing: bool
 ) -> float:
     """The real-token share of a whole camelid epoch, from the batch plan (as collate pads)."""
     from recipes.core.data import BatchPlan, TrainData
@@ -466,8 +466,8 @@ def epoch_real_share(
         gradient_accumulation_steps=accum,
         **kw,
     )
-    data = TrainData(ds, packing, max_length, pad_id)
-    plan = BatchPlan(data.lengths, data.trained, cfg, 1)
+    data = TrainData(ds, packing, max_length, pad_id=pad_id)
+    plan = BatchPlan(data.lengths, data.trained, cfg, world_size=1)
     real = padded = 0
     for s in range(plan.steps_per_epoch):
         for ids in plan.micro_batches(s, 0):
@@ -476,16 +476,16 @@ def epoch_real_share(
     return real / padded
 
 
-def recipe_args(model, data, cache, max_length, batch, accum, steps, *extra) -> list:
+def recipe_args(model, data, cache, *, max_length, batch, accum, steps, extra=()) -> list:
     return [
         *recipe_flags(
             model,
             data,
             cache,
-            max_length,
-            batch,
-            accum,
-            steps,
+            max_length=max_length,
+            batch=batch,
+            accum=accum,
+            steps=steps,
             warmup_ratio=0.03,
             **SHARED_OPTIMISATION,
         ),
@@ -497,6 +497,7 @@ def throughput(
     p: dict,
     model: Path,
     data: Path,
+    *,
     tmp: Path,
     cache: Path,
     configs: list[str],
@@ -511,7 +512,7 @@ def throughput(
     L, b, acc, steps = p["max_length"], p["batch"], p["accum"], p["steps"]
     with contextlib.redirect_stderr(io.StringIO()):  # the build report (a cache hit after this)
         ds, _ = build_dataset(
-            str(data), str(model), "vicuna_v1.1", L, cache_dir=str(cache), quiet=True
+            str(data), str(model), "vicuna_v1.1", max_length=L, cache_dir=str(cache), quiet=True
         )
     ds = ds.with_format("numpy")
     tok = AutoTokenizer.from_pretrained(model)
@@ -519,7 +520,7 @@ def throughput(
     res: dict = {"data": data.name, "camelid_samples": len(ds), "rounds": []}
     for name in configs[1:]:
         res[f"{name}_epoch_real_share"] = epoch_real_share(
-            ds, pad, L, b, acc, name == "camelid_packed"
+            ds, pad, L, batch=b, accum=acc, packing=name == "camelid_packed"
         )
     for rnd in range(rounds):
         row = {}
@@ -544,17 +545,13 @@ def throughput(
                     model,
                     data,
                     cache,
-                    L,
-                    b,
-                    acc,
-                    steps,
-                    "--strategy",
-                    "single",
-                    "--output_dir",
-                    out,
-                    *extra,
+                    max_length=L,
+                    batch=b,
+                    accum=acc,
+                    steps=steps,
+                    extra=["--strategy", "single", "--output_dir", out, *extra],
                 )
-                ranks = launch({"role": "recipe", "out": str(out)}, 1, "single", args)
+                ranks = launch({"role": "recipe", "out": str(out)}, 1, "single", recipe_args=args)
                 row[name] = camelid_result(ranks, out)
             print(
                 f"{row[name]['real_tokens_per_s']:,.0f} real tok/s ({row[name]['wall_s']:.0f} s)",
@@ -591,7 +588,7 @@ MEM_RUNS = {
 }
 
 
-def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
+def memory(p: dict, base: Path, data: Path, *, tmp: Path, cache: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -621,17 +618,18 @@ def memory(p: dict, base: Path, data: Path, tmp: Path, cache: Path) -> dict:
             base,
             data,
             cache,
-            p["mem_length"],
-            1,
-            1,
-            p["mem_steps"],
-            "--strategy",
-            strategy,
-            "--output_dir",
-            out,
+            max_length=p["mem_length"],
+            batch=1,
+            accum=1,
+            steps=p["mem_steps"],
+            extra=["--strategy", strategy, "--output_dir", out],
         )
         ranks = launch(
-            {"role": "recipe", "out": str(out), "export": export}, n, strategy, args, env
+            {"role": "recipe", "out": str(out), "export": export},
+            n,
+            strategy,
+            recipe_args=args,
+            env_extra=env,
         )
         res["runs"][name] = [
             {
@@ -828,7 +826,9 @@ def main(argv: list[str] | None = None) -> dict:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             clean(str(shared_data_dir() / DATA), str(data))
         print("a. throughput: FastChat vs camelid", flush=True)
-        results["throughput"] = throughput(p, small, data, tmp, cache, configs, p["rounds"], "a")
+        results["throughput"] = throughput(
+            p, small, data, tmp=tmp, cache=cache, configs=configs, rounds=p["rounds"], tag="a"
+        )
         if p["short_data"]:
             short = tmp / f"{Path(p['short_data']).stem}_clean.json"
             with (
@@ -838,10 +838,10 @@ def main(argv: list[str] | None = None) -> dict:
                 convert(str(shared_data_dir() / p["short_data"]), str(tmp / "short_sharegpt.json"))
                 clean(str(tmp / "short_sharegpt.json"), str(short))
             results["throughput_short"] = throughput(
-                p, small, short, tmp, cache, configs, 1, "short"
+                p, small, short, tmp=tmp, cache=cache, configs=configs, rounds=1, tag="short"
             )
         print("b/c. per-rank memory and export", flush=True)
-        results["memory"] = memory(p, base, data, tmp, cache)
+        results["memory"] = memory(p, base, data, tmp=tmp, cache=cache)
     results["settings"]["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_and_report(args.out, results, report)
     return results

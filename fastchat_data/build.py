@@ -181,7 +181,7 @@ def cache_errors(root: Path):
         raise DataError(str(root), "cache", f"cannot be written: {e.strerror or e}") from None
 
 
-def keep_encoded(encoded, report: Report, tmp: Path, unit: str):
+def keep_encoded(encoded, report: Report, tmp: Path, *, unit: str):
     """The encoded rows that were not skipped, without their bookkeeping columns; each skip
     (naming its `unit` and id) and each cut is counted in `report`."""
     for i, (rid, skip) in enumerate(zip(encoded["id"], encoded["skip"])):
@@ -200,7 +200,7 @@ def keep_encoded(encoded, report: Report, tmp: Path, unit: str):
     return ds
 
 
-def save_cached(ds, report: Report, key_src: str, tmp: Path, cached: Path) -> None:
+def save_cached(ds, report: Report, key_src: str, *, tmp: Path, cached: Path) -> None:
     """A built dataset, its report and its cache key into `cached`, atomically (staged in tmp)."""
     staged = tmp / "dataset"
     ds.save_to_disk(str(staged))
@@ -297,7 +297,7 @@ def truncation_fix(report: Report, max_length: int, unit: str = "conversations")
     report.notes["truncation"] = f"{report.truncated:,} {unit} cut: " + "; ".join(fixes)
 
 
-def checked_start(data, tokenizer, template, max_length, num_proc, out, report_path, check_fmt):
+def checked_start(data, tokenizer, template, *, max_length, num_proc, out, report_path, check_fmt):
     """How both tokenized sets start: their arguments checked before anything is read, then
     `datasets` imported (quietly) and the tokenizer loaded. Returns (paths, tokenizer)."""
     paths = [data] if isinstance(data, str | os.PathLike) else list(data)
@@ -333,6 +333,7 @@ class TokenizedSet:
         paths: list[str],
         tok,
         encoder: ConversationTokenizer,
+        *,
         template,
         key: dict,
         read_rows,  # Report -> list of raw rows, each with its "system"
@@ -341,7 +342,6 @@ class TokenizedSet:
         features,
         row_lengths,  # dataset -> every tokenized sequence's length (both sides of a pair)
         add_notes,  # (dataset, report) -> None: the set's own notes
-        *,
         num_proc: int,
         cache_dir: str | None,
         strict: bool,
@@ -395,7 +395,7 @@ class TokenizedSet:
                     new_fingerprint=digest,
                     desc=f"tokenizing {self.unit}s",
                 )
-                ds = keep_encoded(encoded, report, Path(tmp), self.unit)
+                ds = keep_encoded(encoded, report, Path(tmp), unit=self.unit)
                 if not report.written:
                     raise nothing_trainable(paths, report, *nothing)
                 lengths = row_lengths(ds)
@@ -410,7 +410,7 @@ class TokenizedSet:
                 )
                 add_notes(ds, report)
                 report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
-                save_cached(ds, report, key_src, Path(tmp), cached)
+                save_cached(ds, report, key_src, tmp=Path(tmp), cached=cached)
             ds = datasets.load_from_disk(str(cached))
             report.notes["cache"] = f"built {cached}"
             if note := unused_num_proc(num_proc, len(rows), f"{self.unit}s"):
@@ -429,6 +429,7 @@ def build_dataset(
     data: str | list[str],
     tokenizer,
     template: str = "vicuna_v1.1",
+    *,
     max_length: int = 2048,
     out: str | None = None,
     fmt: str | None = None,
@@ -443,7 +444,14 @@ def build_dataset(
 ):
     """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
     paths, tok = checked_start(
-        data, tokenizer, template, max_length, num_proc, out, report_path, lambda: check_format(fmt)
+        data,
+        tokenizer,
+        template,
+        max_length=max_length,
+        num_proc=num_proc,
+        out=out,
+        report_path=report_path,
+        check_fmt=lambda: check_format(fmt),
     )
     encoder = ConversationTokenizer(
         tok,
@@ -469,14 +477,14 @@ def build_dataset(
         paths,
         tok,
         encoder,
-        template,
-        key,
-        lambda report: [raw_row(c) for c in read_trainable(paths, report, fmt)],
-        _encode_rows,
-        {},
-        _features(),
-        lambda ds: ds["length"],
-        add_notes,
+        template=template,
+        key=key,
+        read_rows=lambda report: [raw_row(c) for c in read_trainable(paths, report, fmt)],
+        encode=_encode_rows,
+        encode_kwargs={},
+        features=_features(),
+        row_lengths=lambda ds: ds["length"],
+        add_notes=add_notes,
         num_proc=num_proc,
         cache_dir=cache_dir,
         strict=strict,

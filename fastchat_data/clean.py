@@ -99,6 +99,7 @@ def clean_conversation(
     conv: Conversation,
     blocked: re.Pattern | None = None,
     min_chars: int = 16,
+    *,
     max_chars: int = 200_000,
 ) -> tuple[Conversation, Counter, Counter]:
     """(cleaned conversation, repairs, removed turns by cause), or SkipRecord with the reason."""
@@ -186,7 +187,9 @@ def clean(
         for path in paths:
             for where, conv in iter_conversations(path, rep, fmt):
                 try:
-                    conv, fixes, lost = clean_conversation(conv, blocked, min_chars, max_chars)
+                    conv, fixes, lost = clean_conversation(
+                        conv, blocked, min_chars, max_chars=max_chars
+                    )
                     if conv.id in ids:
                         raise SkipRecord("duplicate_id", f"id {conv.id} already written")
                     first = (conv.messages[0].content, conv.messages[1].content)
@@ -203,7 +206,9 @@ def clean(
                 rep.truncated += bool(lost)
                 yield to_sharegpt(conv)
 
-    rep.written = write_records(out, refuse_empty(kept(), paths, rep, "no conversation is kept"))
+    rep.written = write_records(
+        out, refuse_empty(kept(), paths, rep, what="no conversation is kept")
+    )
     rep.notes["turns_removed"] = dict(sorted(removed.items()))
     rep.notes["repairs"] = dict(sorted((+repairs).items()))
     return rep.emit(report)

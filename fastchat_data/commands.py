@@ -124,7 +124,7 @@ merge = _converter(
 )
 
 
-def _load_all(paths: list[str], rep: Report, fmt: str | None, trainable: bool = False) -> list:
+def _load_all(paths: list[str], rep: Report, fmt: str | None, *, trainable: bool = False) -> list:
     read = read_trainable if trainable else read_convertible
     return list(read(paths, rep, fmt))
 
@@ -311,7 +311,7 @@ def stats(
 TRAINED, MASKED, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
 
-def render_masks(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
+def render_masks(tokenizer, input_ids: list[int], labels: list[int], *, color: bool) -> str:
     """The token stream with trained spans green (or ⟦…⟧) and masked spans dim (or plain)."""
     out, run, run_trained = [], [], None
 
@@ -388,7 +388,7 @@ def inspect(
     text = (
         f"id {pick.id}: {len(enc.input_ids)} tokens, {n_trained} trained, "
         f"{replies} assistant replies{cut}   [{legend}]\n"
-        + render_masks(tok, enc.input_ids, enc.labels, color)
+        + render_masks(tok, enc.input_ids, enc.labels, color=color)
     )
     print(text)
     return text
@@ -421,7 +421,7 @@ def identity(
             "more would be repetition",
         )
     rep = Report("identity")
-    rep.written = write_records(out, identity_conversations(str(name), str(org), n, seed))
+    rep.written = write_records(out, identity_conversations(str(name), str(org), n, seed=seed))
     rep.read = rep.written
     return rep.emit(report)
 
@@ -460,7 +460,7 @@ def build(
         check_inputs(data),
         tokenizer,
         template,
-        max_length,
+        max_length=max_length,
         out=out,
         fmt=fmt,
         train_on_inputs=train_on_inputs,

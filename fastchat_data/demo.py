@@ -62,7 +62,7 @@ def run(out: Path, name: str = "Camelid") -> tuple[Path, Path]:
             str(data),
             str(model),
             "vicuna_v1.1",
-            512,
+            max_length=512,
             out=str(out / "train"),
             cache_dir=str(cache),
             quiet=attempt != "first build",

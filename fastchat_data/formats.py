@@ -84,7 +84,12 @@ def _with_tools(system: str, tools, converted: set | None = None) -> str:
 
 
 def _from_turns(
-    rid: str, turns: list[tuple[str, str]], system: str, extra: dict, converted: set | None = None
+    rid: str,
+    turns: list[tuple[str, str]],
+    system: str,
+    *,
+    extra: dict,
+    converted: set | None = None,
 ) -> Conversation:
     """Turns as (role, text): a leading system turn becomes the system prompt."""
     if turns and turns[0][0] == SYSTEM:
@@ -107,7 +112,7 @@ def _turn_fields(turn: dict, converted: set) -> None:
         converted.add(f"turn field {key!r} -> dropped")
 
 
-def _turns(rec: dict, field: str, noun: str, what: str, role_of, text_of) -> tuple[list, set]:
+def _turns(rec: dict, field: str, noun: str, *, what: str, role_of, text_of) -> tuple[list, set]:
     """The (role, text) turns of the list `rec[field]` of turn objects, and what was converted
     on the way: ShareGPT's 'conversations' and OpenAI's 'messages' are read by this one loop,
     each with its own keys (`role_of`, `text_of`) and words for errors (`noun` i `what`)."""
@@ -129,20 +134,25 @@ def parse_sharegpt(rec: dict, rid: str) -> Conversation:
         rec,
         "conversations",
         "turn",
-        "value",
-        lambda t: t.get("from", t.get("role")),
-        lambda t: t.get("value", t.get("content")),
+        what="value",
+        role_of=lambda t: t.get("from", t.get("role")),
+        text_of=lambda t: t.get("value", t.get("content")),
     )
     system = _with_tools(_text(rec.get("system") or "", "system"), rec.get("tools"), converted)
     extra = {k: rec[k] for k in ("model", "lang") if k in rec}
-    return _from_turns(str(rec.get("id", rid)), turns, system, extra, converted)
+    return _from_turns(str(rec.get("id", rid)), turns, system, extra=extra, converted=converted)
 
 
 def parse_messages(rec: dict, rid: str) -> Conversation:
     turns, converted = _turns(
-        rec, "messages", "message", "content", lambda m: m.get("role"), lambda m: m.get("content")
+        rec,
+        "messages",
+        "message",
+        what="content",
+        role_of=lambda m: m.get("role"),
+        text_of=lambda m: m.get("content"),
     )
-    return _from_turns(str(rec.get("id", rid)), turns, "", {}, converted)
+    return _from_turns(str(rec.get("id", rid)), turns, "", extra={}, converted=converted)
 
 
 def alpaca_prompt(instruction: str, inp: str) -> str:
@@ -169,7 +179,7 @@ def parse_alpaca(rec: dict, rid: str) -> Conversation:
     turns += [(USER, alpaca_prompt(instruction, inp)), (ASSISTANT, output)]
     system = _text(rec.get("system") or "", "system")
     converted = {"'instruction' + 'input' -> one user turn"} if inp.strip() else set()
-    return _from_turns(str(rec.get("id", rid)), turns, system, {}, converted)
+    return _from_turns(str(rec.get("id", rid)), turns, system, extra={}, converted=converted)
 
 
 _HA_SPLIT = re.compile(r"###\s*(Human|Assistant):\s?")
@@ -190,7 +200,7 @@ def parse_human_assistant_text(rec: dict, rid: str) -> Conversation:
         raise SkipRecord("malformed_record", "input does not end with '### Assistant:'")
     turns[-1] = (ASSISTANT, output)
     return _from_turns(
-        str(rec.get("id", rid)), turns, "", {"lang": rec["lang"]} if "lang" in rec else {}
+        str(rec.get("id", rid)), turns, "", extra={"lang": rec["lang"]} if "lang" in rec else {}
     )
 
 
@@ -226,7 +236,7 @@ def detect_format(rec) -> str | None:
 
 
 def iter_parsed(
-    path: str, report: Report, parsers: dict, fmt: str | None, detect, unknown, fields: dict
+    path: str, report: Report, parsers: dict, *, fmt: str | None, detect, unknown, fields: dict
 ) -> Iterator:
     """Yield (where, parsed) for each readable record of `path`, parsed by `parsers[fmt]`, or by
     the parser `detect(first record)` names; count the rest in `report`, and the input file,
@@ -270,7 +280,9 @@ def iter_conversations(
     def unknown(rec) -> str:
         return f"cannot tell the format from keys {sorted(rec)}; name it with --fmt"
 
-    yield from iter_parsed(str(path), report, PARSERS, fmt, detect_format, unknown, FIELDS)
+    yield from iter_parsed(
+        str(path), report, PARSERS, fmt=fmt, detect=detect_format, unknown=unknown, fields=FIELDS
+    )
 
 
 SHAREGPT_NAMES = {USER: "human", ASSISTANT: "gpt", TOOL: "observation"}

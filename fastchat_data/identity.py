@@ -63,7 +63,7 @@ FOLLOW_UPS = [
 
 
 def identity_conversations(
-    name: str = "Camelid", org: str = "the camelid developers", n: int = 200, seed: int = 0
+    name: str = "Camelid", org: str = "the camelid developers", n: int = 200, *, seed: int = 0
 ) -> list[dict]:
     """`n` ShareGPT-format records, one or two exchanges each, deterministic for `seed`."""
     rng = random.Random(seed)

@@ -125,7 +125,7 @@ def check_outputs(inputs: Iterable, outputs: dict, in_place: bool = False) -> No
 
 def check_output_dir(out: Path, inputs: Iterable, marker: str = "dataset_info.json") -> None:
     """An output folder that will be replaced whole (see fastchat_data.outputs.guard_dir)."""
-    guard_dir(out, inputs, "--out", marker)
+    guard_dir(out, inputs, "--out", marker=marker)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

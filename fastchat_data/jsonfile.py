@@ -194,7 +194,7 @@ class _Lines:
         self.buf, self.pos = b"", 0
 
 
-def decode_error(path, raw: bytes, err: UnicodeDecodeError, line: int, column: int, eof: bool):
+def decode_error(path, raw: bytes, err: UnicodeDecodeError, *, line: int, column: int, eof: bool):
     """Where a decode error sits (line and byte) and whether the file was cut mid-character."""
     cut = err.reason == "unexpected end of data" and eof
     why = (
@@ -205,10 +205,12 @@ def decode_error(path, raw: bytes, err: UnicodeDecodeError, line: int, column: i
     return DataError(str(path), f"line {line} byte {column}", why)
 
 
-def _line_decode_error(path, raw: bytes, err: UnicodeDecodeError, line: int) -> DataError:
+def _line_decode_error(path, raw: bytes, err: UnicodeDecodeError, *, line: int) -> DataError:
     column = err.start + 1
     eof = err.end >= len(raw.rstrip(b"\r\n"))
-    return decode_error(path, raw, err, line, column, eof and not raw.endswith(b"\n"))
+    return decode_error(
+        path, raw, err, line=line, column=column, eof=eof and not raw.endswith(b"\n")
+    )
 
 
 def _read_lines(path: Path, lines: _Lines) -> Iterator[tuple[str, object]]:
@@ -222,7 +224,7 @@ def _read_lines(path: Path, lines: _Lines) -> Iterator[tuple[str, object]]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if complete:
-                raise _line_decode_error(path, raw, e, lineno) from None
+                raise _line_decode_error(path, raw, e, line=lineno) from None
             line = raw[: e.start].decode("utf-8")  # a long line: diagnose what decodes
         if not complete:
             raise _long_line(path, line, lineno)
@@ -327,7 +329,7 @@ class _Text:
         line = self.byte_lines + data.count(b"\n", 0, e.start) + 1
         k = data.rfind(b"\n", 0, e.start)
         column = e.start - k if k >= 0 else self.byte_offset + e.start - self.byte_line_start + 1
-        return decode_error(self.path, data, e, line, column, self.eof)
+        return decode_error(self.path, data, e, line=line, column=column, eof=self.eof)
 
     def _drop(self, n: int) -> None:
         k = self.buf.rfind("\n", 0, n)

@@ -146,7 +146,7 @@ def type_hints(cls) -> dict:
 
 
 def unknown_option(
-    name: str, known, where: str = "command line", noun: str = "option"
+    name: str, known, where: str = "command line", *, noun: str = "option"
 ) -> UsageError:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""

@@ -113,7 +113,11 @@ def check_not_owned(path: Path, flag: str, owner: Path | None) -> None:
 
 
 def guard_file(
-    path: str | os.PathLike, inputs: Iterable = (), flag: str = "--out", owner: Path | None = None
+    path: str | os.PathLike,
+    inputs: Iterable = (),
+    flag: str = "--out",
+    *,
+    owner: Path | None = None,
 ) -> Path:
     """Check a file output; returns the path to write (a symlink's target, else `path`)."""
     path = Path(path)
@@ -151,6 +155,7 @@ def guard_dir(
     path: str | os.PathLike,
     inputs: Iterable = (),
     flag: str = "--out",
+    *,
     marker: str | Callable[[Path], bool] | None = None,
     owner: Path | None = None,
 ) -> Path:
@@ -256,7 +261,7 @@ class StagedDir:
         staging: Path | None = None,
         owner: Path | None = None,
     ):
-        self.final = guard_dir(final, inputs, flag, marker, owner)
+        self.final = guard_dir(final, inputs, flag, marker=marker, owner=owner)
         self.staging = staging or self.final.with_name(f".tmp-{self.final.name}")
 
     def begin(self) -> Path:
@@ -296,7 +301,7 @@ def staged_file(
     encoding: str | None = "utf-8",
 ) -> Iterator:
     """An open file whose content appears at `path` only once complete (see the guard)."""
-    target = guard_file(path, inputs, flag, owner)
+    target = guard_file(path, inputs, flag, owner=owner)
     kind = target.stat().st_mode if target.exists() else 0
     binary = "b" in mode
     if stat.S_ISFIFO(kind) or stat.S_ISCHR(kind):  # a pipe or a device: stream into it

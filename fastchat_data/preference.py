@@ -167,7 +167,7 @@ def parse_pair_strings(rec: dict, rid: str) -> PreferencePair:
         conv.messages = conv.messages[:-1]
         return _pair(conv, chosen, rejected)
     system = _text(rec.get("system") or "", "system")
-    conv = _from_turns(str(rec.get("id", rid)), _prompt_turns(rec.get("prompt")), system, {})
+    conv = _from_turns(str(rec.get("id", rid)), _prompt_turns(rec.get("prompt")), system, extra={})
     return _pair(conv, chosen, rejected)
 
 
@@ -184,7 +184,7 @@ def parse_pair_messages(rec: dict, rid: str) -> PreferencePair:
             turns = turns[len(prompt) :]  # the prompt repeated at the head of the list
         if not turns or turns[-1][0] != ASSISTANT:
             raise SkipRecord("malformed_record", f"{side} does not end with an assistant reply")
-        sides.append(_from_turns(rid, prompt + turns, system, {}))
+        sides.append(_from_turns(rid, prompt + turns, system, extra={}))
     chosen, rejected = sides
     if chosen.messages[:-1] != rejected.messages[:-1] or chosen.system != rejected.system:
         raise SkipRecord(
@@ -253,7 +253,15 @@ def iter_pairs(
             "shape with --fmt"
         )
 
-    yield from iter_parsed(str(path), report, PAIR_PARSERS, fmt, detect_shape, unknown, PAIR_FIELDS)
+    yield from iter_parsed(
+        str(path),
+        report,
+        PAIR_PARSERS,
+        fmt=fmt,
+        detect=detect_shape,
+        unknown=unknown,
+        fields=PAIR_FIELDS,
+    )
 
 
 def validate_pair(pair: PreferencePair) -> PreferencePair:
@@ -468,6 +476,7 @@ def build_preference_dataset(
     data: str | list[str],
     tokenizer,
     template: str = "vicuna_v1.1",
+    *,
     max_length: int = 2048,
     cache_dir: str | None = None,
     strict: bool = False,
@@ -483,7 +492,14 @@ def build_preference_dataset(
     chosen_length, rejected_length, prompt_length. Cached under `cache_dir`/datasets by the
     data's bytes, the tokenizer, the template, max_length and fmt; `out` copies it to a folder."""
     paths, tok = checked_start(
-        data, tokenizer, template, max_length, num_proc, out, report_path, lambda: check_shape(fmt)
+        data,
+        tokenizer,
+        template,
+        max_length=max_length,
+        num_proc=num_proc,
+        out=out,
+        report_path=report_path,
+        check_fmt=lambda: check_shape(fmt),
     )
     encoder = ConversationTokenizer(tok, template)
     encoder.check_budget(max_length)
@@ -505,14 +521,14 @@ def build_preference_dataset(
         paths,
         tok,
         encoder,
-        template,
-        key,
-        lambda report: [_raw_row(p) for p in read_pairs(paths, report, fmt)],
-        _encode_rows,
-        {"max_length": max_length},
-        _features(),
-        lambda ds: [*ds["chosen_length"], *ds["rejected_length"]],
-        add_notes,
+        template=template,
+        key=key,
+        read_rows=lambda report: [_raw_row(p) for p in read_pairs(paths, report, fmt)],
+        encode=_encode_rows,
+        encode_kwargs={"max_length": max_length},
+        features=_features(),
+        row_lengths=lambda ds: [*ds["chosen_length"], *ds["rejected_length"]],
+        add_notes=add_notes,
         num_proc=num_proc,
         cache_dir=cache_dir,
         strict=strict,
@@ -710,9 +726,9 @@ def build_pairs(
         check_inputs(data),
         tokenizer,
         template,
-        max_length,
-        cache_dir,
-        strict,
+        max_length=max_length,
+        cache_dir=cache_dir,
+        strict=strict,
         out=out,
         fmt=fmt,
         num_proc=num_proc,
@@ -748,5 +764,5 @@ def convert_pairs(
     rep = Report("convert_pairs", strict=strict)
     write = PAIR_WRITERS[to]
     pairs = (write(p) for p in read_pairs(paths, rep, fmt))
-    rep.written = write_records(out, refuse_empty(pairs, paths, rep, NO_PAIRS))
+    rep.written = write_records(out, refuse_empty(pairs, paths, rep, what=NO_PAIRS))
     return rep.emit(report)

@@ -33,7 +33,7 @@ class Report:
     headline: str | None = None
     units: dict = field(default_factory=dict)
 
-    def skip(self, path: str, where: str, err: SkipRecord, n: int = 1) -> None:
+    def skip(self, path: str, where: str, err: SkipRecord, *, n: int = 1) -> None:
         """Count `n` skipped items (records, or pairs), or raise a DataError under --strict."""
         if self.strict:
             raise DataError(path, where, str(err)) from err
@@ -153,7 +153,7 @@ def nothing_trainable(
     return error
 
 
-def refuse_empty(records, paths: list[str], rep: Report, what: str = "no record can be written"):
+def refuse_empty(records, paths: list[str], rep: Report, *, what: str = "no record can be written"):
     """`records`, passed through; none at all is a DataError (the atomic writer then leaves no
     file): an empty output with exit status 0 would look like success."""
     n = 0

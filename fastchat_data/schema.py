@@ -19,7 +19,7 @@ class DataError(InputError):
         super().__init__(f"{path}: {where}: {reason}")
 
 
-def check_count(flag: str, value, minimum: int = 1, allow_none: bool = False) -> None:
+def check_count(flag: str, value, minimum: int = 1, *, allow_none: bool = False) -> None:
     """A DataError unless `value` (a command's option) is a whole number >= `minimum`."""
     if value is None and allow_none:
         return

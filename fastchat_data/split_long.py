@@ -103,7 +103,7 @@ def _plan(bounds: list[int], budget: int):
     return chunks, over
 
 
-def _chunk(conv: Conversation, i: int, j: int, k: int | None = None) -> Conversation:
+def _chunk(conv: Conversation, i: int, j: int, *, k: int | None = None) -> Conversation:
     cid = conv.id if k is None else f"{conv.id}_{k}"
     return Conversation(cid, conv.messages[2 * i : 2 * j], conv.system, conv.extra)
 
@@ -216,9 +216,11 @@ def split_long(
                 split_convs += len(ranges) > 1
                 for c, (i, j) in enumerate(ranges):
                     pairs["written"] += j - i
-                    yield to_sharegpt(_chunk(conv, i, j, c))
+                    yield to_sharegpt(_chunk(conv, i, j, k=c))
 
-    rep.written = write_records(out, refuse_empty(chunks(), paths, rep, "no chunk can be written"))
+    rep.written = write_records(
+        out, refuse_empty(chunks(), paths, rep, what="no chunk can be written")
+    )
     name = getattr(encoder.template, "name", str(template))
     rep.notes.update(
         {

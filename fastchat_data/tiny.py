@@ -53,6 +53,7 @@ def train_llama_tokenizer(
     texts: Iterable[str],
     out_dir: str | os.PathLike,
     vocab_size: int = 4000,
+    *,
     legacy: bool = True,
     seed: int = 0,
 ):
@@ -92,7 +93,7 @@ def train_llama_tokenizer(
 
 
 def train_chatml_tokenizer(
-    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, seed: int = 0
+    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, *, seed: int = 0
 ):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -121,10 +122,10 @@ def train_chatml_tokenizer(
 
 
 def train_tokenizer(
-    texts: Iterable[str], out_dir, flavour: str = "llama", vocab_size: int = 4000, seed: int = 0
+    texts: Iterable[str], out_dir, flavour: str = "llama", *, vocab_size: int = 4000, seed: int = 0
 ):
     if flavour == "chatml":
-        return train_chatml_tokenizer(texts, out_dir, vocab_size, seed)
+        return train_chatml_tokenizer(texts, out_dir, vocab_size, seed=seed)
     if flavour in ("llama", "llama-nonlegacy"):
         return train_llama_tokenizer(
             texts, out_dir, vocab_size, legacy=flavour == "llama", seed=seed
@@ -136,6 +137,7 @@ def build_tiny_llama(
     tokenizer_dir,
     out_dir,
     size: str | dict = "tiny",
+    *,
     seed: int = 0,
     max_position_embeddings: int = 2048,
 ):
@@ -177,6 +179,7 @@ def tiny_model(
     flavour: str = "llama",
     size: str = "tiny",
     texts: Iterable[str] | None = None,
+    *,
     vocab_size: int = 4000,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
@@ -203,8 +206,8 @@ def tiny_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tok_dir = Path(tmp) / "tokenizer"
-        train_tokenizer(texts, tok_dir, flavour, vocab_size, seed)
-        build_tiny_llama(tok_dir, Path(tmp) / "model", size, seed)
+        train_tokenizer(texts, tok_dir, flavour, vocab_size=vocab_size, seed=seed)
+        build_tiny_llama(tok_dir, Path(tmp) / "model", size, seed=seed)
         replace_dir_atomic(Path(tmp) / "model", out)
     return out
 

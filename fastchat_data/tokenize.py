@@ -66,6 +66,7 @@ class ConversationTokenizer:
         tokenizer,
         template: str | object,
         max_length: int | None = None,
+        *,
         train_on_inputs: bool = False,
         max_source_length: int | None = None,
         max_target_length: int | None = None,
@@ -283,7 +284,7 @@ class ConversationTokenizer:
             return ids, list(ids)
         labels = [IGNORE_INDEX] * len(ids)
         for s, e in piece.spans:
-            bounds = self._token_range(encoding, s, e, len(ids))
+            bounds = self._token_range(encoding, s, e, n=len(ids))
             if bounds is None:
                 return self._split_at_boundaries(piece)
             i0, i1 = bounds
@@ -291,7 +292,7 @@ class ConversationTokenizer:
         return ids, labels
 
     @staticmethod
-    def _token_range(encoding, s: int, e: int, n: int) -> tuple[int, int] | None:
+    def _token_range(encoding, s: int, e: int, *, n: int) -> tuple[int, int] | None:
         """Tokens covering characters [s, e), or None if a token straddles s or e.
 
         Asks the Rust encoding about the two boundary characters only: converting every

@@ -43,8 +43,8 @@ def job_command(
     recipe: str,
     strategy: str,
     nproc: int,
-    recipe_args: list[str],
     *,
+    recipe_args: list[str],
     nnodes: int = 1,
     max_nnodes: int | None = None,
     max_restarts: int = 0,
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.recipe,
         opts.strategy,
         opts.ngpu,
-        recipe_arguments(opts, recipe_args, gpus),
+        recipe_args=recipe_arguments(opts, recipe_args, gpus),
         nnodes=fewest,
         max_nnodes=most,
         max_restarts=opts.max_restarts,
@@ -528,10 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     print(where + shlex.join(command), flush=True)
     if opts.dry_run:
         return 0
-    return launch(command, opts.strategy, opts.ngpu, str(RECIPES[opts.recipe].path))
+    return launch(command, opts.strategy, opts.ngpu, script=str(RECIPES[opts.recipe].path))
 
 
-def launch(command: list[str], strategy: str, ngpu: int, script: str) -> int:
+def launch(command: list[str], strategy: str, ngpu: int, *, script: str) -> int:
     """Run a job_command() to its end: signals forwarded to the ranks (running `script`), one
     line for a failed rank, its exit status returned."""
     torch_launcher = parallel.get(strategy).launcher == "torchrun"

@@ -31,6 +31,7 @@ def stream_reply(
     model,
     encoder: ConversationTokenizer,
     conv: Conversation,
+    *,
     max_new_tokens: int,
     temperature: float,
     out=sys.stdout,
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         messages.append(Message(USER, line))
         print("ASSISTANT: ", end="", flush=True)
         conv = Conversation("chat", list(messages), system=a.system)
-        answer = stream_reply(model, encoder, conv, a.max_new_tokens, a.temperature)
+        answer = stream_reply(
+            model, encoder, conv, max_new_tokens=a.max_new_tokens, temperature=a.temperature
+        )
         messages.append(Message(ASSISTANT, answer))
 
 

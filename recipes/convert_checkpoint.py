@@ -118,7 +118,11 @@ def _model_files(ckpt: CheckpointFolder, tmp: Path, max_shard_size: str) -> None
 
 
 def convert(
-    checkpoint: str | Path, out: str | Path, model: str | None = None, max_shard_size: str = "2GB"
+    checkpoint: str | Path,
+    out: str | Path,
+    model: str | None = None,
+    *,
+    max_shard_size: str = "2GB",
 ) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -131,7 +135,7 @@ def convert(
     # is read from the checkpoint
     in_run = ckpt.path.parent.name == "checkpoints"  # RUN/checkpoints/step-N
     inputs = [ckpt.path, *([ckpt.path.parent.parent] if in_run else [])]
-    guard_dir(out, inputs, "--out", written_by_command("convert_checkpoint"))
+    guard_dir(out, inputs, "--out", marker=written_by_command("convert_checkpoint"))
     if not ckpt.complete.exists():
         raise ConfigError(
             f"{checkpoint} is incomplete (no {ckpt.complete.name} manifest): the run died while "
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         ConvertOptions, argv, prog="python -m recipes.convert_checkpoint", description=__doc__
     )
     parse_size(a.max_shard_size)
-    print(f"converted: {convert(a.checkpoint, a.out, a.model, a.max_shard_size)}")
+    print(f"converted: {convert(a.checkpoint, a.out, a.model, max_shard_size=a.max_shard_size)}")
     return 0
 
 

@@ -51,7 +51,7 @@ def data_dir_option(files: str):
     return option(None, f"the shared data folder ({files}); none: ../shared/data")
 
 
-def start(options: type[Options], argv: list[str] | None, prog: str, doc: str):
+def start(options: type[Options], argv: list[str] | None, prog: str, *, doc: str):
     """What every walk-through does first: quieten third-party warnings (unless --verbose),
     read its options (`options` has an `out` folder), make OUT/data. Returns (options, OUT)."""
     quiet(verbose_requested(argv))
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     exported = AutoModelForCausalLM.from_pretrained(run / "model")
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     question = "Who are you?"
-    print(f"USER: {question}\nASSISTANT: {reply(exported, tokenizer, [], question)}")
+    print(f"USER: {question}\nASSISTANT: {reply(exported, tokenizer, [], question=question)}")
     print(f"\ndemo done: {run / 'model'} (try python -m recipes.chat --model {run / 'model'})")
     return 0
 

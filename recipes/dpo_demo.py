@@ -28,7 +28,7 @@ class DPODemoOptions:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    opts, out = start(DPODemoOptions, argv, "python -m recipes.dpo_demo", __doc__)
+    opts, out = start(DPODemoOptions, argv, "python -m recipes.dpo_demo", doc=__doc__)
     from fastchat_data.preference import pair
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from recipes import dpo, full_finetune

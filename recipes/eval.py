@@ -91,7 +91,7 @@ def encode_with_shots(encoder: ConversationTokenizer, conv: Conversation, shots:
 
 @torch.no_grad()
 def perplexities(
-    model, encoder: ConversationTokenizer, convs, shots, batch_size: int
+    model, encoder: ConversationTokenizer, convs, *, shots, batch_size: int
 ) -> tuple[list, dict]:
     """Per-conversation perplexity, and counts: conversations cut by max_length, shots left out."""
     rows, counts = [], {"truncated": 0, "shots_left_out": 0}
@@ -129,7 +129,7 @@ def perplexities(
 
 @torch.no_grad()
 def answers(
-    model, encoder: ConversationTokenizer, convs, shots, max_new_tokens: int
+    model, encoder: ConversationTokenizer, convs, *, shots, max_new_tokens: int
 ) -> tuple[list, list]:
     """Greedy answers to each conversation's last question, and the reference answers."""
     preds, refs = [], []
@@ -159,6 +159,7 @@ def evaluate(
     model_path: str,
     data: str,
     adapters: list[str] = (),
+    *,
     template: str = "vicuna_v1.1",
     shots: int = 0,
     shots_from: str | None = None,
@@ -198,7 +199,7 @@ def evaluate(
     for name, adapter, these_shots in variants:
         if model is None or adapter or isinstance(model, PeftModel):  # attaching changes the base
             model = load_for_inference(model_path, quantization, adapter)
-        ppl, counts = perplexities(model, encoder, convs, these_shots, batch_size)
+        ppl, counts = perplexities(model, encoder, convs, shots=these_shots, batch_size=batch_size)
         if these_shots and counts["shots_left_out"]:  # never a few-shot row of zero-shot numbers
             offered = len(these_shots) * len(convs)
             used = offered - counts["shots_left_out"]
@@ -216,7 +217,9 @@ def evaluate(
             **counts,
         }
         if generate:
-            preds, refs = answers(model, encoder, convs[:generate], these_shots, max_new_tokens)
+            preds, refs = answers(
+                model, encoder, convs[:generate], shots=these_shots, max_new_tokens=max_new_tokens
+            )
             row.update(text_scores(preds, refs))
             row["examples"] = [
                 {"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]
@@ -235,6 +238,7 @@ def preference_rows(
     model_path: str,
     adapters: list[str],
     others: list[str],
+    *,
     pairs: str,
     template,
     max_length: int,
@@ -414,15 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             a.model,
             a.data,
             a.adapter,
-            template,
-            a.shots,
-            a.shots_from,
-            a.max_samples,
-            a.generate,
-            a.max_new_tokens,
-            a.max_length,
-            a.batch_size,
-            a.quantization,
+            template=template,
+            shots=a.shots,
+            shots_from=a.shots_from,
+            max_samples=a.max_samples,
+            generate=a.generate,
+            max_new_tokens=a.max_new_tokens,
+            max_length=a.max_length,
+            batch_size=a.batch_size,
+            quantization=a.quantization,
         )
         print(format_table(result))
     if a.lm_eval:
@@ -433,9 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             a.model,
             a.adapter,
             tasks,
-            a.lm_eval_limit,
-            a.batch_size,
-            a.quantization,
+            limit=a.lm_eval_limit,
+            batch_size=a.batch_size,
+            quantization=a.quantization,
             data_dir=a.lm_eval_data,
         )
         print(harness.format_tables(result["lm_eval"]))
@@ -444,11 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             a.model,
             a.adapter,
             a.compare,
-            a.pairs,
-            template,
-            a.max_length,
-            a.batch_size,
-            a.quantization,
+            pairs=a.pairs,
+            template=template,
+            max_length=a.max_length,
+            batch_size=a.batch_size,
+            quantization=a.quantization,
             reward_model=a.reward_model,
         )
         print(format_preference_table(result["preference"]))

@@ -47,7 +47,7 @@ def alpaca_prompt(instruction: str, input: str) -> str:
 
 
 def build_alpaca_mc(
-    gpt4: list[dict], davinci: list[dict], answers: str = "gpt4", n_choices: int = N_CHOICES
+    gpt4: list[dict], davinci: list[dict], answers: str = "gpt4", *, n_choices: int = N_CHOICES
 ) -> list[dict]:
     """Multiple-choice items, one per instruction of `gpt4` (the Alpaca GPT-4 sample): the
     question is the instruction (and its input) in Alpaca's prompt format, the choices are its
@@ -151,8 +151,7 @@ def _is_local(name: str) -> bool:
 
 def _lm_eval():
     try:
-        import lm_eval
-        import lm_eval.tasks
+        import lm_eval.tasks  # binds lm_eval too; TaskManager lives in lm_eval.tasks
     except ImportError as e:
         raise ConfigError(
             f"--lm_eval needs lm-evaluation-harness ({e}): pip install 'camelid[eval]'"
@@ -237,6 +236,7 @@ def run(
     model: str,
     adapters: list[str] = (),
     tasks: list[str] = ("camelid_alpaca_mc",),
+    *,
     limit: int | None = None,
     batch_size: int = 4,
     quantization: str = "none",

@@ -42,7 +42,7 @@ def joined(records: list[dict], min_chars: int) -> list[dict]:
     return out
 
 
-def heldout_loss(model_dir: Path, data: Path, max_length: int, scaled: bool):
+def heldout_loss(model_dir: Path, data: Path, max_length: int, *, scaled: bool):
     """Mean loss over the assistant tokens of held-out long conversations, by plain
     transformers (with the training template, so the labels are the training masks')."""
     import torch
@@ -72,7 +72,7 @@ def heldout_loss(model_dir: Path, data: Path, max_length: int, scaled: bool):
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    opts, out = start(LongDemoOptions, argv, "python -m recipes.long_demo", __doc__)
+    opts, out = start(LongDemoOptions, argv, "python -m recipes.long_demo", doc=__doc__)
     from fastchat_data.commands import clean
     from fastchat_data.io import write_records
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model

@@ -32,10 +32,12 @@ from recipes.core.run_folder import RUN_INFO, written_by_command
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> Path:
+def merge(adapter: str, out: str, base: str | None = None, *, dtype: str = "float32") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    guard_dir(out, [adapter, *([base] if base else [])], "--out", written_by_command("merge"))
+    guard_dir(
+        out, [adapter, *([base] if base else [])], "--out", marker=written_by_command("merge")
+    )
     base = base or read_adapter_config(adapter).base_model_name_or_path
     if not base or not Path(base).exists():
         raise ConfigError(f"base model {base!r} not found; pass --base PATH")
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(MergeOptions, argv, prog="python -m recipes.merge", description=__doc__)
     if not Path(a.adapter).is_dir():
         raise UsageError(f"--adapter {a.adapter} is not a folder")
-    print(f"merged model: {merge(a.adapter, a.out, a.base, a.dtype)}")
+    print(f"merged model: {merge(a.adapter, a.out, a.base, dtype=a.dtype)}")
     return 0
 
 

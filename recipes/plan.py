@@ -398,7 +398,7 @@ def local_tokens(seq: int, sp: int = 1) -> int:
     return -(-seq // sp)
 
 
-def layer_activation_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int = 1) -> float:
+def layer_activation_bytes(shape: Shape, seq: int, batch: int, *, p: int, sp: int = 1) -> float:
     """What autograd keeps for one Llama decoder layer's backward on one rank (see the module
     docstring); checked tensor by tensor against saved_tensors_hooks in tests/test_plan.py."""
     sb, h = local_tokens(seq, sp) * batch, shape.hidden
@@ -415,23 +415,25 @@ def layer_activation_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int =
     return sb * (norms + attention + mlp)
 
 
-def rope_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int = 1) -> float:
+def rope_bytes(shape: Shape, seq: int, batch: int, *, p: int, sp: int = 1) -> float:
     """cos and sin, computed once per forward and saved by every layer."""
     return 2 * p * local_tokens(seq, sp) * batch * shape.head_dim
 
 
 def activation_bytes(
-    shape: Shape, seq: int, batch: int, p: int, checkpointing: bool, sp: int = 1
+    shape: Shape, seq: int, batch: int, *, p: int, checkpointing: bool, sp: int = 1
 ) -> float:
-    layer = layer_activation_bytes(shape, seq, batch, p, sp)
+    layer = layer_activation_bytes(shape, seq, batch, p=p, sp=sp)
     sb = local_tokens(seq, sp) * batch
-    outside = sb * ((4 + 2 * p) * shape.hidden + 4) + rope_bytes(shape, seq, batch, p, sp)
+    outside = sb * ((4 + 2 * p) * shape.hidden + 4) + rope_bytes(shape, seq, batch, p=p, sp=sp)
     if checkpointing:  # layer inputs kept, one layer's activations live again during recompute
         return shape.layers * p * sb * shape.hidden + layer + outside
     return shape.layers * layer + outside
 
 
-def logits_bytes(shape: Shape, seq: int, batch: int, p: int, chunk: int = 0, sp: int = 1) -> float:
+def logits_bytes(
+    shape: Shape, seq: int, batch: int, *, p: int, chunk: int = 0, sp: int = 1
+) -> float:
     """Logits (compute dtype), their fp32 log-softmax and its gradient; camelid's chunked loss
     (recipes/core/loss.py) holds `chunk` rows of them at a time."""
     rows = batch * local_tokens(seq, sp)
@@ -439,7 +441,7 @@ def logits_bytes(shape: Shape, seq: int, batch: int, p: int, chunk: int = 0, sp:
     return rows * shape.vocab * (p + 4 + 4)
 
 
-def all_to_all_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int) -> float:
+def all_to_all_bytes(shape: Shape, seq: int, batch: int, *, p: int, sp: int) -> float:
     """Ulysses' send buffers of one layer's q, k and v (the attention output's, q_dim, goes
     alone and later); none without sequence parallelism. See the module docstring."""
     if sp <= 1:
@@ -450,7 +452,7 @@ def all_to_all_bytes(shape: Shape, seq: int, batch: int, p: int, sp: int) -> flo
 # ---------------------------------------------------------------- model states (ZeRO paper)
 
 
-def model_states_bytes(psi: float, stage: int, n: int, k: float = ADAM_K) -> dict[str, float]:
+def model_states_bytes(psi: float, stage: int, n: int, *, k: float = ADAM_K) -> dict[str, float]:
     """Mixed-precision model states per rank, ZeRO paper sec. 5 / Figure 1: 2 Psi params, 2 Psi
     grads, K Psi optimizer; stage 1 shards the optimizer, 2 also grads, 3 also params."""
     return {
@@ -497,8 +499,8 @@ class Setup:
             ("--lora_r", self.lora_r, 1, MAX_LORA_R),
             ("--loss_chunk_size", self.loss_chunk, 0, MAX_TOKENS),
         ):
-            whole_number(flag, value, low, high)
-        whole_number("--sequence_parallel_size", self.sp, 1, self.ranks)
+            whole_number(flag, value, low, high=high)
+        whole_number("--sequence_parallel_size", self.sp, 1, high=self.ranks)
         for flag, value, choices in (
             ("--device", self.device, ("gpu", "cpu")),
             ("--loading", self.loading, ("streaming", "full")),
@@ -529,7 +531,7 @@ class Setup:
         return self
 
 
-def whole_number(flag: str, value, low: int, high: int) -> int:
+def whole_number(flag: str, value, low: int, *, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise PlanError(f"{flag} {_short(value)}: must be a whole number from {low:,} to {high:,}")
     return value
@@ -619,12 +621,12 @@ def plan_row(shape: Shape, strategy: Strategy | str, s: Setup) -> Row:
     psi = shape.params
     layer, root = shape.layer_params, shape.root_params
     deepspeed = st.engine == "deepspeed"
-    act_ckpt = activation_bytes(shape, s.seq, s.batch, p, True, sp)
-    act_full = activation_bytes(shape, s.seq, s.batch, p, False, sp)
+    act_ckpt = activation_bytes(shape, s.seq, s.batch, p=p, checkpointing=True, sp=sp)
+    act_full = activation_bytes(shape, s.seq, s.batch, p=p, checkpointing=False, sp=sp)
     r = dict.fromkeys(COMPONENTS, 0.0)
     r["activations"] = act_ckpt if s.checkpointing else act_full
-    r["logits"] = logits_bytes(shape, s.seq, s.batch, p, s.loss_chunk, sp)
-    r["a2a"] = all_to_all_bytes(shape, s.seq, s.batch, p, sp)
+    r["logits"] = logits_bytes(shape, s.seq, s.batch, p=p, chunk=s.loss_chunk, sp=sp)
+    r["a2a"] = all_to_all_bytes(shape, s.seq, s.batch, p=p, sp=sp)
     notes: list[str] = []
     offloaded = 0.0  # bytes per rank kept in host memory
     released = 0.0  # ZeRO-3's gathered params, partitioned again after each step
@@ -775,7 +777,7 @@ def why_not(st: Strategy, s: Setup) -> str | None:
 
 
 def limits_failed(
-    row: Row, device: str, gpu_memory: float | None, cpu_memory: float | None
+    row: Row, device: str, gpu_memory: float | None, *, cpu_memory: float | None
 ) -> list[str] | None:
     """The limits a row exceeds ("gpu", "host"; none: it fits), or None without any budget.
     With device cpu only the host counts: every component is host memory."""
@@ -798,7 +800,7 @@ def fits(row: Row, gpu_memory: float, cpu_memory: float | None = None) -> bool:
 
 
 def longest_row(
-    shape: Shape, st: Strategy, s: Setup, gpu_memory: float | None, cpu_memory: float | None
+    shape: Shape, st: Strategy, s: Setup, *, gpu_memory: float | None, cpu_memory: float | None
 ) -> Row:
     """The row at the longest length (a multiple of sp, at most MAX_TOKENS) that fits, by
     doubling then bisection: memory never decreases with the length. None fits: the row at
@@ -808,7 +810,7 @@ def longest_row(
         return plan_row(shape, st, replace(s, seq=k * s.sp))
 
     def ok(row: Row) -> bool:
-        return not limits_failed(row, s.device, gpu_memory, cpu_memory)
+        return not limits_failed(row, s.device, gpu_memory, cpu_memory=cpu_memory)
 
     best = at(1)
     if not ok(best):
@@ -840,6 +842,7 @@ def plan(
     model,
     ngpu: int = 1,
     nnodes: int = 1,
+    *,
     strategies=None,
     seq: int | str = 2048,
     batch: int = 1,
@@ -905,8 +908,12 @@ def plan(
     for st in sorted(chosen, key=lambda x: x.cost_rank):
         if why_not(st, s):
             continue
-        row = longest_row(shape, st, s, gpu_memory, cpu_memory) if auto else plan_row(shape, st, s)
-        failed = limits_failed(row, device, gpu_memory, cpu_memory)
+        row = (
+            longest_row(shape, st, s, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+            if auto
+            else plan_row(shape, st, s)
+        )
+        failed = limits_failed(row, device, gpu_memory, cpu_memory=cpu_memory)
         if failed is not None:
             row.fits, row.fails = not failed, failed
         rows.append(row)

@@ -36,7 +36,7 @@ class QLoraDemoOptions:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    opts, out = start(QLoraDemoOptions, argv, "python -m recipes.qlora_demo", __doc__)
+    opts, out = start(QLoraDemoOptions, argv, "python -m recipes.qlora_demo", doc=__doc__)
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from recipes import eval as evaluation
     from recipes import full_finetune, merge, qlora
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         AutoModelForCausalLM.from_pretrained(merged),
         AutoTokenizer.from_pretrained(merged),
         [],
-        question,
+        question=question,
         template=str(template),
     )
     print(f"USER: {question}\nASSISTANT: {answer}\n\nmerged model: {merged}")

@@ -34,7 +34,7 @@ class RLDemoOptions:
 
 
 @torch.no_grad()
-def held_out_rewards(model_path: Path, records: list[dict], template: str, new_tokens: int = 8):
+def held_out_rewards(model_path: Path, records: list[dict], template: str, *, new_tokens: int = 8):
     """Mean of each arithmetic reward over greedy answers to `records`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -30,6 +30,7 @@ class Faults(Hooks):
         self,
         nan_at: str | None,
         step_delay: float,
+        *,
         nan_weight_at: int | None = None,
         full_disk_at: int | None = None,
     ):

@@ -74,6 +74,7 @@ class ForkServer:
         argv: list[str],
         cwd: Path,
         timeout: float,
+        *,
         env: dict | None = None,
         nproc: int = 1,
         local_rank_arg: bool = False,

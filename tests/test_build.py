@@ -16,7 +16,12 @@ def test_build_rows_cache_and_out(tmp_path, llama_dir, data_dir):
     src = str(data_dir / "fastchat_dummy_conversation.json")
     cache = tmp_path / "cache"
     ds, rep = build_dataset(
-        src, str(llama_dir), "vicuna_v1.1", 512, out=str(tmp_path / "train"), cache_dir=str(cache)
+        src,
+        str(llama_dir),
+        "vicuna_v1.1",
+        max_length=512,
+        out=str(tmp_path / "train"),
+        cache_dir=str(cache),
     )
     assert rep.read == 500 and rep.written == len(ds) == 500 and rep.dropped_total == 0
     assert set(ds.column_names) == {"id", "input_ids", "labels", "length"}
@@ -29,20 +34,29 @@ def test_build_rows_cache_and_out(tmp_path, llama_dir, data_dir):
     assert json.loads((tmp_path / "train" / "report.json").read_text())["written"] == 500
 
     t0 = time.perf_counter()
-    ds2, rep2 = build_dataset(src, str(llama_dir), "vicuna_v1.1", 512, cache_dir=str(cache))
+    ds2, rep2 = build_dataset(
+        src, str(llama_dir), "vicuna_v1.1", max_length=512, cache_dir=str(cache)
+    )
     assert time.perf_counter() - t0 < 2.0  # no re-tokenization: loaded from Arrow
     assert rep2.notes["cache"].startswith("hit") and ds2["labels"] == ds["labels"]
-    _, rep3 = build_dataset(src, str(llama_dir), "vicuna_v1.1", 256, cache_dir=str(cache))
+    _, rep3 = build_dataset(
+        src, str(llama_dir), "vicuna_v1.1", max_length=256, cache_dir=str(cache)
+    )
     assert rep3.notes["cache"].startswith("built")  # another max_length is another key
 
 
 def test_parallel_build_matches_serial(tmp_path, chatml_dir, data_dir):
     src = str(data_dir / "sharegpt_gpt4_zh_1k.jsonl")
     serial, rep1 = build_dataset(
-        src, str(chatml_dir), "chat_template", 1024, cache_dir=str(tmp_path / "a")
+        src, str(chatml_dir), "chat_template", max_length=1024, cache_dir=str(tmp_path / "a")
     )
     parallel, rep2 = build_dataset(
-        src, str(chatml_dir), "chat_template", 1024, cache_dir=str(tmp_path / "b"), num_proc=2
+        src,
+        str(chatml_dir),
+        "chat_template",
+        max_length=1024,
+        cache_dir=str(tmp_path / "b"),
+        num_proc=2,
     )
     assert serial["input_ids"] == parallel["input_ids"] and serial["labels"] == parallel["labels"]
     assert rep1.to_dict()["dropped"] == rep2.to_dict()["dropped"]

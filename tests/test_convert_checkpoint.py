@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import REPO, complete_checkpoints, env, flags, train
+from train_utils import complete_checkpoints, flags, run_in_repo, train
 from transformers import AutoModelForCausalLM
 
 ARGS = [
@@ -24,7 +24,7 @@ ARGS = [
 
 def convert(*args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "recipes.convert_checkpoint", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
+    return run_in_repo(cmd)
 
 
 def weights(folder) -> dict:

@@ -86,7 +86,7 @@ def test_loss_rewards_and_gradients_equal_trl(pairs, loss_type, tmp_path):
     with torch.no_grad():
         ref_logps, _ = sequence_logps(PlainForward(ref, 64), dict(batch))
     logps, tokens = sequence_logps(PlainForward(policy, 64), dict(batch))
-    losses_, chosen, rejected = dpo_losses(logps, ref_logps, tokens, beta, loss_type)
+    losses_, chosen, rejected = dpo_losses(logps, ref_logps, tokens, beta=beta, loss_type=loss_type)
     losses_.mean().backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
     # TRL, on the same rows: its completion mask is where camelid's labels are set

@@ -25,6 +25,7 @@ from train_utils import (
     descendants,
     env,
     losses,
+    run_in_repo,
     train,
     with_assets,
 )
@@ -66,7 +67,7 @@ def node(out: Path, rank: int, port: int, rdzv_id: str) -> subprocess.Popen:
         "sft",
         "ddp",
         1,
-        recipe_args,
+        recipe_args=recipe_args,
         nnodes=1,
         max_nnodes=2,
         max_restarts=1,
@@ -110,16 +111,12 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
     """`python -m launch.train --dry_run` of a one-GPU-per-node DDP job on the tiny assets,
     4 rows per device, no accumulation: `args` are launcher options."""
     model, data = with_assets([])[1::2][:2]
-    return subprocess.run(
+    return run_in_repo(
         [
             *(sys.executable, "-m", "launch.train", "--strategy", "ddp", "--ngpu", "1"),
             *(*args, "--dry_run", "--model", model, "--data", data, "--"),
             *("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"),
         ],
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
         timeout=120,
     )
 

@@ -50,8 +50,8 @@ class PromptAndReply:
 
     def data(self, cfg, tokenizer, world):
         cfg = dataclasses.replace(cfg, train_on_inputs=True)  # the prompt has labels too
-        train_set, _ = load_train_set(cfg, cfg.data_path, tokenizer, world)
-        return TrainData(train_set, False, cfg.model_max_length, pad_token_id(tokenizer))
+        train_set, _ = load_train_set(cfg, cfg.data_path, tokenizer, world=world)
+        return TrainData(train_set, False, cfg.model_max_length, pad_id=pad_token_id(tokenizer))
 
     def before_resume(self, run) -> None:
         pass
@@ -122,5 +122,5 @@ def test_the_planner_and_the_launcher_know_a_new_strategy(registered):
     rows = plan("llama-2-7b", 2, strategies=["toy_ddp", "ddp"])
     toy, ddp = (next(r for r in rows if r.strategy == n) for n in ("toy_ddp", "ddp"))
     assert toy.total == ddp.total
-    command = job_command("sft", "toy_ddp", 2, ["--max_steps", "1"])
+    command = job_command("sft", "toy_ddp", 2, recipe_args=["--max_steps", "1"])
     assert "torch.distributed.run" in command and "toy_ddp" in command

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from train_utils import (
-    REPO,
     command,
     complete_checkpoints,
     env,
     flags,
     launched,
     losses,
+    run_in_repo,
     tiny_assets,
     train,
 )
@@ -38,14 +38,7 @@ def run_with(strategy, nproc, out, *args, faults=None):
     launcher, whose exit status is the one users see."""
     if nproc == 1:
         return train(strategy, nproc, out, *args, faults=faults, check=False)
-    return subprocess.run(
-        command(strategy, nproc, out, *args, faults=faults),
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
-        timeout=900,
-    )
+    return run_in_repo(command(strategy, nproc, out, *args, faults=faults), timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -272,19 +265,14 @@ def test_multi_process_error_is_printed_once_without_launcher_traceback(bad, tmp
     model, tiny_data = tiny_assets()
     if "--data" not in args:
         args = ["--data", tiny_data, *args]
-    res = subprocess.run(
+    res = run_in_repo(
         [
             sys.executable,
             "-m",
             "launch.train",
             *flags(ngpu="2", strategy="fsdp", model=model, out=str(tmp_path / "run")),
             *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
-        timeout=600,
+        ]
     )
     assert res.returncode == 2
     assert res.stderr.count(message) == 1 and res.stderr.count("error:") == 1, res.stderr

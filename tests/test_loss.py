@@ -224,7 +224,7 @@ def launch(strategy: str, chunk: int, out) -> dict:
 
     argv = [sys.executable, str(Path(__file__)), "--strategy", strategy, "--worker", str(chunk)]
     worker_env = {**env(), "PYTHONPATH": str(REPO)}  # the worker imports bench (not installed)
-    res = forked_job([*argv, str(out)], strategy, 2, worker_env, timeout=600)
+    res = forked_job([*argv, str(out)], strategy, 2, environ=worker_env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return torch.load(Path(out) / f"{strategy}-{chunk}.pt", weights_only=False)
 

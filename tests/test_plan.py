@@ -95,18 +95,20 @@ def test_layer_activations_equal_what_autograd_saves(kv, dtype):
     saved = layer_saved_bytes(model, input_ids=torch.randint(0, 500, (1, seq)))
     shape = P.Shape.from_config(cfg.to_dict())
     # the layer's own tensors plus the rotary cos/sin the model hands every layer
-    want = P.layer_activation_bytes(shape, seq, 1, p) + P.rope_bytes(shape, seq, 1, p)
+    want = P.layer_activation_bytes(shape, seq, 1, p=p) + P.rope_bytes(shape, seq, 1, p=p)
     assert saved == want
 
 
 def test_checkpointing_and_chunked_loss_cut_activations():
     shape = P.Shape.from_config("llama-2-7b")
-    full = P.activation_bytes(shape, 2048, 1, 2, checkpointing=False)
-    ckpt = P.activation_bytes(shape, 2048, 1, 2, checkpointing=True)
+    full = P.activation_bytes(shape, 2048, 1, p=2, checkpointing=False)
+    ckpt = P.activation_bytes(shape, 2048, 1, p=2, checkpointing=True)
     # Korthikanti et al.: full recomputation keeps ~2sbh per layer (here plus one live layer)
     assert ckpt < full / 8
     assert ckpt > shape.layers * 2 * 2048 * shape.hidden
-    assert P.logits_bytes(shape, 2048, 1, 2, chunk=1024) == P.logits_bytes(shape, 2048, 1, 2) / 2
+    assert (
+        P.logits_bytes(shape, 2048, 1, p=2, chunk=1024) == P.logits_bytes(shape, 2048, 1, p=2) / 2
+    )
 
 
 def test_fits_and_cheapest():
@@ -480,19 +482,22 @@ def test_sequence_parallel_splits_the_activations(checkpointing, batch):
     attention output's second copy (the kernel's, head-sharded, and o_proj's, sequence-sharded)."""
     shape = P.Shape.from_config("llama-2-7b")
     seq, p = 32768, 2
-    whole = P.activation_bytes(shape, seq, batch, p, checkpointing)
-    half = P.activation_bytes(shape, seq // 2, batch, p, checkpointing)
+    whole = P.activation_bytes(shape, seq, batch, p=p, checkpointing=checkpointing)
+    half = P.activation_bytes(shape, seq // 2, batch, p=p, checkpointing=checkpointing)
     kept = 1 if checkpointing else shape.layers  # layers whose attention output is saved
-    sp2 = P.activation_bytes(shape, seq, batch, p, checkpointing, sp=2)
+    sp2 = P.activation_bytes(shape, seq, batch, p=p, checkpointing=checkpointing, sp=2)
     assert sp2 == half + kept * p * (seq // 2) * batch * shape.q_dim
     assert 0.5 < sp2 / whole < 0.53
     # and every further doubling halves exactly
-    assert P.activation_bytes(shape, seq, batch, p, checkpointing, sp=4) == sp2 / 2
+    assert P.activation_bytes(shape, seq, batch, p=p, checkpointing=checkpointing, sp=4) == sp2 / 2
     # logits rows: the local ones (here all of them: no chunking)
-    assert P.logits_bytes(shape, seq, batch, p, 0, sp=2) == P.logits_bytes(shape, seq, batch, p) / 2
+    assert (
+        P.logits_bytes(shape, seq, batch, p=p, chunk=0, sp=2)
+        == P.logits_bytes(shape, seq, batch, p=p) / 2
+    )
     # all-to-all: one layer's q, k, v send buffers, in the activation dtype
-    assert P.all_to_all_bytes(shape, seq, batch, p, 1) == 0
-    assert P.all_to_all_bytes(shape, seq, batch, p, 2) == p * seq // 2 * batch * (
+    assert P.all_to_all_bytes(shape, seq, batch, p=p, sp=1) == 0
+    assert P.all_to_all_bytes(shape, seq, batch, p=p, sp=2) == p * seq // 2 * batch * (
         shape.q_dim + 2 * shape.kv_dim
     )
 

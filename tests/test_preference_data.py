@@ -456,7 +456,7 @@ def check_rows_against_sft(ds, pairs, tok, template, max_length):
 def test_rows_equal_sft_encoding(tmp_path, tokenizers, alpaca_pairs, flavour):
     tok, template = tokenizers[flavour]
     ds, rep = build_preference_dataset(
-        str(alpaca_pairs), tok, template, 384, cache_dir=str(tmp_path)
+        str(alpaca_pairs), tok, template, max_length=384, cache_dir=str(tmp_path)
     )
     assert tuple(ds.column_names) == PREFERENCE_COLUMNS
     assert (
@@ -488,7 +488,7 @@ def test_multi_turn_rows_train_only_the_final_reply(tmp_path, tokenizers):
     for flavour in ("llama", "llama-nonlegacy", "chatml"):
         tok, template = tokenizers[flavour]
         ds, rep = build_preference_dataset(
-            src, tok, template, 256, cache_dir=str(tmp_path), quiet=True
+            src, tok, template, max_length=256, cache_dir=str(tmp_path), quiet=True
         )
         assert rep.written == 2 and rep.truncated == 0
         check_rows_against_sft(ds, pairs, tok, template, 256)
@@ -504,7 +504,9 @@ def test_truncation_cuts_the_reply_and_a_long_prompt_is_skipped(tmp_path, tokeni
             {"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye."},
         ],
     )
-    ds, rep = build_preference_dataset(src, tok, template, 128, cache_dir=str(tmp_path), quiet=True)
+    ds, rep = build_preference_dataset(
+        src, tok, template, max_length=128, cache_dir=str(tmp_path), quiet=True
+    )
     assert rep.read == 3 and rep.written == 2 and rep.dropped == {"prompt_too_long": 1}
     assert rep.truncated == 1 and rep.notes["truncated_by"] == {"chosen": 1}
     assert "t.json" not in rep.examples["prompt_too_long"][0]  # found by the tokenizer
@@ -520,10 +522,12 @@ def test_truncation_cuts_the_reply_and_a_long_prompt_is_skipped(tmp_path, tokeni
     check_rows_against_sft(ds, pairs, tok, template, 128)
     with pytest.raises(DataError, match=r"tokenize: pair 1 \(id t_1\): prompt_too_long"):
         build_preference_dataset(
-            src, tok, template, 128, cache_dir=str(tmp_path), strict=True, quiet=True
+            src, tok, template, max_length=128, cache_dir=str(tmp_path), strict=True, quiet=True
         )
     with pytest.raises(DataError, match="too small"):
-        build_preference_dataset(src, tok, template, 3, cache_dir=str(tmp_path), quiet=True)
+        build_preference_dataset(
+            src, tok, template, max_length=3, cache_dir=str(tmp_path), quiet=True
+        )
 
 
 def test_prompt_rendered_differently_per_reply_is_skipped(tmp_path, tokenizers):
@@ -544,7 +548,7 @@ def test_prompt_rendered_differently_per_reply_is_skipped(tmp_path, tokenizers):
         ],
     )
     ds, rep = build_preference_dataset(
-        src, marking, "chat_template", 128, cache_dir=str(tmp_path), quiet=True
+        src, marking, "chat_template", max_length=128, cache_dir=str(tmp_path), quiet=True
     )
     # the SFT encoder already refuses a template whose layout depends on message text
     assert rep.written == 1 and rep.dropped_total == 1 and ds[0]["id"] == "m_1"

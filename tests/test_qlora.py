@@ -28,6 +28,7 @@ from train_utils import (
     losses,
     moved,
     ranks,
+    run_in_repo,
     train,
     with_assets,
 )
@@ -170,18 +171,13 @@ def test_merged_folder_matches_base_plus_adapter(adapted, tmp_path):
 def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_split, tmp_path):
     _, adapter = adapted
     out = tmp_path / "eval.json"
-    res = subprocess.run(
+    res = run_in_repo(
         [
             *(sys.executable, "-m", "recipes.eval"),
             *flags(model=english_base, data=zh_split[1], adapter=adapter),
             *flags(shots=3, shots_from=zh_split[0], max_samples=60, generate=5),
             *flags(max_new_tokens=24, out=out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env(),
-        timeout=600,
+        ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mean ppl" in res.stdout and "few-shot (3 examples)" in res.stdout
@@ -305,7 +301,7 @@ def test_int8_base_and_paged_8bit_optimizer(llama_dir, zh_split, tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_recipe(tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    res = subprocess.run(
+    res = run_in_repo(
         [
             accelerate,
             "launch",
@@ -314,12 +310,7 @@ def test_accelerate_launch_runs_the_recipe(tmp_path):
             "1",
             str(QLORA),
             *with_assets([*QLORA_TINY, "--max_steps", 2, "--output_dir", tmp_path]),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env(),
-        timeout=600,
+        ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
     from transformers import AutoModelForCausalLM
@@ -382,17 +373,13 @@ def test_adapter_for_another_base_is_refused(adapted, corpus, tmp_path):
     other = tiny_model("llama", "small", texts=corpus, vocab_size=4000, cache_dir=REPO / ".cache")
     with pytest.raises(ConfigError, match="does not fit"):
         load_adapter(AutoModelForCausalLM.from_pretrained(other), adapter)
-    res = subprocess.run(
+    res = run_in_repo(
         [
             sys.executable,
             "-m",
             "recipes.merge",
             *flags(adapter=str(adapter), base=str(other), out=str(tmp_path / "m")),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env(),
+        ]
     )
     assert res.returncode == 2 and "does not fit" in res.stderr
 
@@ -419,7 +406,7 @@ def test_config_conflicts_are_refused():
 
 def test_chat_streams_multi_turn_with_reset_and_exit(adapted):
     run, adapter = adapted
-    res = subprocess.run(
+    res = run_in_repo(
         [
             sys.executable,
             "-m",
@@ -427,10 +414,6 @@ def test_chat_streams_multi_turn_with_reset_and_exit(adapted):
             *flags(model=run.model_path, adapter=str(adapter), max_new_tokens="8"),
         ],
         input="你好\n再說一次\n/reset\n你好\n/exit\nnever read\n",
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env(),
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]

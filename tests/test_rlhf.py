@@ -304,9 +304,16 @@ def test_grpo_loss_and_gradient_equal_trl(arithmetic, loss_type, beta, epsilon_h
     logps = token_logps(out.logits[:, :-1], completions, T)
     advantages, _ = group_advantages(rewards, G, "grpo")
     per_token, _, clipped = policy_loss_terms(
-        logps, old, ref_logps, advantages, mask, beta, eps, epsilon_high
+        logps,
+        old,
+        ref_logps,
+        advantages=advantages,
+        mask=mask,
+        beta=beta,
+        epsilon=eps,
+        epsilon_high=epsilon_high,
     )
-    mine = summed_loss(per_token, mask, loss_type, C) / len(rewards)
+    mine = summed_loss(per_token, mask, loss_type, max_completion_length=C) / len(rewards)
     assert 0 < clipped.sum() < mask.sum()  # the clip acts on some tokens, not all
     mine.backward()
     my_grads = [p.grad.clone() for p in model.parameters()]

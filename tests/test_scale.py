@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, env, flags, losses, ranks, tiny_assets, train
+from train_utils import REPO, env, flags, losses, ranks, run_in_repo, tiny_assets, train
 
 from recipes.core.config import ConfigError, fsdp_strategy, load_config
 from recipes.core.ds_config import deepspeed_config
@@ -165,18 +165,14 @@ def test_two_launcher_invocations_as_two_nodes_match_one_node(strategy, full_loa
 
 def test_launcher_dry_run_knows_the_new_strategies():
     for strategy in ("fsdp_offload", "fsdp_grad_op"):
-        res = subprocess.run(
+        res = run_in_repo(
             [
                 sys.executable,
                 "-m",
                 "launch.train",
                 *flags(ngpu="2", strategy=strategy),
                 "--dry_run",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env(),
+            ]
         )
         assert (
             res.returncode == 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import REPO, env, flags, train
+from train_utils import REPO, flags, run_in_repo, train
 
 from recipes.core.checkpoint import describe_files, verify_checkpoint
 from recipes.core.safe_load import (
@@ -387,7 +387,7 @@ def test_convert_checkpoint_refuses_a_planted_checkpoint(kind, runs, tmp_path):
         else torch_payloads(marker)["persistent_id_storage_type"]
     )
     plant(ckpt, name, data)
-    res = subprocess.run(
+    res = run_in_repo(
         [
             sys.executable,
             "-m",
@@ -395,10 +395,6 @@ def test_convert_checkpoint_refuses_a_planted_checkpoint(kind, runs, tmp_path):
             str(ckpt),
             str(tmp_path / "converted"),
         ],
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
         timeout=300,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]

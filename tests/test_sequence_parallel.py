@@ -390,8 +390,8 @@ def _saved_bytes_worker(rank, world, kv, rows):
         model, input_ids=shard["input_ids"], position_ids=shard["position_ids"]
     )
     shape = P.Shape.from_config(cfg.to_dict())
-    want = P.layer_activation_bytes(shape, seq, rows, 4, sp=world) + P.rope_bytes(
-        shape, seq, rows, 4, sp=world
+    want = P.layer_activation_bytes(shape, seq, rows, p=4, sp=world) + P.rope_bytes(
+        shape, seq, rows, p=4, sp=world
     )
     assert saved == want, (saved, want)
 

@@ -203,7 +203,17 @@ def test_tracker_choice_and_a_missing_package(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="comet"):
         tracker_names("wandb,comet")
     # a rank other than the main one opens no tracker and writes nothing
-    log = RunLog(tmp_path / "other", False, 3, 0, 10, 2, None, "wandb,mlflow,trackio", {"a": 1})
+    log = RunLog(
+        tmp_path / "other",
+        False,
+        3,
+        start_step=0,
+        n_params=10,
+        world_size=2,
+        peak=None,
+        report_to="wandb,mlflow,trackio",
+        config={"a": 1},
+    )
     assert log.trackers == [] and not (tmp_path / "other").exists()
     import importlib.util
 
@@ -212,7 +222,17 @@ def test_tracker_choice_and_a_missing_package(tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
     )
     with pytest.raises(ConfigError, match=r"--report_to mlflow: not installed; pip install mlflow"):
-        RunLog(tmp_path / "main", True, 3, 0, 10, 1, None, "tensorboard,mlflow", {"a": 1})
+        RunLog(
+            tmp_path / "main",
+            True,
+            3,
+            start_step=0,
+            n_params=10,
+            world_size=1,
+            peak=None,
+            report_to="tensorboard,mlflow",
+            config={"a": 1},
+        )
     assert not (tmp_path / "main").exists()  # stopped before opening anything
 
 
@@ -223,10 +243,12 @@ def png_size(path: Path) -> tuple[int, int]:
 
 @pytest.mark.parametrize("rewarded", [False, True])
 def test_the_curves_png_adds_a_reward_panel_for_online_rl(tmp_path, rewarded):
-    log = RunLog(tmp_path, True, 3, 0, 10, 1, None)
+    log = RunLog(tmp_path, True, 3, start_step=0, n_params=10, world_size=1, peak=None)
     for step in (1, 2, 3):
         extra = {"reward": 0.1 * step, "reward_std": 0.01} if rewarded else None
-        log.step(step, 2.0 / step, 1e-3, 1.0, 64, 1.0, log=False, extra=extra)
+        log.step(
+            step, 2.0 / step, 1e-3, grad_norm=1.0, tokens=64, real_share=1.0, log=False, extra=extra
+        )
     png = log.close()
     assert png == tmp_path / "loss.png"
     width, height = png_size(png)

@@ -185,8 +185,8 @@ def test_losses_and_learning_rates_equal_trainer(name, llama_dir, conversations,
         cache_dir=cfg.cache_dir,
         quiet=True,
     )
-    data = TrainData(ds.with_format("numpy"), False, cfg.model_max_length, 0)
-    plan = BatchPlan(data.lengths, data.trained, cfg, 1)
+    data = TrainData(ds.with_format("numpy"), False, cfg.model_max_length, pad_id=0)
+    plan = BatchPlan(data.lengths, data.trained, cfg, world_size=1)
     rows = [
         {"idx": i, "input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
         for i, r in enumerate(ds)

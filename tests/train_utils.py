@@ -99,7 +99,7 @@ def command(
         return worker_command(strategy, out, *args, recipe=recipe, faults=faults)
     name = BY_SCRIPT.get(Path(recipe), "sft")  # another script: a harness that runs sft
     script = program(recipe, faults)
-    return job_command(name, strategy, nproc, recipe_args(out, args), program=script)
+    return job_command(name, strategy, nproc, recipe_args=recipe_args(out, args), program=script)
 
 
 @functools.cache
@@ -138,7 +138,7 @@ def train(
 
 
 def forked_job(
-    argv: list[str], strategy: str, nproc: int, environ: dict | None = None, timeout: int = 900
+    argv: list[str], strategy: str, nproc: int, *, environ: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """`argv` as one process, or as a one-node job of `nproc` forked workers with torchrun's
     environment (and DeepSpeed's --local_rank where the strategy's launcher is DeepSpeed's)."""
@@ -259,3 +259,10 @@ def layer_saved_bytes(model, **inputs) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**inputs, use_cache=False)
     return sum(saved.values())
+
+
+def run_in_repo(argv: list, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`argv` as a fresh process in the repository, with the tests' environment; output kept."""
+    return subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, cwd=REPO, env=env(), timeout=timeout
+    )

@@ -50,7 +50,8 @@ def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return rows
 
 
-def sdpa_packed_attention(
+# transformers calls an attention function with (module, query, key, value, mask) positional
+def sdpa_packed_attention(  # noqa: PLR0917
     module,
     query,
     key,

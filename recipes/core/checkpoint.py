@@ -407,7 +407,7 @@ def agree_written(world, error: OSError | None, what: str) -> None:
 
 
 def save_checkpoint(
-    engine, world, folder: RunFolder, step: int, trainer_state: dict, keep: int
+    engine, world, folder: RunFolder, *, step: int, trainer_state: dict, keep: int
 ) -> CheckpointFolder:
     """Every rank writes its share into the staging folder; rank 0 writes the manifest and
     swaps the folder in, then rotates: the newest `keep` complete checkpoints stay (0: all),
@@ -501,7 +501,7 @@ def load_route(ckpt: CheckpointFolder, state: dict, world) -> str:
     return "native" if native else "universal"
 
 
-def load_universal(engine, world, ckpt: CheckpointFolder, state: dict) -> None:
+def load_universal(engine, world, ckpt: CheckpointFolder, *, state: dict) -> None:
     """DeepSpeed's files into another ZeRO stage, world size or engine: rank 0 converts them
     with DeepSpeed's own converter into checkpoints/.universal-step-N (a shared file system
     across nodes), every rank reads it, rank 0 removes it. The checkpoint is left as it is."""
@@ -580,7 +580,7 @@ def load_checkpoint(engine, world, ckpt: CheckpointFolder) -> dict:
 
         engine.load_params(DcpParams(ckpt))
     else:
-        load_universal(engine, world, ckpt, state)
+        load_universal(engine, world, ckpt, state=state)
     continue_schedule(engine.scheduler)
     note = load_rng_for(ckpt, state, world)
     state["notes"] = [note] if note else []

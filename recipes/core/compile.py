@@ -92,7 +92,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, classes)]
 
 
-def compile_layers(model, cfg, main: bool = True, backend: str = "inductor") -> int:
+def compile_layers(model, cfg, main: bool = True, *, backend: str = "inductor") -> int:
     """Compile each decoder layer in place (see the module docstring); returns how many. With
     `main`, one line after the first forward reports compile time and graph breaks."""
     if not cfg.compile:

@@ -70,7 +70,7 @@ Optimizer = Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "ada
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
-def _bounded(cfg, name: str, low: float, high: float, *, low_open=False, high_open=False):
+def _bounded(cfg, name: str, low: float, *, high: float, low_open=False, high_open=False):
     """A finite number within [low, high] (bounds open where asked), or a ConfigError."""
     value = getattr(cfg, name)
     number = float(value)
@@ -325,17 +325,17 @@ class OptimArgs:
             )
         if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
-        _bounded(cfg, "num_train_epochs", -math.inf, 1e6)
+        _bounded(cfg, "num_train_epochs", -math.inf, high=1e6)
         # above 1, every AdamW step moves each weight by about the learning rate: the
         # weights are noise after one step (a typo, such as 2e5 for 2e-5)
-        _bounded(cfg, "learning_rate", 0, 1)
-        _bounded(cfg, "weight_decay", 0, 1)
-        _bounded(cfg, "warmup_ratio", 0, 1)
-        _bounded(cfg, "max_grad_norm", 0, math.inf, low_open=True)
-        _bounded(cfg, "adam_beta1", 0, 1, high_open=True)
-        _bounded(cfg, "adam_beta2", 0, 1, high_open=True)
+        _bounded(cfg, "learning_rate", 0, high=1)
+        _bounded(cfg, "weight_decay", 0, high=1)
+        _bounded(cfg, "warmup_ratio", 0, high=1)
+        _bounded(cfg, "max_grad_norm", 0, high=math.inf, low_open=True)
+        _bounded(cfg, "adam_beta1", 0, high=1, high_open=True)
+        _bounded(cfg, "adam_beta2", 0, high=1, high_open=True)
         # epsilon 0 divides by zero on the first step that leaves a moment at 0 (NaN weights)
-        _bounded(cfg, "adam_epsilon", 0, 1, low_open=True)
+        _bounded(cfg, "adam_epsilon", 0, high=1, low_open=True)
         if not 0 <= cfg.seed < 2**32:
             raise ConfigError(f"seed must be a whole number from 0 to 2^32 - 1, got {cfg.seed}")
 
@@ -424,8 +424,8 @@ class AdapterArgs:
     @staticmethod
     def check(cfg) -> None:
         _at_least(cfg, ("lora_r", "num_virtual_tokens"))
-        _bounded(cfg, "lora_alpha", 0, math.inf, low_open=True)
-        _bounded(cfg, "lora_dropout", 0, 1, high_open=True)
+        _bounded(cfg, "lora_alpha", 0, high=math.inf, low_open=True)
+        _bounded(cfg, "lora_dropout", 0, high=1, high_open=True)
         if cfg.peft_method == "none" and cfg.quantization != "none":
             raise ConfigError(
                 f"quantization {cfg.quantization} quantizes the base under an adapter: add "
@@ -518,7 +518,7 @@ class LogArgs:
     def check(cfg) -> None:
         _at_least(cfg, ("logging_steps",))
         if cfg.peak_tflops is not None:
-            _bounded(cfg, "peak_tflops", 0, 1e7, low_open=True)
+            _bounded(cfg, "peak_tflops", 0, high=1e7, low_open=True)
         trackers = [t.strip() for t in str(cfg.report_to).split(",") if t.strip()]
         if (
             not trackers
@@ -556,7 +556,7 @@ RESUMABLE_CHANGES = {
 # ---------------------------------------------------------------------------- composition
 
 
-def compose(name: str, sections, defaults: dict | None = None, doc: str = "", checks=()) -> type:
+def compose(name: str, sections, defaults: dict | None = None, *, doc: str = "", checks=()) -> type:
     """A flat dataclass of every option of `sections`, with `defaults` replacing theirs.
     Its `check()` runs each section's check, then `checks` (functions of the config)."""
     defaults = dict(defaults or {})
@@ -676,7 +676,8 @@ class _FastChatFlag(argparse.Action):
     """A FASTCHAT_FLAGS flag: mapped (--fsdp sets strategy, where it stands on the line, as
     --strategy would) or noted; --fp16 True is refused."""
 
-    def __call__(self, parser, namespace, value, option_string=None):
+    # argparse calls an Action with (parser, namespace, values, option_string) positional
+    def __call__(self, parser, namespace, value, option_string=None):  # noqa: PLR0917
         key = self.dest
         if key in FASTCHAT_MAPPED:
             setting, mapped = FASTCHAT_MAPPED[key]

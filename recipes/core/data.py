@@ -20,7 +20,7 @@ from .config import ConfigError, data_paths
 MEGABATCH = 50  # length grouping sorts within 50 global batches, as HF's LengthGroupedSampler does
 
 
-def load_train_set(cfg, data_path: str, tokenizer, world):
+def load_train_set(cfg, data_path: str, tokenizer, *, world):
     """Rank 0 tokenizes (or finds it cached); the others then load the cached Arrow files."""
     args = dict(
         template=cfg.template,
@@ -63,7 +63,7 @@ class BatchPlan:
     """Which samples data-parallel rank r trains on at micro-step m of optimizer step s.
     `world_size` counts data-parallel ranks (ranks that share a sequence share its samples)."""
 
-    def __init__(self, lengths: np.ndarray, trained: np.ndarray, cfg, world_size: int):
+    def __init__(self, lengths: np.ndarray, trained: np.ndarray, cfg, *, world_size: int):
         self.lengths, self.trained = lengths, trained
         self.micro, self.accum, self.world = (
             cfg.per_device_train_batch_size,
@@ -151,7 +151,7 @@ class TrainData:
     `capacity` tokens of short conversations would cost up to capacity / length times more."""
 
     def __init__(
-        self, ds, packing: bool, capacity: int, pad_id: int, row_tokens: int | None = None
+        self, ds, packing: bool, capacity: int, *, pad_id: int, row_tokens: int | None = None
     ):
         self.ds, self.packing, self.pad_id = ds, packing, pad_id
         lengths = np.asarray(ds["length"], dtype=np.int64)

@@ -173,7 +173,7 @@ class AdapterState:
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def fitted(ckpt: CheckpointFolder, name: str, shape, tensor: torch.Tensor) -> torch.Tensor:
+def fitted(ckpt: CheckpointFolder, name: str, shape, *, tensor: torch.Tensor) -> torch.Tensor:
     """A parameter's saved value in the shape this model gives it, or one line saying why not."""
     shape = torch.Size(shape)
     if tensor.numel() != shape.numel():
@@ -213,7 +213,7 @@ class DcpParams:
 
     def tensor(self, name: str, key: str, shape) -> torch.Tensor:
         path = ("model", name) if key == "param" else ("optim", "state", name, key)
-        return fitted(self.folder, name, shape, self._read(*path))
+        return fitted(self.folder, name, shape, tensor=self._read(*path))
 
     def step(self) -> float:
         """AdamW's step count (the same for every parameter: skipped steps count for none)."""
@@ -242,7 +242,7 @@ class UniversalParams:
             from deepspeed.checkpoint.constants import PARAM
 
             saved = saved[PARAM]
-        return fitted(self.ckpt, name, shape, saved)  # (ZeRO-3's are flat)
+        return fitted(self.ckpt, name, shape, tensor=saved)  # (ZeRO-3's are flat)
 
     def _states(self, name: str) -> dict:
         from .safe_load import deepspeed_loads_weights_only
@@ -313,6 +313,7 @@ class TorchEngine:
         model,
         cfg,
         world: World,
+        *,
         total_steps: int,
         weights_from: str | None = None,
         state=None,
@@ -490,7 +491,7 @@ class DeepSpeedEngine:
     """ZeRO-2 / ZeRO-3 (optionally offloaded) through `deepspeed.initialize`; checkpoints are
     DeepSpeed's own files, read through camelid's restricted loading."""
 
-    def __init__(self, model, cfg, world: World, total_steps: int):
+    def __init__(self, model, cfg, world: World, *, total_steps: int):
         import deepspeed
 
         self.cfg, self.world, self.strategy = cfg, world, world.strategy
@@ -632,13 +633,15 @@ def make_engine(
     model,
     cfg,
     world: World,
-    total_steps: int,
     *,
+    total_steps: int,
     weights_from: str | None = None,
     adapter: bool = False,
 ):
     """The engine the strategy declares; an adapter's checkpoints hold the adapter only."""
     if world.strategy.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, world, total_steps)
+        return DeepSpeedEngine(model, cfg, world, total_steps=total_steps)
     state = AdapterState() if adapter else DcpState()
-    return TorchEngine(model, cfg, world, total_steps, weights_from, state=state)
+    return TorchEngine(
+        model, cfg, world, total_steps=total_steps, weights_from=weights_from, state=state
+    )

@@ -45,6 +45,7 @@ def reply(
     model,
     tokenizer,
     history: list[tuple[str, str]],
+    *,
     question: str,
     template: str = "vicuna_v1.1",
     max_new_tokens: int = 64,

@@ -98,7 +98,7 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def read_elements(f, entry: dict, data_start: int, first: int, out: torch.Tensor) -> None:
+def read_elements(f, entry: dict, data_start: int, *, first: int, out: torch.Tensor) -> None:
     """Elements first .. first + out.numel() of one tensor (row-major), read with plain file
     reads straight into `out` (through a buffer of that size when dtype or device differ).
 
@@ -131,7 +131,7 @@ def _tensors_by_file(model, model_path: str) -> dict[Path, list[tuple[str, torch
     return by_file
 
 
-def _check_shape(file: Path, name: str, entry: dict, shape) -> None:
+def _check_shape(file: Path, name: str, entry: dict, *, shape) -> None:
     if tuple(entry["shape"]) != tuple(shape):
         raise ConfigError(
             f"{file}: {name} has shape {entry['shape']}, the model expects {list(shape)}"
@@ -148,12 +148,14 @@ def fill_zero3_partitions(model, model_path: str) -> None:
         header, data_start = safetensors_header(file)
         with open(file, "rb") as f:
             for name, param in named:
-                _check_shape(file, name, header[name], param.ds_shape)
+                _check_shape(file, name, header[name], shape=param.ds_shape)
                 part = param.ds_tensor
                 first = dist.get_rank(group=param.ds_process_group) * part.numel()
                 count = max(0, min(part.numel(), param.ds_numel - first))
                 if count:
-                    read_elements(f, header[name], data_start, first, part.view(-1)[:count])
+                    read_elements(
+                        f, header[name], data_start, first=first, out=part.view(-1)[:count]
+                    )
 
 
 def _local_rows(param) -> tuple[torch.Tensor, int]:
@@ -176,11 +178,11 @@ def fill_sharded(model, model_path: str, buffers: dict[str, torch.Tensor]) -> No
         header, data_start = safetensors_header(file)
         with open(file, "rb") as f:
             for name, param in named:
-                _check_shape(file, name, header[name], param.shape)
+                _check_shape(file, name, header[name], shape=param.shape)
                 local, first = _local_rows(param)
                 if local.numel():
                     row = math.prod(header[name]["shape"][1:])
-                    read_elements(f, header[name], data_start, first * row, local)
+                    read_elements(f, header[name], data_start, first=first * row, out=local)
     for name, buf in model.named_buffers():
         if name in buffers:
             buf.copy_(buffers[name])

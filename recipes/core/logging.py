@@ -53,7 +53,7 @@ TRACKER_PACKAGES = {
 PROJECT = "camelid"
 
 
-def progress(iterable, desc: str, total: int | None = None, main: bool = True):
+def progress(iterable, desc: str, total: int | None = None, *, main: bool = True):
     """A progress bar for a long phase, on a terminal only (logs get the phase's summary
     line from its caller), on the main rank only."""
     from tqdm import tqdm
@@ -175,6 +175,7 @@ class RunLog:
         folder,
         main: bool,
         total_steps: int,
+        *,
         start_step: int,
         n_params: int,
         world_size: int,
@@ -210,7 +211,9 @@ class RunLog:
             repair_metrics(self.path, start_step)
             if dataclasses.is_dataclass(config):  # the run's TrainConfig
                 config = dataclasses.asdict(config)
-            self.trackers = open_trackers(folder.root, names, dict(config or {}), start_step)
+            self.trackers = open_trackers(
+                folder.root, names, dict(config or {}), start_step=start_step
+            )
             atexit.register(self._close_trackers, False)  # a run that stops early still closes them
         self._t = time.perf_counter()
 
@@ -219,6 +222,7 @@ class RunLog:
         step: int,
         loss: float,
         lr: float,
+        *,
         grad_norm: float,
         tokens: int,
         real_share: float,
@@ -305,13 +309,13 @@ class RunLog:
         return png
 
 
-def open_trackers(out: Path, names: list[str], config: dict, start_step: int) -> list:
+def open_trackers(out: Path, names: list[str], config: dict, *, start_step: int) -> list:
     """The chosen trackers, continuing the runs recorded in OUT/trackers.json when this run
     resumes (start_step > 0); a run from step 0 starts new ones."""
     ids_file = out / "trackers.json"
     old = json.loads(ids_file.read_text()) if start_step > 0 and ids_file.exists() else {}
     kinds = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": MLflow, "trackio": Trackio}
-    trackers = [kinds[n](out, config, old.get(n), start_step) for n in names]
+    trackers = [kinds[n](out, config, old.get(n), start_step=start_step) for n in names]
     ids = {n: t.run_id for n, t in zip(names, trackers) if t.run_id}
     if ids:
         ids_file.write_text(json.dumps({**old, **ids}, indent=1) + "\n")
@@ -319,7 +323,7 @@ def open_trackers(out: Path, names: list[str], config: dict, start_step: int) ->
 
 
 class TensorBoard:
-    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+    def __init__(self, out: Path, config: dict, run_id: str | None, *, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_id, self.writer = None, SummaryWriter(str(out / "tensorboard"))
@@ -350,7 +354,7 @@ class Wandb:
     """Offline unless WANDB_MODE or an API key says otherwise (`wandb sync OUT/wandb/offline-run-*`
     uploads an offline run later); a resumed run continues the same run id."""
 
-    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+    def __init__(self, out: Path, config: dict, run_id: str | None, *, start_step: int):
         import wandb
 
         online = wandb_online()
@@ -376,7 +380,7 @@ class MLflow:
     """A file store under OUT/mlruns unless MLFLOW_TRACKING_URI names one; a resumed run continues
     the same MLflow run. Params are the config; a value a resume changed goes in as a tag."""
 
-    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+    def __init__(self, out: Path, config: dict, run_id: str | None, *, start_step: int):
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             uri = (out / "mlruns").resolve().as_uri()
@@ -435,7 +439,7 @@ class Trackio:
     """trackio's local SQLite database, in OUT/trackio unless TRACKIO_DIR names another folder;
     a resumed run continues the run of the same name."""
 
-    def __init__(self, out: Path, config: dict, run_id: str | None, start_step: int):
+    def __init__(self, out: Path, config: dict, run_id: str | None, *, start_step: int):
         # trackio reads TRACKIO_DIR once, when it is first imported
         user_dir = os.environ.get("TRACKIO_DIR")
         wanted = user_dir or str((out / "trackio").resolve())

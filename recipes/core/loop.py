@@ -92,7 +92,7 @@ class Run:
     previous_handlers: dict = field(default_factory=dict)
 
 
-def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None = None) -> Run:
+def prepare(cfg, objective, notes: list[str] | None = None, *, hooks: Hooks | None = None) -> Run:
     """Process group, the output directory's claim, tokenizer, the training units, the batch
     plan. Nothing is written before the settings and the data are known to be usable."""
     if not cfg.model_name_or_path:
@@ -127,7 +127,7 @@ def prepare(cfg, objective, notes: list[str] | None = None, hooks: Hooks | None 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run.tokenizer = load_tokenizer(run.model_path)
     run.data = objective.data(cfg, run.tokenizer, world)
-    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world.dp_size)
+    run.plan = BatchPlan(run.data.lengths, run.data.trained, cfg, world_size=world.dp_size)
     # as Trainer counts them: a fraction of an epoch's steps rounds up (1.5 x 3 steps -> 5)
     run.total_steps = (
         cfg.max_steps
@@ -173,7 +173,7 @@ def load_tokenizer(path: str):
         ) from None
 
 
-def start(run: Run, model, engine, what: str = "") -> Run:
+def start(run: Run, model, engine, *, what: str = "") -> Run:
     """The objective's preparation on the initial weights, then resume from the newest
     checkpoint that verifies, the run log, and the signal handlers."""
     cfg, world = run.cfg, run.world
@@ -209,12 +209,12 @@ def start(run: Run, model, engine, what: str = "") -> Run:
         run.folder,
         world.main,
         run.total_steps,
-        run.step,
-        n_params,
-        world.size,
-        peak_flops(cfg.peak_tflops),
-        cfg.report_to,
-        cfg,
+        start_step=run.step,
+        n_params=n_params,
+        world_size=world.size,
+        peak=peak_flops(cfg.peak_tflops),
+        report_to=cfg.report_to,
+        config=cfg,
     )
     install_signal_handlers(run)
     PHASES.next("train")
@@ -374,7 +374,12 @@ def save(run: Run) -> CheckpointFolder:
         "config": vars(run.cfg),
     }
     saved = checkpoint.save_checkpoint(
-        run.engine, run.world, run.folder, run.step, trainer_state, keep=run.cfg.save_total_limit
+        run.engine,
+        run.world,
+        run.folder,
+        step=run.step,
+        trainer_state=trainer_state,
+        keep=run.cfg.save_total_limit,
     )
     run.last_checkpoint = saved.path
     return saved
@@ -391,9 +396,9 @@ def train(run: Run) -> None:
             run.step,
             out["loss"],
             lr,
-            out["grad_norm"],
-            out["tokens"],
-            out["real_token_share"],
+            grad_norm=out["grad_norm"],
+            tokens=out["tokens"],
+            real_share=out["real_token_share"],
             log=run.step % cfg.logging_steps == 0 or last,
             extra=out["stats"],
         )

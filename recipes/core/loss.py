@@ -94,6 +94,7 @@ def chunked_causal_lm_loss(
     hidden: torch.Tensor,
     head: torch.nn.Module,
     labels: torch.Tensor,
+    *,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 512,
     ignore_index: int = IGNORE_INDEX,
@@ -133,7 +134,7 @@ def _shifted_targets(labels: torch.Tensor, device, ignore_index: int = IGNORE_IN
 
 
 def chunked_sequence_logps(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = 512
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, *, chunk_size: int = 512
 ) -> torch.Tensor:
     """Per row, the sum of log p(label) over labelled positions (a sequence's log-likelihood
     under the model, as DPO needs it), projecting `chunk_size` labelled rows at a time."""
@@ -190,7 +191,7 @@ def _last_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output.last_hidden_state
 
 
-def _check_head(model, output, hidden: torch.Tensor, head) -> None:
+def _check_head(model, output, hidden: torch.Tensor, *, head) -> None:
     """Once per model: the model's own logits equal the output embedding applied to the
     captured hidden state; a model that scales or soft-caps its logits would be trained on
     another loss than its own, so refuse it."""
@@ -247,12 +248,17 @@ def forward_with_loss(call, model, chunk_size: int, **batch):
 
     def attach(_module, _args, output):
         hidden = captured.pop("hidden")
-        _check_head(model, output, hidden, head)
+        _check_head(model, output, hidden, head=head)
         if want_logps:
-            output["loss"] = chunked_sequence_logps(hidden, head, labels, chunk_size)
+            output["loss"] = chunked_sequence_logps(hidden, head, labels, chunk_size=chunk_size)
         else:
             output["loss"] = chunked_causal_lm_loss(
-                hidden, head, labels, num_items, chunk_size, shifted=shifted is not None
+                hidden,
+                head,
+                labels,
+                num_items_in_batch=num_items,
+                chunk_size=chunk_size,
+                shifted=shifted is not None,
             )
         return output
 

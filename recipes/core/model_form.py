@@ -23,7 +23,7 @@ from .run_folder import RUN_INFO, written_by_command
 QUANTIZED = {"none": "", "int8": "8-bit ", "nf4": "4-bit nf4 ", "fp4": "4-bit fp4 "}
 
 
-def _finish_export(engine, tokenizer, folder: Path, info: dict) -> dict:
+def _finish_export(engine, tokenizer, folder: Path, *, info: dict) -> dict:
     """Tokenizer (with the training template as its chat template) and camelid.json."""
     info = dict(info)
     if info.get("template") is not None:
@@ -93,7 +93,9 @@ class FullModel:
             model.config.use_cache = False
         # after activation checkpointing, before the engine shards (torchtune's order)
         compile_layers(model, cfg, main=run.world.main)
-        engine = make_engine(model, cfg, run.world, run.total_steps, weights_from=run.model_path)
+        engine = make_engine(
+            model, cfg, run.world, total_steps=run.total_steps, weights_from=run.model_path
+        )
         return model, engine, ""
 
     def export(self, run, info: dict, max_shard_size: str = "2GB") -> Path | None:
@@ -113,7 +115,7 @@ class FullModel:
                     safe_serialization=True,
                     max_shard_size=max_shard_size,
                 )
-                record = _finish_export(engine, run.tokenizer, tmp, info)
+                record = _finish_export(engine, run.tokenizer, tmp, info=info)
                 (tmp / RUN_INFO).write_text(json.dumps(record, indent=2, ensure_ascii=False))
 
         return _written_by_rank0(world, write, out)
@@ -144,7 +146,7 @@ class Adapter:
         )
         apply_liger(base, cfg)  # on the base model, before the adapter wraps its layers
         model = add_adapter(base, cfg, getattr(run.objective, "peft_task", "CAUSAL_LM"))
-        engine = make_engine(model, cfg, run.world, run.total_steps, adapter=True)
+        engine = make_engine(model, cfg, run.world, total_steps=run.total_steps, adapter=True)
         return model, engine, f"{QUANTIZED[cfg.quantization]}base + {cfg.peft_method}, "
 
     def export(self, run, info: dict) -> Path | None:
@@ -157,7 +159,7 @@ class Adapter:
         def write():
             with _export_folder(run, out) as tmp:
                 engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                record = _finish_export(engine, run.tokenizer, tmp, info)
+                record = _finish_export(engine, run.tokenizer, tmp, info=info)
                 record["weights"] = verify_adapter(tmp)
                 (tmp / RUN_INFO).write_text(json.dumps(record, indent=2, ensure_ascii=False))
 

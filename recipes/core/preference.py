@@ -74,7 +74,7 @@ def sequence_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pair_loss_share(
-    losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, pairs: int
+    losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *, pairs: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """This micro-batch's share of the global batch's mean pair loss (`pairs` pairs in all),
     and the reward statistics preference users read beside it (TRL's names), shares too."""
@@ -87,7 +87,7 @@ def pair_loss_share(
     return losses.sum() / pairs, {k: v.item() for k, v in stats.items()}
 
 
-def pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_dir):
+def pair_batches(tokenizer, pairs_path, template, *, max_length, batch_size, cache_dir):
     """Held-out preference pairs, tokenized as in training, as batches of `batch_size` pairs
     (chosen rows over rejected rows, no reference log-probs), made as they are read: what
     both scorers read. Returns (number of batches, the batches)."""
@@ -107,7 +107,7 @@ def pair_batches(tokenizer, pairs_path, template, max_length, batch_size, cache_
     return len(starts), (data.batch(list(range(i, min(i + batch_size, n)))) for i in starts)
 
 
-def _pair_scorer(name: str, label: str, margins_of, doc: str):
+def _pair_scorer(name: str, label: str, margins_of, *, doc: str):
     """A held-out pair scorer: `margins_of(model, batch, device)` gives each batch's chosen-minus-
     rejected margins, by name suffix ("" for the main score); the scorer reads the pairs
     (pair_batches), gathers the margins and summarises each as `accuracy{suffix}` (how often
@@ -119,6 +119,7 @@ def _pair_scorer(name: str, label: str, margins_of, doc: str):
         model,
         tokenizer,
         pairs_path: str,
+        *,
         template="vicuna_v1.1",
         max_length: int = 2048,
         batch_size: int = 4,
@@ -127,7 +128,12 @@ def _pair_scorer(name: str, label: str, margins_of, doc: str):
         device = next(model.parameters()).device
         margins: dict[str, list[float]] = {}
         count, pairs = pair_batches(
-            tokenizer, pairs_path, template, max_length, batch_size, cache_dir
+            tokenizer,
+            pairs_path,
+            template,
+            max_length=max_length,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
         )
         for batch in progress(pairs, label, total=count):
             for suffix, batch_margins in margins_of(model, batch, device).items():
@@ -167,7 +173,7 @@ preference_scores = _pair_scorer(
     "preference_scores",
     "preference pairs",
     _logp_margins,
-    """How often `model` prefers the chosen reply of held-out pairs: its summed log-probability
+    doc="""How often `model` prefers the chosen reply of held-out pairs: its summed log-probability
     above the rejected one's (`accuracy`), and per reply token (`accuracy_per_token`, blind to
     length), with the mean margin of each.""",
 )
@@ -175,7 +181,7 @@ reward_scores = _pair_scorer(
     "reward_scores",
     "reward pairs",
     _reward_margins,
-    """How often a reward model (a sequence-classification model with one output) scores the
+    doc="""How often a reward model (a sequence-classification model with one output) scores the
     chosen reply of held-out pairs above the rejected one, and the mean margin. Rows are
     padded as in training; the model pools its config's last non-pad token.""",
 )

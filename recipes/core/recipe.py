@@ -193,12 +193,12 @@ def get(name: str) -> Recipe:
 # ---------------------------------------------------------------------------- the interface
 
 
-def setup(recipe: Recipe, cfg, notes=(), hooks: Hooks | None = None):
+def setup(recipe: Recipe, cfg, notes=(), *, hooks: Hooks | None = None):
     """Everything before the first step: refusals first, then the process group, data, the
     model in its form, resume."""
     check_liger(cfg)  # --use_liger_kernel: refused before anything loads
     objective = objectives.get(recipe.objective)
-    run = prepare(cfg, objective, notes, hooks)
+    run = prepare(cfg, objective, notes, hooks=hooks)
     run.form = model_form(cfg)
     model, engine, what = run.form.build(run)
     return start(run, model, engine, what=objective.describe(cfg) + what)
@@ -234,7 +234,7 @@ def main(name: str, argv: list[str] | None = None, hooks: Hooks | None = None) -
     run = None
     try:
         cfg, notes = config_module.load_config(argv, recipe.config_class)
-        run = setup(recipe, cfg, notes, hooks)
+        run = setup(recipe, cfg, notes, hooks=hooks)
         train(run)
         exported = save(run)
     except (InputError, RunStopped) as e:

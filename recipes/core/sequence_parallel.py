@@ -87,7 +87,7 @@ def _heads_to_ranks(x: torch.Tensor, sp: int) -> torch.Tensor:
     return x.reshape(b, sp, h // sp, s, d).transpose(0, 1)
 
 
-def scatter_heads(q, k, v, group):
+def scatter_heads(q, k, v, *, group):
     """Local tokens of all heads -> the whole row for this rank's H/sp (and KV/sp) heads. q, k
     and v go in one exchange (one collective per layer, not three)."""
     sp = dist.get_world_size(group)
@@ -123,7 +123,8 @@ def whole_positions(local: torch.Tensor, group) -> torch.Tensor:
     return _positions[1]
 
 
-def ulysses_attention(
+# transformers calls an attention function with (module, query, key, value, mask) positional
+def ulysses_attention(  # noqa: PLR0917
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
 ):
     """transformers' attention-function signature: (b, heads, local tokens, dim) in,
@@ -133,7 +134,7 @@ def ulysses_attention(
     if attention_mask is not None:  # shard_batch never gives one: padding is causal-safe
         raise RuntimeError("sequence parallelism takes no attention mask (see shard_batch)")
     positions = whole_positions(kwargs.pop("position_ids"), _group).expand(query.shape[0], -1)
-    q, k, v = scatter_heads(query, key, value, _group)
+    q, k, v = scatter_heads(query, key, value, group=_group)
     out, _ = _whole_row_attention(
         module, q, k, v, None, dropout=dropout, scaling=scaling, position_ids=positions, **kwargs
     )

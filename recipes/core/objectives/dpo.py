@@ -51,6 +51,7 @@ def dpo_losses(
     policy: torch.Tensor,
     reference: torch.Tensor,
     tokens: torch.Tensor,
+    *,
     beta: float,
     loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,9 +82,9 @@ def dpo_objective(run, batch: dict) -> tuple[torch.Tensor, dict]:
     reference = batch.pop("reference_logps")
     policy, tokens = sequence_logps(run.engine, batch)
     losses, chosen, rejected = dpo_losses(
-        policy, reference.to(policy.dtype), tokens, run.cfg.beta, run.cfg.loss_type
+        policy, reference.to(policy.dtype), tokens, beta=run.cfg.beta, loss_type=run.cfg.loss_type
     )
-    return pair_loss_share(losses, chosen, rejected, run.plan.global_size)
+    return pair_loss_share(losses, chosen, rejected, pairs=run.plan.global_size)
 
 
 def weights_key(path: str) -> str:
@@ -112,7 +113,7 @@ def reference_path(run) -> Path:
 
 
 @torch.no_grad()
-def score_pairs(engine, data: PairData, ids: list[int], micro: int, world) -> dict[int, tuple]:
+def score_pairs(engine, data: PairData, ids: list[int], *, micro: int, world) -> dict[int, tuple]:
     """(chosen, rejected) summed log-probs of pairs `ids` (this rank's share). Every rank runs
     the same number of forwards: FSDP2 and ZeRO-3 gather parameters collectively."""
     steps = max(world.gather_objects(-(-len(ids) // micro)))
@@ -148,7 +149,9 @@ def compute_reference(run) -> None:
         for m in modes:  # dropout off, as at inference; bitsandbytes layers see _bnb_layer
             m.train(_bnb_layer(m))
         started = time.perf_counter()
-        scores = score_pairs(run.engine, data, share, run.cfg.per_device_train_batch_size, world)
+        scores = score_pairs(
+            run.engine, data, share, micro=run.cfg.per_device_train_batch_size, world=world
+        )
         for m, mode in modes.items():
             m.train(mode)
         merged = {k: v for part in world.gather_objects(scores) for k, v in part.items()}

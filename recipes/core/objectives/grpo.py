@@ -98,7 +98,7 @@ class GRPOArgs:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group: int, kind: str = "grpo", scale: bool = True
+    rewards: torch.Tensor, group: int, kind: str = "grpo", *, scale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages of rewards laid out as consecutive groups of `group`, and each group's std
     (unbiased, repeated per completion). grpo: r - mean (/ (std + 1e-4) when `scale`), TRL's
@@ -121,6 +121,7 @@ def policy_loss_terms(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     ref_logps: torch.Tensor | None,
+    *,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     beta: float,
@@ -146,7 +147,7 @@ def policy_loss_terms(
 
 
 def summed_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, *, max_completion_length: int
 ) -> torch.Tensor:
     """The batch's loss times its number of completions: divided by the global number of
     completions, micro-batches and ranks add up to TRL's loss of the whole batch."""
@@ -400,7 +401,9 @@ class GRPO:
         }
         per_func = self.rewards(prompts, texts, columns)
         rewards = per_func.sum(1).to(world.device)
-        advantages, std = group_advantages(rewards, G, cfg.advantage, cfg.scale_rewards == "group")
+        advantages, std = group_advantages(
+            rewards, G, cfg.advantage, scale=cfg.scale_rewards == "group"
+        )
         # the policy's (and the reference's) log-probs of the completion tokens
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         keep = width_c + 1
@@ -421,14 +424,19 @@ class GRPO:
             logps,
             logps.detach(),
             ref_logps,
-            advantages,
-            mask,
-            cfg.beta,
-            cfg.epsilon,
-            cfg.epsilon_high,
+            advantages=advantages,
+            mask=mask,
+            beta=cfg.beta,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
         )
         n = run.plan.global_size * G  # completions in the global batch
-        loss = summed_loss(per_token, mask, cfg.loss_type, cfg.max_completion_length) / n
+        loss = (
+            summed_loss(
+                per_token, mask, cfg.loss_type, max_completion_length=cfg.max_completion_length
+            )
+            / n
+        )
         m = mask.float()
         tokens = m.sum(-1).clamp(min=1)
         stats = {

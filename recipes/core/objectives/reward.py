@@ -131,7 +131,7 @@ class Reward(DPO):
         losses, chosen, rejected = reward_losses(
             out.logits.squeeze(-1), run.cfg.center_rewards_coefficient
         )
-        return pair_loss_share(losses, chosen, rejected, run.plan.global_size)
+        return pair_loss_share(losses, chosen, rejected, pairs=run.plan.global_size)
 
     def describe(self, cfg) -> str:
         c = cfg.center_rewards_coefficient

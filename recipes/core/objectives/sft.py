@@ -17,12 +17,12 @@ class SFT:
 
     def data(self, cfg, tokenizer, world) -> TrainData:
         """Conversations, tokenized with assistant-only labels, one or several per row."""
-        train_set, _ = load_train_set(cfg, cfg.data_path, tokenizer, world)
+        train_set, _ = load_train_set(cfg, cfg.data_path, tokenizer, world=world)
         return TrainData(
             train_set,
             cfg.packing,
             cfg.model_max_length,
-            pad_token_id(tokenizer),
+            pad_id=pad_token_id(tokenizer),
             row_tokens=cfg.packing_row_tokens,
         )
 
