@@ -264,12 +264,26 @@ def preference_rows(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path, adapter))
         if reward_model:
             model = load_reward_for_inference(path, adapter, tokenizer)
-            scores = reward_scores(model, tokenizer, pairs, template, max_length, batch_size)
+            scores = reward_scores(
+                model,
+                tokenizer,
+                pairs,
+                template=template,
+                max_length=max_length,
+                batch_size=batch_size,
+            )
         else:
             model = load_for_inference(
                 path, quantization if path == model_path else "none", adapter
             )
-            scores = preference_scores(model, tokenizer, pairs, template, max_length, batch_size)
+            scores = preference_scores(
+                model,
+                tokenizer,
+                pairs,
+                template=template,
+                max_length=max_length,
+                batch_size=batch_size,
+            )
         name = f"{Path(path).parent.name}/{Path(path).name}" + (
             f" + {Path(adapter).name}" if adapter else ""
         )

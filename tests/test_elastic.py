@@ -52,7 +52,7 @@ BASE = [
 ]
 NODE = (
     "import json, sys; from launch.train import launch; "
-    "sys.exit(launch(json.loads(sys.argv[1]), 'ddp', 1, sys.argv[2]))"
+    "sys.exit(launch(json.loads(sys.argv[1]), 'ddp', 1, script=sys.argv[2]))"
 )
 
 

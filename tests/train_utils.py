@@ -200,7 +200,8 @@ def launched(
     script = str(FAULTS if faults else recipe)
     code = (
         "import json, sys; from launch.train import launch; "
-        "sys.exit(launch(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]))"
+        "command, strategy, nproc, script = sys.argv[1:]; "
+        "sys.exit(launch(json.loads(command), strategy, int(nproc), script=script))"
     )
     return subprocess.run(
         [sys.executable, "-c", code, json.dumps(cmd), strategy, str(nproc), script],
@@ -261,8 +262,16 @@ def layer_saved_bytes(model, **inputs) -> int:
     return sum(saved.values())
 
 
-def run_in_repo(argv: list, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_in_repo(
+    argv: list, *, timeout: int = 600, input: str | None = None
+) -> subprocess.CompletedProcess:
     """`argv` as a fresh process in the repository, with the tests' environment; output kept."""
     return subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, cwd=REPO, env=env(), timeout=timeout
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=timeout,
+        input=input,
     )
