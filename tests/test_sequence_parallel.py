@@ -109,11 +109,12 @@ def _spawned(fn, nprocs: int = 2, *args):
 
     from recipes.core.world import free_port
 
-    # the spawned processes read the rendezvous from the environment they inherit; this test
-    # process's own environment is restored after (a leftover MASTER_ADDR misleads later runs)
+    # the workers read the rendezvous from the environment they inherit; this test process's
+    # own environment is restored after (a leftover MASTER_ADDR misleads later runs). Forked,
+    # not spawned: a spawned worker imports torch and transformers again (~5 s of CPU each)
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     with mock.patch.dict(os.environ, rendezvous):
-        mp.spawn(_init_then, args=(nprocs, fn, *args), nprocs=nprocs)
+        mp.start_processes(_init_then, args=(nprocs, fn, *args), nprocs=nprocs, start_method="fork")
 
 
 def _init_then(rank, world, fn, *args):

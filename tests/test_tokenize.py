@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from masks import assert_exact, trained_runs
+from masks import RememberedRenders, assert_exact, trained_runs
 
 from fastchat_data.build import read_trainable
 from fastchat_data.report import Report
@@ -35,13 +35,14 @@ def conv(*turns, system=""):
 
 def check_file(path, tokenizer, template) -> int:
     ct = ConversationTokenizer(tokenizer, template)
+    ct.template = renders = RememberedRenders(ct.template)
     convs = list(read_trainable([str(path)], Report("t")))
     checked = 0
     for i in range(0, len(convs), 500):
         batch = convs[i : i + 500]
         for c, enc in zip(batch, ct.encode_batch(batch)):
             assert not isinstance(enc, SkipRecord), (c.id, enc)
-            assert_exact(ct, c, enc)
+            assert_exact(ct, c, enc, segments=renders.by_conversation.pop(id(c)))
             checked += 1
     assert checked == len(convs) > 0
     return checked
