@@ -77,7 +77,7 @@ def adapted(english_base, zh_split, tmp_path_factory):
         [
             *QLORA_TINY,
             *flags(model_name_or_path=english_base, data_path=zh_split[0], output_dir=out),
-            *flags(max_steps=40),
+            *flags(max_steps=40, save_steps=1000),  # its checkpoints: the qlora_whole tests
         ],
         cls=QLoraConfig,
     )
