@@ -287,6 +287,9 @@ def _hf_parser_class() -> type:
                         help=action.help,
                     )
                     self._remove_action(action)
+                    for group in self._action_groups:  # --help lists the groups' actions
+                        if action in group._group_actions:
+                            group._group_actions.remove(action)
                     for flag in action.option_strings:
                         self._option_string_actions.pop(flag, None)
                     target._add_action(extend)
