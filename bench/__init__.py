@@ -1,16 +1,7 @@
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-
-def parser(doc: str) -> argparse.ArgumentParser:
-    """A benchmark's command line, its module docstring as --help, laid out as written (the
-    docstrings hold tables and command examples that argparse would otherwise re-wrap)."""
-    return argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
 
 
 def write_json(path, result) -> None:

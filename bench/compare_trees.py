@@ -43,14 +43,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser, write_json
+from bench import write_json
+from fastchat_data.options import UsageError, entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANT = "grouped, sdpa, chunked loss"
 METRICS = ("steps_per_s", "real_tokens_per_s")
 TARGET = 0.97
+
+
+@dataclass
+class CompareTreesOptions:
+    baseline: str | None = option(
+        None, "the old tree (a checkout with its own bench/packing_bench.py); env BASELINE"
+    )
+    new: str = option(str(REPO), "the new tree (default: this one)")
+    rounds: int = option(8, "interleaved rounds (timed steps), at least 3")
+    variant: str = option(DEFAULT_VARIANT, "a bench.packing_bench variant")
+    max_length: int = option(2048, "row length (tokens)")
+    # one thread: on a shared machine a second thread waits on whichever core is busy
+    threads: int = option(1, "torch threads per process")
+    out: str = option(str(REPO / "bench" / "results" / "compare_trees.json"), "the JSON result")
+
 
 # Runs inside the measured tree (its bench.packing_bench, its recipes). Protocol on stdout:
 # "STEP {json}" after each step; before each step it reads one line ("go") from stdin.
@@ -224,34 +241,26 @@ def report(res: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument(
-        "--baseline",
-        default=os.environ.get("BASELINE"),
-        required="BASELINE" not in os.environ,
-        help="the old tree (a checkout with its own bench/packing_bench.py); env BASELINE",
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(
+        CompareTreesOptions, argv, prog="python -m bench.compare_trees", description=__doc__
     )
-    ap.add_argument("--new", default=str(REPO), help="the new tree (default: this one)")
-    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (timed steps)")
-    ap.add_argument("--variant", default=DEFAULT_VARIANT, help="a bench.packing_bench variant")
-    ap.add_argument("--max_length", type=int, default=2048)
-    # one thread: on a shared machine a second thread waits on whichever core is busy
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compare_trees.json"))
-    a = ap.parse_args(argv)
-    if a.rounds < 3:
-        ap.error("--rounds: at least 3")
-    trees = {"old": Path(a.baseline).resolve(), "new": Path(a.new).resolve()}
+    baseline = opts.baseline if opts.baseline is not None else os.environ.get("BASELINE")
+    if baseline is None:
+        raise UsageError("--baseline: the old tree is needed (or env BASELINE)")
+    if opts.rounds < 3:
+        raise UsageError("--rounds: at least 3")
+    trees = {"old": Path(baseline).resolve(), "new": Path(opts.new).resolve()}
     for side, tree in trees.items():
         if not (tree / "bench" / "packing_bench.py").is_file():
-            ap.error(f"{side} tree {tree}: no bench/packing_bench.py")
+            raise UsageError(f"{side} tree {tree}: no bench/packing_bench.py")
     from bench.packing_bench import variants
 
-    if a.variant not in variants():
-        ap.error(f"--variant: one of {', '.join(map(repr, variants()))}")
-    p = {"max_length": a.max_length, "batch": 2, "accum": 2, "steps": a.rounds + 1}
-    spec = {"p": p, "variant": a.variant, "threads": a.threads}
+    if opts.variant not in variants():
+        raise UsageError(f"--variant: one of {', '.join(map(repr, variants()))}")
+    p = {"max_length": opts.max_length, "batch": 2, "accum": 2, "steps": opts.rounds + 1}
+    spec = {"p": p, "variant": opts.variant, "threads": opts.threads}
     t_start, load_before = time.perf_counter(), os.getloadavg()
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="compare_trees-") as logs:
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             for proc in procs.values():
                 proc.ready()
             print("both trees set up; round 0 is the warm-up", flush=True)
-            for r in range(a.rounds + 1):
+            for r in range(opts.rounds + 1):
                 row = {}
                 for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                     m = procs[side].step()
@@ -290,8 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
             "baseline_commit": tree_commit(trees["old"]),
             "new": str(trees["new"]),
             "new_commit": tree_commit(trees["new"]),
-            "variant": a.variant,
-            "threads": a.threads,
+            "variant": opts.variant,
+            "threads": opts.threads,
             "p": p,
             "cpu_count": os.cpu_count(),
             "load_average_before": load_before,
@@ -307,9 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
     res["target_met"] = res["summary"]["real_tokens_per_s"]["ratio_median"] >= TARGET
     res["settings"]["wall_s"] = round(time.perf_counter() - t_start, 1)
     report(res)
-    write_json(a.out, res)
-    return res
+    write_json(opts.out, res)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

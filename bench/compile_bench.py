@@ -22,28 +22,42 @@ Eager and compiled alternate within a round, the order reversed every other roun
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-from bench import parser, worker_result, write_json
+from bench import worker_result, write_json
 from bench.packing_bench import REPO, model_and_data
+from fastchat_data.options import entry_point, option, parse
 
 VARIANTS = ("eager", "compiled")
 
 
-def settings(args) -> dict:
+@dataclass
+class CompileBenchOptions:
+    steps: int = option(6, "measured steps (after the warm-up)")
+    warmup: int = option(3, "steps that hold the compilation")
+    rounds: int = option(2, "rounds, eager and compiled alternating within each")
+    quick: bool = option(False, "2 warm-up and 2 measured steps, one round")
+    out: str = option(str(REPO / "bench" / "results" / "compile_bench.json"), "the JSON result")
+    worker: str | None = option(
+        None, "internal: run one measurement from a JSON [variant, settings] and print it"
+    )
+
+
+def settings(opts: CompileBenchOptions) -> dict:
     return {
         "max_length": 2048,
         "batch": 2,
         "accum": 2,
-        "warmup": args.warmup,
-        "steps": args.steps,
+        "warmup": opts.warmup,
+        "steps": opts.steps,
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }
 
@@ -120,28 +134,22 @@ def measure(variant: str, p: dict) -> dict:
         )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument("--steps", type=int, default=6, help="measured steps (after the warm-up)")
-    ap.add_argument("--warmup", type=int, default=3, help="steps that hold the compilation")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument(
-        "--quick", action="store_true", help="2 warm-up and 2 measured steps, one round"
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(
+        CompileBenchOptions, argv, prog="python -m bench.compile_bench", description=__doc__
     )
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compile_bench.json"))
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        variant, p = json.loads(args.worker)
+    if opts.worker:
+        variant, p = json.loads(opts.worker)
         print(json.dumps(worker(variant, p)))
-        return {}
-    if args.quick:
-        args.steps, args.warmup, args.rounds = 2, 2, 1
-    p = settings(args)
+        return 0
+    if opts.quick:
+        opts.steps, opts.warmup, opts.rounds = 2, 2, 1
+    p = settings(opts)
     # build (or find) the model and the tokenized data once, untimed
     model_and_data(p["max_length"])
     rounds: list[dict] = []
-    for r in range(args.rounds):
+    for r in range(opts.rounds):
         row = {}
         for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             row[name] = m = measure(name, p)
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"\n{'':10}{'steps/s':>9}{'real tok/s':>12}{'warm-up s':>11}  "
-        f"(median of {args.rounds} rounds; {p['steps']} steps after {p['warmup']} warm-up)"
+        f"(median of {opts.rounds} rounds; {p['steps']} steps after {p['warmup']} warm-up)"
     )
     for n in VARIANTS:
         m = med[n]
@@ -197,9 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"max |loss eager - compiled| {loss_diff:.2e}"
     )
     print(summary["compile_note"])
-    write_json(args.out, {"settings": p, "rounds": rounds, "summary": summary})
-    return summary
+    write_json(opts.out, {"settings": p, "rounds": rounds, "summary": summary})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,15 +10,18 @@ real tokens per batch when padding to 2,048 (FastChat) vs per micro-batch (camel
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from bench import parser, write_json
+from bench import write_json
 from bench.fastchat_ref import fastchat_accepts, fastchat_preprocess
 from fastchat_data.build import read_trainable
+from fastchat_data.options import entry_point, option, parse
 from fastchat_data.report import Report
 from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
 from fastchat_data.tokenize import ConversationTokenizer
@@ -27,6 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 FILES = ["fastchat_dummy_conversation.json", "sharegpt_v3_sample_1000.json", "alpaca_data.json"]
 MAX_LENGTH = 2048
 BATCH = 1000
+
+
+@dataclass
+class DataBenchOptions:
+    quick: bool = option(False, "2,000 conversations per file, one repeat")
+    out: str = option(str(REPO / "bench" / "results" / "data_bench.json"), "the JSON result")
 
 
 def best_time(fn, repeats: int) -> float:
@@ -102,16 +111,14 @@ def bench_file(name: str, tokenizer, quick: bool) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = parser(__doc__)
-    ap.add_argument("--quick", action="store_true", help="2,000 conversations per file, one repeat")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "data_bench.json"))
-    args = ap.parse_args(argv)
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(DataBenchOptions, argv, prog="python -m bench.data_bench", description=__doc__)
     model = tiny_model(
         "llama", "tiny", texts=reference_corpus(), vocab_size=4000, cache_dir=REPO / ".cache"
     )
     tokenizer = AutoTokenizer.from_pretrained(model)
-    rows = [bench_file(name, tokenizer, args.quick) for name in FILES]
+    rows = [bench_file(name, tokenizer, opts.quick) for name in FILES]
     head = (
         f"{'file':34} {'convs':>7} {'camelid/s':>10} {'floor/s':>10} {'vs floor':>9} "
         f"{'FastChat/s':>11} {'speed-up':>9} {'FC masked':>9} {'real@2048':>9} {'real dyn':>9} "
@@ -138,9 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "real@2048: real-token share when padding to 2,048 as FastChat does; dyn / grp: per "
         "micro-batch of 8, random / length-grouped."
     )
-    write_json(args.out, rows)
-    return rows
+    write_json(opts.out, rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

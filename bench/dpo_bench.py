@@ -16,17 +16,31 @@ the training phase, VmHWM reset when training starts):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import worker_result, write_json
+from fastchat_data.options import UsageError, entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "dpo", "dpo_live_reference")
+
+
+@dataclass
+class DPOBenchOptions:
+    pairs: int = option(256, "preference pairs to train on")
+    steps: int = option(12, "optimizer steps per variant (the first 2 not timed)")
+    quick: bool = option(False, "32 pairs, 5 steps (3 timed)")
+    out: str = option(str(REPO / "bench" / "results" / "dpo_bench.json"), "the JSON result")
+    worker: list[str] = option(
+        help="internal: VARIANT SPEC_JSON: run that variant in this process and print its result",
+        default_factory=list,
+    )
 
 
 def prepare_inputs(n_pairs: int, cache: Path) -> dict:
@@ -162,26 +176,23 @@ def measure(variant: str, spec: dict) -> dict:
     return worker_result("bench.dpo_bench", [variant, json.dumps(spec)], env, what=variant)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pairs", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--quick", action="store_true", help="32 pairs, 5 steps (3 timed)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dpo_bench.json"))
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.worker:
-        print(json.dumps(worker(a.worker[0], json.loads(a.worker[1]))))
-        return {}
-    if a.quick:
-        a.pairs, a.steps = 32, 5
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(DPOBenchOptions, argv, prog="python -m bench.dpo_bench", description=__doc__)
+    if opts.worker:
+        if len(opts.worker) != 2:
+            raise UsageError(f"--worker: a variant and a JSON spec, got {len(opts.worker)} values")
+        print(json.dumps(worker(opts.worker[0], json.loads(opts.worker[1]))))
+        return 0
+    if opts.quick:
+        opts.pairs, opts.steps = 32, 5
     cache = REPO / ".cache" / "bench"
     # a fresh run folder per benchmark run: a recipe resumes from a complete checkpoint it
     # finds in its output_dir, so a kept folder would report the previous run's steps again
     with tempfile.TemporaryDirectory(prefix="dpo_bench-") as out:
         spec = {
-            **prepare_inputs(a.pairs, cache),
-            "steps": a.steps,
+            **prepare_inputs(opts.pairs, cache),
+            "steps": opts.steps,
             "cache": str(cache),
             "out": out,
         }
@@ -193,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "live_reference_step_vs_precomputed": live["step_s"] / pre["step_s"],
         "memory_saved_mb": live["train_peak_rss_mb"] - pre["train_peak_rss_mb"],
         "settings": {
-            "pairs": a.pairs,
-            "steps": a.steps,
+            "pairs": opts.pairs,
+            "steps": opts.steps,
             "model": "tiny llama small (~17M)",
             "micro_batch": "2 pairs = 4 rows",
             "accumulation": 2,
@@ -211,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"step / precomputed: {result['live_reference_step_vs_precomputed']:.2f}x; precomputing "
         f"saves {result['memory_saved_mb']:,.0f} MB of peak RSS in training"
     )
-    write_json(a.out, result)
-    return result
+    write_json(opts.out, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,12 +21,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser
+from fastchat_data.options import entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+
+
+@dataclass
+class FaultBenchOptions:
+    kills: int = option(20, "kill -9s at random moments, each followed by a relaunch")
+    steps: int = option(120, "optimizer steps of the run")
+    quick: bool = option(False, "6 kills in a 30-step run")
+    seed: int = option(0, "seed of the random kill moments")
+    json: str = option(str(RESULTS / "fault_bench.json"), "the JSON result")
 
 
 def assets() -> tuple[Path, Path]:
@@ -159,30 +169,25 @@ def run_with_kills(
         return {"events": events, "final": event, "launches": launches}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--quick", action="store_true", help="6 kills in a 30-step run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=str(RESULTS / "fault_bench.json"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.kills, args.steps = 6, 30
-    rng = random.Random(args.seed)
+    opts = parse(FaultBenchOptions, argv, prog="python -m bench.fault_bench", description=__doc__)
+    if opts.quick:
+        opts.kills, opts.steps = 6, 30
+    rng = random.Random(opts.seed)
     model, data = assets()
     with tempfile.TemporaryDirectory(prefix="camelid-faults-") as tmp:
         straight, faulty = Path(tmp) / "straight", Path(tmp) / "faulty"
         t0 = time.time()
         subprocess.run(
-            command(straight, args.steps, model, data=data),
+            command(straight, opts.steps, model, data=data),
             env=environment(),
             cwd=REPO,
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = run_with_kills(faulty, args.steps, args.kills, rng=rng, model=model, data=data)
+        result = run_with_kills(faulty, opts.steps, opts.kills, rng=rng, model=model, data=data)
         ref, got = losses(straight), losses(faulty)
         events = result["events"]
         # each relaunch (the one after kill i) resumed from the newest complete checkpoint
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "relaunches_resumed_from_newest_complete": resumed_right,
             "damaged_checkpoints_reported": sum(e["damaged_reported"] for e in relaunches),
             "final_exit": result["final"]["exit"],
-            "steps": args.steps,
+            "steps": opts.steps,
             "steps_logged": len(got),
             "max_abs_loss_diff_vs_uninterrupted": max(abs(a - b) for a, b in zip(ref, got))
             if len(ref) == len(got)
@@ -208,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     print("fault injection: kill -9 at random moments, relaunch, compare with an uninterrupted run")
     for k, v in summary.items():
         print(f"  {k:<{width}}  {v}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"summary": summary, "events": events}, indent=1))
+    Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.json).write_text(json.dumps({"summary": summary, "events": events}, indent=1))
     ok = (
         summary["identical_loss_curve"]
         and resumed_right == len(relaunches)

@@ -71,7 +71,6 @@ so that the kit does not rot between GPU loans.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -89,11 +88,27 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fastchat_data.options import UsageError, entry_point, option, parse
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu_check.json"
 WHEEL_MANIFEST = REPO / ".whl" / "MANIFEST.json"
+
+
+@dataclass
+class GPUCheckOptions:
+    out: str = option(str(DEFAULT_OUT), "the JSON; the table goes beside (.md)")
+    work: str | None = option(None, "scratch folder, kept (default: a temporary one, removed)")
+    budget_s: float | None = option(None, "start no row past this (default 450; dry 900)")
+    rows: str | None = option(
+        None,
+        "row ids or sections, comma-separated, or all (default: all on a GPU, the dry-run set "
+        "in a dry run)",
+    )
+    dry_run: bool = option(False, "tiny shapes on the CPU")
+    list: bool = option(False, "print the rows in order and exit")
+
 
 BF16_TOL = 1e-2  # |loss_bf16 - loss_fp32| / loss_fp32 at each of the 20 steps
 ATTN_TOL = {"loss": 1e-3, "grad_norm": 2e-2}  # relative to sdpa_packed, step 1
@@ -991,46 +1006,38 @@ def write(report: dict, out: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="camelid's GPU proof kit (the module docstring)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON; the table goes beside (.md)")
-    ap.add_argument("--work", help="scratch folder, kept (default: a temporary one, removed)")
-    ap.add_argument("--budget_s", type=float, help="start no row past this (default 450; dry 900)")
-    ap.add_argument(
-        "--rows",
-        help="row ids or sections, comma-separated, or all (default: all "
-        "on a GPU, the dry-run set in a dry run)",
-    )
-    ap.add_argument("--dry_run", action="store_true", help="tiny shapes on the CPU")
-    ap.add_argument("--list", action="store_true", help="print the rows in order and exit")
-    args = ap.parse_args(argv)
+    opts = parse(GPUCheckOptions, argv, prog="python -m bench.gpu_check", description=__doc__)
     t0 = time.perf_counter()
     rows = grid()
-    if args.list:
+    if opts.list:
         for r in rows:
             print(f"{r.id:<42} {r.section:<6} ~{r.est_s:>3.0f} s{'  (dry run)' if r.dry else ''}")
         return 0
 
     import torch
 
-    dry = args.dry_run
+    dry = opts.dry_run
     cuda = torch.cuda.is_available() and not dry
     if not cuda and not dry:
         print("no CUDA GPU here: the full shapes need one; --dry_run checks the kit on the CPU")
         return 2
-    budget = args.budget_s or (900.0 if dry else 450.0)
-    if args.rows and args.rows != "all":
-        wanted = set(args.rows.split(","))
+    budget = opts.budget_s or (900.0 if dry else 450.0)
+    if opts.rows and opts.rows != "all":
+        wanted = set(opts.rows.split(","))
         unknown = wanted - {r.id for r in rows} - {r.section for r in rows}
         if unknown:
-            print(f"unknown rows or sections: {', '.join(sorted(unknown))} (--list shows them)")
-            return 2
+            raise UsageError(
+                f"--rows: unknown rows or sections: {', '.join(sorted(unknown))} "
+                "(--list shows them)"
+            )
         selected = {r.id for r in rows if r.id in wanted or r.section in wanted}
     else:
-        selected = {r.id for r in rows if r.dry or not dry or args.rows == "all"}
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="camelid-gpu-check-"))
+        selected = {r.id for r in rows if r.dry or not dry or opts.rows == "all"}
+    work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="camelid-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out)
+    out = Path(opts.out)
     env = {
         **os.environ,
         "CAMELID_CACHE": str(work / "cache"),
@@ -1126,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("modules", None)
     write(report, out)
     print("\n" + table(report) + f"\n\nwritten: {out} and {out.with_suffix('.md')}")
-    if not args.work:
+    if not opts.work:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if any(c["pass"] is False for c in report["checks"]) else 0
 

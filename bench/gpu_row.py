@@ -4,7 +4,8 @@
     python bench/gpu_row.py --record FILE [--stop_at_checkpoint] -- recipes/full_finetune.py ARGS
     torchrun --standalone --nproc_per_node 1 bench/gpu_row.py --record FILE -- recipes/...
 
-Nothing of camelid is imported or patched here; two torch entry points are wrapped:
+Of camelid only its option parser (fastchat_data.options) is imported here, and nothing of it
+is patched; two torch entry points are wrapped:
 - `torch.cuda.reset_peak_memory_stats`: camelid resets the peak between its phases (load,
   setup, train, export); the wrapper first folds `max_memory_allocated()` into its own
   record, so the record holds the peak of the whole run and of each phase segment.
@@ -24,7 +25,6 @@ top-level modules imported (the kit's import audit).
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -32,20 +32,35 @@ import resource
 import runpy
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 T0 = time.perf_counter()
 
+# as a script (python bench/gpu_row.py, under torchrun too) the tree is not on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastchat_data.options import UsageError, entry_point, option, parse  # noqa: E402 - after T0
 
-def main() -> None:
-    argv = sys.argv[1:]
-    if "--" not in argv:
-        raise SystemExit("usage: gpu_row.py --record FILE [--stop_at_checkpoint] -- SCRIPT ARGS")
-    cut = argv.index("--")
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--record", required=True)
-    ap.add_argument("--stop_at_checkpoint", action="store_true")
-    opts = ap.parse_args(argv[:cut])
+del sys.path[0]  # the path as Python set it: main gives the recipe's folder this one's place
+
+
+@dataclass
+class GPURowOptions:
+    record: str = option(help="the JSON record of the run's peak memory, written at its end")
+    stop_at_checkpoint: bool = option(
+        False, "end the run (status 0) at its first checkpoint save, the record written"
+    )
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    opts = parse(GPURowOptions, argv[:cut], prog="python bench/gpu_row.py", description=__doc__)
+    if cut + 1 >= len(argv):
+        raise UsageError(
+            "no recipe: gpu_row.py --record FILE [--stop_at_checkpoint] -- SCRIPT ARGS"
+        )
     script, args = argv[cut + 1], argv[cut + 2 :]
 
     import torch
@@ -108,7 +123,8 @@ def main() -> None:
     sys.argv = [script, *args]
     sys.path[0] = str(Path(script).resolve().parent)  # this folder's place: as `python SCRIPT`
     runpy.run_path(script, run_name="__main__")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,7 +32,6 @@ why: bench/gpu_check.py reads it and skips those rows with that reason.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import base64
 import datetime
@@ -46,9 +45,19 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastchat_data.options import entry_point, option, parse
+
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_MIB = 64
 MANIFEST = "MANIFEST.json"
+
+
+@dataclass
+class GPUWheelsOptions:
+    dest: str = option(str(REPO / ".whl"), "the folder the wheels and MANIFEST.json go into")
+    budget_mib: float = option(BUDGET_MIB, "what the wheels and the working tree may take, MiB")
+    offline: bool = option(False, "only check and report what is in dest")
+
 
 # the pip download recipe of the device README, for the image's Python 3.12 on x86-64
 MANYLINUX = (
@@ -329,24 +338,21 @@ def flash_attn_probe() -> str:
         return f"checked: a wheel of {size / 2**20:.0f} MiB"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dest", default=str(REPO / ".whl"))
-    ap.add_argument("--budget_mib", type=float, default=BUDGET_MIB)
-    ap.add_argument("--offline", action="store_true", help="only check and report what is in dest")
-    args = ap.parse_args(argv)
-    dest = Path(args.dest)
+    opts = parse(GPUWheelsOptions, argv, prog="python -m bench.gpu_wheels", description=__doc__)
+    dest = Path(opts.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    budget = int(args.budget_mib * 2**20)
+    budget = int(opts.budget_mib * 2**20)
 
     rows, failed = [], {}
     for w in CARRY:
-        if args.offline:
+        if opts.offline:
             path, how = wheel_file(dest, w), "offline"
         else:
             path, how = fetch(dest, w)
         if path is None:
-            failed[w.dist] = how if not args.offline else "not in dest (--offline)"
+            failed[w.dist] = how if not opts.offline else "not in dest (--offline)"
             continue
         slim = None
         if w.keep_libs:
@@ -407,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         total -= size
         for r in rows:
             if r["group"] == group:
-                dropped[r["dist"]] = f"over the {args.budget_mib:g} MiB budget (group {group})"
+                dropped[r["dist"]] = f"over the {opts.budget_mib:g} MiB budget (group {group})"
     keep = [r for r in rows if r["group"] not in groups_failed]
     for r in rows:
         if r not in keep:
@@ -415,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             dropped.setdefault(r["dist"], f"dropped with its group {r['group']}")
 
     not_carried = dict(NOT_CARRIED)
-    if not args.offline:
+    if not opts.offline:
         not_carried["flash-attn"] += f" ({flash_attn_probe()})"
     audit = camelid_imports()
     uncovered = {
@@ -446,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nwheels {manifest['wheels_bytes'] / 2**20:.2f} MiB + working tree "
         f"{tree / 2**20:.2f} MiB "
-        f"= {total / 2**20:.2f} MiB of the {args.budget_mib:g} MiB budget "
+        f"= {total / 2**20:.2f} MiB of the {opts.budget_mib:g} MiB budget "
         f"({'fits' if total <= budget else 'OVER BUDGET'})"
     )
     for dist, why in {**dropped, **not_carried}.items():

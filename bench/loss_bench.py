@@ -24,12 +24,26 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser, write_json
+from bench import write_json
+from fastchat_data.options import UsageError, entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
+
+
+@dataclass
+class LossBenchOptions:
+    tokens: int = option(2048, "labelled tokens (one row)")
+    vocab: int = option(32000, "vocabulary: the output embedding's rows")
+    hidden: int = option(256, "hidden size (the tiny Llama's, and the loss-alone hidden states')")
+    chunks: str = option(
+        "0,4096,1024,512", "comma-separated chunk sizes (rows); 0: transformers' full logits"
+    )
+    quick: bool = option(False, "1,024 tokens; transformers vs 512 rows")
+    out: str = option(str(REPO / "bench" / "results" / "loss_bench.json"), "the JSON result")
 
 
 def _status(key: str) -> float:
@@ -120,31 +134,28 @@ def run(spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict:
+@entry_point
+def main(argv: list[str] | None = None) -> int:
     if "CAMELID_LOSS_BENCH" in os.environ:
         print(json.dumps(worker(json.loads(os.environ["CAMELID_LOSS_BENCH"]))))
-        return {}
-    ap = parser(__doc__)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--chunks", default="0,4096,1024,512")
-    ap.add_argument("--quick", action="store_true", help="1,024 tokens; transformers vs 512 rows")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_bench.json"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.tokens, args.chunks = 1024, "0,512"
-    chunks = [int(c) for c in args.chunks.split(",")]
-    full_logits_mb = args.tokens * args.vocab * 4 / MB
+        return 0
+    opts = parse(LossBenchOptions, argv, prog="python -m bench.loss_bench", description=__doc__)
+    if opts.quick:
+        opts.tokens, opts.chunks = 1024, "0,512"
+    try:
+        chunks = [int(c) for c in opts.chunks.split(",")]
+    except ValueError:
+        raise UsageError(f"--chunks: comma-separated integers, got {opts.chunks!r}") from None
+    full_logits_mb = opts.tokens * opts.vocab * 4 / MB
     results = {
-        "tokens": args.tokens,
-        "vocab": args.vocab,
-        "hidden": args.hidden,
+        "tokens": opts.tokens,
+        "vocab": opts.vocab,
+        "hidden": opts.hidden,
         "fp32_logits_mb": round(full_logits_mb, 1),
         "rows": [],
     }
     print(
-        f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, fp32; one full "
+        f"tokens {opts.tokens}, vocab {opts.vocab}, hidden {opts.hidden}, fp32; one full "
         f"fp32 logits tensor = {full_logits_mb:,.0f} MiB"
     )
     print(f"{'':8}{'variant':26}{'peak MiB':>10}{'vs HF':>8}{'seconds':>9}{'loss':>10}")
@@ -153,9 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         for chunk in chunks:
             spec = {
                 "what": what,
-                "tokens": args.tokens,
-                "vocab": args.vocab,
-                "hidden": args.hidden,
+                "tokens": opts.tokens,
+                "vocab": opts.vocab,
+                "hidden": opts.hidden,
                 "chunk": chunk,
             }
             r = {**spec, **run(spec)}
@@ -167,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{what:8}{name:26}{r['peak_increase_mb']:>10,.0f}{r['vs_transformers']:>7.2f}x"
                 f"{r['seconds']:>9.3f}{r['loss']:>10.5f}"
             )
-    write_json(args.out, results)
-    return results
+    write_json(opts.out, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -35,9 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from bench import parser, recipe_flags, write_and_report
+from bench import recipe_flags, write_and_report
+from fastchat_data.options import UsageError, entry_point, option, parse
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +52,21 @@ LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=36, num
 MODELS = {"small": "small", "base": "base", "large": LARGE}
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 PHASES = ("load", "train", "export")
+
+
+@dataclass
+class MemoryBenchOptions:
+    quick: bool = option(False, "only the ~17M rows (a few minutes)")
+    out: str = option(str(REPO / "bench" / "results" / "memory_bench.json"), "the JSON result")
+    models: str | None = option(None, "comma-separated subset of small,base,large")
+    strategies: str = option(",".join(STRATEGIES), "comma-separated strategies to run")
+    rescore: bool = option(False, "no runs: the measurements in --out against the current planner")
+    update: bool = option(
+        False, "merge these rows into an existing --out (e.g. after a skipped row)"
+    )
+    loading: Literal["auto", "full", "streaming"] = option(
+        "auto", "the planner's loading model; auto: what the recipe does (streaming)"
+    )
 
 
 def _free_port() -> int:
@@ -291,55 +309,35 @@ def rescore(out: Path) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument("--quick", action="store_true", help="only the ~17M rows (a few minutes)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_bench.json"))
-    ap.add_argument("--models", default=None, help="comma-separated subset of small,base,large")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument(
-        "--rescore",
-        action="store_true",
-        help="no runs: the measurements in --out against the current planner",
-    )
-    ap.add_argument(
-        "--update",
-        action="store_true",
-        help="merge these rows into an existing --out (e.g. after a skipped row)",
-    )
-    ap.add_argument(
-        "--loading",
-        choices=("auto", "full", "streaming"),
-        default="auto",
-        help="the planner's loading model; auto: what the recipe does (streaming)",
-    )
-    a = ap.parse_args(argv)
-    if a.rescore:
-        res = rescore(Path(a.out))
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(MemoryBenchOptions, argv, prog="python -m bench.memory_bench", description=__doc__)
+    if opts.rescore:
+        res = rescore(Path(opts.out))
         report(res)
-        print(f"\nrescored: {a.out}")
-        return res
+        print(f"\nrescored: {opts.out}")
+        return 0
 
     from fastchat_data.commands import clean
     from fastchat_data.tiny import shared_data_dir
     from recipes import plan as P
 
-    names = a.models.split(",") if a.models else (["small"] if a.quick else list(MODELS))
+    names = opts.models.split(",") if opts.models else (["small"] if opts.quick else list(MODELS))
     runs = [(m, n) for m in names for n in ((2, 4) if m == "small" else (2,))]
-    strategies = a.strategies.split(",")
+    strategies = opts.strategies.split(",")
     try:  # the registry's names (recipes/core/parallel.py)
         for strategy in strategies:
             parallel.get(strategy)
     except parallel.UnknownStrategy as e:
-        ap.error(f"--strategies: {e}")
+        raise UsageError(f"--strategies: {e}") from None
     cache = REPO / ".cache"
     t_start = time.perf_counter()
     models = build_models(names, cache)
     os.environ.update(LIVE_MALLOC)  # for the runtime measurements, as for the runs
-    loading = RECIPE_LOADING if a.loading == "auto" else a.loading
+    loading = RECIPE_LOADING if opts.loading == "auto" else opts.loading
     res: dict = {
         "settings": {
-            "quick": a.quick,
+            "quick": opts.quick,
             "seq": SEQ,
             "steps": STEPS,
             "malloc_env": LIVE_MALLOC,
@@ -422,8 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
                     print(row.get("skipped") or row.get("error"), flush=True)
                 res["rows"].append(row)
     res["settings"]["wall_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(a.out)
-    if a.update and out.exists():  # rerun rows replace their namesakes; the others are kept
+    out = Path(opts.out)
+    if opts.update and out.exists():  # rerun rows replace their namesakes; the others are kept
         old = json.loads(out.read_text())
         done = {(r["model"], r["strategy"], r["nproc"]) for r in res["rows"]}
         kept = [r for r in old["rows"] if (r["model"], r["strategy"], r["nproc"]) not in done]
@@ -431,15 +429,15 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("runtime_mb", "models"):
             res["settings"][key] = {**old["settings"][key], **res["settings"][key]}
         res["settings"]["wall_s"] += old["settings"].get("wall_s", 0)
-        res["settings"]["quick"] = old["settings"]["quick"] and a.quick
+        res["settings"]["quick"] = old["settings"]["quick"] and opts.quick
     order = {m: i for i, m in enumerate(MODELS)}
     res["rows"].sort(
         key=lambda r: (order[r["model"]], r["nproc"], parallel.get(r["strategy"]).cost_rank)
     )
     res["targets"] = check_targets(res["rows"])
     write_and_report(out, res, report)
-    return res
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,12 +20,23 @@ import contextlib
 import io
 import os
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser, write_json
+from bench import write_json
+from fastchat_data.options import entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PackingBenchOptions:
+    steps: int = option(4, "optimizer steps per variant, the first a warm-up")
+    rounds: int = option(2, "interleaved rounds (order reversed every other round)")
+    quick: bool = option(False, "3 steps (2 timed), one round")
+    out: str = option(str(REPO / "bench" / "results" / "packing_bench.json"), "the JSON result")
 
 
 def model_and_data(max_length: int):
@@ -127,23 +138,21 @@ def measure(spec: dict, ds, model_dir: Path, *, pad: int, p: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="3 steps (2 timed), one round")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "packing_bench.json"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.steps, args.rounds = 3, 1
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(
+        PackingBenchOptions, argv, prog="python -m bench.packing_bench", description=__doc__
+    )
+    if opts.quick:
+        opts.steps, opts.rounds = 3, 1
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    p = {"max_length": 2048, "batch": 2, "accum": 2, "steps": args.steps}
+    p = {"max_length": 2048, "batch": 2, "accum": 2, "steps": opts.steps}
     model, ds, pad = model_and_data(p["max_length"])
     names = list(variants())
     rounds: list[dict] = []
-    for r in range(args.rounds):
+    for r in range(opts.rounds):
         row = {}
         for name in names if r % 2 == 0 else names[::-1]:
             row[name] = measure(variants()[name], ds, model, pad=pad, p=p)
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_name = names[0]
     print(
         f"\n{'':44}{'row cap':>8}{'rows':>6}{'real tok/s':>12}{'vs first':>10}  "
-        f"(median of {args.rounds} rounds)"
+        f"(median of {opts.rounds} rounds)"
     )
     for name in names:
         tps = statistics.median(r[name]["real_tokens_per_s"] for r in rounds)
@@ -170,9 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         cap = first["row_tokens"] or "-"
         print(f"{name:44}{cap:>8}{first['units']:>6}{tps:>12,.0f}{tps / base:>9.2f}x")
-    write_json(args.out, {"settings": p, "rounds": rounds, "summary": summary})
-    return summary
+    write_json(opts.out, {"settings": p, "rounds": rounds, "summary": summary})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -37,7 +37,6 @@ round, against load drift), as bench.packing_bench and bench.train_bench do.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -48,9 +47,23 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser
+# A peer's run is this file as a plain script with the peer's python (launch), where camelid is
+# not importable, by design: there nothing of camelid is imported, option() is the bare default
+# and the script reads its two internal options itself (the end of this file).
+PEER_SCRIPT = __name__ == "__main__" and not __package__
+if PEER_SCRIPT:
+
+    def option(default=None, help=""):
+        return default
+
+    def entry_point(main):
+        return main
+
+else:
+    from fastchat_data.options import UsageError, entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_VENV = Path(os.environ.get("CAMELID_BENCH_VENV", REPO / ".bench-venv"))
@@ -69,6 +82,22 @@ SYSTEMS: dict[str, dict] = {
     "LLaMA-Factory neat_packing": {"peer": "llamafactory", "packing": True, "neat_packing": True},
 }
 PEER_VENVS = {"trl": "trl", "llamafactory": "llamafactory"}
+
+
+@dataclass
+class PeersBenchOptions:
+    quick: bool = option(False, "3 steps (2 timed), accumulation 1, 1 round")
+    steps: int | None = option(None, "optimizer steps per run, the first a warm-up (4)")
+    rounds: int | None = option(None, "interleaved rounds (2)")
+    accum: int | None = option(None, "gradient accumulation steps (2)")
+    systems: str | None = option(None, "comma-separated subset of: " + "; ".join(SYSTEMS))
+    files: str | None = option(None, "comma-separated subset of: " + ", ".join(FILES))
+    timeout: int = option(900, "seconds per run")
+    out: str = option(str(REPO / "bench" / "results" / "peers_bench.json"), "the JSON result")
+    peer: str | None = option(
+        None, "internal: run one system's worker (camelid, trl, llamafactory)"
+    )
+    spec: str | None = option(None, "internal: the worker's spec (a JSON file)")
 
 
 # ---------------------------------------------------------------- workers (one process per run)
@@ -661,39 +690,27 @@ def save(results: dict, out: Path) -> None:
     out.write_text(json.dumps(results, indent=2, default=str))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument(
-        "--quick", action="store_true", help="3 steps (2 timed), accumulation 1, 1 round"
-    )
-    ap.add_argument("--steps", type=int, help="optimizer steps per run, the first a warm-up (4)")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds (2)")
-    ap.add_argument("--accum", type=int, help="gradient accumulation steps (2)")
-    ap.add_argument("--systems", help="comma-separated subset of: " + "; ".join(SYSTEMS))
-    ap.add_argument("--files", help="comma-separated subset of: " + ", ".join(FILES))
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "peers_bench.json"))
-    ap.add_argument("--peer", help=argparse.SUPPRESS)  # worker mode
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.peer:
-        worker_main(args.peer, args.spec)
-        return {}
-    steps = args.steps or (3 if args.quick else 4)
-    rounds = args.rounds or (1 if args.quick else 2)
-    names = [n.strip() for n in args.systems.split(",")] if args.systems else list(SYSTEMS)
-    files = [f.strip() for f in args.files.split(",")] if args.files else list(FILES)
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(PeersBenchOptions, argv, prog="python -m bench.peers_bench", description=__doc__)
+    if opts.peer:
+        worker_main(opts.peer, opts.spec)
+        return 0
+    steps = opts.steps or (3 if opts.quick else 4)
+    rounds = opts.rounds or (1 if opts.quick else 2)
+    names = [n.strip() for n in opts.systems.split(",")] if opts.systems else list(SYSTEMS)
+    files = [f.strip() for f in opts.files.split(",")] if opts.files else list(FILES)
     for n in names:
         if n not in SYSTEMS:
-            ap.error(f"unknown system {n!r}")
+            raise UsageError(f"--systems: unknown system {n!r}")
     for n in files:
         if n not in FILES:
-            ap.error(f"unknown file {n!r}")
+            raise UsageError(f"--files: unknown file {n!r}")
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    accum = args.accum or (1 if args.quick else 2)
+    accum = opts.accum or (1 if opts.quick else 2)
     p = {"max_length": 2048, "batch": 2, "accum": accum, "steps": steps}
     t_start = time.perf_counter()
-    out = Path(args.out)
+    out = Path(opts.out)
     cache = REPO / ".cache"
     results: dict = {
         "settings": {
@@ -731,7 +748,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "file_tag": f["tag"],
                         "round": r + 1,
                     }
-                    res = launch(name, spec, tmp, threads=threads, timeout=args.timeout)
+                    res = launch(name, spec, tmp, threads=threads, timeout=opts.timeout)
                     row[name] = res
                     what = (
                         f"{res['real_tokens_per_s']:>8,.0f} real tok/s"
@@ -752,8 +769,12 @@ def main(argv: list[str] | None = None) -> dict:
     report(results)
     save(results, out)
     print(f"written: {out} ({results['settings']['wall_s']:.0f} s)")
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    if PEER_SCRIPT:  # a peer's worker (launch): --peer NAME --spec FILE
+        argv = sys.argv[1:]
+        worker_main(argv[argv.index("--peer") + 1], argv[argv.index("--spec") + 1])
+        sys.exit(0)
+    sys.exit(main())

@@ -25,14 +25,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench import parser, write_json
+from bench import write_json
+from fastchat_data.options import entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "alpaca_gpt4_data_en_1k.json"
+
+
+@dataclass
+class QLoraBenchOptions:
+    quick: bool = option(False, "the small model only, fewer steps")
+    out: str = option(str(REPO / "bench" / "results" / "qlora_bench.json"), "the JSON result")
+
+
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
 LLAMA_7B_LAYERS = 32
 
@@ -197,25 +207,23 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument("--quick", action="store_true", help="the small model only, fewer steps")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "qlora_bench.json"))
-    args = ap.parse_args(argv)
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(QLoraBenchOptions, argv, prog="python -m bench.qlora_bench", description=__doc__)
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
 
     cache = REPO / ".cache"
     small = tiny_model("llama", "small", texts=reference_corpus(), vocab_size=4000, cache_dir=cache)
-    steps = 6 if args.quick else 20
+    steps = 6 if opts.quick else 20
     results: dict = {
-        "settings": {"data": DATA, "quick": args.quick, "cpu_count": os.cpu_count()},
+        "settings": {"data": DATA, "quick": opts.quick, "cpu_count": os.cpu_count()},
         "bytes": {},
     }
     with tempfile.TemporaryDirectory(prefix="qlora_bench-") as tmp:
         tmp = Path(tmp)
         print("a. base bytes: small", flush=True)
         results["bytes"]["llama small (~17M)"] = base_bytes(small)
-        if not args.quick:
+        if not opts.quick:
             print("a. base bytes: Llama-2-7B shape (one layer measured)", flush=True)
             results["bytes"]["Llama-2-7B shape"] = llama_7b_bytes(tmp)
         data = shared_data_dir() / DATA
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         results["methods"] = {}
         models = [("llama small (~17M)", small, steps)]
-        if not args.quick:  # where the model's own states, not the runtime, dominate memory
+        if not opts.quick:  # where the model's own states, not the runtime, dominate memory
             base = tiny_model(
                 "llama", "base", texts=reference_corpus(), vocab_size=4000, cache_dir=cache
             )
@@ -261,9 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     table = report(results)
     print("\n" + table)
-    write_json(args.out, results)
-    return results
+    write_json(opts.out, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

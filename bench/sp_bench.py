@@ -25,9 +25,11 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser, recipe_flags
+from bench import recipe_flags
+from fastchat_data.options import UsageError, entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,6 +37,16 @@ MB = 2**20
 # ~3.2M parameters: enough activation per token (88 KB fp32 over 4 layers) that the slope
 # stands far above the allocator's noise, small enough for a CPU
 SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+
+
+@dataclass
+class SPBenchOptions:
+    lengths: str = option("2048,4096", "two row lengths (tokens), comma-separated")
+    out: str = option(str(REPO / "bench" / "results" / "sp_bench.json"), "the JSON result")
+    work: str = option(
+        str(REPO / ".cache" / "sp_bench"),
+        "working folder: the model, the rows, the tokenized cache, each run's output",
+    )
 
 
 def long_rows(folder: Path, per: int = 100, rows: int = 4) -> Path:
@@ -103,15 +115,15 @@ def planned_slope(model: Path, sp: int, lengths: list[int]) -> float:
     return (grows(b) - grows(a)) / (b - a)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = parser(__doc__)
-    ap.add_argument("--lengths", default="2048,4096", help="two row lengths (tokens)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "sp_bench.json"))
-    ap.add_argument("--work", default=str(REPO / ".cache" / "sp_bench"))
-    opts = ap.parse_args(argv)
-    lengths = sorted(int(x) for x in opts.lengths.split(","))
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(SPBenchOptions, argv, prog="python -m bench.sp_bench", description=__doc__)
+    try:
+        lengths = sorted(int(x) for x in opts.lengths.split(","))
+    except ValueError:
+        raise UsageError(f"--lengths: two integers, got {opts.lengths!r}") from None
     if len(lengths) != 2:
-        ap.error("--lengths: give two lengths")
+        raise UsageError("--lengths: give two lengths")
     from fastchat_data.tiny import reference_corpus, tiny_model
 
     work = Path(opts.work)
@@ -158,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens (extrapolated along its measured slope); "
         f"measured at {check['length']:,}: {result['check']['peak_mb']:.0f} MB per rank"
     )
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

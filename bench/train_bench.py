@@ -37,9 +37,11 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import parser, recipe_flags, write_and_report
+from bench import recipe_flags, write_and_report
+from fastchat_data.options import entry_point, option, parse
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "sharegpt_v3_sample_1000.json"
@@ -51,6 +53,12 @@ MB = 2**20
 SHARED_OPTIMISATION = dict(
     learning_rate=2e-5, weight_decay=0.0, lr_scheduler_type="cosine", logging_steps=1
 )
+
+
+@dataclass
+class TrainBenchOptions:
+    quick: bool = option(False, "shorter lengths, fewer runs (about 3 minutes)")
+    out: str = option(str(REPO / "bench" / "results" / "train_bench.json"), "the JSON result")
 
 
 # ---------------------------------------------------------------- memory of this process
@@ -770,16 +778,12 @@ def report(results: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
+@entry_point
+def main(argv: list[str] | None = None) -> int:
     if WORKER_ENV in os.environ:
         worker_main()
-        return {}
-    ap = parser(__doc__)
-    ap.add_argument(
-        "--quick", action="store_true", help="shorter lengths, fewer runs (about 3 minutes)"
-    )
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_bench.json"))
-    args = ap.parse_args(argv)
+        return 0
+    opts = parse(TrainBenchOptions, argv, prog="python -m bench.train_bench", description=__doc__)
 
     from fastchat_data.commands import clean, convert
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
@@ -802,7 +806,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "short_data": (None, "alpaca_gpt4_data_en_1k.json"),
     }
-    p = {name: quick if args.quick else full for name, (quick, full) in settings.items()}
+    p = {name: quick if opts.quick else full for name, (quick, full) in settings.items()}
     t_start = time.perf_counter()
     cache = REPO / ".cache"
     corpus = reference_corpus()
@@ -813,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_a": "llama small (~17M, legacy tokenizer, vocab 4000)",
             "model_b": "llama base",
             "data": DATA,
-            "quick": args.quick,
+            "quick": opts.quick,
             "cpu_count": os.cpu_count(),
             "packing_available": has_packing,
             **p,
@@ -843,9 +847,9 @@ def main(argv: list[str] | None = None) -> dict:
         print("b/c. per-rank memory and export", flush=True)
         results["memory"] = memory(p, base, data, tmp=tmp, cache=cache)
     results["settings"]["wall_s"] = round(time.perf_counter() - t_start, 1)
-    write_and_report(args.out, results, report)
-    return results
+    write_and_report(opts.out, results, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
