@@ -106,7 +106,7 @@ def paced(run):
 
 loop.train_step = paced
 print("READY", flush=True)
-pb.measure(pb.variants()[spec["variant"]], ds, model, pad, spec["p"])
+pb.measure(pb.variants()[spec["variant"]], ds, model, pad=pad, p=spec["p"])
 """
 
 
