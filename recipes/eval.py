@@ -263,27 +263,13 @@ def preference_rows(
     for path, adapter in variants:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path, adapter))
         if reward_model:
-            model = load_reward_for_inference(path, adapter, tokenizer)
-            scores = reward_scores(
-                model,
-                tokenizer,
-                pairs,
-                template=template,
-                max_length=max_length,
-                batch_size=batch_size,
-            )
+            model, scorer = load_reward_for_inference(path, adapter, tokenizer), reward_scores
         else:
-            model = load_for_inference(
-                path, quantization if path == model_path else "none", adapter
-            )
-            scores = preference_scores(
-                model,
-                tokenizer,
-                pairs,
-                template=template,
-                max_length=max_length,
-                batch_size=batch_size,
-            )
+            quantized = quantization if path == model_path else "none"
+            model, scorer = load_for_inference(path, quantized, adapter), preference_scores
+        scores = scorer(
+            model, tokenizer, pairs, template=template, max_length=max_length, batch_size=batch_size
+        )
         name = f"{Path(path).parent.name}/{Path(path).name}" + (
             f" + {Path(adapter).name}" if adapter else ""
         )
