@@ -61,11 +61,11 @@ class CompareTreesOptions:
         None, "the old tree (a checkout with its own bench/packing_bench.py); env BASELINE"
     )
     new: str = option(str(REPO), "the new tree (default: this one)")
-    rounds: int = option(8, "interleaved rounds (timed steps), at least 3")
+    rounds: int = option(8, "interleaved rounds (timed steps), at least 3", minimum=3)
     variant: str = option(DEFAULT_VARIANT, "a bench.packing_bench variant")
-    max_length: int = option(2048, "row length (tokens)")
+    max_length: int = option(2048, "row length (tokens)", minimum=16)
     # one thread: on a shared machine a second thread waits on whichever core is busy
-    threads: int = option(1, "torch threads per process")
+    threads: int = option(1, "torch threads per process", minimum=1)
     out: str = option(str(REPO / "bench" / "results" / "compare_trees.json"), "the JSON result")
 
 

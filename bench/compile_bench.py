@@ -41,9 +41,9 @@ VARIANTS = ("eager", "compiled")
 
 @dataclass
 class CompileBenchOptions:
-    steps: int = option(6, "measured steps (after the warm-up)")
-    warmup: int = option(3, "steps that hold the compilation")
-    rounds: int = option(2, "rounds, eager and compiled alternating within each")
+    steps: int = option(6, "measured steps (after the warm-up)", minimum=1)
+    warmup: int = option(3, "steps that hold the compilation", minimum=1)
+    rounds: int = option(2, "rounds, eager and compiled alternating within each", minimum=1)
     quick: bool = option(False, "2 warm-up and 2 measured steps, one round")
     out: str = option(str(REPO / "bench" / "results" / "compile_bench.json"), "the JSON result")
     worker: str | None = option(

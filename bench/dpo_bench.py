@@ -33,8 +33,8 @@ VARIANTS = ("sft", "dpo", "dpo_live_reference")
 
 @dataclass
 class DPOBenchOptions:
-    pairs: int = option(256, "preference pairs to train on")
-    steps: int = option(12, "optimizer steps per variant (the first 2 not timed)")
+    pairs: int = option(256, "preference pairs to train on", minimum=2)
+    steps: int = option(12, "optimizer steps per variant (the first 2 not timed)", minimum=3)
     quick: bool = option(False, "32 pairs, 5 steps (3 timed)")
     out: str = option(str(REPO / "bench" / "results" / "dpo_bench.json"), "the JSON result")
     worker: list[str] = option(

@@ -32,8 +32,8 @@ RESULTS = REPO / "bench" / "results"
 
 @dataclass
 class FaultBenchOptions:
-    kills: int = option(20, "kill -9s at random moments, each followed by a relaunch")
-    steps: int = option(120, "optimizer steps of the run")
+    kills: int = option(20, "kill -9s at random moments, each followed by a relaunch", minimum=1)
+    steps: int = option(120, "optimizer steps of the run", minimum=2)
     quick: bool = option(False, "6 kills in a 30-step run")
     seed: int = option(0, "seed of the random kill moments")
     json: str = option(str(RESULTS / "fault_bench.json"), "the JSON result")

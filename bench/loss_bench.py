@@ -36,9 +36,11 @@ MB = 2**20
 
 @dataclass
 class LossBenchOptions:
-    tokens: int = option(2048, "labelled tokens (one row)")
-    vocab: int = option(32000, "vocabulary: the output embedding's rows")
-    hidden: int = option(256, "hidden size (the tiny Llama's, and the loss-alone hidden states')")
+    tokens: int = option(2048, "labelled tokens (one row)", minimum=2)
+    vocab: int = option(32000, "vocabulary: the output embedding's rows", minimum=2)
+    hidden: int = option(
+        256, "hidden size (the tiny Llama's, and the loss-alone hidden states')", minimum=1
+    )
     chunks: str = option(
         "0,4096,1024,512", "comma-separated chunk sizes (rows); 0: transformers' full logits"
     )

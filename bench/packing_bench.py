@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class PackingBenchOptions:
-    steps: int = option(4, "optimizer steps per variant, the first a warm-up")
-    rounds: int = option(2, "interleaved rounds (order reversed every other round)")
+    steps: int = option(4, "optimizer steps per variant, the first a warm-up", minimum=2)
+    rounds: int = option(2, "interleaved rounds (order reversed every other round)", minimum=1)
     quick: bool = option(False, "3 steps (2 timed), one round")
     out: str = option(str(REPO / "bench" / "results" / "packing_bench.json"), "the JSON result")
 

@@ -87,12 +87,12 @@ PEER_VENVS = {"trl": "trl", "llamafactory": "llamafactory"}
 @dataclass
 class PeersBenchOptions:
     quick: bool = option(False, "3 steps (2 timed), accumulation 1, 1 round")
-    steps: int | None = option(None, "optimizer steps per run, the first a warm-up (4)")
-    rounds: int | None = option(None, "interleaved rounds (2)")
-    accum: int | None = option(None, "gradient accumulation steps (2)")
+    steps: int | None = option(None, "optimizer steps per run, the first a warm-up (4)", minimum=2)
+    rounds: int | None = option(None, "interleaved rounds (2)", minimum=1)
+    accum: int | None = option(None, "gradient accumulation steps (2)", minimum=1)
     systems: str | None = option(None, "comma-separated subset of: " + "; ".join(SYSTEMS))
     files: str | None = option(None, "comma-separated subset of: " + ", ".join(FILES))
-    timeout: int = option(900, "seconds per run")
+    timeout: int = option(900, "seconds per run", minimum=1)
     out: str = option(str(REPO / "bench" / "results" / "peers_bench.json"), "the JSON result")
     peer: str | None = option(
         None, "internal: run one system's worker (camelid, trl, llamafactory)"

@@ -67,14 +67,18 @@ SIDES = ("camelid", "trl")
 
 @dataclass
 class RLBenchOptions:
-    steps: int = option(8, "optimizer steps per run")
-    warmup: int = option(1, "first steps of each run not timed")
-    rounds: int = option(2, "runs per side, alternating camelid, TRL, camelid, TRL, ...")
-    prompts_per_step: int = option(4, "prompts per step (each sampled num_generations times)")
-    num_generations: int = option(8, "completions per prompt (G)")
-    max_completion_length: int = option(16, "tokens per completion at most")
+    steps: int = option(8, "optimizer steps per run", minimum=1)
+    warmup: int = option(1, "first steps of each run not timed", minimum=0)
+    rounds: int = option(2, "runs per side, alternating camelid, TRL, camelid, TRL, ...", minimum=1)
+    prompts_per_step: int = option(
+        4, "prompts per step (each sampled num_generations times)", minimum=1
+    )
+    num_generations: int = option(8, "completions per prompt (G)", minimum=2)
+    max_completion_length: int = option(16, "tokens per completion at most", minimum=1)
     beta: float = option(0.04, "KL weight (> 0: both sides also score a frozen reference)")
-    threads: int = option(1, "torch / OpenMP threads of each run (see the module's note)")
+    threads: int = option(
+        1, "torch / OpenMP threads of each run (see the module's note)", minimum=1
+    )
     quick: bool = option(False, "4 steps (3 timed), 2 rounds, max_completion_length 8")
     out: str = option(str(REPO / "bench" / "results" / "rl_bench.json"), "the JSON result")
     worker: str | None = option(None, "internal: run one side from a JSON spec and print it")

@@ -363,7 +363,18 @@ def parse(
         if extra[0].startswith("--"):
             raise unknown_option(extra[0][2:].partition("=")[0], known)
         raise UsageError(f"command line: unexpected argument {extra[0]!r}: options are --key value")
+    for instance in instances:
+        check_minimums(instance)
     return instances[0] if single else tuple(instances)
+
+
+def check_minimums(options) -> None:
+    """A UsageError for a number below its option's `minimum` (declared `option(..., minimum=N)`:
+    a count of steps or rounds that cannot be zero or negative)."""
+    for f in fields(options):
+        low, value = f.metadata.get("minimum"), getattr(options, f.name)
+        if low is not None and value is not None and value < low:
+            raise UsageError(f"--{f.name} {value}: give {low} or more")
 
 
 def asdict(obj) -> dict:

@@ -74,7 +74,7 @@ class ChatOptions:
     adapter: str | None = option(None, "an adapter folder to load on the model")
     template: str | None = option(None, "name or YAML/JSON file; none: the one it was trained with")
     system: str = option("", "a system text (empty: the template's)")
-    max_new_tokens: int = option(256, "tokens per reply at most")
+    max_new_tokens: int = option(256, "tokens per reply at most", minimum=1)
     temperature: float = option(0.0, "sampling temperature; 0: greedy")
     quantization: Literal["none", "nf4"] = option(
         "none", "load the model in 4-bit nf4 (as QLoRA trained it) or unquantized"

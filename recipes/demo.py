@@ -25,7 +25,7 @@ from recipes.core.quiet import quiet, verbose_requested
 @dataclass
 class DemoOptions:
     out: str = option("runs/demo", "the demo's folder (a rerun resumes or refreshes it)")
-    max_steps: int = option(60, "training steps of step 6")
+    max_steps: int = option(60, "training steps of step 6", minimum=1)
     assets_only: bool = option(
         False, "build only the tiny model and the identity data, print their paths, and stop"
     )

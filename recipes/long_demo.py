@@ -25,8 +25,8 @@ ROPE = {"rope_type": "linear", "factor": 2.0}
 class LongDemoOptions:
     out: str = out_option("long-demo")
     data_dir: str | None = data_dir_option("sharegpt_v3_sample_1000.json")
-    max_length: int = option(4096, "tokens per row (the model's own context is 2,048)")
-    max_steps: int = option(20, "training steps")
+    max_length: int = option(4096, "tokens per row (the model's own context is 2,048)", minimum=16)
+    max_steps: int = option(20, "training steps", minimum=1)
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 

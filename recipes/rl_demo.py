@@ -28,8 +28,8 @@ REWARDS = "recipes.core.rewards.arithmetic"
 @dataclass
 class RLDemoOptions:
     out: str = option(str(REPO / "runs" / "rl-demo"), "the demo's folder")
-    sft_steps: int = option(150, "SFT steps")
-    grpo_steps: int = option(40, "GRPO steps")
+    sft_steps: int = option(150, "SFT steps", minimum=1)
+    grpo_steps: int = option(40, "GRPO steps", minimum=1)
     verbose: bool = option(False, "also show the third-party warnings camelid filters out")
 
 

@@ -1366,6 +1366,35 @@ ROWS = [
         "batch_size",
     ),
     row("eval_nothing_to_do", {}, tool("recipes.eval", "--model {tok}"), "give --data", "--data"),
+    # counts of steps and rounds below what the command can do (a ZeroDivisionError before)
+    row(
+        "bench_packing_negative_steps",
+        {},
+        tool("bench.packing_bench", "--steps -3"),
+        "--steps -3: give 2 or more",
+        "--steps",
+    ),
+    row(
+        "bench_compare_trees_zero_rounds",
+        {},
+        tool("bench.compare_trees", "--baseline {d} --rounds 0"),
+        "--rounds 0: give 3 or more",
+        "--rounds",
+    ),
+    row(
+        "demo_zero_steps",
+        {},
+        tool("recipes.demo", "--max_steps 0"),
+        "give 1 or more",
+        "--max_steps",
+    ),
+    row(
+        "rl_demo_negative_steps",
+        {},
+        tool("recipes.rl_demo", "--grpo_steps -1"),
+        "--grpo_steps -1: give 1 or more",
+        "--grpo_steps",
+    ),
     row(
         "eval_reward_adapter_config_not_json",
         {"ad": ("dir", {"adapter_config.json": b"{not json"}), "p.json": PAIRS},
