@@ -9,7 +9,8 @@ TORCH_CONSTRAINT := $(shell nvidia-smi -L >/dev/null 2>&1 || echo "-c constraint
 PYTEST_ARGS ?=
 # The suite's runs often wait (on another rank, a launcher, a rendezvous): on 2 cores, two
 # workers kept the CPUs 88% busy, three 93% (20.0 -> 16.9 min). Each worker takes whole files,
-# so module-scoped shared runs are made once; tests/conftest.py orders the longest files first.
+# so module-scoped shared runs are made once. (Handing the longest files out first was slower,
+# 17.5-21.8 min: it ran the multi-process files together, their ranks waiting on busy cores.)
 TEST_WORKERS ?= 3
 # DeepSpeed compiles its ops on first use (~60 s for the CPU shared-memory comm op): keep them.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -53,7 +54,7 @@ dpo-demo: setup
 
 # CI runs exactly this (.ci/run): the formatter and linter first, then the suite
 test: setup lint-check
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # make train-vicuna NGPU=4 STRATEGY=fsdp|zero2|zero3|zero3_offload|ddp MODEL=... DATA=... CONFIG=... OUT=... ARGS="--key value"
 # Without MODEL: the demo's tiny Llama and identity data (python -m recipes.demo --assets_only).
@@ -72,7 +73,7 @@ train-dpo: setup
 
 # Skip the slow multi-process tests locally; CI runs everything through `make test`.
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # Peers (TRL, LLaMA-Factory) in virtualenvs of their own under .bench-venv/, never in $(VENV).
 bench-peers: setup

@@ -14,33 +14,6 @@ DATA = shared_data_dir()
 
 requires_shared = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
-# The files that take longest (seconds of one worker's time in `make test`, measured on the
-# 2-core machine), longest first. `make test` hands whole files to its workers in collection
-# order (--no-loadscope-reorder; xdist's default order is by test count, which put these last
-# and left one worker running them alone at the end).
-LONGEST_FIRST = (
-    "test_qlora.py",  # 306 s
-    "test_tokenize.py",  # 228
-    "test_hardening.py",  # 212
-    "test_cli.py",  # 160
-    "test_scale.py",  # 149
-    "test_chat_template.py",  # 141
-    "test_train.py",  # 134
-    "test_trainer_parity.py",  # 133
-    "test_signals.py",  # 131
-    "test_gpu_check.py",  # 97
-    "test_security.py",  # 92
-    "test_convert_checkpoint.py",  # 90
-    "test_sequence_parallel.py",  # 89
-    "test_rlhf.py",  # 86
-    "test_dpo.py",  # 84
-)
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
-
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
