@@ -9,8 +9,8 @@ TORCH_CONSTRAINT := $(shell nvidia-smi -L >/dev/null 2>&1 || echo "-c constraint
 PYTEST_ARGS ?=
 # The suite's runs often wait (on another rank, a launcher, a rendezvous): on 2 cores, two
 # workers kept the CPUs 88% busy, three 93% (20.0 -> 16.9 min). Each worker takes whole files,
-# so module-scoped shared runs are made once. (Handing the longest files out first was slower,
-# 17.5-21.8 min: it ran the multi-process files together, their ranks waiting on busy cores.)
+# so module-scoped shared runs are made once, in xdist's own order (handing the longest files
+# out first measured the same: 21.8 min both ways on the same, slowed, machine).
 TEST_WORKERS ?= 3
 # DeepSpeed compiles its ops on first use (~60 s for the CPU shared-memory comm op): keep them.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
