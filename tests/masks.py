@@ -59,7 +59,8 @@ def assert_exact(ct: ConversationTokenizer, conv: Conversation, enc, *, segments
     if enc.truncated:
         runs, replies = runs[:-1], replies[: len(runs) - 1]  # the last run may be cut short
     assert len(runs) == len(replies), (conv.id, len(runs), len(replies))
-    segments = segments or ct.template.render(conv, ct.eos)
+    if segments is None:
+        segments = ct.template.render(conv, ct.eos)
     ends = [s.text.strip() for s in segments if s.literal and s.trainable]
     for run, reply, end in zip(runs, replies, ends):
         # the Rust tokenizer's own decode: what tok.decode(run, skip_special_tokens=False,
