@@ -155,57 +155,53 @@ def answers(
     return preds, refs
 
 
-def evaluate(
-    model_path: str,
-    data: str,
-    adapters: list[str] = (),
-    *,
-    template: str = "vicuna_v1.1",
-    shots: int = 0,
-    shots_from: str | None = None,
-    max_samples: int | None = None,
-    generate: int = 0,
-    max_new_tokens: int = 128,
-    max_length: int = 2048,
-    batch_size: int = 4,
-    quantization: str = "none",
-) -> dict:
+def evaluate(opts: EvalOptions, template) -> dict:
+    """The perplexity rows on --data (zero-shot, few-shot, each adapter), with --generate's
+    text scores; `template`: --template, or the one training used."""
     from peft import PeftModel
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load would bury the table
-    for p in [model_path, data, *adapters, *([shots_from] if shots_from else [])]:
+    shots = opts.shots
+    for p in [
+        opts.model,
+        opts.data,
+        *opts.adapter,
+        *([opts.shots_from] if opts.shots_from else []),
+    ]:
         if not Path(p).exists():
             raise ConfigError(f"{p} does not exist")
-    convs = load_conversations(data, None)
-    pool = load_conversations(shots_from, None) if shots_from else None
+    convs = load_conversations(opts.data, None)
+    pool = load_conversations(opts.shots_from, None) if opts.shots_from else None
     if shots and pool is None:  # shots from the held-out file's tail, then not evaluated
         if len(convs) <= shots:
             raise ConfigError(
-                f"{data} has {len(convs)} conversations: too few to take {shots} shots from"
+                f"{opts.data} has {len(convs)} conversations: too few to take {shots} shots from"
             )
         convs, pool = convs[:-shots], convs[-shots:]
-    convs = convs[:max_samples] if max_samples else convs
+    convs = convs[: opts.max_samples] if opts.max_samples else convs
     shot_convs = list(pool[:shots]) if shots else []
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encoder = ConversationTokenizer(tokenizer, template, max_length=max_length)
+    tokenizer = AutoTokenizer.from_pretrained(opts.model)
+    encoder = ConversationTokenizer(tokenizer, template, max_length=opts.max_length)
 
     variants = [("zero-shot", None, [])]
     if shots:
         variants.append((f"few-shot ({shots} examples)", None, shot_convs))
-    variants += [(f"adapter {Path(a).parent.name}/{Path(a).name}", a, []) for a in adapters]
+    variants += [(f"adapter {Path(a).parent.name}/{Path(a).name}", a, []) for a in opts.adapter]
     rows, model = [], None
     for name, adapter, these_shots in variants:
         if model is None or adapter or isinstance(model, PeftModel):  # attaching changes the base
-            model = load_for_inference(model_path, quantization, adapter)
-        ppl, counts = perplexities(model, encoder, convs, shots=these_shots, batch_size=batch_size)
+            model = load_for_inference(opts.model, opts.quantization, adapter)
+        ppl, counts = perplexities(
+            model, encoder, convs, shots=these_shots, batch_size=opts.batch_size
+        )
         if these_shots and counts["shots_left_out"]:  # never a few-shot row of zero-shot numbers
             offered = len(these_shots) * len(convs)
             used = offered - counts["shots_left_out"]
             name = (
                 f"few-shot ({len(these_shots)} examples: {used:,} of {offered:,} fit "
-                f"--max_length {max_length})"
+                f"--max_length {opts.max_length})"
             )
         finite = [p for p in ppl if math.isfinite(p)] or [math.nan]
         row = {
@@ -216,9 +212,13 @@ def evaluate(
             "samples": sum(map(math.isfinite, ppl)),
             **counts,
         }
-        if generate:
+        if opts.generate:
             preds, refs = answers(
-                model, encoder, convs[:generate], shots=these_shots, max_new_tokens=max_new_tokens
+                model,
+                encoder,
+                convs[: opts.generate],
+                shots=these_shots,
+                max_new_tokens=opts.max_new_tokens,
             )
             row.update(text_scores(preds, refs))
             row["examples"] = [
@@ -226,49 +226,43 @@ def evaluate(
             ]
         rows.append(row)
     return {
-        "model": model_path,
-        "data": data,
+        "model": opts.model,
+        "data": opts.data,
         "template": template if isinstance(template, str) else "custom",
-        "quantization": quantization,
+        "quantization": opts.quantization,
         "rows": rows,
     }
 
 
-def preference_rows(
-    model_path: str,
-    adapters: list[str],
-    others: list[str],
-    *,
-    pairs: str,
-    template,
-    max_length: int,
-    batch_size: int,
-    quantization: str,
-    reward_model: bool = False,
-) -> list[dict]:
-    """Preference accuracy on `pairs` of the model, the model with each adapter, and `others`
-    (reward models: the share of pairs whose chosen reply scores higher)."""
+def preference_rows(opts: EvalOptions, template) -> list[dict]:
+    """Preference accuracy on --pairs of --model, the model with each --adapter, and each
+    --compare model (--reward_model: the share of pairs whose chosen reply scores higher)."""
     from transformers import AutoTokenizer
 
-    for path in [pairs, *others]:
+    for path in [opts.pairs, *opts.compare]:
         if not Path(path).exists():
             raise ConfigError(f"{path} does not exist")
     variants = [
         # reward adapters: their base is the SFT model, whose score head would be random
-        *([] if reward_model and adapters else [(model_path, None)]),
-        *[(model_path, a) for a in adapters],
-        *[(o, None) for o in others],
+        *([] if opts.reward_model and opts.adapter else [(opts.model, None)]),
+        *[(opts.model, a) for a in opts.adapter],
+        *[(o, None) for o in opts.compare],
     ]
     rows = []
     for path, adapter in variants:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path, adapter))
-        if reward_model:
+        if opts.reward_model:
             model, scorer = load_reward_for_inference(path, adapter, tokenizer), reward_scores
         else:
-            quantized = quantization if path == model_path else "none"
+            quantized = opts.quantization if path == opts.model else "none"
             model, scorer = load_for_inference(path, quantized, adapter), preference_scores
         scores = scorer(
-            model, tokenizer, pairs, template=template, max_length=max_length, batch_size=batch_size
+            model,
+            tokenizer,
+            opts.pairs,
+            template=template,
+            max_length=opts.max_length,
+            batch_size=opts.batch_size,
         )
         name = f"{Path(path).parent.name}/{Path(path).name}" + (
             f" + {Path(adapter).name}" if adapter else ""
@@ -414,20 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     template = a.template or trained_template(*a.adapter, a.model)
     result = {"model": a.model}
     if a.data:
-        result = evaluate(
-            a.model,
-            a.data,
-            a.adapter,
-            template=template,
-            shots=a.shots,
-            shots_from=a.shots_from,
-            max_samples=a.max_samples,
-            generate=a.generate,
-            max_new_tokens=a.max_new_tokens,
-            max_length=a.max_length,
-            batch_size=a.batch_size,
-            quantization=a.quantization,
-        )
+        result = evaluate(a, template)
         print(format_table(result))
     if a.lm_eval:
         from recipes import harness
@@ -444,17 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(harness.format_tables(result["lm_eval"]))
     if a.pairs:
-        result["preference"] = preference_rows(
-            a.model,
-            a.adapter,
-            a.compare,
-            pairs=a.pairs,
-            template=template,
-            max_length=a.max_length,
-            batch_size=a.batch_size,
-            quantization=a.quantization,
-            reward_model=a.reward_model,
-        )
+        result["preference"] = preference_rows(a, template)
         print(format_preference_table(result["preference"]))
     if a.out:
         write_text(a.out, json.dumps(result, indent=2, ensure_ascii=False), flag="--out")
