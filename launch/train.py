@@ -40,34 +40,21 @@ STOPPED = 75  # EX_TEMPFAIL: stopped on request after saving a checkpoint; relau
 
 
 def job_command(
-    recipe: str,
-    strategy: str,
-    nproc: int,
-    *,
-    recipe_args: list[str],
-    nnodes: int = 1,
-    max_nnodes: int | None = None,
-    max_restarts: int = 0,
-    elastic_wait: int = 30,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int | None = None,
-    rdzv_id: str = "camelid",
-    hostfile: str | None = None,
-    no_ssh: bool = False,
-    program: list[str] | None = None,
+    opts: LaunchOptions, *, recipe_args: list[str], program: list[str] | None = None
 ) -> list[str]:
-    """The command that starts `nproc` processes per node of `recipe` under `strategy`'s
+    """The command that starts --ngpu processes per node of --recipe under --strategy's
     launcher, with `recipe_args` (the recipe's own options, --strategy added). `program`
     replaces the recipe's script (a harness that runs the recipe, with its own arguments).
-    `max_nnodes` above `nnodes` makes an elastic torchrun job on `nnodes` to `max_nnodes`
-    nodes; `max_restarts`: how often torchrun's agent restarts the workers after a failure
-    (a lost node), from the newest checkpoint, on the nodes that remain."""
-    spec = parallel.get(strategy) if strategy != "auto" else None
-    script = [*(program or [str(RECIPES[recipe].path)]), "--strategy", strategy, *recipe_args]
-    most = max(nnodes, max_nnodes or nnodes)
+    --nnodes MIN:MAX makes an elastic torchrun job on MIN to MAX nodes; --max_restarts: how
+    often torchrun's agent restarts the workers after a failure (a lost node), from the newest
+    checkpoint, on the nodes that remain."""
+    spec = parallel.get(opts.strategy) if opts.strategy != "auto" else None
+    script = [*(program or [str(RECIPES[opts.recipe].path)]), "--strategy", opts.strategy]
+    script += recipe_args
+    fewest, most = node_range(opts)
+    hostfile = resolved(opts.hostfile)
     # a fixed port is agreed across nodes; on one node a free one, so two jobs never collide
-    port = master_port or (29500 if most > 1 or hostfile else free_port())
+    port = opts.master_port or (29500 if most > 1 or hostfile else free_port())
     if spec is not None and spec.launcher == "deepspeed":
         # the launchers as modules of this interpreter: no console script needs to be on PATH
         # (an installed wheel's virtualenv, a cluster's module system)
@@ -77,46 +64,46 @@ def job_command(
                 "--hostfile",
                 hostfile,
                 "--master_addr",
-                master_addr,
+                opts.master_addr,
                 "--master_port",
                 str(port),
             ]
-            if no_ssh:  # this node only: run the same command on every node
-                launcher += ["--no_ssh", "--node_rank", str(node_rank)]
+            if opts.no_ssh:  # this node only: run the same command on every node
+                launcher += ["--no_ssh", "--node_rank", str(opts.node_rank)]
         else:
-            launcher += ["--num_gpus", str(nproc), "--master_port", str(port)]
+            launcher += ["--num_gpus", str(opts.ngpu), "--master_port", str(port)]
         return launcher + script
     launcher = [sys.executable, "-m", "torch.distributed.run"]
     if most > 1:
         # node 0 hosts the rendezvous store (without is_host, whichever node binds the port
         # first would, and on one machine that is a race); the store outlives lost nodes
         # only on node 0, as torchrun's master does
-        conf = f"is_host={int(node_rank == 0)}"
-        if most > nnodes:  # elastic: how long a round waits for more nodes than the
+        conf = f"is_host={int(opts.node_rank == 0)}"
+        if most > fewest:  # elastic: how long a round waits for more nodes than the
             # minimum, and for a silent node (heartbeats each second) before going on without it
             conf += (
-                f",last_call_timeout={elastic_wait},keep_alive_interval=1,"
-                f"keep_alive_max_attempt={max(1, elastic_wait)}"
+                f",last_call_timeout={opts.elastic_wait},keep_alive_interval=1,"
+                f"keep_alive_max_attempt={max(1, opts.elastic_wait)}"
             )
         launcher += [
             "--nnodes",
-            f"{nnodes}:{most}" if most > nnodes else str(nnodes),
+            f"{fewest}:{most}" if most > fewest else str(fewest),
             "--node_rank",
-            str(node_rank),
+            str(opts.node_rank),
             "--rdzv_backend",
             "c10d",
             "--rdzv_endpoint",
-            f"{master_addr}:{port}",
+            f"{opts.master_addr}:{port}",
             "--rdzv_id",
-            rdzv_id,
+            opts.rdzv_id,
             "--rdzv_conf",
             conf,
         ]
     else:
         launcher += ["--standalone"]  # a free local port, chosen by torchrun
-    if max_restarts:
-        launcher += ["--max_restarts", str(max_restarts)]
-    return launcher + ["--nproc_per_node", str(nproc)] + script
+    if opts.max_restarts:
+        launcher += ["--max_restarts", str(opts.max_restarts)]
+    return launcher + ["--nproc_per_node", str(opts.ngpu)] + script
 
 
 @dataclass
@@ -507,23 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             raise UsageError(refusal)
     recipe_args = [*recipe_args, *kept_global_batch(opts, recipe_args, gpus)]
-    fewest, most = node_range(opts)
-    command = job_command(
-        opts.recipe,
-        opts.strategy,
-        opts.ngpu,
-        recipe_args=recipe_arguments(opts, recipe_args, gpus),
-        nnodes=fewest,
-        max_nnodes=most,
-        max_restarts=opts.max_restarts,
-        elastic_wait=opts.elastic_wait,
-        node_rank=opts.node_rank,
-        master_addr=opts.master_addr,
-        master_port=opts.master_port,
-        rdzv_id=opts.rdzv_id,
-        hostfile=resolved(opts.hostfile),
-        no_ssh=opts.no_ssh,
-    )
+    command = job_command(opts, recipe_args=recipe_arguments(opts, recipe_args, gpus))
     where = "" if gpus else f"no GPU: {opts.ngpu} CPU process(es) on gloo\n"
     print(where + shlex.join(command), flush=True)
     if opts.dry_run:

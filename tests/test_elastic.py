@@ -7,6 +7,7 @@ run on the loss curve of an uninterrupted one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from train_utils import (
     with_assets,
 )
 
-from launch.train import job_command
+from launch.train import LaunchOptions, job_command
 from recipes.core.world import free_port
 
 STEPS = 8
@@ -63,20 +64,9 @@ def node(out: Path, rank: int, port: int, rdzv_id: str) -> subprocess.Popen:
     recipe_args = ["--output_dir", str(out), "--report_to", "none", *with_assets(BASE)]
     recipe_args += ["--global_batch_size", "8"]  # what launch.train adds for 1:2 (test below)
     program = [str(FAULTS), "--recipe", "sft", "--step_delay", "0.4", "--"]
-    cmd = job_command(
-        "sft",
-        "ddp",
-        1,
-        recipe_args=recipe_args,
-        nnodes=1,
-        max_nnodes=2,
-        max_restarts=1,
-        elastic_wait=3,
-        node_rank=rank,
-        master_port=port,
-        rdzv_id=rdzv_id,
-        program=program,
-    )
+    job = LaunchOptions(strategy="ddp", nnodes="1:2", max_restarts=1, elastic_wait=3)
+    at_node = dataclasses.replace(job, node_rank=rank, master_port=port, rdzv_id=rdzv_id)
+    cmd = job_command(at_node, recipe_args=recipe_args, program=program)
     log = open(out.parent / f"node{rank}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [sys.executable, "-c", NODE, json.dumps(cmd), str(FAULTS)],

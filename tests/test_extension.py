@@ -16,7 +16,7 @@ import pytest
 from train_utils import flags, tiny_assets
 
 from fastchat_data.options import option
-from launch.train import job_command
+from launch.train import LaunchOptions, job_command
 from recipes.core import objectives, parallel
 from recipes.core import recipe as recipes
 from recipes.core.config import ConfigError, load_config
@@ -122,5 +122,6 @@ def test_the_planner_and_the_launcher_know_a_new_strategy(registered):
     rows = plan("llama-2-7b", 2, strategies=["toy_ddp", "ddp"])
     toy, ddp = (next(r for r in rows if r.strategy == n) for n in ("toy_ddp", "ddp"))
     assert toy.total == ddp.total
-    command = job_command("sft", "toy_ddp", 2, recipe_args=["--max_steps", "1"])
+    opts = LaunchOptions(ngpu=2, strategy="toy_ddp")
+    command = job_command(opts, recipe_args=["--max_steps", "1"])
     assert "torch.distributed.run" in command and "toy_ddp" in command

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bench import flags  # noqa: F401  (the tests write command lines as the benchmarks do)
-from launch.train import job_command
+from launch.train import LaunchOptions, job_command
 from recipes.core import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,8 @@ def command(
         return worker_command(strategy, out, *args, recipe=recipe, faults=faults)
     name = BY_SCRIPT.get(Path(recipe), "sft")  # another script: a harness that runs sft
     script = program(recipe, faults)
-    return job_command(name, strategy, nproc, recipe_args=recipe_args(out, args), program=script)
+    opts = LaunchOptions(ngpu=nproc, strategy=strategy, recipe=name)
+    return job_command(opts, recipe_args=recipe_args(out, args), program=script)
 
 
 @functools.cache
