@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from .formats import check_format, iter_conversations
 from .io import (
@@ -297,67 +297,99 @@ def truncation_fix(report: Report, max_length: int, unit: str = "conversations")
     report.notes["truncation"] = f"{report.truncated:,} {unit} cut: " + "; ".join(fixes)
 
 
-def checked_start(data, tokenizer, template, *, max_length, num_proc, out, report_path, check_fmt):
-    """How both tokenized sets start: their arguments checked before anything is read, then
-    `datasets` imported (quietly) and the tokenizer loaded. Returns (paths, tokenizer)."""
-    paths = [data] if isinstance(data, str | os.PathLike) else list(data)
-    check_tokenizer(tokenizer)
-    paths = check_inputs([str(p) for p in paths])
-    check_count("--max_length", max_length)
-    check_num_proc(num_proc)
-    check_fmt()
-    check_rereadable(paths)
-    check_outputs(paths, {"--report": report_path})
-    if out:
-        check_output_dir(Path(out), paths)
-    check_template_name(template)
-    import datasets  # after the checks of the arguments: importing it takes a second
-
-    datasets.disable_progress_bars()
-    return paths, load_tokenizer(tokenizer)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizedSet:
-    """What differs between the two tokenized sets (conversations for SFT, preference pairs
-    for DPO); `tokenize_cached` builds, caches, reports and copies both the same way."""
+    """The options both tokenized sets take (conversations for SFT, preference pairs for DPO);
+    `build` checks them before anything is read, then builds, caches, reports and copies both
+    the same way. A subclass says what differs: its rows, encoding, cache key and notes."""
 
-    command: str  # the report's name
-    unit: str  # one row is one ...
-    key_prefix: str  # of the cache folder's name
-    batch_size: int
-    nothing: str | None = None  # what nothing_trainable says (None: its default)
+    template: str = "vicuna_v1.1"
+    max_length: int = 2048
+    out: str | None = None  # a folder the set is copied to
+    fmt: str | None = None  # the input's format (none: detected from each file)
+    num_proc: int = 1
+    cache_dir: str | None = None
+    strict: bool = False
+    report_path: str | None = None
+    quiet: bool = False  # no report printed
 
-    def tokenize_cached(
-        self,
-        paths: list[str],
-        tok,
-        encoder: ConversationTokenizer,
-        *,
-        template,
-        key: dict,
-        read_rows,  # Report -> list of raw rows, each with its "system"
-        encode,  # the batched map function
-        encode_kwargs: dict,
-        features,
-        row_lengths,  # dataset -> every tokenized sequence's length (both sides of a pair)
-        add_notes,  # (dataset, report) -> None: the set's own notes
-        num_proc: int,
-        cache_dir: str | None,
-        strict: bool,
-        out: str | None,
-        quiet: bool,
-        report_path: str | None,
-    ):
+    command: ClassVar[str]  # the report's name
+    unit: ClassVar[str]  # one row is one ...
+    key_prefix: ClassVar[str]  # of the cache folder's name
+    batch_size: ClassVar[int]
+    nothing: ClassVar[tuple[str, ...]] = ()  # what nothing_trainable says (none: its default)
+
+    def check_format(self) -> None:
+        raise NotImplementedError
+
+    def encoder(self, tok) -> ConversationTokenizer:
+        raise NotImplementedError
+
+    def cache_key(self) -> dict:
+        """What, beside the data, the tokenizer and the template, makes the set what it is."""
+        raise NotImplementedError
+
+    def read_rows(self, paths: list[str], report: Report) -> list[dict]:
+        """The raw rows, each with its "system"."""
+        raise NotImplementedError
+
+    def encode_kwargs(self) -> dict:
+        """The batched map function's keyword arguments beside the encoder."""
+        return {}
+
+    def add_notes(self, report: Report) -> None:
+        """The set's own notes."""
+
+    @staticmethod
+    def encode(batch: dict, encoder: ConversationTokenizer, **kwargs) -> dict:
+        """The batched map function: raw rows in, tokenized rows out."""
+        raise NotImplementedError
+
+    @staticmethod
+    def features():
+        """The tokenized rows' `datasets.Features`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def row_lengths(ds) -> list[int]:
+        """Every tokenized sequence's length (both sides of a pair)."""
+        raise NotImplementedError
+
+    def build(self, data: str | list[str], tokenizer):
+        """Tokenize `data`; returns (datasets.Dataset, Report)."""
+        paths, tok = self.checked_start(data, tokenizer)
+        return self.tokenize_cached(paths, tok, self.encoder(tok))
+
+    def checked_start(self, data, tokenizer):
+        """The arguments checked before anything is read, then `datasets` imported (quietly)
+        and the tokenizer loaded. Returns (paths, tokenizer)."""
+        paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+        check_tokenizer(tokenizer)
+        paths = check_inputs([str(p) for p in paths])
+        check_count("--max_length", self.max_length)
+        check_num_proc(self.num_proc)
+        self.check_format()
+        check_rereadable(paths)
+        check_outputs(paths, {"--report": self.report_path})
+        if self.out:
+            check_output_dir(Path(self.out), paths)
+        check_template_name(self.template)
+        import datasets  # after the checks of the arguments: importing it takes a second
+
+        datasets.disable_progress_bars()
+        return paths, load_tokenizer(tokenizer)
+
+    def tokenize_cached(self, paths: list[str], tok, encoder: ConversationTokenizer):
         import datasets
 
         # a custom template (a dict or a file) is keyed by its content, not its name
+        template = self.template
         template_key = (
             repr(encoder.template) if isinstance(encoder.template, SeparatorTemplate) else template
         )
         key_src = json.dumps(
             {
-                **key,
+                **self.cache_key(),
                 "data": [sha256_file(Path(p)) for p in paths],
                 "tokenizer": tokenizer_fingerprint(tok),
                 "template": template_key,
@@ -365,16 +397,16 @@ class TokenizedSet:
             sort_keys=True,
         )
         digest = self.key_prefix + hashlib.sha256(key_src.encode()).hexdigest()[:20]
-        root = Path(cache_dir or default_cache_dir()) / "datasets"
+        root = Path(self.cache_dir or default_cache_dir()) / "datasets"
         cached = root / digest
-        if hit := load_cached(cached, self.command, strict):
+        num_proc = self.num_proc
+        if hit := load_cached(cached, self.command, self.strict):
             ds, report = hit
         else:
-            report = Report(self.command, strict=strict)
-            rows = read_rows(report)
-            nothing = (self.nothing,) if self.nothing else ()
+            report = Report(self.command, strict=self.strict)
+            rows = self.read_rows(paths, report)
             if not rows:
-                raise nothing_trainable(paths, report, *nothing)
+                raise nothing_trainable(paths, report, *self.nothing)
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -384,11 +416,11 @@ class TokenizedSet:
             with cache_errors(root), tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
                 raw = datasets.Dataset.from_list(rows)
                 encoded = raw.map(
-                    encode,
-                    fn_kwargs={"encoder": encoder, **encode_kwargs},
+                    self.encode,
+                    fn_kwargs={"encoder": encoder, **self.encode_kwargs()},
                     batched=True,
                     batch_size=self.batch_size,
-                    features=features,
+                    features=self.features(),
                     num_proc=num_proc if num_proc > 1 and len(rows) >= MIN_PARALLEL else None,
                     remove_columns=raw.column_names,
                     cache_file_name=str(Path(tmp) / "encoded.arrow"),
@@ -397,101 +429,86 @@ class TokenizedSet:
                 )
                 ds = keep_encoded(encoded, report, Path(tmp), unit=self.unit)
                 if not report.written:
-                    raise nothing_trainable(paths, report, *nothing)
-                lengths = row_lengths(ds)
+                    raise nothing_trainable(paths, report, *self.nothing)
+                lengths = self.row_lengths(ds)
                 report.notes.update(
                     {
                         "template": getattr(encoder.template, "name", str(template)),
-                        "max_length": key["max_length"],
+                        "max_length": self.max_length,
                         "tokens": int(sum(lengths)),
                         "max_tokens": int(max(lengths, default=0)),
                         "boundary_splits": encoder.boundary_splits,
                     }
                 )
-                add_notes(ds, report)
+                self.add_notes(report)
                 report.notes.update(template_notes(encoder, [r["system"] for r in rows]))
                 save_cached(ds, report, key_src, tmp=Path(tmp), cached=cached)
             ds = datasets.load_from_disk(str(cached))
             report.notes["cache"] = f"built {cached}"
             if note := unused_num_proc(num_proc, len(rows), f"{self.unit}s"):
                 report.notes["num_proc"] = note
-        if out:
-            copy_out(cached, out, report)
-        if not quiet:
-            report.emit(report_path)
+        if self.out:
+            copy_out(cached, self.out, report)
+        if not self.quiet:
+            report.emit(self.report_path)
         return ds, report
 
 
-CONVERSATIONS = TokenizedSet("build", "conversation", "", batch_size=512)
+@dataclass(frozen=True, kw_only=True)
+class ConversationSet(TokenizedSet):
+    """Conversations for SFT: input_ids, labels (assistant tokens only, unless
+    train_on_inputs), length."""
+
+    train_on_inputs: bool = False
+    max_source_length: int | None = None  # each prompt turn cut to this many tokens
+    max_target_length: int | None = None  # each reply cut to this many tokens
+
+    command: ClassVar[str] = "build"
+    unit: ClassVar[str] = "conversation"
+    key_prefix: ClassVar[str] = ""
+    batch_size: ClassVar[int] = 512
+    encode = staticmethod(_encode_rows)
+    features = staticmethod(_features)
+
+    def check_format(self) -> None:
+        check_format(self.fmt)
+
+    def encoder(self, tok) -> ConversationTokenizer:
+        return ConversationTokenizer(
+            tok,
+            self.template,
+            max_length=self.max_length,
+            train_on_inputs=self.train_on_inputs,
+            max_source_length=self.max_source_length,
+            max_target_length=self.max_target_length,
+        )
+
+    def cache_key(self) -> dict:
+        return {
+            "version": CACHE_VERSION,
+            "max_length": self.max_length,
+            "max_source_length": self.max_source_length,
+            "max_target_length": self.max_target_length,
+            "format": self.fmt,
+            "train_on_inputs": self.train_on_inputs,
+        }
+
+    def read_rows(self, paths: list[str], report: Report) -> list[dict]:
+        return [raw_row(c) for c in read_trainable(paths, report, self.fmt)]
+
+    @staticmethod
+    def row_lengths(ds) -> list[int]:
+        return ds["length"]
+
+    def add_notes(self, report: Report) -> None:
+        truncation_fix(report, self.max_length)
 
 
-def build_dataset(
-    data: str | list[str],
-    tokenizer,
-    template: str = "vicuna_v1.1",
-    *,
-    max_length: int = 2048,
-    out: str | None = None,
-    fmt: str | None = None,
-    train_on_inputs: bool = False,
-    num_proc: int = 1,
-    cache_dir: str | None = None,
-    strict: bool = False,
-    report_path: str | None = None,
-    quiet: bool = False,
-    max_source_length: int | None = None,
-    max_target_length: int | None = None,
-):
-    """Tokenize `data` for training; returns (datasets.Dataset, Report). See module doc."""
-    paths, tok = checked_start(
-        data,
-        tokenizer,
-        template,
-        max_length=max_length,
-        num_proc=num_proc,
-        out=out,
-        report_path=report_path,
-        check_fmt=lambda: check_format(fmt),
-    )
-    encoder = ConversationTokenizer(
-        tok,
-        template,
-        max_length=max_length,
-        train_on_inputs=train_on_inputs,
-        max_source_length=max_source_length,
-        max_target_length=max_target_length,
-    )
-
-    def add_notes(ds, report):
-        truncation_fix(report, max_length)
-
-    key = {
-        "version": CACHE_VERSION,
-        "max_length": max_length,
-        "max_source_length": max_source_length,
-        "max_target_length": max_target_length,
-        "format": fmt,
-        "train_on_inputs": train_on_inputs,
-    }
-    return CONVERSATIONS.tokenize_cached(
-        paths,
-        tok,
-        encoder,
-        template=template,
-        key=key,
-        read_rows=lambda report: [raw_row(c) for c in read_trainable(paths, report, fmt)],
-        encode=_encode_rows,
-        encode_kwargs={},
-        features=_features(),
-        row_lengths=lambda ds: ds["length"],
-        add_notes=add_notes,
-        num_proc=num_proc,
-        cache_dir=cache_dir,
-        strict=strict,
-        out=out,
-        quiet=quiet,
-        report_path=report_path,
-    )
+def build_dataset(data: str | list[str], tokenizer, template: str = "vicuna_v1.1", **options):
+    """Tokenize `data` for training; returns (datasets.Dataset, Report). `options`: those of
+    ConversationSet (max_length, out, fmt, train_on_inputs, num_proc, cache_dir, strict,
+    report_path, quiet, max_source_length, max_target_length). See module doc."""
+    return ConversationSet(template=template, **options).build(data, tokenizer)
 
 
 def template_notes(encoder: ConversationTokenizer, systems: list[str]) -> dict:

@@ -30,9 +30,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from .build import TokenizedSet, check_tokenizer, checked_start, raw_row, read_valid
+from .build import TokenizedSet, check_tokenizer, raw_row, read_valid
 from .formats import (
     SHAREGPT_NAMES,
     _from_turns,
@@ -469,73 +469,61 @@ def _encode_rows(batch: dict, encoder: ConversationTokenizer, max_length: int) -
     return out
 
 
-PAIRS = TokenizedSet("build_pairs", "pair", "pref-", batch_size=256, nothing=NO_PAIRS)
+@dataclass(frozen=True, kw_only=True)
+class PairSet(TokenizedSet):
+    """Preference pairs for DPO. Rows: id, chosen_input_ids, chosen_labels, rejected_input_ids,
+    rejected_labels, chosen_length, rejected_length, prompt_length. Cached by the data's bytes,
+    the tokenizer, the template, max_length and fmt."""
 
+    command: ClassVar[str] = "build_pairs"
+    unit: ClassVar[str] = "pair"
+    key_prefix: ClassVar[str] = "pref-"
+    batch_size: ClassVar[int] = 256
+    nothing: ClassVar[tuple[str, ...]] = (NO_PAIRS,)
+    encode = staticmethod(_encode_rows)
+    features = staticmethod(_features)
 
-def build_preference_dataset(
-    data: str | list[str],
-    tokenizer,
-    template: str = "vicuna_v1.1",
-    *,
-    max_length: int = 2048,
-    cache_dir: str | None = None,
-    strict: bool = False,
-    quiet: bool = False,
-    out: str | None = None,
-    fmt: str | None = None,
-    num_proc: int = 1,
-    report_path: str | None = None,
-):
-    """Tokenize preference pairs; returns (datasets.Dataset, Report).
+    def check_format(self) -> None:
+        check_shape(self.fmt)
 
-    Rows: id, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels,
-    chosen_length, rejected_length, prompt_length. Cached under `cache_dir`/datasets by the
-    data's bytes, the tokenizer, the template, max_length and fmt; `out` copies it to a folder."""
-    paths, tok = checked_start(
-        data,
-        tokenizer,
-        template,
-        max_length=max_length,
-        num_proc=num_proc,
-        out=out,
-        report_path=report_path,
-        check_fmt=lambda: check_shape(fmt),
-    )
-    encoder = ConversationTokenizer(tok, template)
-    encoder.check_budget(max_length)
+    def encoder(self, tok) -> ConversationTokenizer:
+        encoder = ConversationTokenizer(tok, self.template)
+        encoder.check_budget(self.max_length)
+        return encoder
 
-    def add_notes(ds, report):
+    def cache_key(self) -> dict:
+        return {
+            "kind": "preference",
+            "version": PREFERENCE_CACHE_VERSION,
+            "max_length": self.max_length,
+            "format": self.fmt,
+        }
+
+    def read_rows(self, paths: list[str], report: Report) -> list[dict]:
+        return [_raw_row(p) for p in read_pairs(paths, report, self.fmt)]
+
+    def encode_kwargs(self) -> dict:
+        return {"max_length": self.max_length}
+
+    @staticmethod
+    def row_lengths(ds) -> list[int]:
+        return [*ds["chosen_length"], *ds["rejected_length"]]
+
+    def add_notes(self, report: Report) -> None:
         if report.truncated:
             report.notes["truncation"] = (
-                f"{report.truncated:,} pairs had a side cut at --max_length {max_length}, "
+                f"{report.truncated:,} pairs had a side cut at --max_length {self.max_length}, "
                 "losing the end of its reply: raise --max_length"
             )
 
-    key = {
-        "kind": "preference",
-        "version": PREFERENCE_CACHE_VERSION,
-        "max_length": max_length,
-        "format": fmt,
-    }
-    return PAIRS.tokenize_cached(
-        paths,
-        tok,
-        encoder,
-        template=template,
-        key=key,
-        read_rows=lambda report: [_raw_row(p) for p in read_pairs(paths, report, fmt)],
-        encode=_encode_rows,
-        encode_kwargs={"max_length": max_length},
-        features=_features(),
-        row_lengths=lambda ds: [*ds["chosen_length"], *ds["rejected_length"]],
-        add_notes=add_notes,
-        num_proc=num_proc,
-        cache_dir=cache_dir,
-        strict=strict,
-        out=out,
-        quiet=quiet,
-        report_path=report_path,
-    )
+
+def build_preference_dataset(
+    data: str | list[str], tokenizer, template: str = "vicuna_v1.1", **options
+):
+    """Tokenize preference pairs; returns (datasets.Dataset, Report). `options`: those of
+    PairSet (max_length, cache_dir, strict, quiet, out, fmt, num_proc, report_path); `out`
+    copies the set to a folder, cached under `cache_dir`/datasets."""
+    return PairSet(template=template, **options).build(data, tokenizer)
 
 
 # -- commands --------------------------------------------------------------------------------
