@@ -71,6 +71,22 @@ CONFIGS = {
     ),
 }
 
+# camelid's options that transformers' TrainingArguments names and means the same
+SAME_AS_TRAINER = (
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "lr_scheduler_type",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+)
+
 
 @pytest.fixture(scope="module")
 def conversations(data_dir, tmp_path_factory):
@@ -132,20 +148,9 @@ def trainer(cfg, model_path: str, rows: list[dict], plan: BatchPlan, out) -> tup
     args = TrainingArguments(
         output_dir=str(out),
         use_cpu=True,
-        seed=cfg.seed,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
+        **{name: getattr(cfg, name) for name in SAME_AS_TRAINER},
         warmup_steps=cfg.warmup_ratio,  # below 1: a ratio (transformers 5's warmup_ratio)
         optim="adamw_torch",
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        adam_epsilon=cfg.adam_epsilon,
-        max_grad_norm=cfg.max_grad_norm,
         logging_steps=1,
         save_strategy="no",
         report_to="none",

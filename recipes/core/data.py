@@ -20,17 +20,21 @@ from .config import ConfigError, data_paths
 MEGABATCH = 50  # length grouping sorts within 50 global batches, as HF's LengthGroupedSampler does
 
 
+# the training config's options that build_dataset takes under the same name
+BUILD_OPTIONS = (
+    "template",
+    "train_on_inputs",
+    "num_proc",
+    "cache_dir",
+    "max_source_length",
+    "max_target_length",
+)
+
+
 def load_train_set(cfg, data_path: str, tokenizer, *, world):
     """Rank 0 tokenizes (or finds it cached); the others then load the cached Arrow files."""
-    args = dict(
-        template=cfg.template,
-        max_length=cfg.model_max_length,
-        train_on_inputs=cfg.train_on_inputs,
-        num_proc=cfg.num_proc,
-        cache_dir=cfg.cache_dir,
-        max_source_length=cfg.max_source_length,
-        max_target_length=cfg.max_target_length,
-    )
+    args = {name: getattr(cfg, name) for name in BUILD_OPTIONS}
+    args["max_length"] = cfg.model_max_length
     paths = data_paths(data_path)  # one file, or several comma-separated
     ds, report = built_by_rank0_first(world, build_dataset, paths, tokenizer, **args)
     return ds.with_format("numpy"), report
