@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -47,17 +48,9 @@ def test_build_rows_cache_and_out(tmp_path, llama_dir, data_dir):
 
 def test_parallel_build_matches_serial(tmp_path, chatml_dir, data_dir):
     src = str(data_dir / "sharegpt_gpt4_zh_1k.jsonl")
-    serial, rep1 = build_dataset(
-        src, str(chatml_dir), "chat_template", max_length=1024, cache_dir=str(tmp_path / "a")
-    )
-    parallel, rep2 = build_dataset(
-        src,
-        str(chatml_dir),
-        "chat_template",
-        max_length=1024,
-        cache_dir=str(tmp_path / "b"),
-        num_proc=2,
-    )
+    build = functools.partial(build_dataset, src, str(chatml_dir), "chat_template", max_length=1024)
+    serial, rep1 = build(cache_dir=str(tmp_path / "a"))
+    parallel, rep2 = build(cache_dir=str(tmp_path / "b"), num_proc=2)
     assert serial["input_ids"] == parallel["input_ids"] and serial["labels"] == parallel["labels"]
     assert rep1.to_dict()["dropped"] == rep2.to_dict()["dropped"]
     assert rep1.truncated == rep2.truncated > 0

@@ -4,6 +4,7 @@ goes over the network; a missing package is one clear error."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -203,17 +204,11 @@ def test_tracker_choice_and_a_missing_package(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="comet"):
         tracker_names("wandb,comet")
     # a rank other than the main one opens no tracker and writes nothing
-    log = RunLog(
-        tmp_path / "other",
-        False,
-        3,
-        start_step=0,
-        n_params=10,
-        world_size=2,
-        peak=None,
-        report_to="wandb,mlflow,trackio",
-        config={"a": 1},
+    # a 3-step run's log as one of its ranks opens it
+    opened = functools.partial(
+        RunLog, total_steps=3, start_step=0, n_params=10, peak=None, config={"a": 1}
     )
+    log = opened(tmp_path / "other", False, world_size=2, report_to="wandb,mlflow,trackio")
     assert log.trackers == [] and not (tmp_path / "other").exists()
     import importlib.util
 
@@ -222,17 +217,7 @@ def test_tracker_choice_and_a_missing_package(tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
     )
     with pytest.raises(ConfigError, match=r"--report_to mlflow: not installed; pip install mlflow"):
-        RunLog(
-            tmp_path / "main",
-            True,
-            3,
-            start_step=0,
-            n_params=10,
-            world_size=1,
-            peak=None,
-            report_to="tensorboard,mlflow",
-            config={"a": 1},
-        )
+        opened(tmp_path / "main", True, world_size=1, report_to="tensorboard,mlflow")
     assert not (tmp_path / "main").exists()  # stopped before opening anything
 
 
