@@ -320,9 +320,11 @@ class TokenizedSet:
     nothing: ClassVar[tuple[str, ...]] = ()  # what nothing_trainable says (none: its default)
 
     def check_format(self) -> None:
+        """A DataError for an --fmt this set cannot read (checked before anything is read)."""
         raise NotImplementedError
 
     def encoder(self, tok) -> ConversationTokenizer:
+        """What renders and tokenizes a row with the loaded tokenizer `tok`."""
         raise NotImplementedError
 
     def cache_key(self) -> dict:
