@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -298,7 +299,7 @@ def truncation_fix(report: Report, max_length: int, unit: str = "conversations")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TokenizedSet:
+class TokenizedSet(ABC):
     """The options both tokenized sets take (conversations for SFT, preference pairs for DPO);
     `build` checks them before anything is read, then builds, caches, reports and copies both
     the same way. A subclass says what differs: its rows, encoding, cache key and notes."""
@@ -319,43 +320,44 @@ class TokenizedSet:
     batch_size: ClassVar[int]
     nothing: ClassVar[tuple[str, ...]] = ()  # what nothing_trainable says (none: its default)
 
+    @abstractmethod
     def check_format(self) -> None:
         """A DataError for an --fmt this set cannot read (checked before anything is read)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encoder(self, tok) -> ConversationTokenizer:
         """What renders and tokenizes a row with the loaded tokenizer `tok`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cache_key(self) -> dict:
         """What, beside the data, the tokenizer and the template, makes the set what it is."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_rows(self, paths: list[str], report: Report) -> list[dict]:
         """The raw rows, each with its "system"."""
-        raise NotImplementedError
 
     def encode_kwargs(self) -> dict:
         """The batched map function's keyword arguments beside the encoder."""
         return {}
 
+    @abstractmethod
     def add_notes(self, report: Report) -> None:
         """The set's own notes."""
 
     @staticmethod
+    @abstractmethod
     def encode(batch: dict, encoder: ConversationTokenizer, **kwargs) -> dict:
         """The batched map function: raw rows in, tokenized rows out."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def features():
         """The tokenized rows' `datasets.Features`."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def row_lengths(ds) -> list[int]:
         """Every tokenized sequence's length (both sides of a pair)."""
-        raise NotImplementedError
 
     def build(self, data: str | list[str], tokenizer):
         """Tokenize `data`; returns (datasets.Dataset, Report)."""
