@@ -62,7 +62,7 @@ def english_base(llama_dir, data_dir, tmp_path_factory):
         "single",
         1,
         out,
-        *flags(config="tiny_cpu.yaml", data_path=en, max_steps=60, save_steps=1000),
+        *flags(config="tiny_cpu.yaml", data_path=en, max_steps=30, save_steps=1000),
         "--model_name_or_path",
         llama_dir,
     )
@@ -77,7 +77,9 @@ def adapted(english_base, zh_split, tmp_path_factory):
         [
             *QLORA_TINY,
             *flags(model_name_or_path=english_base, data_path=zh_split[0], output_dir=out),
-            *flags(max_steps=40, save_steps=1000),  # its checkpoints: the qlora_whole tests
+            # 30 + 24 steps (were 60 + 40): the loss still falls by 1.8 where 0.3 is asked, and
+            # the adapter's held-out perplexity is 0.07 of the base's where 0.8 is asked
+            *flags(max_steps=24, save_steps=1000),
         ],
         cls=QLoraConfig,
     )
@@ -106,7 +108,7 @@ def batch_loss(model, tokenizer, heldout, n=8):
 def test_loss_falls_and_the_adapter_holds_real_weights(adapted):
     run, adapter = adapted
     curve = losses(adapter.parent)
-    assert len(curve) == 40 and sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.3
+    assert len(curve) == 24 and sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.3
     summary = verify_adapter(adapter)
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     # LoRA r=16 on the 7 linear layers of 2 decoder layers, A and B each
