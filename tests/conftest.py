@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,18 @@ CACHE = REPO / ".cache"  # persistent across local runs; a fresh CI clone builds
 DATA = shared_data_dir()
 
 requires_shared = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
+
+
+def pytest_configure(config):
+    """Under xdist the workers share the cores (three on two, see the Makefile): one thread
+    each, as train_utils.env() gives the processes the tests start. With torch's default of
+    one thread a core, the in-process files (test_trainer_parity, test_attention, test_loss,
+    test_compile) took 9-20% more CPU and 11-20% more time: threads waiting on cores that other
+    workers held."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # read when torch is imported; inherited by children
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
