@@ -203,11 +203,11 @@ def test_tracker_choice_and_a_missing_package(tmp_path, monkeypatch):
     ]
     with pytest.raises(ConfigError, match="comet"):
         tracker_names("wandb,comet")
-    # a rank other than the main one opens no tracker and writes nothing
     # a 3-step run's log as one of its ranks opens it
     opened = functools.partial(
         RunLog, total_steps=3, start_step=0, n_params=10, peak=None, config={"a": 1}
     )
+    # a rank other than the main one opens no tracker and writes nothing
     log = opened(tmp_path / "other", False, world_size=2, report_to="wandb,mlflow,trackio")
     assert log.trackers == [] and not (tmp_path / "other").exists()
     import importlib.util
