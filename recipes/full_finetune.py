@@ -15,8 +15,4 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 
 from recipes.core import recipe
 
-main = recipe.entry("sft")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+main = recipe.script("sft", __name__)

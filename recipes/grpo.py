@@ -19,8 +19,4 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 
 from recipes.core import recipe
 
-main = recipe.entry("grpo")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+main = recipe.script("grpo", __name__)

@@ -17,8 +17,4 @@ if __package__ in (None, ""):  # run as a script by accelerate launch / torchrun
 
 from recipes.core import recipe
 
-main = recipe.entry("qlora")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+main = recipe.script("qlora", __name__)

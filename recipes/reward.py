@@ -18,8 +18,4 @@ if __package__ in (None, ""):  # run as a script by torchrun / deepspeed
 
 from recipes.core import recipe
 
-main = recipe.entry("reward")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+main = recipe.script("reward", __name__)

@@ -265,15 +265,18 @@ def main(name: str, argv: list[str] | None = None, hooks: Hooks | None = None) -
     return 0
 
 
-def entry(name: str):
+def script(name: str, module: str):
     """The `main(argv, hooks)` of a recipe's script (recipes/dpo.py, ...): `main` above for
-    recipe `name`.
+    recipe `name`; when that script is the program (`module`, its `__name__`, is "__main__"),
+    it runs and exits with main's status.
     Each script keeps only what must run before `recipes` can be imported (its sys.path line,
-    for torchrun / deepspeed / accelerate starting it as a file) and its `__main__` line."""
+    for torchrun / deepspeed / accelerate starting it as a file) and this call."""
 
     def recipe_main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         return main(name, argv, hooks)
 
     recipe_main.__name__ = recipe_main.__qualname__ = "main"
     recipe_main.__doc__ = f"Recipe {name!r}: " + (main.__doc__ or "")
+    if module == "__main__":
+        sys.exit(recipe_main())
     return recipe_main
