@@ -60,19 +60,7 @@ GLAIVE = js([sharegpt_turns(*GLAIVE_TURNS, tools='[{"name": "weather"}]', score=
 ALPACA = js([{"instruction": "Add", "input": "2 and 3", "output": "5"}])
 LONG = js([sharegpt("q", "a " * 3000, system="Be brief.")])
 
-TRAIN = (
-    PY,
-    str(REPO / "recipes" / "full_finetune.py"),
-    *flags(
-        strategy="single",
-        report_to="none",
-        output_dir="{o}/run",
-        cache_dir="{o}/cache",
-        model_name_or_path="{tok}",
-    ),
-)
 DATA = (PY, "-m", "fastchat_data")
-ZERO2 = TRAIN[:3] + ("zero2",) + TRAIN[4:]
 
 
 def data(args: str) -> tuple:
@@ -80,12 +68,17 @@ def data(args: str) -> tuple:
     return DATA + tuple(shlex.split(args))
 
 
-def train(args: str) -> tuple:
-    return TRAIN + tuple(shlex.split(args))
-
-
-def zero2(args: str) -> tuple:
-    return ZERO2 + tuple(shlex.split(args))
+def train(args: str, *, recipe="full_finetune", strategy="single", model="{tok}") -> tuple:
+    """`python recipes/<recipe>.py` writing under {o}, then `args`; `strategy` or `model` None:
+    that option is not given."""
+    given = {"strategy": strategy, "model_name_or_path": model}
+    return (
+        PY,
+        str(REPO / "recipes" / f"{recipe}.py"),
+        *flags(**{name: value for name, value in given.items() if value is not None}),
+        *flags(report_to="none", output_dir="{o}/run", cache_dir="{o}/cache"),
+        *shlex.split(args),
+    )
 
 
 def tool(module: str, args: str) -> tuple:
@@ -110,12 +103,35 @@ FAKE_CHECKPOINT = {
     "COMPLETE": b'{"step": 1, "files": {}}',
 }
 PAIRS = js([{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}])
+PROMPTS = js([{"prompt": "2 + 2?", "answer": "4"}, {"prompt": "3 + 2?", "answer": "5"}])
+PLAN_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 1000,
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+PLAN_CONFIGS = {
+    "ok.json": js(PLAN_LLAMA),
+    "broken.json": b"{not json",
+    "null.json": b"null",
+    "42.json": b"42",
+    "list.json": b"[]",
+    "binary.json": b"\xff\xfe\x00\x01\x80",
+    "keys.json": b'{"hidden_size": 64}',
+    "gpt2.json": b'{"model_type": "gpt2", "n_embd": 768}',
+    "moe.json": js({**PLAN_LLAMA, "num_local_experts": 8}),
+    "huge.json": js({**PLAN_LLAMA, "hidden_size": 10**30}),
+    "nan.json": js({**PLAN_LLAMA, "vocab_size": float("nan")}),
+    "gqa.json": js({**PLAN_LLAMA, "num_key_value_heads": 3}),
+}
 
 
 def row(rid, files, cmd, expect, names, marks=()):
     """files: name -> bytes (or ("symlink", target), ("hardlink", name), ("fifo",),
     ("mode", mode, bytes), or ("dir", {name: bytes}));
-    cmd: the arguments after DATA or TRAIN ({d}: input folder, {o}: output folder, {tok}: a
+    cmd: the command line ({d}: input folder, {o}: output folder, {tok}: a
     tokenizer and model folder, {ro}: a folder nobody may write); expect: a fragment of the
     error line; names: what the line must name (the file or the option)."""
     return pytest.param(rid, files, cmd, expect, names, id=rid, marks=marks)
@@ -1171,21 +1187,21 @@ ROWS = [
     row(
         "train_deepspeed_config_malformed",
         {"ds.json": b'{"zero_optimization": {"stage": 2}'},
-        zero2("--deepspeed {d}/ds.json"),
+        train("--deepspeed {d}/ds.json", strategy="zero2"),
         "ds.json",
         "ds.json",
     ),
     row(
         "train_deepspeed_missing_strategy_from_it",
         {},
-        TRAIN[:2] + TRAIN[4:] + ("--deepspeed", "{d}/nope.json"),
+        train("--deepspeed {d}/nope.json", strategy=None),
         "does not exist",
         "nope.json",
     ),
     row(
         "train_deepspeed_config_missing",
         {},
-        zero2("--deepspeed {d}/nope.json"),
+        train("--deepspeed {d}/nope.json", strategy="zero2"),
         "does not exist",
         "nope.json",
     ),
@@ -1235,7 +1251,7 @@ ROWS = [
     row(
         "train_no_model_given",
         {"a.json": GOOD_JSON},
-        TRAIN[:-2] + ("--data_path", "{d}/a.json"),
+        train("--data_path {d}/a.json", model=None),
         "--model_name_or_path: give the model folder",
         "model_name_or_path",
     ),
@@ -1313,7 +1329,7 @@ ROWS = [
     row(
         "train_compile_under_zero3",
         {},
-        zero2("--strategy zero3 --compile True"),
+        train("--strategy zero3 --compile True", strategy="zero2"),
         "ZeRO-3 gathers each parameter",
         "zero3",
     ),
@@ -1334,12 +1350,7 @@ ROWS = [
     row(
         "dpo_beta_infinite",
         {"p.json": PAIRS},
-        (
-            PY,
-            str(REPO / "recipes" / "dpo.py"),
-            *TRAIN[2:],
-            *flags(data_path="{d}/p.json", beta="inf"),
-        ),
+        train("--data_path {d}/p.json --beta inf", recipe="dpo"),
         "beta must be a finite number in (0, 10000]",
         "beta",
     ),
@@ -1508,6 +1519,454 @@ ROWS = [
         tool("launch.train", "--recipe kto"),
         "--recipe 'kto' is not one of",
         "kto",
+    ),
+    # the recipes' settings that contradict each other or the objective
+    row(
+        "train_model_missing",
+        {},
+        train("--model_name_or_path {d}/nope"),
+        "model_name_or_path: ",
+        "nope does not exist",
+    ),
+    row(
+        "train_option_misspelt",
+        {},
+        train("--learning_rat 1e-3"),
+        "unknown option 'learning_rat' (did you mean learning_rate?)",
+        "learning_rat",
+    ),
+    row(
+        "train_fp16",
+        {},
+        train("--fp16 True"),
+        "fp16 is not supported",
+        "--fp16",
+    ),
+    row(
+        "train_batch_larger_than_the_data",
+        {"a.json": GOOD_JSON},
+        train("--data_path {d}/a.json --per_device_train_batch_size 300"),
+        "fewer than one global batch",
+        "per device",
+    ),
+    row(
+        "dpo_packing",
+        {"p.json": PAIRS},
+        train("--data_path {d}/p.json --packing True", recipe="dpo"),
+        "does not pack",
+        "--packing",
+    ),
+    row(
+        "dpo_loss_type_unknown",
+        {"p.json": PAIRS},
+        train("--data_path {d}/p.json --loss_type kto", recipe="dpo"),
+        "loss_type 'kto' is not one of",
+        "kto",
+    ),
+    row(
+        "dpo_beta_zero",
+        {"p.json": PAIRS},
+        train("--data_path {d}/p.json --beta 0", recipe="dpo"),
+        "beta must be a finite number in (0, 10000]",
+        "got 0.0",
+    ),
+    row(
+        "dpo_quantized_full_model",
+        {"p.json": PAIRS},
+        train("--data_path {d}/p.json --quantization nf4", recipe="dpo"),
+        "add --peft_method lora",
+        "quantization nf4",
+    ),
+    row(
+        "grpo_one_generation",
+        {"q.json": PROMPTS},
+        train("--data_path {d}/q.json --num_generations 1", recipe="grpo"),
+        "num_generations must be at least 2",
+        "got 1",
+    ),
+    row(
+        "grpo_reward_function_missing",
+        {"q.json": PROMPTS},
+        train(
+            "--data_path {d}/q.json --reward_funcs recipes.core.rewards.arithmetic:nope",
+            recipe="grpo",
+        ),
+        "has no function nope",
+        "--reward_funcs",
+    ),
+    row(
+        "grpo_reward_module_missing",
+        {"q.json": PROMPTS},
+        train("--data_path {d}/q.json --reward_funcs no_such_module:f", recipe="grpo"),
+        "cannot import no_such_module",
+        "--reward_funcs",
+    ),
+    row(
+        "grpo_temperature_zero",
+        {"q.json": PROMPTS},
+        train("--data_path {d}/q.json --temperature 0", recipe="grpo"),
+        "temperature must be a finite number > 0",
+        "got 0.0",
+    ),
+    row(
+        "grpo_completion_longer_than_rows",
+        {"q.json": PROMPTS},
+        train(
+            "--data_path {d}/q.json --max_completion_length 200 --model_max_length 128",
+            recipe="grpo",
+        ),
+        "must exceed max_completion_length",
+        "(200)",
+    ),
+    row(
+        "sp_on_one_process",
+        {"a.json": GOOD_JSON},
+        train("--data_path {d}/a.json --sequence_parallel_size 2", strategy="single"),
+        "strategy single runs one",
+        "--sequence_parallel_size 2",
+    ),
+    row(
+        "sp_eager_attention",
+        {"a.json": GOOD_JSON},
+        train(
+            "--data_path {d}/a.json --sequence_parallel_size 2 --attn_implementation eager".strip(),
+            strategy=None,
+        ),
+        "sequence parallelism runs its own attention",
+        "eager",
+    ),
+    row(
+        "sp_compiled",
+        {"a.json": GOOD_JSON},
+        train(
+            "--data_path {d}/a.json --sequence_parallel_size 2 --compile True".strip(),
+            strategy=None,
+        ),
+        "drop --compile",
+        "--sequence_parallel_size 2",
+    ),
+    row(
+        "sp_adapter",
+        {"a.json": GOOD_JSON},
+        train(
+            "--data_path {d}/a.json --sequence_parallel_size 2 --peft_method lora".strip(),
+            strategy=None,
+        ),
+        "drop --peft_method lora",
+        "--sequence_parallel_size 2",
+    ),
+    row(
+        "sp_heads_not_divided",
+        {"a.json": GOOD_JSON},
+        train("--data_path {d}/a.json --sequence_parallel_size 3", strategy=None),
+        "does not divide the 4 attention heads",
+        "--sequence_parallel_size 3",
+    ),
+    row(
+        "sp_size_zero",
+        {"a.json": GOOD_JSON},
+        train("--data_path {d}/a.json --sequence_parallel_size 0", strategy=None),
+        "sequence_parallel_size must be at least 1",
+        "got 0",
+    ),
+    # the launcher's node and restart options
+    row(
+        "launch_nodes_range_reversed",
+        {},
+        tool("launch.train", "--strategy ddp --nnodes 2:1"),
+        "--nnodes 2:1: give 1 <= MIN <= MAX nodes",
+        "nnodes",
+    ),
+    row(
+        "launch_nodes_range_from_zero",
+        {},
+        tool("launch.train", "--strategy ddp --nnodes 0:2"),
+        "--nnodes 0:2: give 1 <= MIN <= MAX nodes",
+        "nnodes",
+    ),
+    row(
+        "launch_nodes_not_numbers",
+        {},
+        tool("launch.train", "--strategy ddp --nnodes a:b"),
+        "--nnodes 'a:b': give a node count N or an elastic range",
+        "nnodes",
+    ),
+    row(
+        "launch_nodes_three_parts",
+        {},
+        tool("launch.train", "--strategy ddp --nnodes 1:2:3"),
+        "--nnodes '1:2:3': give a node count N or an elastic range",
+        "nnodes",
+    ),
+    row(
+        "launch_restarts_negative",
+        {},
+        tool("launch.train", "--strategy ddp --max_restarts -1"),
+        "--max_restarts -1: give 0 or more",
+        "max_restarts",
+    ),
+    row(
+        "launch_elastic_wait_negative",
+        {},
+        tool("launch.train", "--strategy ddp --elastic_wait -5"),
+        "--elastic_wait -5: give 0 or more seconds",
+        "elastic_wait",
+    ),
+    row(
+        "launch_elastic_under_deepspeed",
+        {},
+        tool("launch.train", "--strategy ddp --nnodes 1:2 --strategy zero3"),
+        "deepspeed launcher, which has no elastic",
+        "zero3",
+    ),
+    row(
+        "launch_restarts_under_deepspeed",
+        {},
+        tool("launch.train", "--strategy ddp --max_restarts 1 --strategy zero2"),
+        "deepspeed launcher, which has no",
+        "zero2",
+    ),
+    row(
+        "launch_node_rank_out_of_range",
+        {},
+        tool("launch.train", "--strategy ddp --nnodes 1:2 --node_rank 2"),
+        "--node_rank 2 of --nnodes 1:2: out of range",
+        "node_rank",
+    ),
+    # the planner's model configs and budgets
+    row(
+        "plan_model_missing",
+        {},
+        tool("recipes.plan", "--model {d}/absent"),
+        "no such file or folder",
+        "absent",
+    ),
+    row(
+        "plan_folder_without_config",
+        {},
+        tool("recipes.plan", "--model {d}"),
+        "no config.json in this folder",
+        "--model",
+    ),
+    row(
+        "plan_config_is_a_folder",
+        {"folder": ("dir", {"config.json": ("dir", {})})},
+        tool("recipes.plan", "--model {d}/folder"),
+        "folder/config.json: a folder, not a config.json",
+        "folder",
+    ),
+    row(
+        "plan_config_broken",
+        {"broken.json": PLAN_CONFIGS["broken.json"]},
+        tool("recipes.plan", "--model {d}/broken.json"),
+        "not valid JSON",
+        "broken.json",
+    ),
+    row(
+        "plan_config_null",
+        {"null.json": PLAN_CONFIGS["null.json"]},
+        tool("recipes.plan", "--model {d}/null.json"),
+        "holds null, not an object",
+        "null.json",
+    ),
+    row(
+        "plan_config_number",
+        {"42.json": PLAN_CONFIGS["42.json"]},
+        tool("recipes.plan", "--model {d}/42.json"),
+        "holds the number 42, not an object",
+        "42.json",
+    ),
+    row(
+        "plan_config_list",
+        {"list.json": PLAN_CONFIGS["list.json"]},
+        tool("recipes.plan", "--model {d}/list.json"),
+        "holds a list, not an object",
+        "list.json",
+    ),
+    row(
+        "plan_config_binary",
+        {"binary.json": PLAN_CONFIGS["binary.json"]},
+        tool("recipes.plan", "--model {d}/binary.json"),
+        "binary.json: not",
+        "binary.json",
+    ),
+    row(
+        "plan_config_without_llama_keys",
+        {"keys.json": PLAN_CONFIGS["keys.json"]},
+        tool("recipes.plan", "--model {d}/keys.json"),
+        "not a Llama-shaped config: no vocab_size, intermediate_size",
+        "keys.json",
+    ),
+    row(
+        "plan_config_gpt2",
+        {"gpt2.json": PLAN_CONFIGS["gpt2.json"]},
+        tool("recipes.plan", "--model {d}/gpt2.json"),
+        "model_type 'gpt2' is not Llama-shaped",
+        "gpt2.json",
+    ),
+    row(
+        "plan_config_moe",
+        {"moe.json": PLAN_CONFIGS["moe.json"]},
+        tool("recipes.plan", "--model {d}/moe.json"),
+        "num_local_experts says a mixture of experts",
+        "moe.json",
+    ),
+    row(
+        "plan_config_huge",
+        {"huge.json": PLAN_CONFIGS["huge.json"]},
+        tool("recipes.plan", "--model {d}/huge.json"),
+        "hidden_size is the number 1000000000000000000000000000000",
+        "huge.json",
+    ),
+    row(
+        "plan_config_nan",
+        {"nan.json": PLAN_CONFIGS["nan.json"]},
+        tool("recipes.plan", "--model {d}/nan.json"),
+        "vocab_size is the number nan",
+        "nan.json",
+    ),
+    row(
+        "plan_config_gqa",
+        {"gqa.json": PLAN_CONFIGS["gqa.json"]},
+        tool("recipes.plan", "--model {d}/gqa.json"),
+        "num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+        "gqa.json",
+    ),
+    row(
+        "plan_model_a_device",
+        {},
+        tool("recipes.plan", "--model /dev/zero"),
+        "/dev/zero: not a regular file",
+        "/dev/zero",
+    ),
+    row(
+        "plan_ngpu_not_a_number",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --ngpu abc"),
+        "ngpu expects an integer, got 'abc'",
+        "ngpu",
+    ),
+    row(
+        "plan_nnodes_zero",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --nnodes 0"),
+        "--nnodes 0: must be a whole number from 1",
+        "nnodes",
+    ),
+    row(
+        "plan_gpu_memory_zero",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --gpu_memory 0"),
+        "--gpu_memory '0': a memory size is more than 0",
+        "gpu_memory",
+    ),
+    row(
+        "plan_gpu_memory_nan",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --gpu_memory nan"),
+        "--gpu_memory 'nan': not a size",
+        "gpu_memory",
+    ),
+    row(
+        "plan_gpu_memory_absurd",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --gpu_memory 1e30"),
+        "--gpu_memory '1e30': a memory size is more than 0 and at most 1 PB",
+        "gpu_memory",
+    ),
+    row(
+        "plan_cpu_memory_infinite",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --cpu_memory 1e999"),
+        "--cpu_memory '1e999': a memory size",
+        "cpu_memory",
+    ),
+    row(
+        "plan_max_length_zero",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --model_max_length 0"),
+        "--model_max_length 0: must be a whole number from 1",
+        "model_max_length",
+    ),
+    row(
+        "plan_max_length_absurd",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool(
+            "recipes.plan",
+            "--model {d}/ok.json --model_max_length 1111111111111111111111111111111111111111",
+        ),
+        "--model_max_length '1111",
+        "model_max_length",
+    ),
+    row(
+        "plan_batch_negative",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --batch -1"),
+        "--per_device_train_batch_size -1: must be a whole number from 1",
+        "per_device_train_batch_size",
+    ),
+    row(
+        "plan_loss_chunk_negative",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --loss_chunk_size -1"),
+        "--loss_chunk_size -1",
+        "loss_chunk_size",
+    ),
+    row(
+        "plan_runtime_nan",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --runtime_mb nan --device cpu"),
+        "--runtime_mb nan",
+        "runtime_mb",
+    ),
+    row(
+        "plan_strategy_unknown",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --strategy foo"),
+        "--strategy 'foo': not one of single, ddp",
+        "foo",
+    ),
+    row(
+        "plan_adapter_under_fsdp",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --strategy fsdp --peft lora"),
+        "--strategy fsdp: does not train adapters",
+        "peft lora",
+    ),
+    row(
+        "plan_peft_unknown",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --peft dora"),
+        "peft 'dora' is not one of lora, qlora",
+        "dora",
+    ),
+    row(
+        "plan_option_misspelt",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --gpu_mem 80"),
+        "unknown option 'gpu_mem' (did you mean gpu_memory?)",
+        "gpu_mem",
+    ),
+    row(
+        "plan_sp_not_dividing_ranks",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --ngpu 8 --sequence_parallel_size 3"),
+        "--sequence_parallel_size 3 does not divide the 8 ranks",
+        "ngpu 8",
+    ),
+    row(
+        "plan_sp_not_dividing_heads",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --ngpu 8 --sequence_parallel_size 8"),
+        "does not divide the model's 4 attention heads",
+        "sequence_parallel_size 8",
+    ),
+    row(
+        "plan_auto_length_without_budget",
+        {"ok.json": PLAN_CONFIGS["ok.json"]},
+        tool("recipes.plan", "--model {d}/ok.json --model_max_length auto --device cpu"),
+        "--model_max_length auto: the longest length needs a budget (--cpu_memory)",
+        "cpu_memory",
     ),
 ]
 
@@ -1733,6 +2192,7 @@ def test_bad_input_is_one_clear_error(results, rid, files, cmd, expect, names):
     assert len(errors) == 1, res.stderr[-3000:]
     assert expect in errors[0] and names in errors[0], errors[0]
     assert not results[rid]["changed"], f"an input changed: {results[rid]['before']}"
+    assert not any(name.endswith("metrics.jsonl") for name in results[rid]["outputs"])  # no step
     if cmd[: len(DATA)] == DATA:  # a refused data command writes nothing at all
         assert not results[rid]["outputs"], f"written: {results[rid]['outputs']}"
 

@@ -458,25 +458,6 @@ def test_grpo_zero3_relaunched_takes_the_same_steps(arithmetic, grpo_single, tmp
     assert_same_steps(by_step(grpo_single), b, (1, 2, 3))
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--num_generations", "1"], "num_generations must be at least 2"),
-        (["--reward_funcs", "recipes.core.rewards.arithmetic:nope"], "has no function nope"),
-        (["--reward_funcs", "no_such_module:f"], "cannot import no_such_module"),
-        (["--temperature", "0"], "temperature must be a finite number > 0"),
-        (["--max_completion_length", "200"], "must exceed max_completion_length"),
-    ],
-)
-def test_grpo_bad_settings_are_one_line(arithmetic, args, message):
-    from recipes.core.config import ConfigError, load_config
-    from recipes.core.recipe import GRPOConfig
-
-    argv = [str(a) for a in grpo_args(arithmetic, 1, 1, *args)] + ["--report_to", "none"]
-    with pytest.raises(ConfigError, match=message):
-        load_config(argv, GRPOConfig)
-
-
 def test_grpo_prompt_file_without_prompts_is_one_line(arithmetic, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "2 + 2?", "answer": "4"}, {"question": "no prompt"}]))

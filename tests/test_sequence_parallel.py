@@ -66,24 +66,6 @@ def test_head_counts_it_does_not_divide_are_refused_with_the_numbers():
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--strategy", "single"], "strategy single runs one"),
-        (["--attn_implementation", "eager"], "sequence parallelism runs its own attention"),
-        (["--compile", "True"], "drop --compile"),
-        (["--peft_method", "lora"], "drop --peft_method lora"),
-        (["--sequence_parallel_size", "3"], "does not divide the 4 attention heads"),
-        (["--sequence_parallel_size", "0"], "sequence_parallel_size must be at least 1"),
-    ],
-)
-def test_settings_it_cannot_train_with_are_refused(args, message):
-    model, data = tiny_assets()
-    argv = ["--model_name_or_path", model, "--data_path", data, "--sequence_parallel_size", "2"]
-    with pytest.raises(ConfigError, match=message):
-        load_config([*argv, *args], TrainConfig)
-
-
-@pytest.mark.parametrize(
     "text, message",
     [
         ("[1]", "give a JSON object"),
