@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastchat_data.options import entry_point, option
+from fastchat_data.options import entry_point
+from recipes.core.quiet import verbose_option
 from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
 
@@ -23,7 +24,7 @@ from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 class DPODemoOptions:
     out: str = out_option("dpo-demo")
     data_dir: str | None = data_dir_option("alpaca_data.json, ...")
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point

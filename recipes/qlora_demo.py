@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastchat_data.options import entry_point, option
+from fastchat_data.options import entry_point
+from recipes.core.quiet import verbose_option
 from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
 # NTU ADL 2023 HW3's instruction prompt, as a camelid template file
@@ -31,7 +32,7 @@ ADL_PROMPT = (
 class QLoraDemoOptions:
     out: str = out_option("qlora-demo")
     data_dir: str | None = data_dir_option("alpaca_gpt4_data_*_1k.json, ...")
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point
