@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from launch import train as launcher
 
-    shared = Path(opts.data_dir or shared_data_dir())
+    shared = shared_data_dir(opts.data_dir)
     print("\n== 1. data: the ShareGPT sample cleaned, conversations joined into long ones")
     cleaned = out / "data" / "sharegpt_clean.json"
     clean(str(shared / "sharegpt_v3_sample_1000.json"), str(cleaned))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastchat_data.options import entry_point
 from recipes.core.quiet import verbose_option
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from recipes import eval as evaluation
     from recipes import full_finetune, merge, qlora
 
-    data = Path(opts.data_dir or shared_data_dir())
+    data = shared_data_dir(opts.data_dir)
     zh = json.loads((data / "alpaca_gpt4_data_zh_1k.json").read_text())
     train_zh, heldout_zh = out / "data" / "zh_train.json", out / "data" / "zh_heldout.json"
     train_zh.write_text(json.dumps(zh[:900], ensure_ascii=False))
