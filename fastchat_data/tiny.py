@@ -219,8 +219,11 @@ TEMPLATE_WORDS = [
 ]
 
 
-def shared_data_dir() -> Path:
-    """`../shared/data` beside the checkout (CI puts it there), or $CAMELID_SHARED_DATA."""
+def shared_data_dir(chosen: str | os.PathLike | None = None) -> Path:
+    """The shared data folder: `chosen` (a --data_dir given), else $CAMELID_SHARED_DATA, else
+    `../shared/data` beside the checkout (CI puts it there)."""
+    if chosen:
+        return Path(chosen)
     env = os.environ.get("CAMELID_SHARED_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -231,7 +234,7 @@ def reference_corpus(data_dir: str | os.PathLike | None = None, per_file: int = 
     from .formats import iter_conversations
     from .report import Report
 
-    data_dir = Path(data_dir or shared_data_dir())
+    data_dir = shared_data_dir(data_dir)
     texts = list(TEMPLATE_WORDS) * 20
     for name in (
         "alpaca_data.json",

@@ -24,7 +24,7 @@ from fastchat_data.schema import ASSISTANT, USER, Conversation, Message
 from fastchat_data.tokenize import ConversationTokenizer
 from recipes.core.data import pad_token_id
 from recipes.core.generate import load_for_inference, stop_kwargs, trained_template
-from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.quiet import quiet, verbose_option, verbose_requested
 
 
 def stream_reply(
@@ -79,7 +79,7 @@ class ChatOptions:
     quantization: Literal["none", "nf4"] = option(
         "none", "load the model in 4-bit nf4 (as QLoRA trained it) or unquantized"
     )
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point

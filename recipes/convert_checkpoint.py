@@ -27,7 +27,7 @@ from fastchat_data.options import UsageError, entry_point, option, parse
 from fastchat_data.outputs import StagedDir, guard_dir
 from recipes.core.checkpoint import verify_checkpoint
 from recipes.core.config import ConfigError
-from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.quiet import quiet, verbose_option, verbose_requested
 from recipes.core.run_folder import RUN_INFO, CheckpointFolder, written_by_command
 
 SIZE_UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
@@ -192,7 +192,7 @@ class ConvertOptions:
         None, "base model folder for config and tokenizer; none: the run's own"
     )
     max_shard_size: str = option("2GB", "largest weight file (safetensors shards), e.g. 500MB")
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point

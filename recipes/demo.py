@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fastchat_data.options import entry_point, option, parse
-from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.quiet import quiet, verbose_option, verbose_requested
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DemoOptions:
     assets_only: bool = option(
         False, "build only the tiny model and the identity data, print their paths, and stop"
     )
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 def args(text: str, **paths) -> list[str]:

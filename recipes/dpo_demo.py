@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from fastchat_data.options import entry_point, option
+from fastchat_data.options import entry_point
+from recipes.core.quiet import verbose_option
 from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
 
@@ -23,7 +23,7 @@ from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 class DPODemoOptions:
     out: str = out_option("dpo-demo")
     data_dir: str | None = data_dir_option("alpaca_data.json, ...")
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from recipes import dpo, full_finetune
     from recipes import eval as evaluation
 
-    data = Path(opts.data_dir or shared_data_dir())
+    data = shared_data_dir(opts.data_dir)
     pairs, heldout = out / "data" / "pairs.json", out / "data" / "heldout_pairs.json"
     print("\n== 1. pairs: python -m fastchat_data pair (GPT-4 chosen, text-davinci-003 rejected)")
     pair(

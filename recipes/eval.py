@@ -44,7 +44,7 @@ from recipes.core.generate import load_for_inference, trained_template
 from recipes.core.logging import progress
 from recipes.core.metrics import text_scores
 from recipes.core.preference import format_preference_table, preference_scores, reward_scores
-from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.quiet import quiet, verbose_option, verbose_requested
 
 
 def load_conversations(path: str, limit: int | None) -> list[Conversation]:
@@ -372,7 +372,7 @@ class EvalOptions:
         "--adapter names reward adapters on --model (its SFT base); a pair counts when the "
         "chosen reply scores higher",
     )
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
     def check(self) -> None:
         if not (self.data or self.lm_eval or self.pairs):

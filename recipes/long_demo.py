@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastchat_data.options import entry_point, option
+from recipes.core.quiet import verbose_option
 from recipes.demo import data_dir_option, out_option, start
 
 ROPE = {"rope_type": "linear", "factor": 2.0}
@@ -27,7 +28,7 @@ class LongDemoOptions:
     data_dir: str | None = data_dir_option("sharegpt_v3_sample_1000.json")
     max_length: int = option(4096, "tokens per row (the model's own context is 2,048)", minimum=16)
     max_steps: int = option(20, "training steps", minimum=1)
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 def joined(records: list[dict], min_chars: int) -> list[dict]:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
     from launch import train as launcher
 
-    shared = Path(opts.data_dir or shared_data_dir())
+    shared = shared_data_dir(opts.data_dir)
     print("\n== 1. data: the ShareGPT sample cleaned, conversations joined into long ones")
     cleaned = out / "data" / "sharegpt_clean.json"
     clean(str(shared / "sharegpt_v3_sample_1000.json"), str(cleaned))

@@ -26,7 +26,7 @@ from fastchat_data.outputs import StagedDir, guard_dir
 from recipes.core.config import ConfigError
 from recipes.core.generate import save_for_inference, trained_template
 from recipes.core.lora import load_adapter, read_adapter_config
-from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.quiet import quiet, verbose_option, verbose_requested
 from recipes.core.run_folder import RUN_INFO, written_by_command
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +76,7 @@ class MergeOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = option(
         "float32", "the merged weights' dtype"
     )
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from fastchat_data.options import entry_point, option
+from fastchat_data.options import entry_point
+from recipes.core.quiet import verbose_option
 from recipes.demo import Step, data_dir_option, out_option, run_steps, start
 
 # NTU ADL 2023 HW3's instruction prompt, as a camelid template file
@@ -31,7 +31,7 @@ ADL_PROMPT = (
 class QLoraDemoOptions:
     out: str = out_option("qlora-demo")
     data_dir: str | None = data_dir_option("alpaca_gpt4_data_*_1k.json, ...")
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @entry_point
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from recipes import eval as evaluation
     from recipes import full_finetune, merge, qlora
 
-    data = Path(opts.data_dir or shared_data_dir())
+    data = shared_data_dir(opts.data_dir)
     zh = json.loads((data / "alpaca_gpt4_data_zh_1k.json").read_text())
     train_zh, heldout_zh = out / "data" / "zh_train.json", out / "data" / "zh_heldout.json"
     train_zh.write_text(json.dumps(zh[:900], ensure_ascii=False))

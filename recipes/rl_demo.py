@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastchat_data.options import entry_point, option, parse
-from recipes.core.quiet import quiet, verbose_requested
+from recipes.core.quiet import quiet, verbose_option, verbose_requested
 from recipes.demo import args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ class RLDemoOptions:
     out: str = option(str(REPO / "runs" / "rl-demo"), "the demo's folder")
     sft_steps: int = option(150, "SFT steps", minimum=1)
     grpo_steps: int = option(40, "GRPO steps", minimum=1)
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ import os
 import sys
 import warnings
 
+from fastchat_data.options import option
+
 # (warning category, message pattern, why it is filtered)
 WARNINGS = (
     (
@@ -79,6 +81,12 @@ def verbose_requested(argv: list[str] | None) -> bool:
         if arg.startswith("--verbose="):
             return arg.partition("=")[2].lower() not in ("false", "0", "no")
     return False
+
+
+def verbose_option():
+    """A command's --verbose option (a dataclass field), worded once for every command that
+    has one; `verbose_requested` reads it off the command line before the options are parsed."""
+    return option(False, "also show the third-party warnings camelid filters out")
 
 
 def _has_cuda() -> bool:

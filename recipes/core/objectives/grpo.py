@@ -43,6 +43,7 @@ from fastchat_data.options import option
 
 from ..config import ConfigError, data_paths
 from ..data import pad_token_id
+from .base import refuse_other_peft, refuse_packing
 
 ADVANTAGES = ("grpo", "rloo")
 LOSS_TYPES = ("grpo", "dr_grpo")
@@ -243,16 +244,9 @@ class GRPO:
     rows_per_unit = 1
 
     def check(self, cfg) -> None:
-        if cfg.packing:
-            raise ConfigError(
-                "GRPO samples completions per prompt; it does not pack (--packing False)"
-            )
-        if cfg.peft_method not in ("none", "lora"):
-            # virtual tokens would shift the prompt and completion positions the loss reads
-            raise ConfigError(
-                f"the grpo recipe trains the full model or a LoRA / QLoRA adapter; --peft_method "
-                f"{cfg.peft_method} is not supported (none or lora)"
-            )
+        refuse_packing(cfg, "GRPO samples completions per prompt")
+        # virtual tokens would shift the prompt and completion positions the loss reads
+        refuse_other_peft(cfg, "the grpo recipe trains the full model or a LoRA / QLoRA adapter")
         if cfg.model_max_length <= cfg.max_completion_length:
             raise ConfigError(
                 f"model_max_length ({cfg.model_max_length}) must exceed max_completion_length "
