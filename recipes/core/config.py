@@ -40,6 +40,7 @@ from fastchat_data.options import (
 )
 
 from . import parallel
+from .quiet import verbose_option
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -512,7 +513,7 @@ class LogArgs:
     peak_tflops: float | None = option(
         None, "per-device peak TFLOP/s for the MFU estimate; none: guessed from the GPU"
     )
-    verbose: bool = option(False, "also show the third-party warnings camelid filters out")
+    verbose: bool = verbose_option()
 
     @staticmethod
     def check(cfg) -> None:
