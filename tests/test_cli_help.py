@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_utils import flags
+from train_utils import flags, forked_job
 
 from recipes.core.config import ConfigError, config_parser, load_config
 from recipes.core.recipe import DPOConfig, GRPOConfig, QLoraConfig, RewardConfig, TrainConfig
@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def python(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    """`python args...` as a fork of the warm interpreter (tests/forked.py): the recipes import
+    torch before they parse a flag, ~5 s of CPU a fresh process."""
+    return forked_job([sys.executable, *map(str, args)], "single", 1, timeout=300)
 
 
 # -- --help of every entry point ------------------------------------------------------------------
