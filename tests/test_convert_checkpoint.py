@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import complete_checkpoints, flags, run_in_repo, train
+from train_utils import complete_checkpoints, flags, forked_job, train
 from transformers import AutoModelForCausalLM
 
 ARGS = [
@@ -23,8 +23,9 @@ ARGS = [
 
 
 def convert(*args) -> subprocess.CompletedProcess:
+    """`python -m recipes.convert_checkpoint args...`, forked from the warm interpreter."""
     cmd = [sys.executable, "-m", "recipes.convert_checkpoint", *map(str, args)]
-    return run_in_repo(cmd)
+    return forked_job(cmd, "single", 1)
 
 
 def weights(folder) -> dict:
