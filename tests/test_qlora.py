@@ -25,6 +25,7 @@ from train_utils import (
     command,
     env,
     flags,
+    forked_job,
     losses,
     moved,
     ranks,
@@ -173,13 +174,15 @@ def test_merged_folder_matches_base_plus_adapter(adapted, tmp_path):
 def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_split, tmp_path):
     _, adapter = adapted
     out = tmp_path / "eval.json"
-    res = run_in_repo(
+    res = forked_job(
         [
             *(sys.executable, "-m", "recipes.eval"),
             *flags(model=english_base, data=zh_split[1], adapter=adapter),
-            *flags(shots=3, shots_from=zh_split[0], max_samples=60, generate=5),
+            *flags(shots=3, shots_from=zh_split[0], max_samples=30, generate=3),
             *flags(max_new_tokens=24, out=out),
-        ]
+        ],
+        "single",
+        1,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mean ppl" in res.stdout and "few-shot (3 examples)" in res.stdout
@@ -188,7 +191,7 @@ def test_eval_table_adapter_beats_zero_and_few_shot(adapted, english_base, zh_sp
     }
     zero, few = rows["zero-shot"], rows["few-shot"]
     tuned = next(r for k, r in rows.items() if k.startswith("adapter"))
-    assert zero["samples"] == few["samples"] == tuned["samples"] == 60
+    assert zero["samples"] == few["samples"] == tuned["samples"] == 30
     assert tuned["mean_perplexity"] < 0.8 * min(zero["mean_perplexity"], few["mean_perplexity"])
     assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(tuned)
     print(res.stdout)
