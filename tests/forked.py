@@ -172,7 +172,8 @@ def worker_env(rank: int, nproc: int, port: int) -> dict[str, str]:
 def _workers(request: dict) -> int:
     """Fork the job's workers, each its rank of the one-node environment torchrun gives
     (DeepSpeed's launcher also passes --local_rank=N first); wait for all. As torchrun does, the
-    first failure stops the others (SIGTERM, then SIGKILL) and the job exits 1."""
+    first failure stops the others (SIGTERM, then SIGKILL); the job exits with that rank's
+    status, as `python -m launch.train` reports it (torchrun alone would say 1)."""
     import signal
     import time
 
@@ -188,12 +189,13 @@ def _workers(request: dict) -> int:
             local_rank = [f"--local_rank={rank}"] if request["local_rank_arg"] else []
             _exit(_become([args[0], *local_rank, *args[1:]]))
         pids.append(pid)
-    failed, running = False, set(pids)
+    failed, running = 0, set(pids)
     while running:
         pid, status = os.wait()
         running.discard(pid)
-        if os.waitstatus_to_exitcode(status) != 0 and not failed:
-            failed = True
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not failed:
+            failed = code if code > 0 else 128 - code  # killed by a signal: as a shell says
             for other in running:
                 os.kill(other, signal.SIGTERM)
             deadline = time.monotonic() + 30
@@ -203,7 +205,7 @@ def _workers(request: dict) -> int:
                 time.sleep(0.05)
             for other in running:
                 os.kill(other, signal.SIGKILL)
-    return 1 if failed else 0
+    return failed
 
 
 def _child(request: dict) -> None:
