@@ -13,6 +13,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -163,10 +164,18 @@ class ChatTemplate:
             )
         return segments
 
+    @functools.cached_property
+    def _end_token(self) -> re.Pattern:
+        """An end token with the whitespace before it (built once: the special tokens are
+        read off the tokenizer, a per-conversation cost otherwise)."""
+        return re.compile(
+            r"\s*(?:" + "|".join(map(re.escape, special_tokens(self.tokenizer))) + ")"
+        )
+
     def _train_end_tokens(self, segments: list[Segment]) -> list[Segment]:
         """The special token that closes an assistant reply (`<|im_end|>`, `<|eot_id|>`, `</s>`),
         with any whitespace before it, is trained: the model must learn to stop."""
-        end = re.compile(r"\s*(?:" + "|".join(map(re.escape, special_tokens(self.tokenizer))) + ")")
+        end = self._end_token
         out = []
         for prev, seg in zip([None, *segments], segments):
             m = end.match(seg.text) if prev is not None and prev.trainable and seg.literal else None
