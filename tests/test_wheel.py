@@ -6,6 +6,7 @@ launchers)."""
 from __future__ import annotations
 
 import json
+import shutil
 import site
 import subprocess
 import sys
@@ -13,6 +14,23 @@ from pathlib import Path
 
 import pytest
 from train_utils import REPO, env, flags, tiny_assets
+
+
+def source_copy(dest: Path) -> Path:
+    """The files git would ship (tracked, and untracked ones it does not ignore), copied to
+    `dest`: a build in the tree itself leaves build/ there, whose stale build/lib can carry a
+    deleted module into the next wheel."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is not shipped
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
 
 
 @pytest.mark.slow
@@ -28,7 +46,7 @@ def test_an_installed_wheel_runs_zero3_on_two_processes(tmp_path):
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(REPO),
+            str(source_copy(tmp_path / "src")),
         ],
         check=True,
         timeout=600,
