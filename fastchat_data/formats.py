@@ -10,6 +10,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -112,46 +113,52 @@ def _turn_fields(turn: dict, converted: set) -> None:
         converted.add(f"turn field {key!r} -> dropped")
 
 
-def _turns(rec: dict, field: str, noun: str, *, what: str, role_of, text_of) -> tuple[list, set]:
-    """The (role, text) turns of the list `rec[field]` of turn objects, and what was converted
-    on the way: ShareGPT's 'conversations' and OpenAI's 'messages' are read by this one loop,
-    each with its own keys (`role_of`, `text_of`) and words for errors (`noun` i `what`)."""
-    items = rec.get(field)
+@dataclass(frozen=True)
+class TurnList:
+    """Where a format keeps its turns: the list `field` of turn objects, each turn's role and
+    text under the first of `role_keys` / `text_keys` it holds, and the words errors use."""
+
+    field: str
+    noun: str
+    role_keys: tuple[str, ...]
+    text_keys: tuple[str, ...]
+
+
+# ShareGPT dumps in the wild also spell their turns OpenAI's way ("role", "content").
+SHAREGPT_TURNS = TurnList("conversations", "turn", ("from", "role"), ("value", "content"))
+MESSAGES_TURNS = TurnList("messages", "message", ("role",), ("content",))
+
+
+def _first(turn: dict, keys: tuple[str, ...]):
+    return next((turn[k] for k in keys if k in turn), None)
+
+
+def _turns(rec: dict, layout: TurnList) -> tuple[list, set]:
+    """The (role, text) turns of `rec`, laid out as `layout` says, and what was converted on the
+    way: ShareGPT's 'conversations' and OpenAI's 'messages' are read by this one loop."""
+    items = rec.get(layout.field)
     if not isinstance(items, list):
-        raise SkipRecord("malformed_record", _not_a_list(field, items))
+        raise SkipRecord("malformed_record", _not_a_list(layout.field, items))
     turns, converted = [], set()
     for i, t in enumerate(items):
+        what = f"{layout.noun} {i}"
         if not isinstance(t, dict):
-            raise SkipRecord("malformed_record", f"{noun} {i} is not an object")
-        text = _text(text_of(t), f"{noun} {i} {what}", converted)
-        turns.append((_role(role_of(t), f"{noun} {i}", converted), text))
+            raise SkipRecord("malformed_record", f"{what} is not an object")
+        text = _text(_first(t, layout.text_keys), f"{what} {layout.text_keys[0]}", converted)
+        turns.append((_role(_first(t, layout.role_keys), what, converted), text))
         _turn_fields(t, converted)
     return turns, converted
 
 
 def parse_sharegpt(rec: dict, rid: str) -> Conversation:
-    turns, converted = _turns(
-        rec,
-        "conversations",
-        "turn",
-        what="value",
-        role_of=lambda t: t.get("from", t.get("role")),
-        text_of=lambda t: t.get("value", t.get("content")),
-    )
+    turns, converted = _turns(rec, SHAREGPT_TURNS)
     system = _with_tools(_text(rec.get("system") or "", "system"), rec.get("tools"), converted)
     extra = {k: rec[k] for k in ("model", "lang") if k in rec}
     return _from_turns(str(rec.get("id", rid)), turns, system, extra=extra, converted=converted)
 
 
 def parse_messages(rec: dict, rid: str) -> Conversation:
-    turns, converted = _turns(
-        rec,
-        "messages",
-        "message",
-        what="content",
-        role_of=lambda m: m.get("role"),
-        text_of=lambda m: m.get("content"),
-    )
+    turns, converted = _turns(rec, MESSAGES_TURNS)
     return _from_turns(str(rec.get("id", rid)), turns, "", extra={}, converted=converted)
 
 
