@@ -25,7 +25,7 @@ import markdownify
 from .formats import Format, check_format, iter_conversations, to_sharegpt
 from .io import check_inputs, check_outputs, write_records
 from .report import Report, refuse_empty
-from .schema import ASSISTANT, USER, Conversation, DataError, Message, SkipRecord, check_count
+from .schema import ASSISTANT, USER, Conversation, Message, SkipRecord, check_count
 
 BLOCKED_WORDS = ("openai", "chatgpt")
 # FastChat's blocked responses: ChatGPT's rate-limit message saved as a reply.
@@ -170,15 +170,14 @@ def clean(
     paths = check_inputs(data)
     check_outputs(paths, {"--out": out, "--report": report}, in_place)
     check_format(fmt)
-    check_count("--min_chars", min_chars, minimum=0)
     check_count("--max_chars", max_chars, minimum=1)
-    if min_chars > max_chars:
-        raise DataError(
-            "--min_chars",
-            "value",
-            f"{min_chars:,} is more than --max_chars {max_chars:,}: every conversation would be "
-            "dropped",
-        )
+    check_count(
+        "--min_chars",
+        min_chars,
+        minimum=0,
+        maximum=max_chars,
+        why_not_more="--max_chars is less, every conversation would be dropped",
+    )
     rep = Report("clean", strict=strict)
     blocked = _blocked_pattern(blocked_words)
     repairs, removed, ids, first_exchanges = Counter(), Counter(), set(), {}

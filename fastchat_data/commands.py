@@ -411,15 +411,13 @@ def identity(
         n: how many conversations to write
     """
     check_outputs([], {"--out": out, "--report": report})
-    check_count("--n", n)
+    check_count(
+        "--n",
+        n,
+        maximum=MAX_IDENTITY,
+        why_not_more="the data is 20 questions and their answers, more would be repetition",
+    )
     check_count("--seed", seed, minimum=0)
-    if n > MAX_IDENTITY:
-        raise DataError(
-            "--n",
-            "value",
-            f"{n:,} is over {MAX_IDENTITY:,}: the data is 20 questions and their answers, "
-            "more would be repetition",
-        )
     rep = Report("identity")
     rep.written = write_records(out, identity_conversations(str(name), str(org), n, seed=seed))
     rep.read = rep.written

@@ -19,12 +19,23 @@ class DataError(InputError):
         super().__init__(f"{path}: {where}: {reason}")
 
 
-def check_count(flag: str, value, minimum: int = 1, *, allow_none: bool = False) -> None:
-    """A DataError unless `value` (a command's option) is a whole number >= `minimum`."""
+def check_count(
+    flag: str,
+    value,
+    minimum: int = 1,
+    *,
+    allow_none: bool = False,
+    maximum: int | None = None,
+    why_not_more: str = "",
+) -> None:
+    """A DataError unless `value` (a command's option) is a whole number >= `minimum` and, where
+    a `maximum` is given, <= it (`why_not_more` says why in the error)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DataError(flag, "value", f"expects a whole number >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise DataError(flag, "value", f"{value:,} is over {maximum:,}: {why_not_more}")
 
 
 class SkipRecord(ValueError):
