@@ -275,20 +275,21 @@ def run(
                 f"({', '.join(LOCAL_TASKS)}) need no hub"
             ) from e
         raise ConfigError(f"lm-eval task(s) {', '.join(tasks)} could not be loaded ({why})") from e
+    # The base model and every adapter are scored with these settings: only the model differs.
+    settings = {
+        "model": "hf",
+        "tasks": tasks,
+        "task_manager": tm,
+        "limit": limit,
+        "batch_size": batch_size,
+        "num_fewshot": num_fewshot,
+        "log_samples": log_samples,
+        "bootstrap_iters": 1000,
+    }
     rows = []
     for adapter in [None, *adapters]:
         args = model_args(model, adapter, quantization)
-        out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=args,
-            tasks=tasks,
-            task_manager=tm,
-            limit=limit,
-            batch_size=batch_size,
-            num_fewshot=num_fewshot,
-            log_samples=log_samples,
-            bootstrap_iters=1000,
-        )
+        out = lm_eval.simple_evaluate(model_args=args, **settings)
         if out is None:  # lm-eval returns None on the non-zero ranks of a multi-process run
             continue
         table = make_table(out)
