@@ -42,12 +42,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench import REPO
 from fastchat_data.options import entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGET_MIB = 64
 MANIFEST = "MANIFEST.json"
 
@@ -105,54 +105,58 @@ IMAGE_PACKAGES = frozenset(
 class Wheel:
     dist: str  # distribution name on PyPI
     version: str  # pinned: the version camelid's tests run with here
-    group: str  # dropped together when over budget
     why: str
     sdist_build: bool = False  # PyPI has no wheel: build one here from the sdist (pure Python)
     keep_libs: tuple[str, ...] = ()  # slim: keep only the native libraries with these names
+    group: str = ""  # dropped together when over budget: set from CARRY_GROUPS' key
 
 
-# In priority order: when over budget, groups are dropped from the end.
-CARRY = (
-    Wheel(
-        "datasets",
-        "5.2.0",
-        "datasets",
-        "fastchat_data.build / .preference: every recipe's training set",
+# Groups in priority order (when over budget, groups are dropped from the end), each a feature's
+# wheel first, then what it needs.
+CARRY_GROUPS = {
+    "datasets": (
+        Wheel(
+            "datasets", "5.2.0", "fastchat_data.build / .preference: every recipe's training set"
+        ),
+        Wheel("dill", "0.4.1", "needed by datasets"),
+        Wheel("multiprocess", "0.70.19", "needed by datasets"),
     ),
-    Wheel("dill", "0.4.1", "datasets", "needed by datasets"),
-    Wheel("multiprocess", "0.70.19", "datasets", "needed by datasets"),
-    Wheel("liger-kernel", "0.8.5", "liger-kernel", "--use_liger_kernel True rows (Triton kernels)"),
-    Wheel(
-        "bitsandbytes",
-        "0.50.2",
-        "bitsandbytes",
-        "QLoRA rows: nf4, double quantisation, paged AdamW",
-        keep_libs=(
-            "libbitsandbytes_cpu.so",
-            "libbitsandbytes_cuda130.so",
-            "libbitsandbytes_cuda132.so",
+    "liger-kernel": (
+        Wheel("liger-kernel", "0.8.5", "--use_liger_kernel True rows (Triton kernels)"),
+    ),
+    "bitsandbytes": (
+        Wheel(
+            "bitsandbytes",
+            "0.50.2",
+            "QLoRA rows: nf4, double quantisation, paged AdamW",
+            keep_libs=(
+                "libbitsandbytes_cpu.so",
+                "libbitsandbytes_cuda130.so",
+                "libbitsandbytes_cuda132.so",
+            ),
         ),
     ),
-    Wheel(
-        "deepspeed",
-        "0.19.8",
-        "deepspeed",
-        "ZeRO-3 row (built here from the sdist, no ops compiled)",
-        sdist_build=True,
+    "deepspeed": (
+        Wheel(
+            "deepspeed",
+            "0.19.8",
+            "ZeRO-3 row (built here from the sdist, no ops compiled)",
+            sdist_build=True,
+        ),
+        Wheel("hjson", "3.1.0", "needed by deepspeed"),
+        Wheel("pydantic", "2.14.4", "needed by deepspeed"),
+        Wheel("pydantic-core", "2.50.5", "needed by pydantic"),
+        Wheel("annotated-types", "0.8.0", "needed by pydantic"),
+        Wheel("typing-inspection", "0.4.5", "needed by pydantic"),
+        Wheel(
+            "typing-extensions",
+            "4.16.0",
+            "pydantic 2.14 needs >= 4.16 (image's version unknown)",
+        ),
     ),
-    Wheel("hjson", "3.1.0", "deepspeed", "needed by deepspeed"),
-    Wheel("pydantic", "2.14.4", "deepspeed", "needed by deepspeed"),
-    Wheel("pydantic-core", "2.50.5", "deepspeed", "needed by pydantic"),
-    Wheel("annotated-types", "0.8.0", "deepspeed", "needed by pydantic"),
-    Wheel("typing-inspection", "0.4.5", "deepspeed", "needed by pydantic"),
-    Wheel(
-        "typing-extensions",
-        "4.16.0",
-        "deepspeed",
-        "pydantic 2.14 needs >= 4.16 (image's version unknown)",
-    ),
-)
-GROUP_ORDER = ("datasets", "liger-kernel", "bitsandbytes", "deepspeed")
+}
+CARRY = tuple(replace(w, group=g) for g, wheels in CARRY_GROUPS.items() for w in wheels)
+GROUP_ORDER = tuple(CARRY_GROUPS)
 
 NOT_CARRIED = {
     "flash-attn": "no wheel fits: PyPI has no wheel of it (an sdist that compiles CUDA kernels for "
