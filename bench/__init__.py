@@ -3,6 +3,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastchat_data.options import option
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def result_option(name: str):
+    """A benchmark's `--out` option: where its JSON result goes, bench/results/`name` unless
+    told otherwise."""
+    return option(str(RESULTS / name), "the JSON result")
+
 
 def write_json(path, result) -> None:
     """A benchmark's result as JSON at `path` (folders made as needed), and where it went."""
@@ -30,7 +41,7 @@ def worker_result(module: str, args: list[str], env: dict, *, what: str) -> dict
         [sys.executable, "-m", module, "--worker", *args],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
         env=env,
     )
     if res.returncode != 0:

@@ -46,10 +46,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import write_json
+from bench import REPO, result_option, write_json
 from fastchat_data.options import UsageError, entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANT = "grouped, sdpa, chunked loss"
 METRICS = ("steps_per_s", "real_tokens_per_s")
 TARGET = 0.97
@@ -66,7 +65,7 @@ class CompareTreesOptions:
     max_length: int = option(2048, "row length (tokens)", minimum=16)
     # one thread: on a shared machine a second thread waits on whichever core is busy
     threads: int = option(1, "torch threads per process", minimum=1)
-    out: str = option(str(REPO / "bench" / "results" / "compare_trees.json"), "the JSON result")
+    out: str = result_option("compare_trees.json")
 
 
 # Runs inside the measured tree (its bench.packing_bench, its recipes). Protocol on stdout:

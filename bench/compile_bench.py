@@ -32,8 +32,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from bench import worker_result, write_json
-from bench.packing_bench import REPO, model_and_data
+from bench import result_option, worker_result, write_json
+from bench.packing_bench import model_and_data
 from fastchat_data.options import entry_point, option, parse
 
 VARIANTS = ("eager", "compiled")
@@ -45,7 +45,7 @@ class CompileBenchOptions:
     warmup: int = option(3, "steps that hold the compilation", minimum=1)
     rounds: int = option(2, "rounds, eager and compiled alternating within each", minimum=1)
     quick: bool = option(False, "2 warm-up and 2 measured steps, one round")
-    out: str = option(str(REPO / "bench" / "results" / "compile_bench.json"), "the JSON result")
+    out: str = result_option("compile_bench.json")
     worker: str | None = option(
         None, "internal: run one measurement from a JSON [variant, settings] and print it"
     )

@@ -13,12 +13,11 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from bench import write_json
+from bench import REPO, result_option, write_json
 from bench.fastchat_ref import fastchat_accepts, fastchat_preprocess
 from fastchat_data.build import read_trainable
 from fastchat_data.options import entry_point, option, parse
@@ -26,7 +25,6 @@ from fastchat_data.report import Report
 from fastchat_data.tiny import reference_corpus, shared_data_dir, tiny_model
 from fastchat_data.tokenize import ConversationTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 FILES = ["fastchat_dummy_conversation.json", "sharegpt_v3_sample_1000.json", "alpaca_data.json"]
 MAX_LENGTH = 2048
 BATCH = 1000
@@ -35,7 +33,7 @@ BATCH = 1000
 @dataclass
 class DataBenchOptions:
     quick: bool = option(False, "2,000 conversations per file, one repeat")
-    out: str = option(str(REPO / "bench" / "results" / "data_bench.json"), "the JSON result")
+    out: str = result_option("data_bench.json")
 
 
 def best_time(fn, repeats: int) -> float:

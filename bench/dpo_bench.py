@@ -24,10 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import worker_result, write_json
+from bench import REPO, result_option, worker_result, write_json
 from fastchat_data.options import UsageError, entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft", "dpo", "dpo_live_reference")
 
 
@@ -36,7 +35,7 @@ class DPOBenchOptions:
     pairs: int = option(256, "preference pairs to train on", minimum=2)
     steps: int = option(12, "optimizer steps per variant (the first 2 not timed)", minimum=3)
     quick: bool = option(False, "32 pairs, 5 steps (3 timed)")
-    out: str = option(str(REPO / "bench" / "results" / "dpo_bench.json"), "the JSON result")
+    out: str = result_option("dpo_bench.json")
     worker: list[str] = option(
         help="internal: VARIANT SPEC_JSON: run that variant in this process and print its result",
         default_factory=list,

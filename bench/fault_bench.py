@@ -24,10 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import REPO, result_option
 from fastchat_data.options import entry_point, option, parse
-
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 
 
 @dataclass
@@ -36,7 +34,7 @@ class FaultBenchOptions:
     steps: int = option(120, "optimizer steps of the run", minimum=2)
     quick: bool = option(False, "6 kills in a 30-step run")
     seed: int = option(0, "seed of the random kill moments")
-    json: str = option(str(RESULTS / "fault_bench.json"), "the JSON result")
+    json: str = result_option("fault_bench.json")
 
 
 def assets() -> tuple[Path, Path]:

@@ -88,11 +88,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench import REPO, RESULTS
 from fastchat_data.options import UsageError, entry_point, option, parse
 from recipes.core import parallel
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "gpu_check.json"
+DEFAULT_OUT = RESULTS / "gpu_check.json"
 WHEEL_MANIFEST = REPO / ".whl" / "MANIFEST.json"
 
 

@@ -27,10 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import write_json
+from bench import REPO, result_option, write_json
 from fastchat_data.options import UsageError, entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
 
 
@@ -45,7 +44,7 @@ class LossBenchOptions:
         "0,4096,1024,512", "comma-separated chunk sizes (rows); 0: transformers' full logits"
     )
     quick: bool = option(False, "1,024 tokens; transformers vs 512 rows")
-    out: str = option(str(REPO / "bench" / "results" / "loss_bench.json"), "the JSON result")
+    out: str = result_option("loss_bench.json")
 
 
 def _status(key: str) -> float:

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from bench import recipe_flags, write_and_report
+from bench import REPO, recipe_flags, result_option, write_and_report
 from fastchat_data.options import UsageError, entry_point, option, parse
 from recipes.core import parallel
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MB = 2**20
 SEQ, STEPS = 128, 2
@@ -57,7 +56,7 @@ PHASES = ("load", "train", "export")
 @dataclass
 class MemoryBenchOptions:
     quick: bool = option(False, "only the ~17M rows (a few minutes)")
-    out: str = option(str(REPO / "bench" / "results" / "memory_bench.json"), "the JSON result")
+    out: str = result_option("memory_bench.json")
     models: str | None = option(None, "comma-separated subset of small,base,large")
     strategies: str = option(",".join(STRATEGIES), "comma-separated strategies to run")
     rescore: bool = option(False, "no runs: the measurements in --out against the current planner")

@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import write_json
+from bench import REPO, result_option, write_json
 from fastchat_data.options import entry_point, option, parse
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -36,7 +34,7 @@ class PackingBenchOptions:
     steps: int = option(4, "optimizer steps per variant, the first a warm-up", minimum=2)
     rounds: int = option(2, "interleaved rounds (order reversed every other round)", minimum=1)
     quick: bool = option(False, "3 steps (2 timed), one round")
-    out: str = option(str(REPO / "bench" / "results" / "packing_bench.json"), "the JSON result")
+    out: str = result_option("packing_bench.json")
 
 
 def model_and_data(max_length: int):

@@ -30,17 +30,16 @@ from pathlib import Path
 
 import torch
 
-from bench import write_json
+from bench import REPO, result_option, write_json
 from fastchat_data.options import entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = "alpaca_gpt4_data_en_1k.json"
 
 
 @dataclass
 class QLoraBenchOptions:
     quick: bool = option(False, "the small model only, fewer steps")
-    out: str = option(str(REPO / "bench" / "results" / "qlora_bench.json"), "the JSON result")
+    out: str = result_option("qlora_bench.json")
 
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)

@@ -55,10 +55,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import worker_result, write_json
+from bench import REPO, result_option, worker_result, write_json
 from fastchat_data.options import entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 REWARDS = "recipes.core.rewards.arithmetic"
 REWARD_NAMES = ("close", "format")
 TEMPLATE = "vicuna_v1.1"  # camelid's default training template (recipes/core/config.py)
@@ -80,7 +79,7 @@ class RLBenchOptions:
         1, "torch / OpenMP threads of each run (see the module's note)", minimum=1
     )
     quick: bool = option(False, "4 steps (3 timed), 2 rounds, max_completion_length 8")
-    out: str = option(str(REPO / "bench" / "results" / "rl_bench.json"), "the JSON result")
+    out: str = result_option("rl_bench.json")
     worker: str | None = option(None, "internal: run one side from a JSON spec and print it")
 
 

@@ -28,10 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import recipe_flags
+from bench import REPO, recipe_flags, result_option
 from fastchat_data.options import UsageError, entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MB = 2**20
 # ~3.2M parameters: enough activation per token (88 KB fp32 over 4 layers) that the slope
@@ -42,7 +41,7 @@ SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_at
 @dataclass
 class SPBenchOptions:
     lengths: str = option("2048,4096", "two row lengths (tokens), comma-separated")
-    out: str = option(str(REPO / "bench" / "results" / "sp_bench.json"), "the JSON result")
+    out: str = result_option("sp_bench.json")
     work: str = option(
         str(REPO / ".cache" / "sp_bench"),
         "working folder: the model, the rows, the tokenized cache, each run's output",

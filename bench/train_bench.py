@@ -40,10 +40,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import recipe_flags, write_and_report
+from bench import REPO, recipe_flags, result_option, write_and_report
 from fastchat_data.options import entry_point, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = "sharegpt_v3_sample_1000.json"
 WORKER_ENV = "CAMELID_TRAIN_BENCH"
 MB = 2**20
@@ -58,7 +57,7 @@ SHARED_OPTIMISATION = dict(
 @dataclass
 class TrainBenchOptions:
     quick: bool = option(False, "shorter lengths, fewer runs (about 3 minutes)")
-    out: str = option(str(REPO / "bench" / "results" / "train_bench.json"), "the JSON result")
+    out: str = result_option("train_bench.json")
 
 
 # ---------------------------------------------------------------- memory of this process
