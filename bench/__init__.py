@@ -15,6 +15,18 @@ def result_option(name: str):
     return option(str(RESULTS / name), "the JSON result")
 
 
+# How the benchmarks run a reference Hugging Face Trainer (TRL's trainers too) on this CPU:
+# use_cpu, or each rank of a launched job trains alone; no checkpoints, trackers or progress bar
+# inside the timed steps; the data read in-process, as camelid's loop reads it.
+REFERENCE_TRAINER_ON_CPU = dict(
+    use_cpu=True,
+    save_strategy="no",
+    report_to=[],
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
+
+
 def write_json(path, result) -> None:
     """A benchmark's result as JSON at `path` (folders made as needed), and where it went."""
     out = Path(path)

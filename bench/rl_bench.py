@@ -55,7 +55,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import REPO, result_option, worker_result, write_json
+from bench import REFERENCE_TRAINER_ON_CPU, REPO, result_option, worker_result, write_json
 from fastchat_data.options import entry_point, option, parse
 
 REWARDS = "recipes.core.rewards.arithmetic"
@@ -186,7 +186,6 @@ def run_trl(spec: dict) -> dict:
     G = spec["num_generations"]
     args = GRPOConfig(
         output_dir=spec["out"],
-        use_cpu=True,
         bf16=False,
         fp16=False,
         per_device_train_batch_size=spec["prompts_per_step"] * G,  # TRL counts completions
@@ -207,11 +206,8 @@ def run_trl(spec: dict) -> dict:
         lr_scheduler_type="constant",
         warmup_steps=0,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         seed=0,
+        **REFERENCE_TRAINER_ON_CPU,
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     steps, generation = [], [0.0]

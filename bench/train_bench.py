@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import REPO, recipe_flags, result_option, write_and_report
+from bench import REFERENCE_TRAINER_ON_CPU, REPO, recipe_flags, result_option, write_and_report
 from fastchat_data.options import entry_point, option, parse
 
 DATA = "sharegpt_v3_sample_1000.json"
@@ -282,18 +282,14 @@ def fastchat_worker(spec: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
-            use_cpu=True,
             per_device_train_batch_size=spec["batch"],
             gradient_accumulation_steps=spec["accum"],
             max_steps=spec["steps"],
             **SHARED_OPTIMISATION,
             warmup_steps=0.03,
             optim="adamw_torch",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
             seed=42,
-            dataloader_num_workers=0,
+            **REFERENCE_TRAINER_ON_CPU,
         )
         trainer = Trainer(
             model=model,
