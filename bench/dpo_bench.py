@@ -21,10 +21,11 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import REPO, result_option, worker_result, write_json
+from bench import REPO, result_option, worker_result, write_and_report
 from fastchat_data.options import UsageError, entry_point, option, parse
 
 VARIANTS = ("sft", "dpo", "dpo_live_reference")
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if opts.quick:
         opts.pairs, opts.steps = 32, 5
+    started = time.perf_counter()
     cache = REPO / ".cache" / "bench"
     # a fresh run folder per benchmark run: a recipe resumes from a complete checkpoint it
     # finds in its output_dir, so a kept folder would report the previous run's steps again
@@ -209,20 +211,25 @@ def main(argv: list[str] | None = None) -> int:
             "micro_batch": "2 pairs = 4 rows",
             "accumulation": 2,
             "max_length": 512,
+            "wall_s": round(time.perf_counter() - started, 1),
         },
     }
+    write_and_report(opts.out, result, report)
+    return 0
+
+
+def report(result: dict) -> None:
     print(f"{'variant':<22}{'step s':>9}{'tok/s':>9}{'train peak RSS MB':>19}")
     for r in result["rows"]:
         print(
-            f"{r['variant']:<22}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}{r['train_peak_rss_mb']:>19,.0f}"
+            f"{r['variant']:<22}{r['step_s']:>9.3f}{r['tokens_per_s']:>9,.0f}"
+            f"{r['train_peak_rss_mb']:>19,.0f}"
         )
     print(
         f"DPO step / SFT step on the same rows: {result['dpo_step_vs_sft']:.2f}x; live reference "
         f"step / precomputed: {result['live_reference_step_vs_precomputed']:.2f}x; precomputing "
         f"saves {result['memory_saved_mb']:,.0f} MB of peak RSS in training"
     )
-    write_json(opts.out, result)
-    return 0
 
 
 if __name__ == "__main__":
