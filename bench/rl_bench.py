@@ -55,7 +55,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import REFERENCE_TRAINER_ON_CPU, REPO, result_option, worker_result, write_json
+from bench import REFERENCE_TRAINER_ON_CPU, REPO, flags, result_option, worker_result, write_json
 from fastchat_data.options import entry_point, option, parse
 
 REWARDS = "recipes.core.rewards.arithmetic"
@@ -121,6 +121,25 @@ def rendered_prompts(model: str, records: list[dict]) -> tuple[list[str], list[l
 # ---------------------------------------------------------------- workers (one process per run)
 
 
+def same_on_both_sides(spec: dict) -> dict:
+    """The settings camelid's recipe and TRL's GRPOConfig take under the same names and must
+    both be given for a fair timing: steps, G, completion length, the loss and its clipping,
+    sampling temperature, the optimizer's rate and schedule, the seed."""
+    return dict(
+        max_steps=spec["steps"],
+        num_generations=spec["num_generations"],
+        max_completion_length=spec["max_completion_length"],
+        beta=spec["beta"],
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        temperature=1.0,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        seed=0,
+    )
+
+
 def run_camelid(spec: dict) -> dict:
     """recipes/grpo.py as a user runs it; the per-step split from its metrics.jsonl."""
     out = Path(spec["out"])
@@ -129,15 +148,11 @@ def run_camelid(spec: dict) -> dict:
         *("--strategy", "single", "--model_name_or_path", spec["model"]),
         *("--data_path", spec["prompts"], "--output_dir", str(out)),
         *("--overwrite_output_dir", "True", "--report_to", "none", "--reward_funcs", funcs),
-        *("--max_steps", str(spec["steps"]), "--model_max_length", "128"),
+        *flags(**same_on_both_sides(spec)),
+        *("--model_max_length", "128", "--warmup_ratio", "0"),
         *("--per_device_train_batch_size", str(spec["prompts_per_step"])),
         *("--gradient_accumulation_steps", "1", "--template", TEMPLATE),
-        *("--num_generations", str(spec["num_generations"])),
-        *("--max_completion_length", str(spec["max_completion_length"])),
-        *("--beta", str(spec["beta"]), "--epsilon", "0.2", "--loss_type", "grpo"),
-        *("--scale_rewards", "group", "--temperature", "1.0"),
-        *("--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--warmup_ratio", "0"),
-        *("--save_steps", "100000", "--logging_steps", "100000", "--seed", "0"),
+        *("--save_steps", "100000", "--logging_steps", "100000"),
         *("--cache_dir", str(out.parent / "cache")),
     ]
     res = subprocess.run(
@@ -183,30 +198,20 @@ def run_trl(spec: dict) -> dict:
     dataset = Dataset.from_list(
         [{"prompt": t, "answer": r["answer"]} for t, r in zip(texts, records)]
     )
-    G = spec["num_generations"]
     args = GRPOConfig(
+        **same_on_both_sides(spec),
         output_dir=spec["out"],
         bf16=False,
         fp16=False,
-        per_device_train_batch_size=spec["prompts_per_step"] * G,  # TRL counts completions
+        # TRL counts completions: a step's prompts x G, generated once and used once
+        per_device_train_batch_size=spec["prompts_per_step"] * spec["num_generations"],
         gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_iterations=1,
-        num_generations=G,
-        max_completion_length=spec["max_completion_length"],
-        max_steps=spec["steps"],
-        beta=spec["beta"],
-        epsilon=0.2,
-        loss_type="grpo",
-        scale_rewards="group",
-        temperature=1.0,
-        top_k=0,
+        top_k=0,  # as camelid samples (fixed in its generate call): no filtering
         top_p=1.0,
-        learning_rate=1e-5,
-        lr_scheduler_type="constant",
         warmup_steps=0,
         logging_steps=1,
-        seed=0,
         **REFERENCE_TRAINER_ON_CPU,
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -351,15 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             "model": "tiny llama (fastchat_data.tiny 'tiny', vocab 1000), not fine-tuned",
             "device": "cpu, fp32",
             "threads": opts.threads,
-            "steps": opts.steps,
             "warmup_steps_not_timed": opts.warmup,
             "rounds": opts.rounds,
             "prompts_per_step": opts.prompts_per_step,
-            "num_generations": opts.num_generations,
-            "max_completion_length": opts.max_completion_length,
-            "beta": opts.beta,
-            "epsilon": 0.2,
-            "loss_type": "grpo",
+            **same_on_both_sides(spec),
             "rewards": [f"{REWARDS}:{n}" for n in REWARD_NAMES],
             "versions": {
                 "torch": torch.__version__,
