@@ -31,6 +31,7 @@ import torch
 from conftest import requires_shared
 from train_utils import flags
 
+from bench import REFERENCE_TRAINER_ON_CPU
 from fastchat_data.build import build_dataset
 from recipes import full_finetune
 from recipes.core.config import load_config
@@ -147,16 +148,12 @@ def trainer(cfg, model_path: str, rows: list[dict], plan: BatchPlan, out) -> tup
 
     args = TrainingArguments(
         output_dir=str(out),
-        use_cpu=True,
         **{name: getattr(cfg, name) for name in SAME_AS_TRAINER},
         warmup_steps=cfg.warmup_ratio,  # below 1: a ratio (transformers 5's warmup_ratio)
         optim="adamw_torch",
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         remove_unused_columns=False,  # keeps "idx" for the collator
-        dataloader_num_workers=0,
+        **REFERENCE_TRAINER_ON_CPU,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     run = PlanTrainer(model=model, args=args, train_dataset=rows, data_collator=collate)
