@@ -27,20 +27,22 @@ REFERENCE_TRAINER_ON_CPU = dict(
 )
 
 
-def write_json(path, result) -> None:
-    """A benchmark's result as JSON at `path` (folders made as needed), and where it went."""
+def _save(path, result) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    return out
+
+
+def write_json(path, result) -> None:
+    """A benchmark's result as JSON at `path` (folders made as needed), and where it went."""
+    print(f"written: {_save(path, result)}")
 
 
 def write_and_report(path, result: dict, report) -> None:
     """A timed benchmark's end: its result as JSON at `path`, its table (`report(result)`),
     then where the JSON went and the wall time it took (result["settings"]["wall_s"])."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = _save(path, result)
     report(result)
     print(f"\nwritten: {out} ({result['settings']['wall_s']:.0f} s)")
 
