@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from fastchat_data.options import option
+from fastchat_data.outputs import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -28,10 +29,10 @@ REFERENCE_TRAINER_ON_CPU = dict(
 
 
 def _save(path, result) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return out
+    """Through camelid's one output writer: the JSON appears whole or not at all, and a --out
+    that is a folder or read-only is one line, not a traceback."""
+    write_text(path, json.dumps(result, indent=2))
+    return Path(path)
 
 
 def write_json(path, result) -> None:
