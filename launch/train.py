@@ -291,9 +291,7 @@ def preflight(opts: LaunchOptions, recipe_args: list[str], gpu_bytes: int) -> st
         return None
     from recipes.core import objectives
 
-    rows_per_unit = objectives.get(
-        recipe.objective
-    ).rows_per_unit  # a DPO pair: chosen and rejected
+    rows_per_unit = objectives.get(recipe.objective).units.rows  # a DPO pair: 2 rows
     try:
         rows = plan(
             cfg.model_name_or_path,

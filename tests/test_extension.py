@@ -21,6 +21,7 @@ from recipes.core import objectives, parallel
 from recipes.core import recipe as recipes
 from recipes.core.config import ConfigError, load_config
 from recipes.core.data import TrainData, load_train_set, pad_token_id
+from recipes.core.objectives.base import Units
 from recipes.plan import plan
 
 # -- the toy strategy: one declaration --------------------------------------------------------
@@ -43,7 +44,7 @@ class ToyArgs:
 
 
 class PromptAndReply:
-    name, section, noun, rows_per_unit = "prompt_and_reply", ToyArgs, "conversations", 1
+    name, section, units = "prompt_and_reply", ToyArgs, Units("conversations")
 
     def check(self, cfg) -> None:
         pass
@@ -125,3 +126,27 @@ def test_the_planner_and_the_launcher_know_a_new_strategy(registered):
     opts = LaunchOptions(ngpu=2, strategy="toy_ddp")
     command = job_command(opts, recipe_args=["--max_steps", "1"])
     assert "torch.distributed.run" in command and "toy_ddp" in command
+
+
+@pytest.mark.parametrize("name", ["dpo", "reward", "grpo"])
+def test_what_an_objectives_units_cannot_take_is_refused_by_its_config(name):
+    """--packing and sequence parallelism are checked once, from each objective's Units, when
+    the config is read: one line naming the objective and the ones that can."""
+    config = recipes.RECIPES[name].config_class
+    noun = objectives.get(name).units.noun
+    with pytest.raises(ConfigError, match=rf"^--packing: the {name} objective does not pack its "):
+        load_config(["--packing", "True"], config)
+    with pytest.raises(ConfigError, match=rf"{noun} several to a row \(sft does\)"):
+        load_config(["--packing", "True"], config)
+    with pytest.raises(ConfigError, match=rf"the {name} objective does not train on split seq"):
+        load_config(["--sequence_parallel_size", "2"], config)
+    cfg, _ = load_config(["--packing", "False"], config)
+    assert not cfg.packing
+
+
+def test_the_sft_recipes_take_packing_and_split_sequences():
+    for name in ("sft", "qlora"):
+        cfg, _ = load_config(["--packing", "True"], recipes.RECIPES[name].config_class)
+        assert cfg.packing
+    cfg, _ = load_config(["--sequence_parallel_size", "2"], recipes.RECIPES["sft"].config_class)
+    assert cfg.sequence_parallel_size == 2

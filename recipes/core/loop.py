@@ -101,13 +101,8 @@ def prepare(cfg, objective, notes: list[str] | None = None, *, hooks: Hooks | No
             "folder with config.json); `make demo` shows a tiny one"
         )
     if not cfg.data_path:
-        raise ConfigError(f"--data_path: give the training data ({objective.noun})")
-    sp = getattr(cfg, "sequence_parallel_size", 1)
-    if sp > 1 and not getattr(objective, "splits_sequences", False):
-        raise ConfigError(
-            f"--sequence_parallel_size {sp}: the {objective.name} objective does not train on "
-            "split sequences (sft does); use --sequence_parallel_size 1"
-        )
+        raise ConfigError(f"--data_path: give the training data ({objective.units.noun})")
+    sp = cfg.sequence_parallel_size  # objectives.refuse_unsupported: the objective splits rows
     world = init_world(cfg.strategy, sp)
     sequence_parallel.use_group(world.sp_group)
     # --global_batch_size: the accumulation for the ranks this job has (an elastic restart on
@@ -199,7 +194,7 @@ def start(run: Run, model, engine, *, what: str = "") -> Run:
         print(
             f"{world.strategy.name} on {world.size} x {world.device.type}{sp_words}: {what}"
             f"{n_params / 1e6:.1f}M parameters{trained}, {len(run.data.ds)} "
-            f"{run.objective.noun}{packed}, {run.plan.steps_per_epoch} steps/epoch, "
+            f"{run.objective.units.noun}{packed}, {run.plan.steps_per_epoch} steps/epoch, "
             f"{run.total_steps} steps, global batch {run.plan.global_size}",
             flush=True,
         )

@@ -22,7 +22,7 @@ class PairData:
     over rejected rows, padded to the longest, with the reference log-probs once known."""
 
     def __init__(self, ds, pad_id: int, with_reference: bool = True):
-        self.ds, self.pad_id, self.packing, self.noun = ds, pad_id, False, "pairs"
+        self.ds, self.pad_id, self.packing = ds, pad_id, False
         self.with_reference = with_reference  # False: batches never carry reference log-probs
         chosen = np.asarray(ds["chosen_length"], dtype=np.int64)
         rejected = np.asarray(ds["rejected_length"], dtype=np.int64)

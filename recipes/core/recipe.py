@@ -66,7 +66,11 @@ class Recipe:
             sections,
             self.defaults,
             doc=self.summary,
-            checks=(objective.check, sequence_parallel.check),
+            checks=(
+                functools.partial(objectives.refuse_unsupported, objective),
+                objective.check,
+                sequence_parallel.check,
+            ),
         )
 
 

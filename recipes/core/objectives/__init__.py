@@ -24,5 +24,27 @@ def get(name: str) -> Objective:
         raise ConfigError(f"objective {name!r} is not one of {', '.join(OBJECTIVES)}") from None
 
 
+def refuse_unsupported(objective: Objective, cfg) -> None:
+    """A check of every recipe's config: --packing, and --sequence_parallel_size > 1, only for
+    an objective whose units (base.Units) can take them, in one line naming those that can."""
+    from ..config import ConfigError
+
+    def able(capability: str) -> str:
+        found = [o.name for o in OBJECTIVES.values() if getattr(o.units, capability)]
+        return ", ".join(found) or "none"
+
+    units, sp = objective.units, cfg.sequence_parallel_size
+    if cfg.packing and not units.packs:
+        raise ConfigError(
+            f"--packing: the {objective.name} objective does not pack its {units.noun} "
+            f"several to a row ({able('packs')} does); use --packing False"
+        )
+    if sp > 1 and not units.splits:
+        raise ConfigError(
+            f"--sequence_parallel_size {sp}: the {objective.name} objective does not train on "
+            f"split sequences ({able('splits')} does); use --sequence_parallel_size 1"
+        )
+
+
 for module in (sft, dpo, reward, grpo):
     register(module.OBJECTIVE)

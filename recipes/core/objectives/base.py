@@ -10,6 +10,7 @@ checks. It never sees how processes share the model: that is the engine's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -17,20 +18,31 @@ import torch
 from ..config import ConfigError
 
 
+@dataclass(frozen=True)
+class Units:
+    """What an objective trains on, and what its units can take: declared once, as a Strategy
+    declares what it supports, and refused once (objectives.refuse_unsupported, a check of
+    every recipe's config) instead of in each objective's `check`."""
+
+    noun: str  # one training unit, for the log ("conversations", "pairs")
+    rows: int = 1  # sequences a unit puts in a batch (a pair: a chosen and a rejected row)
+    packs: bool = False  # several units may share one row (--packing)
+    # a unit's rows may be split over sequence-parallel ranks (--sequence_parallel_size > 1):
+    # the loss, a sum over tokens, is the sum of the shards' losses (sequence_parallel.py)
+    splits: bool = False
+
+
 class Objective(Protocol):
     name: str  # the registry key, and what --objective / a recipe names
     section: type | None  # its options (a dataclass), or None
-    noun: str  # what one training unit is, for the log ("conversations", "pairs")
-    rows_per_unit: int  # sequences in a batch per unit (a pair is a chosen and a rejected row)
-    # optional, False when absent: trains under --sequence_parallel_size > 1 (its loss, a sum
-    # over tokens, is the sum of the shards' losses; see recipes/core/sequence_parallel.py)
-    splits_sequences: bool
+    units: Units
     # optional: step_times(run, seconds, stats) -> dict, more statistics from this rank's
     # seconds in the step (micro-batches, backward and optimizer step) and its summed `stats`,
     # each a share of the mean over ranks like `stats` (GRPO splits generation from update)
 
     def check(self, cfg) -> None:
-        """Refuse settings it cannot train with (a ConfigError naming them)."""
+        """Refuse settings it cannot train with beyond what `units` declares (a ConfigError
+        naming them)."""
 
     def data(self, cfg, tokenizer, world):
         """The training units: an object with `lengths`, `trained` (per unit, numpy),
@@ -47,14 +59,7 @@ class Objective(Protocol):
         """A few words for the start-up line ("DPO (sigmoid, beta 0.1), ")."""
 
 
-# Refusals more than one objective's `check` makes, each worded once.
-
-
-def refuse_packing(cfg, batches: str) -> None:
-    """Refuse --packing for an objective whose units are not single rows; `batches` says what
-    it batches instead ("DPO batches pairs of rows")."""
-    if cfg.packing:
-        raise ConfigError(f"{batches}; it does not pack (--packing False)")
+# A refusal more than one objective's `check` makes, worded once.
 
 
 def refuse_other_peft(cfg, trains: str) -> None:

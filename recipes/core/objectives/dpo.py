@@ -26,7 +26,7 @@ from ..config import ConfigError, data_paths
 from ..data import built_by_rank0_first, pad_token_id
 from ..logging import progress, took
 from ..preference import PairData, pair_loss_share, sequence_logps
-from .base import refuse_packing
+from .base import Units
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
 REFERENCE = "reference-{key}.safetensors"  # beside the cached, tokenized pairs
@@ -178,11 +178,10 @@ def compute_reference(run) -> None:
 class DPO:
     name = "dpo"
     section = DPOArgs
-    noun = "pairs"
-    rows_per_unit = 2
+    units = Units("pairs", rows=2)  # a chosen and a rejected row, batched together
 
     def check(self, cfg) -> None:
-        refuse_packing(cfg, "DPO batches pairs of rows")
+        pass  # DPOArgs checks its options; `units` refuses --packing
 
     def data(self, cfg, tokenizer, world) -> PairData:
         """Rank 0 tokenizes the pairs (or finds them cached); the others then read the cache."""

@@ -43,7 +43,7 @@ from fastchat_data.options import option
 
 from ..config import ConfigError, data_paths
 from ..data import pad_token_id
-from .base import refuse_other_peft, refuse_packing
+from .base import Units, refuse_other_peft
 
 ADVANTAGES = ("grpo", "rloo")
 LOSS_TYPES = ("grpo", "dr_grpo")
@@ -240,11 +240,9 @@ def sample_seed(seed: int, step: int, unit: int) -> int:
 class GRPO:
     name = "grpo"
     section = GRPOArgs
-    noun = "prompts"
-    rows_per_unit = 1
+    units = Units("prompts")  # each sampled num_generations times: no packing
 
     def check(self, cfg) -> None:
-        refuse_packing(cfg, "GRPO samples completions per prompt")
         # virtual tokens would shift the prompt and completion positions the loss reads
         refuse_other_peft(cfg, "the grpo recipe trains the full model or a LoRA / QLoRA adapter")
         if cfg.model_max_length <= cfg.max_completion_length:

@@ -22,7 +22,7 @@ from fastchat_data.options import option
 from ..config import ConfigError
 from ..data import pad_token_id
 from ..preference import PairData, pair_loss_share
-from .base import refuse_other_peft, refuse_packing
+from .base import refuse_other_peft
 from .dpo import DPO
 
 
@@ -91,7 +91,6 @@ class Reward(DPO):
     peft_task = "SEQ_CLS"  # an adapter (--peft_method lora) trains the new score head whole
 
     def check(self, cfg) -> None:
-        refuse_packing(cfg, "a reward model scores pairs of rows")
         refuse_other_peft(
             cfg,
             "the reward recipe trains the full model or a LoRA / QLoRA adapter with its score head",

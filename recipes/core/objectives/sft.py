@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from ..data import TrainData, load_train_set, pad_token_id
+from .base import Units
 
 
 class SFT:
     name = "sft"
     section = None
-    noun = "conversations"
-    rows_per_unit = 1
-    splits_sequences = True  # its loss is a sum over tokens: shards of a row add up
+    units = Units("conversations", packs=True, splits=True)
 
     def check(self, cfg) -> None:
         pass
