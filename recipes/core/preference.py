@@ -1,5 +1,6 @@
-"""Preference pairs as training units and their sequence log-likelihoods: what DPO trains on
-(recipes/core/objectives/dpo.py) and what `recipes.eval --pairs` scores.
+"""Preference pairs as training units and their sequence log-likelihoods: what DPO and the
+reward model train on (recipes/core/objectives/dpo.py, reward.py) and what `recipes.eval
+--pairs` scores.
 
 A unit is one pair; its micro-batch holds the chosen rows then the rejected rows (one
 forward for both, as TRL's concatenated forward does).
@@ -12,8 +13,20 @@ import torch
 
 from fastchat_data.tokenize import IGNORE_INDEX
 
-from .data import collate, pad_token_id
+from .config import data_paths
+from .data import built_by_rank0_first, collate, pad_token_id
 from .logging import progress
+
+
+def load_pairs(cfg, tokenizer, world, *, with_reference: bool) -> PairData:
+    """The pairs of --data_path as training units: rank 0 tokenizes them (or finds them
+    cached); the others then read the cache."""
+    from fastchat_data.preference import build_preference_dataset
+
+    paths = data_paths(cfg.data_path)
+    args = dict(template=cfg.template, max_length=cfg.model_max_length, cache_dir=cfg.cache_dir)
+    ds, _ = built_by_rank0_first(world, build_preference_dataset, paths, tokenizer, **args)
+    return PairData(ds.with_format("numpy"), pad_token_id(tokenizer), with_reference)
 
 
 class PairData:

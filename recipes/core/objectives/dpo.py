@@ -22,10 +22,9 @@ import torch.nn.functional as F
 
 from fastchat_data.options import option
 
-from ..config import ConfigError, data_paths
-from ..data import built_by_rank0_first, pad_token_id
+from ..config import ConfigError
 from ..logging import progress, took
-from ..preference import PairData, pair_loss_share, sequence_logps
+from ..preference import PairData, load_pairs, pair_loss_share, sequence_logps
 from .base import Units
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
@@ -184,13 +183,7 @@ class DPO:
         pass  # DPOArgs checks its options; `units` refuses --packing
 
     def data(self, cfg, tokenizer, world) -> PairData:
-        """Rank 0 tokenizes the pairs (or finds them cached); the others then read the cache."""
-        from fastchat_data.preference import build_preference_dataset
-
-        paths = data_paths(cfg.data_path)
-        args = dict(template=cfg.template, max_length=cfg.model_max_length, cache_dir=cfg.cache_dir)
-        ds, _ = built_by_rank0_first(world, build_preference_dataset, paths, tokenizer, **args)
-        return PairData(ds.with_format("numpy"), pad_token_id(tokenizer))
+        return load_pairs(cfg, tokenizer, world, with_reference=True)
 
     def before_resume(self, run) -> None:
         compute_reference(run)

@@ -21,9 +21,8 @@ from fastchat_data.options import option
 
 from ..config import ConfigError
 from ..data import pad_token_id
-from ..preference import PairData, pair_loss_share
-from .base import refuse_other_peft
-from .dpo import DPO
+from ..preference import PairData, load_pairs, pair_loss_share
+from .base import Units, refuse_other_peft
 
 
 @dataclass
@@ -83,11 +82,13 @@ def load_reward_model(path: str, pad_id: int, dtype=torch.float32, **kwargs):
     return model
 
 
-class Reward(DPO):
-    """Reads, batches and checks pairs as DPO does; needs no reference model."""
+class Reward:
+    """Reads and batches pairs as DPO does (recipes/core/preference.py); needs no reference
+    model."""
 
     name = "reward"
     section = RewardArgs
+    units = Units("pairs", rows=2)  # a chosen and a rejected row, scored in one forward
     peft_task = "SEQ_CLS"  # an adapter (--peft_method lora) trains the new score head whole
 
     def check(self, cfg) -> None:
@@ -97,8 +98,7 @@ class Reward(DPO):
         )
 
     def data(self, cfg, tokenizer, world) -> PairData:
-        data = super().data(cfg, tokenizer, world)
-        return PairData(data.ds, data.pad_id, with_reference=False)
+        return load_pairs(cfg, tokenizer, world, with_reference=False)
 
     def load_model(self, run):
         """Loaded whole on every rank (the score head is new, so the sharded loaders, which
