@@ -144,6 +144,9 @@ def _turns(rec: dict, layout: TurnList) -> tuple[list, set]:
         what = f"{layout.noun} {i}"
         if not isinstance(t, dict):
             raise SkipRecord("malformed_record", f"{what} is not an object")
+        if not any(k in t for k in layout.role_keys):  # a messages turn with ShareGPT's "from"
+            keys = " or ".join(repr(k) for k in layout.role_keys)
+            raise SkipRecord("missing_field", f"{what} has no {keys}")
         text = _text(_first(t, layout.text_keys), f"{what} {layout.text_keys[0]}", converted)
         turns.append((_role(_first(t, layout.role_keys), what, converted), text))
         _turn_fields(t, converted)

@@ -289,3 +289,21 @@ def test_sample_reports_the_sample(tmp_path):
     assert rep.written == 2 and rep.notes["asked"] == (
         "asked for 9, the input has 2 usable records: wrote 2"
     )
+
+
+def test_a_turn_without_a_role_key_is_named_as_missing(tmp_path):
+    """A messages turn written ShareGPT's way ("from") names the key it lacks, not 'role None';
+    a role that is there but null is still an unknown role."""
+    records = [
+        {"messages": [{"from": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": None, "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    rep = Report("t")
+    kept = list(iter_conversations(str(write(tmp_path, "m.json", records)), rep))
+    assert len(kept) == 1 and rep.dropped == {"missing_field": 1, "unknown_role": 1}
+    assert rep.examples["missing_field"][0].endswith("record 0: message 0 has no 'role'")
+    shared = write(tmp_path, "s.json", [{"conversations": [{"value": "q"}]}, sharegpt("q", "a")])
+    rep = Report("t")
+    assert len(list(iter_conversations(str(shared), rep))) == 1
+    assert rep.examples["missing_field"][0].endswith("turn 0 has no 'from' or 'role'")
