@@ -4,16 +4,21 @@ import sys
 from pathlib import Path
 
 from fastchat_data.options import option
-from fastchat_data.outputs import write_text
+from fastchat_data.outputs import guard_file, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
+def _writable_result(path: str, flag: str) -> None:
+    guard_file(path, flag=flag)  # a folder, a read-only file: refused before the benchmark runs
+
+
 def result_option(name: str):
     """A benchmark's `--out` option: where its JSON result goes, bench/results/`name` unless
-    told otherwise."""
-    return option(str(RESULTS / name), "the JSON result")
+    told otherwise; one that cannot be written is refused when the options are read (and
+    written through the same guard at the end: `_save`)."""
+    return option(str(RESULTS / name), "the JSON result", check=_writable_result)
 
 
 # How the benchmarks run a reference Hugging Face Trainer (TRL's trainers too) on this CPU:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import REPO, result_option
+from bench import REPO, result_option, write_json
 from fastchat_data.options import entry_point, option, parse
 
 
@@ -34,7 +34,7 @@ class FaultBenchOptions:
     steps: int = option(120, "optimizer steps of the run", minimum=2)
     quick: bool = option(False, "6 kills in a 30-step run")
     seed: int = option(0, "seed of the random kill moments")
-    json: str = result_option("fault_bench.json")
+    out: str = result_option("fault_bench.json")
 
 
 def assets() -> tuple[Path, Path]:
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print("fault injection: kill -9 at random moments, relaunch, compare with an uninterrupted run")
     for k, v in summary.items():
         print(f"  {k:<{width}}  {v}")
-    Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.json).write_text(json.dumps({"summary": summary, "events": events}, indent=1))
+    write_json(opts.out, {"summary": summary, "events": events})
     ok = (
         summary["identical_loss_curve"]
         and resumed_right == len(relaunches)

@@ -364,17 +364,22 @@ def parse(
             raise unknown_option(extra[0][2:].partition("=")[0], known)
         raise UsageError(f"command line: unexpected argument {extra[0]!r}: options are --key value")
     for instance in instances:
-        check_minimums(instance)
+        check_declared(instance)
     return instances[0] if single else tuple(instances)
 
 
-def check_minimums(options) -> None:
-    """A UsageError for a number below its option's `minimum` (declared `option(..., minimum=N)`:
-    a count of steps or rounds that cannot be zero or negative)."""
+def check_declared(options) -> None:
+    """What each option declares about its value, checked before any work: `minimum=N` (a
+    count of steps or rounds that cannot be zero or negative: a UsageError below it) and
+    `check=function(value, flag)` (which raises an InputError: an output path that cannot be
+    written, say, refused before the run rather than after it)."""
     for f in fields(options):
         low, value = f.metadata.get("minimum"), getattr(options, f.name)
         if low is not None and value is not None and value < low:
             raise UsageError(f"--{f.name} {value}: give {low} or more")
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            check(value, f"--{f.name}")
 
 
 def asdict(obj) -> dict:

@@ -1385,6 +1385,21 @@ ROWS = [
         "--steps -3: give 2 or more",
         "--steps",
     ),
+    # a result path that cannot be written: refused before the benchmark runs, not after it
+    row(
+        "bench_out_is_a_folder",
+        {"results": ("dir", {})},
+        tool("bench.packing_bench", "--out {d}/results"),
+        "--out: is a folder; give a file name",
+        "results",
+    ),
+    row(
+        "bench_out_is_read_only",
+        {"r.json": ("mode", 0o444, b"{}")},
+        tool("bench.compile_bench", "--out {d}/r.json"),
+        "--out: is read-only",
+        "r.json",
+    ),
     row(
         "bench_compare_trees_zero_rounds",
         {},

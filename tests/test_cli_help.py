@@ -100,6 +100,33 @@ def test_tool_help(module, expect, capsys):
     assert stop.value.code == 0 and all(e in out for e in expect), out
 
 
+BENCHES_WITH_RESULTS = sorted(
+    p.stem
+    for p in (REPO / "bench").glob("*.py")
+    if p.stem != "__init__" and "result_option(" in p.read_text()
+)
+
+
+@pytest.mark.parametrize("module", BENCHES_WITH_RESULTS)
+def test_a_benchmark_refuses_an_unwritable_out_when_it_reads_its_options(module, tmp_path):
+    """Refused by `parse`, before the benchmark runs: not after minutes of measuring."""
+    import importlib
+
+    from fastchat_data.options import InputError, parse
+
+    bench = importlib.import_module(f"bench.{module}")
+    (options,) = [
+        value
+        for value in vars(bench).values()
+        if dataclasses.is_dataclass(value)
+        and "out" in {f.name for f in dataclasses.fields(value)}
+        and value.__module__ == bench.__name__
+    ]
+    with pytest.raises(InputError, match=r": --out: is a folder; give a file name$"):
+        parse(options, ["--out", str(tmp_path)])
+    assert parse(options, ["--out", str(tmp_path / "r.json")]).out == str(tmp_path / "r.json")
+
+
 @pytest.mark.parametrize("args", [["--help"], ["build", "--help"]])
 def test_fastchat_data_help(args):
     res = subprocess.run(
