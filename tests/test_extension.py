@@ -150,3 +150,12 @@ def test_the_sft_recipes_take_packing_and_split_sequences():
         assert cfg.packing
     cfg, _ = load_config(["--sequence_parallel_size", "2"], recipes.RECIPES["sft"].config_class)
     assert cfg.sequence_parallel_size == 2
+
+
+def test_an_objective_without_its_units_is_refused_when_registered():
+    class NoUnits(PromptAndReply):
+        name, units = "no_units", None
+
+    with pytest.raises(TypeError, match=r"'no_units': declare `units = Units\(...\)`"):
+        objectives.register(NoUnits())
+    assert "no_units" not in objectives.OBJECTIVES

@@ -5,12 +5,19 @@ units, its loss and anything to prepare before resuming."""
 from __future__ import annotations
 
 from . import dpo, grpo, reward, sft
-from .base import Objective
+from .base import Objective, Units
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
 def register(objective: Objective) -> Objective:
+    """Add `objective`; one without its `units` declaration is refused here, at import, rather
+    than when a config is checked."""
+    if not isinstance(getattr(objective, "units", None), Units):
+        raise TypeError(
+            f"objective {objective.name!r}: declare `units = Units(...)` (objectives/base.py): "
+            "what it trains on, and whether those units pack and split"
+        )
     OBJECTIVES[objective.name] = objective
     return objective
 
