@@ -159,3 +159,15 @@ def test_an_objective_without_its_units_is_refused_when_registered():
     with pytest.raises(TypeError, match=r"'no_units': declare `units = Units\(...\)`"):
         objectives.register(NoUnits())
     assert "no_units" not in objectives.OBJECTIVES
+
+
+def test_the_refusal_names_every_objective_that_can(registered):
+    class Packer(PromptAndReply):
+        name, units = "packer", Units("conversations", packs=True)
+
+    objectives.register(Packer())
+    try:
+        with pytest.raises(ConfigError, match=r"several to a row \(sft, packer do\)"):
+            load_config(["--packing", "True"], recipes.RECIPES["dpo"].config_class)
+    finally:
+        del objectives.OBJECTIVES["packer"]

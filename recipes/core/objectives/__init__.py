@@ -38,18 +38,18 @@ def refuse_unsupported(objective: Objective, cfg) -> None:
 
     def able(capability: str) -> str:
         found = [o.name for o in OBJECTIVES.values() if getattr(o.units, capability)]
-        return ", ".join(found) or "none"
+        return f"{', '.join(found) or 'none'} {'does' if len(found) == 1 else 'do'}"
 
     units, sp = objective.units, cfg.sequence_parallel_size
     if cfg.packing and not units.packs:
         raise ConfigError(
             f"--packing: the {objective.name} objective does not pack its {units.noun} "
-            f"several to a row ({able('packs')} does); use --packing False"
+            f"several to a row ({able('packs')}); use --packing False"
         )
     if sp > 1 and not units.splits:
         raise ConfigError(
             f"--sequence_parallel_size {sp}: the {objective.name} objective does not train on "
-            f"split sequences ({able('splits')} does); use --sequence_parallel_size 1"
+            f"split sequences ({able('splits')}); use --sequence_parallel_size 1"
         )
 
 
