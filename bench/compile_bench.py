@@ -44,7 +44,7 @@ class CompileBenchOptions:
     steps: int = option(6, "measured steps (after the warm-up)", minimum=1)
     warmup: int = option(3, "steps that hold the compilation", minimum=1)
     rounds: int = option(2, "rounds, eager and compiled alternating within each", minimum=1)
-    quick: bool = option(False, "2 warm-up and 2 measured steps, one round")
+    quick: bool = option(False, "a short run", preset={"steps": 2, "warmup": 2, "rounds": 1})
     out: str = result_option("compile_bench.json")
     worker: str | None = option(
         None, "internal: run one measurement from a JSON [variant, settings] and print it"
@@ -143,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         variant, p = json.loads(opts.worker)
         print(json.dumps(worker(variant, p)))
         return 0
-    if opts.quick:
-        opts.steps, opts.warmup, opts.rounds = 2, 2, 1
     p = settings(opts)
     # build (or find) the model and the tokenized data once, untimed
     model_and_data(p["max_length"])

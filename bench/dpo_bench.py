@@ -35,7 +35,7 @@ VARIANTS = ("sft", "dpo", "dpo_live_reference")
 class DPOBenchOptions:
     pairs: int = option(256, "preference pairs to train on", minimum=2)
     steps: int = option(12, "optimizer steps per variant (the first 2 not timed)", minimum=3)
-    quick: bool = option(False, "32 pairs, 5 steps (3 timed)")
+    quick: bool = option(False, "a short run", preset={"pairs": 32, "steps": 5})
     out: str = result_option("dpo_bench.json")
     worker: list[str] = option(
         help="internal: VARIANT SPEC_JSON: run that variant in this process and print its result",
@@ -184,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--worker: a variant and a JSON spec, got {len(opts.worker)} values")
         print(json.dumps(worker(opts.worker[0], json.loads(opts.worker[1]))))
         return 0
-    if opts.quick:
-        opts.pairs, opts.steps = 32, 5
     started = time.perf_counter()
     cache = REPO / ".cache" / "bench"
     # a fresh run folder per benchmark run: a recipe resumes from a complete checkpoint it

@@ -32,7 +32,7 @@ from fastchat_data.options import entry_point, option, parse
 class FaultBenchOptions:
     kills: int = option(20, "kill -9s at random moments, each followed by a relaunch", minimum=1)
     steps: int = option(120, "optimizer steps of the run", minimum=2)
-    quick: bool = option(False, "6 kills in a 30-step run")
+    quick: bool = option(False, "a short run", preset={"kills": 6, "steps": 30})
     seed: int = option(0, "seed of the random kill moments")
     out: str = result_option("fault_bench.json")
 
@@ -170,8 +170,6 @@ def run_with_kills(
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     opts = parse(FaultBenchOptions, argv, prog="python -m bench.fault_bench", description=__doc__)
-    if opts.quick:
-        opts.kills, opts.steps = 6, 30
     rng = random.Random(opts.seed)
     model, data = assets()
     with tempfile.TemporaryDirectory(prefix="camelid-faults-") as tmp:

@@ -43,7 +43,7 @@ class LossBenchOptions:
     chunks: str = option(
         "0,4096,1024,512", "comma-separated chunk sizes (rows); 0: transformers' full logits"
     )
-    quick: bool = option(False, "1,024 tokens; transformers vs 512 rows")
+    quick: bool = option(False, "a short run", preset={"tokens": 1024, "chunks": "0,512"})
     out: str = result_option("loss_bench.json")
 
 
@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(os.environ["CAMELID_LOSS_BENCH"]))))
         return 0
     opts = parse(LossBenchOptions, argv, prog="python -m bench.loss_bench", description=__doc__)
-    if opts.quick:
-        opts.tokens, opts.chunks = 1024, "0,512"
     try:
         chunks = [int(c) for c in opts.chunks.split(",")]
     except ValueError:

@@ -33,7 +33,7 @@ from fastchat_data.options import entry_point, option, parse
 class PackingBenchOptions:
     steps: int = option(4, "optimizer steps per variant, the first a warm-up", minimum=2)
     rounds: int = option(2, "interleaved rounds (order reversed every other round)", minimum=1)
-    quick: bool = option(False, "3 steps (2 timed), one round")
+    quick: bool = option(False, "a short run", preset={"steps": 3, "rounds": 1})
     out: str = result_option("packing_bench.json")
 
 
@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse(
         PackingBenchOptions, argv, prog="python -m bench.packing_bench", description=__doc__
     )
-    if opts.quick:
-        opts.steps, opts.rounds = 3, 1
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))

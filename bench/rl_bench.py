@@ -78,7 +78,7 @@ class RLBenchOptions:
     threads: int = option(
         1, "torch / OpenMP threads of each run (see the module's note)", minimum=1
     )
-    quick: bool = option(False, "4 steps (3 timed), 2 rounds, max_completion_length 8")
+    quick: bool = option(False, "a short run", preset={"steps": 4, "max_completion_length": 8})
     out: str = result_option("rl_bench.json")
     worker: str | None = option(None, "internal: run one side from a JSON spec and print it")
 
@@ -301,8 +301,6 @@ def main(argv: list[str] | None = None) -> int:
             result = run_trl(spec)
         print(json.dumps(result))
         return 0
-    if opts.quick:
-        opts.steps, opts.max_completion_length = 4, 8
     if opts.steps <= opts.warmup:
         from fastchat_data.options import UsageError
 

@@ -12,7 +12,9 @@ uses) makes one `--flag` per field; this module adds what it lacks:
   says which known one is closest; `--key-name` is read as `--key_name`; `--x -1e-5` works;
 - `--help` lists every option with its type, default and description, grouped by section
   when the options come from several dataclasses, and exits before anything is touched;
-- fields marked `option(..., positional=True)` may also be given without their flag, in order.
+- fields marked `option(..., positional=True)` may also be given without their flag, in order;
+- a flag declared `option(False, help, preset={"steps": 3, ...})` (a benchmark's --quick) sets
+  those options' values when given, except the ones given on the command line too.
 
 `entry_point(main)` is the boundary every command's `main` runs inside: an expected failure
 (`InputError`: bad options, data, files or checkpoints) prints one line `error: ...` and exits
@@ -55,7 +57,11 @@ class RunStopped(RuntimeError):
 def option(
     default=MISSING, help: str = "", *, default_factory=MISSING, positional: bool = False, **meta
 ):
-    """A dataclass field that is a command-line option: its default and its one-line help."""
+    """A dataclass field that is a command-line option: its default and its one-line help.
+    `preset={name: value}` (a bool flag): what giving the flag sets, said in its help."""
+    if meta.get("preset"):
+        sets = " ".join(f"--{name} {value}" for name, value in meta["preset"].items())
+        help = f"{help} (sets {sets}; those given too win)"
     metadata = {"help": help, "positional": positional, **meta}
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -353,19 +359,41 @@ def parse(
     parser = parser or build_parser(*classes, prog=prog, description=description)
     if defaults:
         parser.set_defaults(**defaults)
-    parsed = parser.parse_args_into_dataclasses(
+    instances = _parse_into(parser, argv, classes)
+    presets = _presets_given(instances)
+    if presets:  # parsed again over the preset values: the flags given still win
+        parser.set_defaults(**presets)
+        instances = _parse_into(parser, argv, classes)
+    for instance in instances:
+        check_declared(instance)
+    return instances[0] if single else tuple(instances)
+
+
+def _parse_into(parser, argv: list[str], classes: tuple) -> list:
+    *instances, extra = parser.parse_args_into_dataclasses(
         argv, return_remaining_strings=True, look_for_args_file=False
     )
-    *instances, extra = parsed
-    instances = instances[: len(classes)]
     if extra:
         known = [f.name for c in classes for f in fields(c)]
         if extra[0].startswith("--"):
             raise unknown_option(extra[0][2:].partition("=")[0], known)
         raise UsageError(f"command line: unexpected argument {extra[0]!r}: options are --key value")
+    return instances[: len(classes)]
+
+
+def _presets_given(instances) -> dict:
+    """The values the flags given with a `preset` set (see `option`)."""
+    known = {f.name for instance in instances for f in fields(instance)}
+    presets = {}
     for instance in instances:
-        check_declared(instance)
-    return instances[0] if single else tuple(instances)
+        for f in fields(instance):
+            preset = f.metadata.get("preset")
+            if preset and getattr(instance, f.name) is True:
+                unknown = set(preset) - known
+                if unknown:
+                    raise TypeError(f"--{f.name}: its preset names no option {sorted(unknown)}")
+                presets.update(preset)
+    return presets
 
 
 def check_declared(options) -> None:

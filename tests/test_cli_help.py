@@ -15,6 +15,7 @@ import pytest
 import yaml
 from train_utils import flags, forked_job
 
+from fastchat_data.options import option
 from recipes.core.config import ConfigError, config_parser, load_config
 from recipes.core.recipe import DPOConfig, GRPOConfig, QLoraConfig, RewardConfig, TrainConfig
 
@@ -125,6 +126,29 @@ def test_a_benchmark_refuses_an_unwritable_out_when_it_reads_its_options(module,
     with pytest.raises(InputError, match=r": --out: is a folder; give a file name$"):
         parse(options, ["--out", str(tmp_path)])
     assert parse(options, ["--out", str(tmp_path / "r.json")]).out == str(tmp_path / "r.json")
+
+
+def test_a_preset_flag_sets_its_values_and_the_flags_given_win():
+    """A benchmark's --quick sets shorter counts, but never over a count the user gave: before,
+    `--quick --steps 10` silently ran 3 steps."""
+    from bench.packing_bench import PackingBenchOptions
+    from fastchat_data.options import UsageError, parse
+
+    assert (parse(PackingBenchOptions, []).steps, parse(PackingBenchOptions, []).rounds) == (4, 2)
+    quick = parse(PackingBenchOptions, ["--quick"])
+    assert (quick.steps, quick.rounds) == (3, 1)
+    mixed = parse(PackingBenchOptions, ["--steps", "10", "--quick", "True"])
+    assert (mixed.steps, mixed.rounds) == (10, 1)
+    assert parse(PackingBenchOptions, ["--quick", "False"]).steps == 4
+    with pytest.raises(UsageError, match="--steps 1: give 2 or more"):
+        parse(PackingBenchOptions, ["--quick", "--steps", "1"])  # the minimums still hold
+
+    @dataclasses.dataclass
+    class Broken:
+        quick: bool = option(False, "a short run", preset={"stepz": 1})
+
+    with pytest.raises(TypeError, match=r"--quick: its preset names no option \['stepz'\]"):
+        parse(Broken, ["--quick"])
 
 
 @pytest.mark.parametrize("args", [["--help"], ["build", "--help"]])
