@@ -20,6 +20,13 @@ def test_pack_sequences_fits_everything_once():
     assert lengths.sum() / (512 * len(packs)) > 0.95  # rows are nearly full
 
 
+def test_a_conversation_longer_than_the_cap_has_a_row_of_its_own():
+    """--packing_row_tokens below the longest conversation: the long ones alone (no attention
+    cost beyond length grouping's), the short ones still packed under the cap."""
+    packs = pack_sequences(np.array([10, 3, 2, 12]), 5)
+    assert sorted(p.tolist() for p in packs) == [[0], [1, 2], [3]]
+
+
 def test_logits_packed_equal_logits_alone(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="sdpa").eval()
     torch.manual_seed(0)

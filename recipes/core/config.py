@@ -226,7 +226,7 @@ class DataArgs:
     group_by_length: bool = option(True, "batch rows of similar length together (less padding)")
     packing: bool = option(False, "several conversations per row, never attending to each other")
     packing_row_tokens: int | None = option(
-        None, "cap per packed row; none: the longest conversation"
+        None, "cap per packed row (a longer conversation has a row of its own); none: the longest"
     )
     num_proc: int = option(1, "processes that tokenize the data")
     cache_dir: str | None = option(
