@@ -33,9 +33,7 @@ why: bench/gpu_check.py reads it and skips those rows with that reason.
 from __future__ import annotations
 
 import ast
-import base64
 import datetime
-import hashlib
 import json
 import os
 import subprocess
@@ -256,11 +254,6 @@ def tree_bytes(root: Path = REPO) -> int:
         if name and p.is_file() and not p.is_symlink():
             total += p.stat().st_size
     return total
-
-
-def _record_hash(data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"sha256={digest}"
 
 
 def slim_wheel(path: Path, keep_libs: tuple[str, ...]) -> tuple[int, list[str]]:

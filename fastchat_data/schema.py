@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from .options import InputError
 
 SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
-ROLES = (SYSTEM, USER, ASSISTANT, TOOL)
 
 
 class DataError(InputError):

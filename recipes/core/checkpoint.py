@@ -146,10 +146,6 @@ def saved_identity(state: dict) -> dict:
     return identity
 
 
-def identity_key(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def identity_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two identities, in words."""
     before, after = saved.get("settings", {}), now["settings"]

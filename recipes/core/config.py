@@ -611,13 +611,6 @@ def compose(name: str, sections, defaults: dict | None = None, *, doc: str = "",
     return cls
 
 
-def section_of(cls, name: str) -> type | None:
-    for f in fields(cls):
-        if f.name == name:
-            return f.metadata.get("section")
-    return None
-
-
 # ---------------------------------------------------------------------------- FastChat's flags
 
 # FastChat / HF flags with another name or no meaning here: flag -> why.

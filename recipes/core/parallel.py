@@ -259,7 +259,3 @@ class ParallelDims:
 
     def sp_rank(self, rank: int) -> int:
         return rank % self.sp
-
-    @property
-    def mesh_shape(self) -> tuple[tuple[str, int], ...]:
-        return (("dp", self.dp), ("sp", self.sp))

@@ -84,9 +84,6 @@ class CheckpointFolder:
     def rng(self, rank: int) -> Path:
         return self.path / f"rng-rank{rank}.safetensors"
 
-    def rng_files(self) -> list[Path]:
-        return sorted(self.path.glob("rng-rank*.safetensors"))
-
 
 @dataclass(frozen=True)
 class RunFolder:
