@@ -134,7 +134,8 @@ def test_a_preset_flag_sets_its_values_and_the_flags_given_win():
     from bench.packing_bench import PackingBenchOptions
     from fastchat_data.options import UsageError, parse
 
-    assert (parse(PackingBenchOptions, []).steps, parse(PackingBenchOptions, []).rounds) == (4, 2)
+    plain = parse(PackingBenchOptions, [])
+    assert (plain.steps, plain.rounds) == (4, 2)
     quick = parse(PackingBenchOptions, ["--quick"])
     assert (quick.steps, quick.rounds) == (3, 1)
     mixed = parse(PackingBenchOptions, ["--steps", "10", "--quick", "True"])

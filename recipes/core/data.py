@@ -150,10 +150,10 @@ class TrainData:
 
     Packed rows hold at most `row_tokens` tokens, by default as many as the longest
     conversation (never more than `capacity`); a conversation longer than `row_tokens` has a
-    row of its own. sdpa and eager compute a packed row's whole
-    width x width attention, masked blocks included, so a row no wider than the widest
-    length-grouped row costs no more attention per token than that row, while a row of
-    `capacity` tokens of short conversations would cost up to capacity / length times more."""
+    row of its own. sdpa and eager compute a packed row's whole width x width attention,
+    masked blocks included, so a row no wider than the widest length-grouped row costs no more
+    attention per token than that row, while a row of `capacity` tokens of short conversations
+    would cost up to capacity / length times more."""
 
     def __init__(
         self, ds, packing: bool, capacity: int, *, pad_id: int, row_tokens: int | None = None

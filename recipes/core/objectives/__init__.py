@@ -4,6 +4,7 @@ units, its loss and anything to prepare before resuming."""
 
 from __future__ import annotations
 
+from ..config import ConfigError
 from . import dpo, grpo, reward, sft
 from .base import Objective, Units
 
@@ -23,8 +24,6 @@ def register(objective: Objective) -> Objective:
 
 
 def get(name: str) -> Objective:
-    from ..config import ConfigError
-
     try:
         return OBJECTIVES[name]
     except KeyError:
@@ -34,7 +33,6 @@ def get(name: str) -> Objective:
 def refuse_unsupported(objective: Objective, cfg) -> None:
     """A check of every recipe's config: --packing, and --sequence_parallel_size > 1, only for
     an objective whose units (base.Units) can take them, in one line naming those that can."""
-    from ..config import ConfigError
 
     def able(capability: str) -> str:
         found = [o.name for o in OBJECTIVES.values() if getattr(o.units, capability)]
